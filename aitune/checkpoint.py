@@ -1,0 +1,239 @@
+"""Checkpoints: a directory with ``manifest.json`` and the artifacts a backend's ``to_dict()`` names.
+
+Saving writes into a temporary sibling and renames it into place, so a crash never leaves a
+half-written checkpoint. Loading verifies everything (format, paths, sizes, checksums, device)
+before the backend is rebuilt, so a refused checkpoint loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from aitune.canonical import sha256_file
+from aitune.environment import Environment, describe_environment
+from aitune.torch.backend.backend import Backend
+from aitune.torch.backend.registry import resolve_backend_class
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARTIFACT_DIR = "artifacts"
+_ARTIFACT_TAG = "__artifact__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint was refused; the message names the file or the mismatch."""
+
+
+@dataclass
+class ArtifactRecord:
+    path: str  # relative to the checkpoint directory, POSIX separators
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    backend: str
+    backend_module: str
+    portable: bool
+    config: dict[str, Any]
+    graph_spec: dict[str, Any] | None
+    environment: dict[str, Any]
+    artifacts: list[ArtifactRecord]
+    state: dict[str, Any]
+    key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
+        try:
+            version = d["format_version"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{where}: no format_version; this is not an aitune checkpoint manifest") from None
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where}: unknown checkpoint format version {version!r} (this aitune reads version {FORMAT_VERSION})"
+            )
+        try:
+            artifacts = [ArtifactRecord(**a) for a in d["artifacts"]]
+            return cls(**{**d, "artifacts": artifacts})
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where}: malformed manifest: {exc}") from None
+
+
+def _extract_artifacts(value: Any, found: dict[Path, str], prefix: str) -> Any:
+    """Replace ``Path`` values with ``{"__artifact__": relative path}``, collecting the files."""
+    if isinstance(value, Path):
+        if not value.is_file():
+            raise CheckpointError(f"artifact {value} named in the backend's state does not exist")
+        if value not in found:
+            rel = f"{ARTIFACT_DIR}/{value.name}"
+            if rel in found.values():  # two artifacts with one name: keep both, apart
+                rel = f"{ARTIFACT_DIR}/{len(found)}/{value.name}"
+            found[value] = rel
+        return {_ARTIFACT_TAG: found[value]}
+    if isinstance(value, dict):
+        return {k: _extract_artifacts(v, found, prefix) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_extract_artifacts(v, found, prefix) for v in value]
+    return value
+
+
+def _resolve_artifacts(value: Any, root: Path) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARTIFACT_TAG}:
+            return root / value[_ARTIFACT_TAG]
+        return {k: _resolve_artifacts(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_artifacts(v, root) for v in value]
+    return value
+
+
+def save_checkpoint(backend: Backend, path: str | Path, extra: dict[str, Any] | None = None) -> Manifest:
+    """Write ``backend`` to the directory ``path`` (which must not exist yet)."""
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"checkpoint directory {path} already exists; refusing to overwrite it")
+    if backend.device is None:
+        raise CheckpointError(f"backend {backend.name} has no device: build or load it before saving")
+    state = backend.to_dict()
+    found: dict[Path, str] = {}
+    state = _extract_artifacts(state, found, "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        records = []
+        # Symlinks never go into a checkpoint; the data files travel as real copies.
+        for src, rel in found.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            records.append(ArtifactRecord(rel, dest.stat().st_size, sha256_file(dest)))
+        klass = type(backend)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            backend=klass.__name__,
+            backend_module=klass.__module__,
+            portable=klass.portable,
+            config=backend.config.to_dict(),
+            graph_spec=backend.graph_spec.to_dict() if backend.graph_spec else None,
+            environment=describe_environment(backend.device).to_dict(),
+            artifacts=records,
+            state=state,
+            key=backend.key(),
+            extra=dict(extra or {}),
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; {path} is not a checkpoint directory")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: not valid JSON: {exc}") from None
+    return Manifest.from_dict(data, str(file))
+
+
+def _safe_relative(root: Path, rel: str) -> Path:
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
+        raise CheckpointError(f"artifact path {rel!r} is absolute; checkpoint paths must be relative")
+    if ".." in pure.parts:
+        raise CheckpointError(f"artifact path {rel!r} leaves the checkpoint directory")
+    full = (root / pure).resolve()
+    if root.resolve() not in full.parents:
+        raise CheckpointError(f"artifact path {rel!r} leaves the checkpoint directory (through a link)")
+    return full
+
+
+def verify_checkpoint(path: str | Path) -> Manifest:
+    """Check the manifest and every artifact's path, size and SHA-256; return the manifest."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    listed = set()
+    for art in manifest.artifacts:
+        file = _safe_relative(root, art.path)
+        listed.add(art.path)
+        if not file.is_file():
+            raise CheckpointError(f"artifact {art.path} is missing from checkpoint {root}")
+        size = file.stat().st_size
+        if size != art.size:
+            raise CheckpointError(f"artifact {art.path} has {size} bytes, the manifest says {art.size}: it was changed")
+        digest = sha256_file(file)
+        if digest != art.sha256:
+            raise CheckpointError(f"artifact {art.path} fails its SHA-256 check (it was changed or corrupted)")
+    for ref in _artifact_refs(manifest.state):
+        if ref not in listed:
+            raise CheckpointError(f"the backend state names {ref!r}, which the manifest does not list")
+    return manifest
+
+
+def _artifact_refs(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        if set(value) == {_ARTIFACT_TAG}:
+            return [value[_ARTIFACT_TAG]]
+        return [r for v in value.values() for r in _artifact_refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _artifact_refs(v)]
+    return []
+
+
+def check_device_compatible(manifest: Manifest, device: torch.device | str) -> None:
+    """Refuse a device-bound checkpoint on a device type or CUDA compute capability it was not built for."""
+    if manifest.portable:
+        return
+    built = Environment.from_dict(manifest.environment)
+    target = describe_environment(device) if torch.device(device).type != "cuda" or torch.cuda.is_available() else None
+    target_type = torch.device(device).type
+    if built.device_type != target_type:
+        raise CheckpointError(
+            f"{manifest.backend} checkpoint was built for device type {built.device_type!r} and can't run on "
+            f"{target_type!r}: build it again on the target"
+        )
+    if target is not None and built.compute_capability != target.compute_capability:
+        raise CheckpointError(
+            f"{manifest.backend} checkpoint was built for compute capability {built.compute_capability} "
+            f"({built.device_name}); the target {target.device_name} has {target.compute_capability}"
+        )
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
+    """Verify and load a checkpoint; the backend ends in ``CHECKPOINT_LOADED``.
+
+    With ``device``, device-bound artifacts are checked against it before anything is loaded.
+    """
+    root = Path(path)
+    manifest = verify_checkpoint(root)
+    if device is not None:
+        check_device_compatible(manifest, device)
+    cls = resolve_backend_class(manifest.backend, manifest.backend_module)
+    state = _resolve_artifacts(manifest.state, root.resolve())
+    return cls.from_dict(state)
+
+
+def deploy_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
+    """Load, check against ``device`` and deploy: the one call a serving process needs."""
+    backend = load_checkpoint(path, device)
+    backend.deploy(device)
+    return backend

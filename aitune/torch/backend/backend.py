@@ -1,0 +1,300 @@
+"""The AITune AOT Backend API: ``BackendState``, ``BackendConfig`` and the ``Backend`` base class.
+
+A public method checks the state, calls a private hook (``_build``, ``_activate``...), then moves
+to the next state. Subclasses implement only the hooks.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import gc
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import nvtx
+import torch
+
+from aitune.canonical import canonicalize, sha256_of
+from aitune.specs import GraphSpec, Sample
+
+log = logging.getLogger(__name__)
+
+NVTX_DOMAIN = "AITune"
+
+
+class BackendState(enum.Enum):
+    INIT = "init"
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    CHECKPOINT_LOADED = "checkpoint_loaded"
+    DEPLOYED = "deployed"
+
+
+class UnsupportedDeviceError(RuntimeError):
+    """The backend cannot run on this device type: recorded as ``unsupported``, not as a crash."""
+
+
+@dataclasses.dataclass
+class BackendConfig:
+    """Base of every backend's config. Subclasses are dataclasses whose fields all have defaults."""
+
+    def describe(self) -> str:
+        """The fields changed from the defaults, e.g. ``"precision=float16, channels_last=True"``."""
+        default = type(self)()
+        changed = [
+            f"{f.name}={_short(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if canonicalize(getattr(self, f.name)) != canonicalize(getattr(default, f.name))
+        ]
+        return ", ".join(changed) if changed else "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON values (dtypes by name, enums by value, sets sorted)."""
+        return {f.name: canonicalize(getattr(self, f.name), f"{type(self).__name__}.{f.name}") for f in dataclasses.fields(self)}
+
+    def key(self) -> str:
+        """SHA-256 of the config's canonical JSON: equal in every process for equal configs."""
+        return sha256_of({"config_class": type(self).__name__, "fields": self.to_dict()})
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackendConfig":
+        """Build a config from ``to_dict()`` output; unknown fields raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+def _short(value: Any) -> str:
+    value = canonicalize(value)
+    return value if isinstance(value, str) else repr(value)
+
+
+def _annotate(message: str):
+    return nvtx.annotate(message=message, domain=NVTX_DOMAIN)
+
+
+class Backend(abc.ABC):
+    """One way of running a module, with a five-state life cycle.
+
+    ``INIT --build--> ACTIVE <--activate/deactivate--> INACTIVE``;
+    ``from_dict --> CHECKPOINT_LOADED --deploy--> DEPLOYED`` (or ``--activate--> ACTIVE``).
+    """
+
+    #: device types (``torch.device.type``) the backend can build and run on
+    supported_device_types: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
+    #: False when the artifacts are compiled for one device class (AOTInductor, TensorRT):
+    #: such a checkpoint is refused on another device type or compute capability
+    portable: ClassVar[bool] = True
+    config_class: ClassVar[type[BackendConfig]] = BackendConfig
+
+    def __init__(self, config: BackendConfig | None = None) -> None:
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self._config = config
+        self._state = BackendState.INIT
+        self._device: torch.device | None = None
+        self._graph_spec: GraphSpec | None = None
+        self._work_dir: Path | None = None
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def config(self) -> BackendConfig:
+        return self._config
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._device
+
+    @property
+    def graph_spec(self) -> GraphSpec | None:
+        return self._graph_spec
+
+    @property
+    def is_active(self) -> bool:
+        return self._state == BackendState.ACTIVE
+
+    @property
+    @abc.abstractmethod
+    def is_jit(self) -> bool:
+        """True when the backend compiles at run time (the first call of a new shape is slow)."""
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def build(
+        self,
+        module: torch.nn.Module,
+        graph_spec: GraphSpec,
+        data: Sequence[Sample],
+        device: torch.device | str,
+        cache_dir: str | Path | None = None,
+    ) -> "Backend":
+        """Build for ``device`` from ``module``, calling each sample in ``data`` at most once."""
+        if self._state != BackendState.INIT:
+            raise RuntimeError(f"Backend {self.name} build should be called only once")
+        device = self.check_device(device)
+        with _annotate(f"{self.name}.build"):
+            self._device = device
+            self._graph_spec = graph_spec
+            self._work_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="aitune-"))
+            self._work_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._build(module, graph_spec, list(data), device, self._work_dir)
+            except Exception:
+                log.exception("Backend %s failed to build on %s", self.name, device)
+                raise
+            self._state = BackendState.ACTIVE
+        return self
+
+    def activate(self) -> None:
+        if self._state == BackendState.INIT:
+            raise RuntimeError(f"Backend {self.name} should be built first: it is in state INIT")
+        if self._state == BackendState.DEPLOYED:
+            raise RuntimeError(f"Backend {self.name} is already deployed: a deployed backend stays active")
+        if self._state == BackendState.ACTIVE:
+            return
+        with _annotate(f"{self.name}.activate"):
+            self._activate()
+            self._state = BackendState.ACTIVE
+
+    def deactivate(self) -> None:
+        if self._state == BackendState.INIT:
+            raise RuntimeError(f"Backend {self.name} can't be deactivated: it was never built (state INIT)")
+        if self._state == BackendState.DEPLOYED:
+            raise RuntimeError(f"Backend {self.name} can't be deactivated: it is deployed")
+        if self._state == BackendState.CHECKPOINT_LOADED:
+            raise RuntimeError(
+                f"Backend {self.name} can't be deactivated: it was loaded from a checkpoint and never activated"
+            )
+        if self._state == BackendState.INACTIVE:
+            return
+        with _annotate(f"{self.name}.deactivate"):
+            self._deactivate()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._state = BackendState.INACTIVE
+
+    def deploy(self, device: torch.device | str | None = None) -> None:
+        """Make a checkpoint-loaded backend ready on ``device`` (``None``: the device it was built for)."""
+        if self._state != BackendState.CHECKPOINT_LOADED:
+            raise RuntimeError(
+                f"Backend {self.name} can be deployed only from state CHECKPOINT_LOADED, it is in state {self._state.name}"
+            )
+        target = self.check_device(device if device is not None else self._device)
+        with _annotate(f"{self.name}.deploy"):
+            self._deploy(target)
+            self._device = target
+            self._state = BackendState.DEPLOYED
+
+    def infer(self, *args: Any, **kwargs: Any) -> Any:
+        if self._state not in (BackendState.ACTIVE, BackendState.DEPLOYED):
+            raise RuntimeError(
+                f"Backend {self.name} can infer only in state ACTIVE or DEPLOYED, it is in state {self._state.name}"
+            )
+        with _annotate(f"{self.name}.infer"):
+            return self._infer(*args, **kwargs)
+
+    __call__ = infer
+
+    def check_device(self, device: torch.device | str | None) -> torch.device:
+        if device is None:
+            raise ValueError(f"Backend {self.name}: no device given")
+        device = torch.device(device)
+        if device.type not in self.supported_device_types:
+            raise UnsupportedDeviceError(
+                f"Backend {self.name} does not support device type {device.type!r} "
+                f"(supported: {sorted(self.supported_device_types)})"
+            )
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedDeviceError(f"Backend {self.name}: device {device} requested but CUDA is not available")
+        return device
+
+    # -- description and checkpoints -------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.name}({self._config.describe()})"
+
+    def key(self) -> str:
+        """Identifies the backend class and its config, the same in every process."""
+        return sha256_of({"backend": self.name, "config": self._config.key()})
+
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state; binary artifacts are ``Path`` values that checkpoints bundle."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, state_dict: dict[str, Any]) -> "Backend":
+        """Rebuild from ``to_dict()`` output (artifact paths resolved); ends in ``CHECKPOINT_LOADED``."""
+
+    def _base_dict(self) -> dict[str, Any]:
+        """The part of ``to_dict()`` every backend shares."""
+        if self._state == BackendState.INIT:
+            raise RuntimeError(f"Backend {self.name} has nothing to save: it was never built (state INIT)")
+        return {
+            "backend": self.name,
+            "config": self._config.to_dict(),
+            "graph_spec": self._graph_spec.to_dict() if self._graph_spec else None,
+            "device": str(self._device) if self._device is not None else None,
+        }
+
+    @classmethod
+    def _new_loaded(cls, state_dict: dict[str, Any]) -> "Backend":
+        """A backend in ``CHECKPOINT_LOADED`` with config, graph spec and device from ``state_dict``."""
+        if state_dict.get("backend") not in (None, cls.__name__):
+            raise ValueError(f"state dict is for backend {state_dict.get('backend')!r}, not {cls.__name__}")
+        backend = cls(cls.config_class.from_dict(state_dict.get("config", {})))
+        spec = state_dict.get("graph_spec")
+        backend._graph_spec = GraphSpec.from_dict(spec) if spec else None
+        backend._device = torch.device(state_dict["device"]) if state_dict.get("device") else None
+        backend._state = BackendState.CHECKPOINT_LOADED
+        return backend
+
+    def work_dir(self) -> Path:
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="aitune-"))
+        return self._work_dir
+
+    # -- hooks ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _build(
+        self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _activate(self) -> None:
+        """From INACTIVE (bring state back to the device) or CHECKPOINT_LOADED (load on ``self.device``)."""
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None:
+        """Release device memory; keep what ``_activate`` needs."""
+
+    @abc.abstractmethod
+    def _deploy(self, device: torch.device) -> None:
+        """Load the checkpoint state on ``device``."""
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()} state={self._state.name} device={self._device}>"

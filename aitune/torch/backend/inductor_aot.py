@@ -1,0 +1,89 @@
+"""AOTInductor: ``torch.export`` then a compiled ``.pt2`` package that runs without the module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.backend import Backend, BackendConfig
+from aitune.torch.backend.eager import prepare_module
+from aitune.torch.export_utils import export_module
+from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
+
+
+@dataclass
+class TorchInductorAotConfig(BackendConfig):
+    precision: str = "float32"
+    #: inductor configs for ``aoti_compile_and_package`` (e.g. {"max_autotune": True})
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.precision = normalize_precision(self.precision, type(self).__name__)
+
+
+class TorchInductorAotBackend(Backend):
+    config_class = TorchInductorAotConfig
+    portable = False  # the package holds machine code for one device type
+
+    def __init__(self, config: TorchInductorAotConfig | None = None) -> None:
+        super().__init__(config)
+        self._package: Path | None = None
+        self._runner = None
+
+    @property
+    def is_jit(self) -> bool:
+        return False
+
+    def _dtype(self) -> torch.dtype | None:
+        return None if self.config.precision == "float32" else PRECISIONS[self.config.precision]
+
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+        if not data:
+            raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
+        module = prepare_module(module, self.config.precision, False, False, device)
+        # Export traces with fake tensors: the real module is never called here.
+        program = export_module(module, graph_spec, cast_sample(data[0].to(device), self._dtype()))
+        path = cache_dir / "model.pt2"
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs=dict(self.config.options) or None
+        )
+        self._package = path
+        self._load(device)
+
+    def _load(self, device: torch.device) -> None:
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        self._runner = torch._inductor.aoti_load_package(str(self._package), device_index=index)
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        sample = Sample(args, kwargs)
+        # A package built for one shape silently returns that shape's output for another input
+        # shape; refuse instead.
+        if self.graph_spec is not None:
+            self.graph_spec.check_sample(sample, self.name)
+        sample = cast_sample(sample, self._dtype())
+        with torch.inference_mode():
+            return sample(self._runner)
+
+    def _activate(self) -> None:
+        self._load(self.device)
+
+    def _deactivate(self) -> None:
+        self._runner = None
+
+    def _deploy(self, device: torch.device) -> None:
+        self._load(device)
+
+    def to_dict(self) -> dict[str, Any]:
+        state = self._base_dict()
+        state["package"] = self._package
+        return state
+
+    @classmethod
+    def from_dict(cls, state_dict: dict[str, Any]) -> "TorchInductorAotBackend":
+        backend = cls._new_loaded(state_dict)
+        backend._package = Path(state_dict["package"])
+        return backend

@@ -1,0 +1,88 @@
+"""``torch.compile`` (TorchInductor), compiled at build and again at deploy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.backend import BackendConfig
+from aitune.torch.backend.eager import ModuleBackend
+from aitune.torch.precision import normalize_precision
+from aitune.torch.random_inputs import sample_from_spec
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Every candidate compiles the same forward() again; past dynamo's default limit (8) it would
+# silently fall back to eager and the measurement would lie. Long-lived workers need more room.
+_RECOMPILE_LIMIT = 256
+
+
+@dataclass
+class TorchInductorJitConfig(BackendConfig):
+    mode: str = "default"
+    #: None lets dynamo decide, True/False force dynamic/static shapes
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    #: inductor options; ``torch.compile`` accepts them only with the default mode
+    options: dict[str, Any] = field(default_factory=dict)
+    precision: str = "float32"
+    autocast: bool = False
+    channels_last: bool = False
+    inference_mode: bool = True
+
+    def __post_init__(self) -> None:
+        self.precision = normalize_precision(self.precision, type(self).__name__)
+        if self.mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode {self.mode!r} is not one of {list(MODES)}")
+        if self.options and self.mode != "default":
+            raise ValueError(f"{type(self).__name__}: options can't be combined with mode {self.mode!r} (torch.compile takes one or the other)")
+
+
+def _raise_recompile_limits() -> None:
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, _RECOMPILE_LIMIT * 4)
+
+
+class TorchInductorJitBackend(ModuleBackend):
+    config_class = TorchInductorJitConfig
+
+    def __init__(self, config: TorchInductorJitConfig | None = None) -> None:
+        super().__init__(config)
+        self._compiled = None
+
+    @property
+    def is_jit(self) -> bool:
+        return True
+
+    def _compile(self, module: torch.nn.Module) -> None:
+        cfg = self.config
+        _raise_recompile_limits()
+        self._compiled = torch.compile(
+            module,
+            mode=None if cfg.options else cfg.mode,
+            dynamic=cfg.dynamic,
+            fullgraph=cfg.fullgraph,
+            options=dict(cfg.options) or None,
+        )
+
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+        self._module = self._take_module(module, device)
+        self._compile(self._module)
+        # Compile now, so that the cost lands in the build time and not in the first inference.
+        # One call per sample at most keeps build idempotent for stateful modules.
+        for sample in data:
+            self._run(self._compiled, sample.to(device))
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self._compiled, Sample(args, kwargs))
+
+    def _materialize(self, device: torch.device) -> None:
+        super()._materialize(device)
+        self._compile(self._module)
+        if self.graph_spec is not None:  # compile again on the target, before the first request
+            self._run(self._compiled, sample_from_spec(self.graph_spec, device))

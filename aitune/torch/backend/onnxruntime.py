@@ -1,0 +1,155 @@
+"""ONNX export (dynamo exporter) and an ONNX Runtime inference session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.eager import prepare_module
+from aitune.torch.export_utils import dynamic_shapes_for
+from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+@dataclass
+class OnnxRuntimeConfig(BackendConfig):
+    precision: str = "float32"
+    #: ONNX opset; None takes the exporter's default
+    opset: int | None = None
+    #: execution providers in order of preference; the CPU one is the fallback
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization_level: str = "all"
+    #: intra-op threads; None lets ONNX Runtime decide (all cores)
+    intra_op_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.precision = normalize_precision(self.precision, type(self).__name__)
+        self.providers = tuple(self.providers)
+        if not self.providers:
+            raise ValueError(f"{type(self).__name__}: providers must name at least one execution provider")
+        if self.graph_optimization_level not in OPT_LEVELS:
+            raise ValueError(
+                f"{type(self).__name__}: graph_optimization_level {self.graph_optimization_level!r} is not one of {list(OPT_LEVELS)}"
+            )
+
+
+class OnnxRuntimeBackend(Backend):
+    config_class = OnnxRuntimeConfig
+
+    def __init__(self, config: OnnxRuntimeConfig | None = None) -> None:
+        super().__init__(config)
+        self._model: Path | None = None
+        self._data: Path | None = None
+        self._out_spec: str | None = None
+        self._session = None
+        self._tree = None
+
+    @property
+    def is_jit(self) -> bool:
+        return False
+
+    def check_device(self, device):
+        device = super().check_device(device)
+        import onnxruntime as ort
+
+        available = set(ort.get_available_providers())
+        usable = [p for p in self.config.providers if p in available and _PROVIDER_DEVICE.get(p) == device.type]
+        if not usable:
+            raise UnsupportedDeviceError(
+                f"Backend {self.name}: none of the providers {list(self.config.providers)} runs on {device.type} "
+                f"with this onnxruntime (available: {sorted(available)})"
+            )
+        return device
+
+    def _dtype(self) -> torch.dtype | None:
+        return None if self.config.precision == "float32" else PRECISIONS[self.config.precision]
+
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+        if not data:
+            raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
+        module = prepare_module(module, self.config.precision, False, False, torch.device("cpu"))
+        sample = cast_sample(data[0].to("cpu"), self._dtype())
+        sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
+        path = cache_dir / "model.onnx"
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                tuple(sample.args),
+                kwargs=dict(sample.kwargs) or None,
+                dynamo=True,
+                verbose=False,
+                external_data=True,
+                opset_version=self.config.opset,
+                dynamic_shapes=dynamic_shapes_for(module, graph_spec, sample),
+            )
+            program.save(str(path), external_data=True)
+        self._out_spec = pytree.treespec_dumps(program.exported_program.call_spec.out_spec)
+        self._model = path
+        data_file = path.with_name(path.name + ".data")
+        self._data = data_file if data_file.exists() else None
+        self._load(device)
+
+    def _load(self, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[self.config.graph_optimization_level])
+        if self.config.intra_op_threads is not None:
+            opts.intra_op_num_threads = self.config.intra_op_threads
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.config.providers if p in available and _PROVIDER_DEVICE.get(p) == device.type]
+        self._session = ort.InferenceSession(str(self._model), sess_options=opts, providers=providers)
+        self._input_names = [i.name for i in self._session.get_inputs()]
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        sample = Sample(args, kwargs)
+        if self.graph_spec is not None:
+            self.graph_spec.check_sample(sample, self.name)
+        sample = cast_sample(sample, self._dtype())
+        flat = list(sample.args) + [sample.kwargs[k] for k in (self.graph_spec.kwarg_names if self.graph_spec else sample.kwargs)]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if len(tensors) != len(self._input_names):
+            raise ValueError(f"Backend {self.name}: the ONNX model takes {len(self._input_names)} inputs, got {len(tensors)}")
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self._input_names, tensors)}
+        outputs = [torch.from_numpy(np.asarray(o)) for o in self._session.run(None, feeds)]
+        device = self.device
+        if device is not None and device.type != "cpu":
+            outputs = [o.to(device) for o in outputs]
+        if self._tree is None and self._out_spec:
+            self._tree = pytree.treespec_loads(self._out_spec)
+        return pytree.tree_unflatten(outputs, self._tree) if self._tree is not None else tuple(outputs)
+
+    def _activate(self) -> None:
+        self._load(self.device)
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    def _deploy(self, device: torch.device) -> None:
+        self._load(device)
+
+    def to_dict(self) -> dict[str, Any]:
+        state = self._base_dict()
+        state["model"] = self._model
+        state["external_data"] = self._data
+        state["out_spec"] = json.loads(self._out_spec) if self._out_spec else None
+        return state
+
+    @classmethod
+    def from_dict(cls, state_dict: dict[str, Any]) -> "OnnxRuntimeBackend":
+        backend = cls._new_loaded(state_dict)
+        backend._model = Path(state_dict["model"])
+        backend._data = Path(state_dict["external_data"]) if state_dict.get("external_data") else None
+        spec = state_dict.get("out_spec")
+        backend._out_spec = json.dumps(spec) if spec is not None else None
+        return backend

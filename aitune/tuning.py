@@ -1,0 +1,215 @@
+"""One-process tuning: build, check and measure each candidate in turn, then pick the winner.
+
+This is the honest, simple baseline that the distributed orchestrator is compared with.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from aitune.check import CheckResult, Tolerance, check_samples, tolerance_for
+from aitune.measure import MeasureConfig, Measurement, measure
+from aitune.specs import GraphSpec, Sample
+from aitune.strategy import Selection, Strategy, select
+from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
+from aitune.torch.backend.eager import TorchEagerBackend, TorchEagerConfig
+from aitune.torch.tree import map_tensors
+
+log = logging.getLogger(__name__)
+
+
+def default_cpu_candidates() -> list[Backend]:
+    """What is worth trying on a CPU: eager in fp32/bf16 and channels-last, and the three compilers."""
+    from aitune.torch.backend import (
+        OnnxRuntimeBackend,
+        TorchInductorAotBackend,
+        TorchInductorJitBackend,
+    )
+
+    return [
+        TorchEagerBackend(),
+        TorchEagerBackend(TorchEagerConfig(precision="bfloat16", autocast=True)),
+        TorchInductorJitBackend(),
+        TorchInductorAotBackend(),
+        OnnxRuntimeBackend(),
+    ]
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    backend_class: str
+    config: dict[str, Any]
+    key: str
+    #: ok | build_error | incorrect | unsupported | error
+    status: str
+    error: str | None = None
+    build_s: float = 0.0
+    measurement: Measurement | None = None
+    check: CheckResult | None = None
+    speedup: float | None = None
+    backend: Backend | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def eligible(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def precision(self) -> str:
+        return self.config.get("precision", "float32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend_class": self.backend_class,
+            "config": self.config,
+            "key": self.key,
+            "status": self.status,
+            "error": self.error,
+            "build_s": self.build_s,
+            "measurement": self.measurement.to_dict() if self.measurement else None,
+            "check": self.check.to_dict() if self.check else None,
+            "speedup": self.speedup,
+        }
+
+
+@dataclass
+class TuneResult:
+    winner: CandidateResult | None
+    baseline: CandidateResult
+    results: list[CandidateResult]
+    strategy: Strategy
+    reason: str
+    ties: tuple[str, ...] = ()
+
+    def table(self) -> str:
+        return format_table(self.results, self.winner)
+
+
+def _detach(outputs: Any) -> Any:
+    return map_tensors(outputs, lambda t: t.detach().to("cpu").clone())
+
+
+def tune(
+    module: torch.nn.Module,
+    samples: Sequence[Sample],
+    backends: Sequence[Backend] | None = None,
+    device: torch.device | str = "cpu",
+    strategy: Strategy | str = "min_latency",
+    *,
+    measure_config: MeasureConfig | None = None,
+    tolerances: dict[str, dict[str, float] | Tolerance] | None = None,
+    cache_dir: str | Path | None = None,
+    keep_backends: bool = False,
+) -> TuneResult:
+    """Build, check and measure every backend on ``device``; return the winner and every result.
+
+    ``samples`` share one input shape (their values may differ): all are used to check
+    correctness, the first is used to measure. The eager fp32 baseline is always included.
+    """
+    if not samples:
+        raise ValueError("tune needs at least one sample")
+    strategy = Strategy.parse(strategy)
+    device = torch.device(device)
+    measure_config = measure_config or MeasureConfig()
+    module = module.eval()
+    samples = [s.to(device) for s in samples]
+    with torch.inference_mode():
+        # Computed once: the module may carry state, and the reference must not drift.
+        reference = [_detach(s(module)) for s in samples]
+    graph_spec = GraphSpec.from_sample(samples[0], reference[0])
+    backends = list(backends) if backends is not None else default_cpu_candidates()
+    if not any(_is_baseline(b) for b in backends):
+        backends.insert(0, TorchEagerBackend())
+    root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="aitune-tune-"))
+
+    results = []
+    for i, backend in enumerate(backends):
+        result = evaluate(backend, module, graph_spec, samples, reference, device, root / f"{i:02d}", measure_config, tolerances)
+        if not keep_backends and result.backend is not None:
+            result.backend.deactivate()
+            result.backend = None
+        results.append(result)
+        log.info("%s: %s", result.name, result.status)
+
+    baseline = next(r for r, b in zip(results, backends) if _is_baseline(b))
+    for r in results:
+        if r.measurement and baseline.measurement:
+            r.speedup = baseline.measurement.median_ms / r.measurement.median_ms
+    choice: Selection = select(results, baseline, strategy)
+    return TuneResult(choice.winner, baseline, results, strategy, choice.reason, choice.ties)
+
+
+def _is_baseline(backend: Backend) -> bool:
+    return type(backend) is TorchEagerBackend and backend.config == TorchEagerConfig()
+
+
+def evaluate(
+    backend: Backend,
+    module: torch.nn.Module,
+    graph_spec: GraphSpec,
+    samples: Sequence[Sample],
+    reference: Sequence[Any],
+    device: torch.device,
+    cache_dir: Path,
+    measure_config: MeasureConfig,
+    tolerances: dict | None = None,
+) -> CandidateResult:
+    """Build, check, then measure one candidate; every failure becomes a classified result."""
+    result = CandidateResult(
+        name=backend.describe(), backend_class=backend.name, config=backend.config.to_dict(), key=backend.key(), status="ok"
+    )
+    start = time.perf_counter()
+    try:
+        backend.build(module, graph_spec, samples, device, cache_dir)
+    except UnsupportedDeviceError as exc:
+        result.status, result.error = "unsupported", str(exc)
+        return result
+    except Exception as exc:
+        result.status, result.error = "build_error", _format_error(exc)
+        return result
+    finally:
+        result.build_s = time.perf_counter() - start
+    result.backend = backend
+    try:
+        with torch.inference_mode():
+            outputs = [_detach(s(backend.infer)) for s in samples]
+        tolerance = tolerance_for(result.precision, tolerances)
+        result.check = check_samples(list(reference), outputs, tolerance)
+        if not result.check.ok:
+            result.status, result.error = "incorrect", result.check.reason
+        result.measurement = measure(backend.infer, samples[0], device, measure_config)
+    except Exception as exc:
+        result.status, result.error = "error", _format_error(exc)
+    return result
+
+
+def _format_error(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+def format_table(results: Sequence[CandidateResult], winner: CandidateResult | None = None) -> str:
+    """A plain-text table: candidate, status, build s, median and p99 ms, speedup, worst error."""
+    rows = [("candidate", "status", "build s", "median ms", "p99 ms", "speedup", "max abs err", "")]
+    for r in results:
+        m = r.measurement
+        rows.append((
+            r.name,
+            r.status,
+            f"{r.build_s:.2f}",
+            f"{m.median_ms:.3f}" if m else "-",
+            f"{m.p99_ms:.3f}" if m else "-",
+            f"{r.speedup:.2f}x" if r.speedup else "-",
+            f"{r.check.max_abs_err:.2e}" if r.check else "-",
+            "<- winner" if r is winner else "",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
