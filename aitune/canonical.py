@@ -43,14 +43,15 @@ def canonicalize(value: Any, where: str = "value") -> Any:
 
     ``where`` names the position for error messages ("config.options.foo").
     """
+    # Enums first: a str or int enum (``class Mode(str, Enum)``) would otherwise pass as itself.
+    if isinstance(value, enum.Enum):
+        return canonicalize(value.value, where)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise CanonicalError(f"{where}: non-finite float {value!r} has no JSON form")
         return value
-    if isinstance(value, enum.Enum):
-        return canonicalize(value.value, where)
     if isinstance(value, torch.dtype):
         return dtype_name(value)
     if isinstance(value, torch.device):

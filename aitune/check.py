@@ -159,7 +159,9 @@ def _compare_tensor(path: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
     r_finite, c_finite = torch.isfinite(r), torch.isfinite(c)
     both = r_finite & c_finite
     abs_err = torch.where(both, (c - r).abs(), 0.0)
-    rel_err = abs_err / r.abs().clamp_min(_TINY)
+    # Relative error is measured against at least atol: near-zero references would otherwise
+    # report astronomically large (and meaningless) relative errors.
+    rel_err = abs_err / r.abs().clamp_min(max(tol.atol, _TINY))
     max_abs, max_rel = float(abs_err.max()), float(torch.where(both, rel_err, 0.0).max())
 
     new_bad = r_finite & ~c_finite

@@ -233,7 +233,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None) 
 
 
 def deploy_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
-    """Load, check against ``device`` and deploy: the one call a serving process needs."""
+    """Load, check against ``device`` and deploy: the one call a serving process needs.
+
+    Without ``device`` the backend deploys on the device it was saved with, and that device is
+    the one a device-bound checkpoint is checked against.
+    """
+    if device is None:
+        device = read_manifest(path).state.get("device")
     backend = load_checkpoint(path, device)
     backend.deploy(device)
     return backend

@@ -35,7 +35,7 @@ class Strategy:
     def __post_init__(self) -> None:
         if self.kind not in ("min_latency", "max_throughput", "latency_budget"):
             raise ValueError(f"strategy {self.kind!r} is not one of min_latency, max_throughput, latency_budget")
-        if self.kind == "latency_budget" and (self.budget_ms is None or self.budget_ms <= 0):
+        if self.kind == "latency_budget" and (self.budget_ms is None or not self.budget_ms > 0):  # NaN too
             raise ValueError("strategy latency_budget needs a positive budget_ms")
 
     @classmethod
@@ -43,11 +43,15 @@ class Strategy:
         if isinstance(value, Strategy):
             return value
         text = str(value)
-        if text.startswith("latency_budget"):
-            _, _, ms = text.partition("=")
+        kind, _, ms = text.partition("=")
+        if kind == "latency_budget":  # not startswith: "latency_budgets=5" is a typo, not a budget
             if not ms:
                 raise ValueError("write a latency budget as 'latency_budget=5.0' (milliseconds)")
-            return cls("latency_budget", float(ms))
+            try:
+                budget = float(ms)
+            except ValueError:
+                raise ValueError(f"latency budget {ms!r} is not a number of milliseconds") from None
+            return cls("latency_budget", budget)
         return cls(text)
 
     def describe(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 import nvtx
 import torch
 
-from aitune.canonical import canonicalize, sha256_of
+from aitune.canonical import canonicalize, sha256_of, to_dtype
 from aitune.specs import GraphSpec, Sample
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,21 @@ class BackendConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        defaults = cls()
+        return cls(**{name: _restore(value, getattr(defaults, name)) for name, value in data.items()})
+
+
+def _restore(value: Any, default: Any) -> Any:
+    """Undo ``canonicalize`` for a field whose default shows its type: dtype, enum, set or tuple."""
+    if value is None:
+        return None
+    if isinstance(default, torch.dtype):
+        return to_dtype(value)
+    if isinstance(default, enum.Enum):
+        return type(default)(value)
+    if isinstance(default, (set, frozenset, tuple)) and not hasattr(default, "_fields"):
+        return type(default)(value)
+    return value
 
 
 def _short(value: Any) -> str:

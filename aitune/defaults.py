@@ -1,0 +1,42 @@
+"""The candidates worth trying by default on each device type, as (backend name, config fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aitune.torch.backend.backend import Backend
+from aitune.torch.backend.registry import get_backend_class
+
+CandidateDef = tuple[str, dict[str, Any]]
+
+BASELINE: CandidateDef = ("TorchEagerBackend", {})
+
+CPU_CANDIDATES: list[CandidateDef] = [
+    BASELINE,
+    ("TorchEagerBackend", {"precision": "bfloat16", "autocast": True}),
+    ("TorchInductorJitBackend", {}),
+    ("TorchInductorAotBackend", {}),
+    ("OnnxRuntimeBackend", {}),
+]
+
+
+def candidates_for(device_type: str) -> list[CandidateDef]:
+    if device_type == "cpu":
+        return list(CPU_CANDIDATES)
+    from aitune.gpu_defaults import gpu_candidates  # the GPU set depends on what is installed
+
+    return gpu_candidates()
+
+
+def make_backend(definition: CandidateDef) -> Backend:
+    name, fields = definition
+    cls = get_backend_class(name)
+    return cls(cls.config_class.from_dict(dict(fields)))
+
+
+def is_baseline(backend_name: str, config: dict[str, Any]) -> bool:
+    """Eager fp32 with every other field at its default: what every speedup is measured against."""
+    if backend_name != BASELINE[0]:
+        return False
+    cls = get_backend_class(backend_name)
+    return cls.config_class.from_dict(dict(config)) == cls.config_class()

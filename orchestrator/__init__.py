@@ -1,0 +1,1 @@
+"""orchestrator: parallel tuning sweeps on Ray (workers per device, dedupe by key, store, selection, deploy)."""

@@ -1,0 +1,82 @@
+"""Backends that misbehave on purpose, to show the sweep survives them (and to size the scheduler).
+
+``FaultBackend`` runs the module eagerly, except that, in the phase it is told, it raises, kills
+its own process (``os._exit`` or a real segfault), hangs, returns wrong values, claims the
+device is unsupported, or sleeps a set time (the scale benchmark's stand-in for a slow build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aitune.torch.backend.backend import BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.eager import ModuleBackend
+from aitune.torch.backend.registry import register_backend
+from aitune.specs import Sample
+
+FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep")
+PHASES = ("build", "infer")
+
+
+@dataclass
+class FaultBackendConfig(BackendConfig):
+    fault: str = "none"
+    phase: str = "build"
+    #: for "sleep": seconds; for "hang": how long to hang (far past any timeout)
+    seconds: float = 3600.0
+    #: distinguishes otherwise equal configs, so that they get different keys
+    tag: str = ""
+    precision: str = "float32"
+    autocast: bool = False
+    channels_last: bool = False
+    inference_mode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"FaultBackendConfig: fault {self.fault!r} is not one of {list(FAULTS)}")
+        if self.phase not in PHASES:
+            raise ValueError(f"FaultBackendConfig: phase {self.phase!r} is not one of {list(PHASES)}")
+
+
+def _misbehave(fault: str, seconds: float) -> None:
+    if fault == "raise":
+        raise RuntimeError("FaultBackend: injected failure")
+    if fault == "exit":
+        os._exit(17)
+    if fault == "segfault":
+        ctypes.string_at(0)  # reads address 0: a real SIGSEGV
+    if fault == "hang":
+        time.sleep(seconds)
+    if fault == "sleep":
+        time.sleep(seconds)
+    if fault == "unsupported":
+        raise UnsupportedDeviceError("FaultBackend: injected 'unsupported device'")
+
+
+@register_backend
+class FaultBackend(ModuleBackend):
+    config_class = FaultBackendConfig
+
+    @property
+    def is_jit(self) -> bool:
+        return False
+
+    def _build(self, module, graph_spec, data, device, cache_dir) -> None:
+        if self.config.phase == "build":
+            _misbehave(self.config.fault, self.config.seconds)
+        self._module = self._take_module(module, device)
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        cfg = self.config
+        if cfg.phase == "infer" and cfg.fault not in ("wrong", "none", "sleep"):
+            _misbehave(cfg.fault, cfg.seconds)
+        out = self._run(self._module, Sample(args, kwargs))
+        if cfg.fault == "wrong":
+            from aitune.torch.tree import map_tensors
+
+            out = map_tensors(out, lambda t: t + 1.0 if t.is_floating_point() else t)
+        return out

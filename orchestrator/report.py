@@ -1,0 +1,389 @@
+"""What a sweep found, for people: rich tables on the console, and JSON, CSV, Markdown and a plot on disk.
+
+Every view is built from the same rows (:func:`report_rows`), so the console, the files and the
+plot never disagree about a number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
+
+BASELINE_BACKEND = "TorchEagerBackend"
+#: The eager fp32 config every speedup is measured against; a missing key means its default.
+BASELINE_CONFIG = {"precision": "float32", "autocast": False, "channels_last": False, "inference_mode": True}
+
+ROW_COLUMNS = (
+    "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
+    "max_abs_err", "peak_memory_mb", "from_store", "winner", "tie", "error", "key",
+)  # fmt: skip
+
+Group = tuple[str, int, str]  # (model, batch size, device class key)
+
+
+def _group(record: ResultRecord | SelectionRecord) -> Group:
+    return (record.model, record.batch_size, record.device_class_key)
+
+
+def _is_baseline(record: ResultRecord) -> bool:
+    if record.backend != BASELINE_BACKEND:
+        return False
+    return all(record.config.get(name, default) == default for name, default in BASELINE_CONFIG.items())
+
+
+def baseline_of(results: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
+    """The eager fp32 result of each group that has one."""
+    found: dict[Group, ResultRecord] = {}
+    for record in results:
+        if not _is_baseline(record):
+            continue
+        current = found.get(_group(record))
+        # Prefer a measured baseline, then the plainest config (fewest extra options switched on).
+        if current is None or _baseline_rank(record) < _baseline_rank(current):
+            found[_group(record)] = record
+    return found
+
+
+def _baseline_rank(record: ResultRecord) -> tuple[bool, int]:
+    extras = sum(1 for name, value in record.config.items() if name not in BASELINE_CONFIG and value)
+    return (not record.eligible, extras)
+
+
+def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionRecord]) -> list[dict]:
+    results = list(results)
+    baselines = baseline_of(results)
+    chosen = {_group(s): s for s in selections}
+    rows = []
+    for r in results:
+        base = baselines.get(_group(r))
+        base_ms = base.median_ms if base is not None and base.eligible else None
+        selection = chosen.get(_group(r))
+        ties = selection.ties if selection is not None else []
+        rows.append(
+            {
+                "model": r.model,
+                "batch_size": r.batch_size,
+                "device": _device_name(r),
+                "candidate": r.candidate,
+                "status": r.status,
+                "build_s": r.build_s,
+                "median_ms": r.median_ms,
+                "p99_ms": r.p99_ms,
+                # Only a correct result gets a speedup: a fast wrong answer must not look like a win.
+                "speedup": base_ms / r.median_ms if base_ms and r.eligible and r.median_ms else None,
+                "max_abs_err": r.max_abs_err,
+                "peak_memory_mb": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None,
+                "from_store": r.from_store,
+                "winner": selection is not None and selection.winner_key == r.key,
+                # Ties may name candidates or keys depending on who wrote them; either marks the row.
+                "tie": r.candidate in ties or r.key in ties,
+                "error": _first_line(r.error),
+                "key": r.key,
+            }
+        )
+    return rows
+
+
+def _device_name(record: ResultRecord) -> str | None:
+    name = ((record.worker or {}).get("device_class") or {}).get("device_name")
+    if not name:
+        return None
+    for noise in ("NVIDIA ", "(R)", "(TM)", " CPU"):
+        name = name.replace(noise, "")
+    return " ".join(name.split("@")[0].split())  # "Xeon Gold 6338 @ 2.00GHz" -> "Xeon Gold 6338"
+
+
+def _first_line(text: str | None, limit: int = 120) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    # A traceback's first line says nothing; its last line names the exception.
+    line = lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# -- console -----------------------------------------------------------------------------------
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _winner_mark(console: Console) -> str:
+    # A console that cannot encode the star still gets a readable marker.
+    encoding = console.encoding or ""
+    return "★ WINNER" if encoding.lower().startswith("utf") else "* WINNER"
+
+
+def _table_cells(row: dict, mark: str) -> list[str]:
+    return [
+        row["candidate"],
+        str(row["batch_size"]),
+        row["device"] or "-",
+        row["status"],
+        _num(row["build_s"], "{:.2f}"),
+        _ms(row["median_ms"]),
+        _ms(row["p99_ms"]),
+        _speedup(row["speedup"]),
+        _num(row["max_abs_err"], "{:.2e}"),
+        _num(row["peak_memory_mb"], "{:.1f}"),
+        "yes" if row["from_store"] else "",
+        mark if row["winner"] else ("tie" if row["tie"] else ""),
+    ]
+
+
+_TABLE_HEADERS = ("candidate", "batch", "device", "status", "build s", "median ms", "p99 ms", "speedup",
+                  "worst error", "peak MB", "from store", "winner")  # fmt: skip
+
+_STATUS_STYLE = {OK: "green", "incorrect": "yellow"}
+
+
+def _rows_by_model(rows: list[dict]) -> dict[str, list[dict]]:
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_model[row["model"]].append(row)
+    for model_rows in by_model.values():
+        # Within a batch: the correct ones fastest first, then the failures by name.
+        model_rows.sort(key=lambda r: (r["batch_size"], r["status"] != OK, r["median_ms"] or 0.0, r["candidate"]))
+    return dict(sorted(by_model.items()))
+
+
+def render(
+    console: Console,
+    results: Iterable[ResultRecord],
+    selections: Iterable[SelectionRecord],
+    deployments: Iterable[DeployRecord],
+) -> None:
+    selections, deployments = list(selections), list(deployments)
+    rows = report_rows(results, selections)
+    mark = _winner_mark(console)
+    for model, model_rows in _rows_by_model(rows).items():
+        table = Table(title=escape(model), title_justify="left")
+        for header in _TABLE_HEADERS:
+            table.add_column(header, justify="right" if header not in ("candidate", "device", "status", "winner") else "left")
+        for row in model_rows:
+            # Candidate names and errors are data, not markup: "[fp16]" must print as written.
+            cells = [escape(c) for c in _table_cells(row, mark)]
+            style = _STATUS_STYLE.get(row["status"], "red")
+            cells[3] = f"[{style}]{cells[3]}[/{style}]"
+            table.add_row(*cells, style="bold" if row["winner"] else None)
+        console.print(table)
+        errors = [r for r in model_rows if r["error"]]
+        for row in errors:
+            console.print(f"  [red]{escape(row['candidate'])} (batch {row['batch_size']})[/red]: {escape(row['error'])}", highlight=False)
+
+    if selections:
+        table = Table(title="winners", title_justify="left")
+        for header in ("model", "batch", "winner", "speedup", "reason", "ties"):
+            table.add_column(header)
+        for s, speedup in _winner_speedups(selections, rows):
+            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(speedup), s.reason, ", ".join(s.ties))
+            table.add_row(*(escape(c) for c in cells))
+        console.print(table)
+
+    if deployments:
+        table = Table(title="deployments", title_justify="left")
+        for header in ("model", "batch", "target", "status", "reason", "worst error", "median ms"):
+            table.add_column(header)
+        for d in deployments:
+            cells = (d.model, str(d.batch_size), d.target, d.status, d.reason or "",
+                     _num(d.max_abs_err, "{:.2e}"), _ms(d.median_ms))  # fmt: skip
+            table.add_row(*(escape(c) for c in cells))
+        console.print(table)
+
+
+def _winner_speedups(selections: list[SelectionRecord], rows: list[dict]) -> list[tuple[SelectionRecord, float | None]]:
+    # The selector's own speedup if it gave one, otherwise the winner row's speedup over the baseline.
+    by_key = {row["key"]: row for row in rows}
+    out = []
+    for s in sorted(selections, key=lambda s: (s.model, s.batch_size, s.device_class_key)):
+        speedup = s.speedup
+        if speedup is None and s.winner_key in by_key:
+            speedup = by_key[s.winner_key]["speedup"]
+        out.append((s, speedup))
+    return out
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def write_reports(
+    out_dir: str | Path,
+    sweep_info: dict,
+    results: Iterable[ResultRecord],
+    selections: Iterable[SelectionRecord],
+    deployments: Iterable[DeployRecord],
+) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, selections, deployments = list(results), list(selections), list(deployments)
+    rows = report_rows(results, selections)
+    paths = {name: out / name for name in ("report.json", "report.csv", "report.md", "latency.png")}
+
+    everything = {
+        "sweep": sweep_info,
+        "rows": rows,
+        "selections": [s.to_dict() for s in selections],
+        "deployments": [d.to_dict() for d in deployments],
+        "results": [r.to_dict() for r in results],
+    }
+    paths["report.json"].write_text(json.dumps(_strict_json(everything), indent=2, default=str) + "\n")
+
+    with paths["report.csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    paths["report.md"].write_text(_markdown(sweep_info, rows, selections, deployments))
+    plot_latency(rows, paths["latency.png"])
+    return paths
+
+
+def _strict_json(value: Any) -> Any:
+    # json.dumps would write NaN/Infinity, which strict parsers (jq, browsers) reject; an infinite
+    # error is still worth seeing, so non-finite numbers become strings rather than nulls.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:
+    headers = list(headers)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionRecord], deployments: list[DeployRecord]) -> str:
+    title = sweep_info.get("name") or sweep_info.get("id") or "sweep"
+    lines = [f"# Sweep {title}", ""]
+    facts = [f"{name} `{sweep_info[name]}`" for name in ("id", "status") if sweep_info.get(name)]
+    if facts:
+        lines += [", ".join(facts), ""]
+    mark = "**WINNER**"
+    for model, model_rows in _rows_by_model(rows).items():
+        lines += [f"## {model}", ""]
+        lines += _md_table(_TABLE_HEADERS, (_table_cells(row, mark) for row in model_rows))
+        failures = [row for row in model_rows if row["error"]]
+        for row in failures:
+            lines.append(f"- {_md_cell(row['candidate'])} (batch {row['batch_size']}): {_md_cell(row['error'])}")
+        if failures:
+            lines.append("")
+    if selections:
+        lines += ["## Winners", ""]
+        lines += _md_table(
+            ("model", "batch", "winner", "speedup", "reason", "ties"),
+            ((s.model, s.batch_size, s.winner or "-", _speedup(sp), s.reason, ", ".join(s.ties))
+             for s, sp in _winner_speedups(selections, rows)),
+        )  # fmt: skip
+    if deployments:
+        lines += ["## Deployments", ""]
+        lines += _md_table(
+            ("model", "batch", "target", "status", "reason", "worst error", "median ms"),
+            ((d.model, d.batch_size, d.target, d.status, d.reason or "", _num(d.max_abs_err, "{:.2e}"), _ms(d.median_ms))
+             for d in deployments),
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_latency(rows: list[dict], path: str | Path) -> Path:
+    """Median latency per measured candidate, one subplot per model; p99 as a whisker, winners highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display, works on headless workers and CI
+    from matplotlib.figure import Figure  # a bare Figure keeps pyplot's global figure list untouched
+
+    measured = [r for r in rows if r["status"] == OK and r["median_ms"] is not None]
+    by_model = _rows_by_model(measured)
+    heights = [max(len(model_rows), 1) for model_rows in by_model.values()] or [1]
+    fig = Figure(figsize=(10, 1.2 + 0.32 * sum(heights) + 0.6 * len(heights)), layout="constrained")
+    if not by_model:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no successful measurements", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        axes = fig.subplots(len(by_model), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+        for ax, (model, model_rows) in zip(axes, by_model.items()):
+            _plot_model(ax, model, model_rows)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _plot_model(ax, model: str, rows: list[dict]) -> None:
+    several_devices = len({r["device"] for r in rows}) > 1
+    labels, medians, p99s, colors, y = [], [], [], [], []
+    previous = None
+    for row in rows:
+        group = (row["batch_size"], row["device"])
+        # A half-bar gap between (batch, device) groups keeps each group's bars visibly together.
+        y.append((y[-1] + (1.0 if group == previous else 1.5)) if y else 0.0)
+        previous = group
+        where = f"bs {row['batch_size']}" + (f", {row['device']}" if several_devices else "")
+        labels.append(f"{row['candidate']} [{where}]")
+        medians.append(row["median_ms"])
+        p99s.append(max((row["p99_ms"] or row["median_ms"]) - row["median_ms"], 0.0))
+        colors.append("tab:orange" if row["winner"] else "tab:blue")
+    ax.barh(y, medians, xerr=[[0.0] * len(rows), p99s], color=colors, ecolor="0.3", capsize=3)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()  # first row on top, as in the tables
+    ax.set_title(f"{model}: median latency (whisker to p99, orange = winner)", fontsize=10, loc="left")
+    ax.set_xlabel("ms")
+    if max(medians) / max(min(medians), 1e-9) > 50:  # batch sizes can span orders of magnitude
+        ax.set_xscale("log")
+
+
+# -- from a store ------------------------------------------------------------------------------
+
+
+def report_store(
+    store_root: str | Path,
+    sweep_id: str | None = None,
+    console: Console | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Print and write the report of one sweep (the latest by default) from the store at ``store_root``."""
+    from orchestrator.store import DB_NAME, Store
+
+    root = Path(store_root)
+    # Check first: opening a Store on a wrong path would quietly create an empty one there.
+    if not (root / DB_NAME).is_file():
+        raise FileNotFoundError(f"{root} is not an orchestrator store: {root / DB_NAME} does not exist")
+    with Store(root) as store:
+        sweep_id = sweep_id or store.latest_sweep_id()
+        if sweep_id is None:
+            raise LookupError(f"store {root} has no sweeps yet: run a sweep first")
+        info = store.sweep_info(sweep_id)
+        results = store.sweep_results(sweep_id)
+        selections = store.selections(sweep_id)
+        deployments = store.deployments(sweep_id)
+    render(console or Console(), results, selections, deployments)
+    return write_reports(Path(out_dir) if out_dir else root / "reports" / sweep_id, info, results, selections, deployments)

@@ -1,0 +1,82 @@
+"""Winners per (model, batch size, device class), with near-ties measured again before deciding."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from aitune.defaults import is_baseline
+from aitune.measure import Measurement
+from aitune.strategy import Strategy, select
+from orchestrator.records import ResultRecord, SelectionRecord
+
+Group = tuple[str, int, str]  # model, batch size, device class key
+#: re-measures the given result keys interleaved on one worker; returns new measurements by key
+Remeasure = Callable[[Group, list[ResultRecord]], dict[str, Measurement]]
+
+TOP_K = 3
+
+
+@dataclass
+class _Candidate:
+    """Adapts a stored result to what :func:`aitune.strategy.select` needs."""
+
+    record: ResultRecord
+    measurement: Measurement | None
+
+    @property
+    def name(self) -> str:
+        return self.record.candidate
+
+    @property
+    def eligible(self) -> bool:
+        return self.record.eligible
+
+
+def group_results(results: Iterable[ResultRecord]) -> dict[Group, list[ResultRecord]]:
+    groups: dict[Group, list[ResultRecord]] = collections.defaultdict(list)
+    for r in results:
+        groups[(r.model, r.batch_size, r.device_class_key)].append(r)
+    return dict(groups)
+
+
+def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], strategy: Strategy):
+    cands = [_Candidate(r, measurements.get(r.key)) for r in records]
+    baseline = next((c for c in cands if is_baseline(c.record.backend, c.record.config)), None)
+    return select(cands, baseline, strategy), cands, baseline
+
+
+def choose_winners(results: Iterable[ResultRecord], strategy: Strategy, remeasure: Remeasure | None = None) -> list[SelectionRecord]:
+    selections = []
+    for group, records in sorted(group_results(results).items()):
+        measurements = {r.key: Measurement.from_dict(r.measurement) for r in records if r.measurement}
+        choice, cands, baseline = _decide(records, measurements, strategy)
+        remeasured = False
+        ranked = sorted(
+            (c for c in cands if c.eligible and c.measurement is not None and strategy.fits(c.measurement)),
+            key=lambda c: strategy.score(c.measurement), reverse=True,
+        )
+        near_tie = bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
+        if remeasure is not None and near_tie:
+            # Too close to call: measure the top few again side by side on one worker.
+            top = [c.record for c in ranked[:TOP_K]]
+            if baseline is not None and baseline.eligible and baseline.record not in top:
+                top.append(baseline.record)
+            fresh = remeasure(group, top) if len(top) > 1 else {}
+            if fresh:
+                measurements.update(fresh)
+                choice, cands, baseline = _decide(records, measurements, strategy)
+                remeasured = True
+        winner = choice.winner.record if choice.winner is not None else None
+        speedup = None
+        if winner is not None and baseline is not None and baseline.measurement is not None:
+            speedup = baseline.measurement.median_ms / measurements[winner.key].median_ms
+        selections.append(
+            SelectionRecord(
+                model=group[0], batch_size=group[1], device_class_key=group[2],
+                winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
+                reason=choice.reason, ties=list(choice.ties), remeasured=remeasured, speedup=speedup,
+            )
+        )
+    return selections

@@ -1,0 +1,227 @@
+"""The worker: a Ray actor pinned to one device slot that builds, checks and measures candidates.
+
+The actor keeps each model and its eager fp32 reference between candidates. Each candidate runs
+in two calls, ``build`` then ``finish`` (check, measure, save), so that the driver can hold each
+phase to its own timeout and kill the actor when one hangs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune.canonical import sha256_of
+from aitune.check import check_samples, compare_outputs, tolerance_for
+from aitune.checkpoint import load_checkpoint, save_checkpoint
+from aitune.environment import describe_environment
+from aitune.measure import MeasureConfig, Measurement, interleaved, measure
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
+from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.tree import flatten_tensors, map_tensors
+from orchestrator import records as R
+from orchestrator.candidates import load_model, make_sample
+from orchestrator.records import Job, ResultRecord, WorkerInfo
+from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.transfer import pack_dir, unpack_to
+
+
+def pick_device(kind: str) -> torch.device:
+    """What torch sees decides the device, not what Ray granted (pretend GPUs have no CUDA)."""
+    if kind == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda:0")  # Ray's CUDA_VISIBLE_DEVICES leaves this actor one GPU
+    return torch.device("cpu")
+
+
+def reference_bytes(sample: Sample, outputs: Any) -> bytes:
+    """Sample and flattened reference outputs, loadable with ``weights_only=True``."""
+    flat = flatten_tensors(outputs)
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "args": [a.cpu() if isinstance(a, torch.Tensor) else a for a in sample.args],
+            "kwargs": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()},
+            "paths": [p for p, _ in flat],
+            "outputs": [t.cpu() for _, t in flat],
+        },
+        buf,
+    )
+    return buf.getvalue()
+
+
+def load_reference(data: bytes) -> tuple[Sample, list[torch.Tensor]]:
+    ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return Sample(tuple(ref["args"]), dict(ref["kwargs"])), list(ref["outputs"])
+
+
+class TuneWorker:
+    def __init__(self, slot: dict[str, Any], spec: dict[str, Any], worker_id: str) -> None:
+        import orchestrator.fault_backends  # noqa: F401  (registers the test backends here too)
+
+        self.slot = slot
+        self.worker_id = worker_id
+        self.threads = int(slot.get("threads", 1))
+        # Ray sets OMP_NUM_THREADS=1 in workers: set the count explicitly or CPU timings lie.
+        torch.set_num_threads(self.threads)
+        self.device = pick_device(slot.get("kind", "cpu"))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be real fp32
+            torch.backends.cudnn.allow_tf32 = False
+        self.spec: SweepSpec = parse_spec(spec)
+        self.env = describe_environment(self.device)
+        self._models: dict[str, torch.nn.Module] = {}
+        self._refs: dict[tuple[str, int], tuple[Sample, Any]] = {}
+        self._backend: Backend | None = None
+        self._phases: dict[str, float] = {}
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
+
+    # -- identity -------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        device_class = self.env.device_class()
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            node_id=ray.get_runtime_context().get_node_id(),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            device=str(self.device),
+            device_class=device_class,
+            device_class_key=sha256_of(device_class),
+            threads=torch.get_num_threads(),
+        ).to_dict()
+
+    # -- model, sample, reference -----------------------------------------------------------------
+    def _reference(self, model_name: str, batch: int) -> tuple[torch.nn.Module, Sample, Any]:
+        start = time.perf_counter()
+        if model_name not in self._models:
+            self._models[model_name] = load_model(self.spec.model(model_name)).to(self.device)
+        module = self._models[model_name]
+        if (model_name, batch) not in self._refs:
+            sample = make_sample(self.spec.model(model_name), batch).to(self.device)
+            with torch.inference_mode():
+                out = map_tensors(sample(module), lambda t: t.detach().clone())
+            self._refs[(model_name, batch)] = (sample, out)
+        self._phases["load"] = time.perf_counter() - start
+        return module, *self._refs[(model_name, batch)]
+
+    # -- one candidate, phase by phase ---------------------------------------------------------------
+    def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:
+        """Load the model (cached) and build the candidate; returns status ``ok`` or the failure."""
+        job = Job.from_dict(job_dict)
+        self._release()
+        self._phases = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            module, sample, _ = self._reference(job.model, job.batch_size)
+            cls = get_backend_class(job.backend)
+            backend = cls(cls.config_class.from_dict(job.config))
+        except Exception as exc:
+            return self._failure(R.ERROR, exc)
+        start = time.perf_counter()
+        cache = self._scratch / job.key[:16]
+        try:
+            backend.build(module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache)
+        except UnsupportedDeviceError as exc:
+            return self._failure(R.UNSUPPORTED, exc)
+        except Exception as exc:
+            return self._failure(R.BUILD_ERROR, exc)
+        finally:
+            self._phases["build"] = time.perf_counter() - start
+        self._backend = backend
+        return {"status": R.OK, "phases": dict(self._phases)}
+
+    def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None]:
+        """Check against the reference, measure, save the checkpoint; returns (record, checkpoint, reference)."""
+        job = Job.from_dict(job_dict)
+        if self._backend is None:
+            raise RuntimeError(f"worker {self.worker_id}: finish({job.candidate}) without a successful build")
+        _, sample, reference = self._reference(job.model, job.batch_size)
+        record = self._record(job, R.OK)
+        checkpoint = None
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = sample(self._backend.infer)
+            tolerance = tolerance_for(job.config.get("precision", "float32"), self.spec.tolerance_overrides())
+            check = check_samples([reference], [out], tolerance)
+            record.check = check.to_dict()
+            self._phases["check"] = time.perf_counter() - start
+            if not check.ok:
+                record.status, record.error, record.error_class = R.INCORRECT, check.reason, "IncorrectOutput"
+            else:
+                start = time.perf_counter()
+                m = self.spec.measure
+                config = MeasureConfig(
+                    warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
+                    budget_s=m.budget_s, threads=self.threads,
+                )
+                record.measurement = measure(self._backend.infer, sample, self.device, config).to_dict()
+                self._phases["measure"] = time.perf_counter() - start
+                start = time.perf_counter()
+                path = self._scratch / f"ckpt-{job.key[:16]}"
+                save_checkpoint(self._backend, path, extra={"job_key": job.key})
+                checkpoint = pack_dir(path)
+                shutil.rmtree(path, ignore_errors=True)
+                self._phases["save"] = time.perf_counter() - start
+        except Exception as exc:
+            record.status, record.error, record.error_class = R.ERROR, _trace(exc), type(exc).__name__
+            checkpoint = None
+        if self.device.type == "cuda":
+            record.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
+        record.phases = dict(self._phases)
+        self._release()
+        ref = reference_bytes(sample, reference) if want_reference else None
+        return record.to_dict(), checkpoint, ref
+
+    def remeasure(self, checkpoints: dict[str, bytes], model: str, batch: int, budget_s: float) -> dict[str, dict]:
+        """Measure several checkpoints interleaved on this device, to separate near-ties."""
+        _, sample, _ = self._reference(model, batch)
+        backends = {}
+        for key, data in checkpoints.items():
+            path = self._scratch / f"remeasure-{key[:16]}-{time.monotonic_ns()}"
+            unpack_to(data, path)
+            backend = load_checkpoint(path, self.device)
+            backend.deploy(self.device)
+            backends[key] = backend
+        config = MeasureConfig(budget_s=budget_s, threads=self.threads, target_rel_ci=self.spec.measure.target_rel_ci)
+        results = interleaved({k: b.infer for k, b in backends.items()}, sample, self.device, config)
+        return {k: v.to_dict() for k, v in results.items()}
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _record(self, job: Job, status: str) -> ResultRecord:
+        return ResultRecord(
+            key=job.key, model=job.model, batch_size=job.batch_size, backend=job.backend, config=job.config,
+            candidate=job.candidate, status=status, device_class_key=job.device_class_key,
+            worker=self.info(), created_at=time.time(), attempts=job.attempt + 1, reference_key=job.reference_key,
+        )
+
+    def _failure(self, status: str, exc: BaseException) -> dict[str, Any]:
+        return {"status": status, "error": _trace(exc), "error_class": type(exc).__name__, "phases": dict(self._phases), "worker": self.info()}
+
+    def _release(self) -> None:
+        if self._backend is not None:
+            try:
+                self._backend.deactivate()
+            except RuntimeError:
+                pass
+            self._backend = None
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch.mkdir(parents=True, exist_ok=True)
+
+
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).strip()

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from rich.console import Console
+
+from orchestrator.records import BUILD_ERROR, INCORRECT, OK, DeployRecord, ResultRecord, SelectionRecord
+from orchestrator.report import ROW_COLUMNS, baseline_of, render, report_rows, report_store, write_reports
+from orchestrator.store import Store
+
+DEVICE = "d" * 64
+WORKER = {"device_class": {"device_name": "NVIDIA H200", "device_type": "cuda"}, "hostname": "node-1"}
+EAGER = {"precision": "float32", "autocast": False, "channels_last": False, "inference_mode": True}
+
+
+def _result(key, candidate, status=OK, median=None, model="resnet", batch=8, backend="TorchCompileBackend",
+            config=None, **kw) -> ResultRecord:  # fmt: skip
+    measurement = {"median_ms": median, "p99_ms": median * 1.2, "mean_ms": median} if median else None
+    return ResultRecord(key=key, model=model, batch_size=batch, backend=backend, config=config or {},
+                        candidate=candidate, status=status, device_class_key=DEVICE, measurement=measurement,
+                        phases={"build": 1.5}, worker=WORKER, check={"max_abs_err": 1e-5} if median else None,
+                        peak_memory_bytes=64 * 2**20 if median else None, **kw)  # fmt: skip
+
+
+@pytest.fixture
+def sweep():
+    results = [
+        _result("k-eager", "eager fp32", median=8.0, backend="TorchEagerBackend", config={"precision": "float32"}),
+        _result("k-fp16", "eager fp16", median=4.0, backend="TorchEagerBackend", config={**EAGER, "precision": "float16"}),
+        _result("k-compile", "compile max-autotune", median=2.0, from_store=True),
+        _result("k-aot", "aot inductor", status=BUILD_ERROR, error="RuntimeError: linker failed\n  at line 3"),
+        _result("k-wrong", "onnx [fp16]", status=INCORRECT, median=1.0,
+                error="max abs err " + "9" * 200),  # fmt: skip
+        _result("k-mlp", "eager fp32", model="mlp", batch=1, median=0.4, backend="TorchEagerBackend", config=EAGER),
+    ]
+    selections = [
+        SelectionRecord(model="resnet", batch_size=8, device_class_key=DEVICE, winner_key="k-compile",
+                        winner="compile max-autotune", reason="fastest beyond noise", ties=["eager fp16"]),  # fmt: skip
+        SelectionRecord(model="mlp", batch_size=1, device_class_key=DEVICE, winner_key="k-mlp", winner="eager fp32",
+                        reason="only candidate", speedup=1.0),  # fmt: skip
+    ]
+    deployments = [
+        DeployRecord(model="resnet", batch_size=8, target="cuda:0 on node-2", status="deployed",
+                     winner_key="k-compile", max_abs_err=2e-5, median_ms=2.1),  # fmt: skip
+        DeployRecord(model="resnet", batch_size=8, target="cpu-slot-0 on node-3", status="refused",
+                     winner_key="k-compile", reason="built for H200, target is a CPU"),  # fmt: skip
+    ]
+    return results, selections, deployments
+
+
+def _by_key(rows):
+    return {row["key"]: row for row in rows}
+
+
+def test_baseline_is_eager_fp32_with_defaults_filled_in(sweep):
+    results, _, _ = sweep
+    baselines = baseline_of(results)
+    assert baselines[("resnet", 8, DEVICE)].key == "k-eager"  # config lacks keys: they mean defaults
+    assert baselines[("mlp", 1, DEVICE)].key == "k-mlp"
+    assert len(baselines) == 2
+
+
+def test_baseline_ignores_fp16_and_channels_last_eager(sweep):
+    results = [
+        _result("a", "cl", median=1.0, backend="TorchEagerBackend", config={"channels_last": True}),
+        _result("b", "fp16", median=1.0, backend="TorchEagerBackend", config={"precision": "float16"}),
+    ]
+    assert baseline_of(results) == {}
+
+
+def test_rows_compute_speedup_winner_tie_and_from_store(sweep):
+    results, selections, _ = sweep
+    rows = _by_key(report_rows(results, selections))
+    assert len(rows) == len(results)
+    assert rows["k-eager"]["speedup"] == pytest.approx(1.0)
+    assert rows["k-fp16"]["speedup"] == pytest.approx(2.0)
+    assert rows["k-compile"]["speedup"] == pytest.approx(4.0)
+    assert rows["k-aot"]["speedup"] is None and rows["k-aot"]["median_ms"] is None
+    assert [k for k, r in rows.items() if r["winner"]] == ["k-compile", "k-mlp"]
+    assert [k for k, r in rows.items() if r["tie"]] == ["k-fp16"]
+    assert [k for k, r in rows.items() if r["from_store"]] == ["k-compile"]
+    assert rows["k-compile"]["device"] == "H200"
+    assert rows["k-compile"]["peak_memory_mb"] == pytest.approx(64.0)
+    assert rows["k-compile"]["p99_ms"] == pytest.approx(2.4)
+    assert rows["k-compile"]["build_s"] == 1.5
+    assert rows["k-aot"]["error"] == "RuntimeError: linker failed"
+    assert len(rows["k-wrong"]["error"]) == 120
+    assert set(rows["k-eager"]) == set(ROW_COLUMNS)
+
+
+def test_a_fast_wrong_answer_gets_no_speedup(sweep):
+    results, selections, _ = sweep
+    row = _by_key(report_rows(results, selections))["k-wrong"]
+    assert row["median_ms"] == 1.0 and row["speedup"] is None
+
+
+def test_error_column_shows_the_exception_of_a_traceback():
+    error = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: out of memory\n'
+    row = report_rows([_result("t", "aot", status=BUILD_ERROR, error=error)], [])[0]
+    assert row["error"] == "RuntimeError: out of memory"
+
+
+def test_speedup_is_none_without_a_baseline():
+    rows = report_rows([_result("x", "compiled", median=1.0)], [])
+    assert rows[0]["speedup"] is None and rows[0]["winner"] is False
+
+
+def test_render_shows_candidates_and_winner(sweep):
+    results, selections, deployments = sweep
+    console = Console(record=True, width=200)
+    render(console, results, selections, deployments)
+    text = console.export_text()
+    for r in results:
+        assert r.candidate in text
+    assert "WINNER" in text
+    assert "onnx [fp16]" in text  # square brackets are text, not rich markup
+    assert "4.00x" in text
+    assert "fastest beyond noise" in text
+    assert "cpu-slot-0 on node-3" in text and "built for H200" in text
+    assert "RuntimeError: linker failed" in text
+
+
+def test_write_reports_writes_all_four_files(sweep, tmp_path):
+    results, selections, deployments = sweep
+    info = {"id": "20260101T000000.000000Z-abc", "name": "nightly", "status": "done"}
+    paths = write_reports(tmp_path / "out", info, results, selections, deployments)
+    assert set(paths) == {"report.json", "report.csv", "report.md", "latency.png"}
+
+    data = json.loads(paths["report.json"].read_text())
+    assert data["sweep"] == info
+    assert {r["key"] for r in data["results"]} == {r.key for r in results}
+    assert {r["key"] for r in data["rows"]} == {r.key for r in results}
+    assert len(data["selections"]) == 2 and len(data["deployments"]) == 2
+
+    with paths["report.csv"].open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ROW_COLUMNS
+        csv_rows = list(reader)
+    assert len(csv_rows) == len(results)
+    assert {r["key"]: r["winner"] for r in csv_rows}["k-compile"] == "True"
+
+    md = paths["report.md"].read_text()
+    assert "## resnet" in md and "## mlp" in md
+    assert "compile max-autotune" in md and "WINNER" in md
+    assert "## Winners" in md and "## Deployments" in md
+
+    assert paths["latency.png"].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_non_finite_numbers_keep_report_json_strict(tmp_path):
+    record = _result("inf", "broken", status=INCORRECT, median=1.0)
+    record.check = {"max_abs_err": float("inf")}
+    paths = write_reports(tmp_path, {}, [record], [], [])
+    text = paths["report.json"].read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_plot_without_any_success_still_writes_a_png(tmp_path):
+    paths = write_reports(tmp_path, {}, [_result("f", "failed", status=BUILD_ERROR, error="boom")], [], [])
+    assert paths["latency.png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_store_reads_latest_sweep(sweep, tmp_path):
+    results, selections, deployments = sweep
+    root = tmp_path / "store"
+    with Store(root) as store:
+        old = store.begin_sweep("old", {})
+        sweep_id = store.begin_sweep("new", {})
+        for r in results:
+            if r.from_store:  # built by the old sweep, reused by the new one
+                store.put_result(old, r)
+                store.mark_reused(sweep_id, r)
+            else:
+                store.put_result(sweep_id, r)
+        for s in selections:
+            store.put_selection(sweep_id, s)
+        for d in deployments:
+            store.put_deploy(sweep_id, d)
+        store.finish_sweep(sweep_id, "done")
+
+    console = Console(record=True, width=200)
+    paths = report_store(root, console=console)
+    assert paths["report.json"].parent == root / "reports" / sweep_id
+    data = json.loads(paths["report.json"].read_text())
+    assert data["sweep"]["name"] == "new"
+    assert {r["key"]: r["from_store"] for r in data["rows"]}["k-compile"] is True
+    assert "WINNER" in console.export_text()
+
+
+def test_report_store_on_empty_dir_is_a_clear_error_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an orchestrator store"):
+        report_store(tmp_path, console=Console(record=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_store_without_sweeps_is_a_clear_error(tmp_path):
+    Store(tmp_path).close()
+    with pytest.raises(LookupError, match="no sweeps"):
+        report_store(tmp_path, console=Console(record=True))
+
+
+def test_report_store_unknown_sweep_lists_known(tmp_path):
+    with Store(tmp_path) as store:
+        known = store.begin_sweep("s", {})
+    with pytest.raises(KeyError, match=known):
+        report_store(tmp_path, sweep_id="nope", console=Console(record=True))
