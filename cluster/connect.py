@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
 ADDRESS_ENV = "RAY_ADDRESS"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 # On Linux Ray rewrites a loopback node address to the machine's outward address and binds
 # its servers to every interface; only with "clusters disabled" does it keep 127.0.0.1.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -99,7 +100,7 @@ def connect(
             address, source = env_address, ADDRESS_ENV
 
     if address is None:
-        with _loopback_only():
+        with loopback_only():
             # "local" rather than None: None would join whatever `ray start` (or a test's
             # Cluster) last recorded in /tmp/ray/ray_current_cluster.
             ray.init(
@@ -119,10 +120,14 @@ def connect(
         ray.init(address=address, **common)
     except Exception as error:  # Ray raises ConnectionError, RuntimeError, AuthenticationError...
         reason = f"{type(error).__name__}: {error}"
-        if "auth" in type(error).__name__.lower() or "token" in str(error).lower():
+        if os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+            # A cluster with token authentication rejects us with only a generic
+            # "Failed to connect" here (the real cause is in Ray's C++ log lines).
             reason += (
-                " (RAY_AUTH_MODE and the token must match the cluster's `ray start`; "
-                "see cluster/configs/README.md)"
+                f". The port answers, so if the cluster uses token authentication set "
+                f"{AUTH_MODE_ENV}=token here (it is {os.environ.get(AUTH_MODE_ENV, 'unset')!r}) "
+                "with the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+                "RAY_AUTH_TOKEN"
             )
         raise ClusterConnectionError(address, source, reason) from error
     return ClusterHandle(address=_current_address(), embedded=False, started_here=True)
@@ -156,11 +161,12 @@ def _check_reachable(address: str, source: str) -> None:
 
 
 @contextlib.contextmanager
-def _loopback_only() -> Iterator[None]:
-    """Start Ray's servers on 127.0.0.1 only, for the duration of one ray.init.
+def loopback_only() -> Iterator[None]:
+    """Within this block, Ray processes started by this process serve on 127.0.0.1 only.
 
-    Scoped, not global: a driver that later joins a real cluster must see its node's real
-    address, or it cannot find its own raylet.
+    connect() uses it for the embedded Ray; tests use it around ``ray.cluster_utils.Cluster``
+    (and the connect() to it) for a multi-node cluster on loopback. Scoped, not global: a
+    driver that joins a real cluster must see its node's real address to find its raylet.
     """
     from ray._private import ray_constants
 

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
+    # Reports are tables: keep them readable when output goes to a file or a CI log.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         return _tune(args, console) if args.command == "tune" else _report(args, console)
     except (ValueError, KeyError, FileNotFoundError, ConnectionError) as exc:

@@ -23,7 +23,7 @@ from aitune.measure import MeasureConfig, measure
 from aitune.torch.tree import flatten_tensors
 from orchestrator.records import DeployRecord
 from orchestrator.transfer import unpack_to
-from orchestrator.worker import load_reference, pick_device
+from orchestrator.worker import load_reference, pick_device, quiet_libraries
 
 DEPLOYED, REFUSED = "deployed", "refused"
 
@@ -31,6 +31,8 @@ DEPLOYED, REFUSED = "deployed", "refused"
 class DeployWorker:
     def __init__(self, slot: dict[str, Any], target: str) -> None:
         import orchestrator.fault_backends  # noqa: F401
+
+        quiet_libraries()
 
         self.threads = int(slot.get("threads", 1))
         torch.set_num_threads(self.threads)

@@ -251,7 +251,7 @@ class Scheduler:
 
     def _on_worker_death(self, task: Task, exc: BaseException, queues, emit) -> None:
         w = task.worker
-        node_alive = w.info is not None and Inventory.is_alive(w.info.node_id)
+        node_alive = w.info is not None and _node_alive(w.info.node_id)
         if node_alive:
             # The node is fine, so the candidate took its worker down (os._exit, segfault, OOM kill).
             emit(_record_for(task.job, R.CRASH, f"worker {w.worker_id} died during {task.phase}: {exc}", type(exc).__name__, w))
@@ -282,6 +282,17 @@ class Scheduler:
             record.phases = {**task.phases, task.phase: now - task.started}
             emit(record)
             self._replace(task.worker, f"timed out in {task.phase}")
+
+
+def _node_alive(node_id: str, grace_s: float = 2.0) -> bool:
+    """Whether the node still lives; a lost node can take the cluster a moment to notice."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        if not Inventory.is_alive(node_id):
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.25)
 
 
 def _record_for(job: Job, status: str, error: str | None, error_class: str | None, w: WorkerHandle | None = None) -> ResultRecord:

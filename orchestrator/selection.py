@@ -68,6 +68,7 @@ def choose_winners(results: Iterable[ResultRecord], strategy: Strategy, remeasur
                 measurements.update(fresh)
                 choice, cands, baseline = _decide(records, measurements, strategy)
                 remeasured = True
+                choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
         winner = choice.winner.record if choice.winner is not None else None
         speedup = None
         if winner is not None and baseline is not None and baseline.measurement is not None:

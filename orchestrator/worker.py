@@ -8,12 +8,14 @@ phase to its own timeout and kill the actor when one hangs.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,13 @@ def pick_device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+def quiet_libraries() -> None:
+    """Keep worker logs to what matters: the ONNX exporter and torch's pytree are chatty."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def reference_bytes(sample: Sample, outputs: Any) -> bytes:
     """Sample and flattened reference outputs, loadable with ``weights_only=True``."""
     flat = flatten_tensors(outputs)
@@ -66,6 +75,8 @@ def load_reference(data: bytes) -> tuple[Sample, list[torch.Tensor]]:
 class TuneWorker:
     def __init__(self, slot: dict[str, Any], spec: dict[str, Any], worker_id: str) -> None:
         import orchestrator.fault_backends  # noqa: F401  (registers the test backends here too)
+
+        quiet_libraries()
 
         self.slot = slot
         self.worker_id = worker_id

@@ -1,0 +1,160 @@
+"""Worker slots: how many workers to place, and what each asks of Ray.
+
+A slot is a plan, not a place: Ray picks the node. The plans only promise that every slot
+can be scheduled on the inventory they were made from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cluster.inventory import Inventory
+
+SlotKind = Literal["gpu", "cpu"]
+DEPLOY_TARGET_FORMS = '"all_gpus", {"gpus": N}, {"cpu_slots": N}'
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker: the Ray resources it reserves and the threads it may use."""
+
+    index: int
+    kind: SlotKind
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    label: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gpu", "cpu"):
+            raise ValueError(f"slot kind must be 'gpu' or 'cpu', not {self.kind!r}")
+        if self.threads <= 0:
+            raise ValueError(f"slot threads must be positive, not {self.threads}")
+
+    def actor_options(self) -> dict[str, float]:
+        """Keyword arguments for ``SomeActor.options(...)``; pair them with ``env()``."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind == "gpu" else 0}
+
+    def env(self) -> dict[str, str]:
+        """Environment for the worker, for ``runtime_env={"env_vars": slot.env()}``.
+
+        Ray sets CUDA_VISIBLE_DEVICES only for actors granted a GPU: a CPU worker on a GPU
+        node would otherwise see every GPU. Ray also sets OMP_NUM_THREADS=1 in workers.
+        """
+        env = {"OMP_NUM_THREADS": str(self.threads)}
+        if self.kind == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+
+def plan_worker_slots(
+    inventory: Inventory,
+    *,
+    cpu_slots: int | None = None,
+    threads_per_slot: int | None = None,
+    use_gpus: bool = True,
+    max_gpu_workers: int | None = None,
+) -> list[Slot]:
+    """One worker per GPU where the cluster has GPUs (and ``use_gpus``), else CPU slots.
+
+    CPU defaults: ``min(cpus, 4)`` slots sharing the CPUs evenly; explicit values win but must
+    fit. ``cpu_slots`` and ``threads_per_slot`` do not apply to GPU slots (one thread each).
+    """
+    if max_gpu_workers is not None and max_gpu_workers <= 0:
+        raise ValueError(f"max_gpu_workers must be positive, not {max_gpu_workers}")
+    gpus = _whole_gpus(inventory)
+    if use_gpus and gpus > 0:
+        count = gpus if max_gpu_workers is None else min(gpus, max_gpu_workers)
+        return _gpu_slots(inventory, count)
+
+    if threads_per_slot is not None and threads_per_slot <= 0:
+        raise ValueError(f"threads_per_slot must be positive, not {threads_per_slot}")
+    if cpu_slots is not None and cpu_slots <= 0:
+        raise ValueError(f"cpu_slots must be positive, not {cpu_slots}")
+    total = int(inventory.total_cpus)
+    if cpu_slots is None:
+        cpu_slots = max(1, min(total // (threads_per_slot or 1), 4))
+    if threads_per_slot is None:
+        threads_per_slot = max(1, total // cpu_slots)
+    _check_cpu_fit(inventory, cpu_slots, threads_per_slot)
+    return _cpu_slots(cpu_slots, threads_per_slot)
+
+
+def plan_deploy_targets(inventory: Inventory, targets: list[str | dict]) -> list[Slot]:
+    """Slots for the devices a winner is deployed to, numbered in the order of ``targets``.
+
+    Accepted forms: ``"all_gpus"`` (one slot per GPU), ``{"gpus": N}``, ``{"cpu_slots": N}``
+    (N single-thread CPU slots).
+    """
+    requests = [_parse_target(inventory, target) for target in targets]
+    gpus_wanted = sum(count for kind, count in requests if kind == "gpu")
+    cpus_wanted = sum(count for kind, count in requests if kind == "cpu")
+    if gpus_wanted > _whole_gpus(inventory):
+        raise ValueError(
+            f"deploy targets ask for {gpus_wanted} GPUs but the cluster has "
+            f"{inventory.total_gpus:g}"
+        )
+    if cpus_wanted:
+        _check_cpu_fit(inventory, cpus_wanted, 1)
+
+    slots: list[Slot] = []
+    for kind, count in requests:
+        made = _gpu_slots(inventory, count) if kind == "gpu" else _cpu_slots(count, 1)
+        for slot in made:
+            same_kind = sum(1 for s in slots if s.kind == kind)
+            slots.append(replace(slot, index=len(slots), label=f"{kind}{same_kind}"))
+    return slots
+
+
+def _parse_target(inventory: Inventory, target: str | dict) -> tuple[SlotKind, int]:
+    if target == "all_gpus":
+        if _whole_gpus(inventory) == 0:
+            raise ValueError('deploy target "all_gpus": the cluster has no GPUs')
+        return "gpu", _whole_gpus(inventory)
+    if isinstance(target, dict) and len(target) == 1:
+        ((key, value),) = target.items()
+        if key in ("gpus", "cpu_slots"):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"deploy target {target!r}: {key} must be a positive integer")
+            return ("gpu" if key == "gpus" else "cpu"), value
+    raise ValueError(f"unknown deploy target {target!r}; accepted forms: {DEPLOY_TARGET_FORMS}")
+
+
+def _whole_gpus(inventory: Inventory) -> int:
+    """GPUs a num_gpus=1 worker can be given: whole GPUs per node, summed."""
+    return sum(int(n.gpus) for n in inventory.gpu_nodes)
+
+
+def _gpu_slots(inventory: Inventory, count: int) -> list[Slot]:
+    # One CPU per GPU worker, unless some GPU node has fewer CPUs than GPUs: reserving a CPU
+    # there would leave GPUs whose worker can never be scheduled.
+    cpus_each = 1.0 if all(n.cpus >= n.gpus for n in inventory.gpu_nodes) else 0.0
+    return [
+        Slot(index=i, kind="gpu", num_cpus=cpus_each, num_gpus=1.0, threads=1, label=f"gpu{i}")
+        for i in range(count)
+    ]
+
+
+def _check_cpu_fit(inventory: Inventory, count: int, threads: int) -> None:
+    total = inventory.total_cpus
+    if count * threads > total:
+        raise ValueError(
+            f"{count} CPU slots x {threads} threads = {count * threads} CPUs, "
+            f"but the cluster has {total:g} CPUs"
+        )
+    # Each slot's threads reserve CPUs on one node: a slot cannot span nodes.
+    fits = sum(int(n.cpus // threads) for n in inventory.alive_nodes)
+    if fits < count:
+        largest = max((n.cpus for n in inventory.alive_nodes), default=0.0)
+        raise ValueError(
+            f"{count} CPU slots x {threads} threads do not fit on the nodes: only {fits} slots of "
+            f"{threads} CPUs fit (the cluster has {total:g} CPUs, at most {largest:g} on one node)"
+        )
+
+
+def _cpu_slots(count: int, threads: int) -> list[Slot]:
+    return [
+        Slot(index=i, kind="cpu", num_cpus=float(threads), num_gpus=0.0, threads=threads, label=f"cpu{i}")
+        for i in range(count)
+    ]
