@@ -153,7 +153,9 @@ class GraphSpec:
 
             for i, (_, t) in enumerate(flatten_tensors(outputs)):
                 out_specs.append(TensorSpec(f"output_{i}", tuple(t.shape), dtype_name(t.dtype)))
-        return cls(tuple(specs), tuple(out_specs), tuple(sample.kwargs))
+        # Only tensor keywords are graph inputs; a flag such as ``return_dict=False`` is not.
+        kwarg_names = tuple(k for k, v in sample.kwargs.items() if isinstance(v, torch.Tensor))
+        return cls(tuple(specs), tuple(out_specs), kwarg_names)
 
 
 @dataclass

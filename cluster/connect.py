@@ -124,7 +124,7 @@ def connect(
             # A cluster with token authentication rejects us with only a generic
             # "Failed to connect" here (the real cause is in Ray's C++ log lines).
             reason += (
-                f". The port answers, so if the cluster uses token authentication set "
+                f". If the cluster uses token authentication, set "
                 f"{AUTH_MODE_ENV}=token here (it is {os.environ.get(AUTH_MODE_ENV, 'unset')!r}) "
                 "with the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
                 "RAY_AUTH_TOKEN"

@@ -132,3 +132,23 @@ class SleepyModule(nn.Module):
 
         time.sleep(self.seconds)
         return self.lin(x)
+
+
+class DoubleWorkBackend(TorchEagerBackend):
+    """Eager, but runs the module twice per call: correct, and never faster than eager."""
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        super()._infer(*args, **kwargs)
+        return super()._infer(*args, **kwargs)
+
+
+class ScaledLinear(nn.Module):
+    """Takes a tensor keyword (``bias``) and a plain one (``scale``), as many real models do."""
+
+    def __init__(self, features: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(features, features)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        y = self.lin(x) * scale
+        return y if bias is None else y + bias

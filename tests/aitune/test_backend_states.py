@@ -275,6 +275,7 @@ def test_failed_build_logs_the_traceback_reraises_and_stays_in_init(module, tmp_
             backend.build(module, SPEC, [SAMPLE], "cpu", tmp_path)
     assert backend.state is BackendState.INIT
     assert not backend.is_active
+    assert backend.device is None and backend.graph_spec is None
     records = [r for r in caplog.records if "failed to build" in r.getMessage()]
     assert len(records) == 1
     assert "BuildFailsBackend" in records[0].getMessage()

@@ -13,7 +13,16 @@ from aitune.specs import Sample
 from aitune.strategy import Strategy, select
 from aitune.torch.backend import BackendState, TorchEagerBackend, TorchEagerConfig
 from aitune.tuning import CandidateResult, TuneResult
-from aitune_helpers import BuildFailsBackend, CountingModule, CudaOnlyBackend, SleepyModule, WrongOutputBackend, tiny_mlp
+from aitune_helpers import (
+    BuildFailsBackend,
+    CountingModule,
+    CudaOnlyBackend,
+    DoubleWorkBackend,
+    ScaledLinear,
+    SleepyModule,
+    WrongOutputBackend,
+    tiny_mlp,
+)
 
 FAST = MeasureConfig(budget_s=0.2, min_iters=5, warmup_iters=2)
 BASELINE = "TorchEagerBackend(defaults)"
@@ -130,13 +139,15 @@ def test_baseline_given_explicitly_is_not_added_again():
     assert result.winner is result.baseline
 
 
-def test_eager_is_kept_when_no_candidate_beats_it_beyond_noise():
-    # The forward sleeps a fixed time, so the no_grad variant runs as fast as the baseline.
-    same_speed = TorchEagerBackend(TorchEagerConfig(inference_mode=False))
-    result = aitune.tune(SleepyModule(), [Sample.of(torch.randn(2, 8))], [same_speed], "cpu", measure_config=FAST)
+def test_eager_is_kept_when_no_candidate_beats_it():
+    # The forward sleeps a fixed time and the candidate runs it twice: correct, never faster.
+    # (Candidates of the very same speed are judged on synthetic times below: real back-to-back
+    # measurements of equal work drift by a few percent on a shared machine.)
+    slower = DoubleWorkBackend()
+    result = aitune.tune(SleepyModule(), [Sample.of(torch.randn(2, 8))], [slower], "cpu", measure_config=FAST)
     assert [r.status for r in result.results] == ["ok", "ok"]
     assert result.winner is result.baseline
-    assert "baseline kept" in result.reason or result.reason.startswith("best by")
+    assert result.reason.startswith("best by min_latency") or result.reason.endswith("baseline kept")
 
 
 def test_tune_calls_the_users_module_once_per_sample():
@@ -144,6 +155,18 @@ def test_tune_calls_the_users_module_once_per_sample():
     aitune.tune(module, samples(3), [TorchEagerBackend(TorchEagerConfig(inference_mode=False))], "cpu", measure_config=FAST)
     assert module.py_calls == 3
     assert int(module.calls) == 3
+
+
+def test_tune_accepts_samples_with_plain_keyword_arguments():
+    x, bias = torch.randn(2, 8), torch.randn(2, 8)
+    sample = Sample.of(x, bias=bias, scale=2.0)
+    module = ScaledLinear()
+    result = aitune.tune(module, [sample], [WrongOutputBackend()], "cpu", measure_config=FAST, keep_backends=True)
+    assert [r.status for r in result.results] == ["ok", "incorrect"]
+    with torch.inference_mode():
+        expected = module(x, bias=bias, scale=2.0)
+        torch.testing.assert_close(result.baseline.backend.infer(x, bias=bias, scale=2.0), expected)
+    assert result.baseline.backend.graph_spec.kwarg_names == ("bias",)
 
 
 def test_tune_parses_the_strategy_string():

@@ -176,6 +176,7 @@ class Backend(abc.ABC):
                 self._build(module, graph_spec, list(data), device, self._work_dir)
             except Exception:
                 log.exception("Backend %s failed to build on %s", self.name, device)
+                self._device = self._graph_spec = None  # still INIT: built for nothing
                 raise
             self._state = BackendState.ACTIVE
         return self
