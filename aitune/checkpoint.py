@@ -216,6 +216,12 @@ def check_device_compatible(manifest: Manifest, device: torch.device | str) -> N
             f"{manifest.backend} checkpoint was built for compute capability {built.compute_capability} "
             f"({built.device_name}); the target {target.device_name} has {target.compute_capability}"
         )
+    # Compiled artifacts call into the runtime that built them (AOTInductor into torch's, an
+    # engine into TensorRT's): another version may crash rather than fail cleanly.
+    for lib in ("torch", "tensorrt"):
+        was, now = getattr(built, lib), getattr(target, lib) if target is not None else None
+        if was and now and was != now:
+            raise CheckpointError(f"{manifest.backend} checkpoint was built with {lib} {was}; this machine has {lib} {now}")
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
@@ -229,7 +235,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None) 
         check_device_compatible(manifest, device)
     cls = resolve_backend_class(manifest.backend, manifest.backend_module)
     state = _resolve_artifacts(manifest.state, root.resolve())
-    return cls.from_dict(state)
+    backend = cls.from_dict(state)
+    # deploy(device) later checks the device it is given, not only the one named here
+    backend._deploy_check = lambda target: check_device_compatible(manifest, target)
+    return backend
 
 
 def deploy_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:

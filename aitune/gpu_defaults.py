@@ -1,15 +1,42 @@
-"""The GPU default candidate set (filled in by the GPU-path work; eager variants until then)."""
+"""The GPU default candidate set: what has won on GPUs, and what is installed to try."""
 
 from __future__ import annotations
+
+import importlib.util
 
 from aitune.defaults import BASELINE, CandidateDef
 
 
-def gpu_candidates() -> list[CandidateDef]:
-    return [
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def onnxruntime_cuda_installed() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def gpu_candidates(include_max_autotune: bool = False) -> list[CandidateDef]:
+    """Eager in three precisions, CUDA graphs, torch.compile, AOTInductor, and TensorRT / ONNX
+    Runtime on CUDA where installed. ``max-autotune`` builds slowly: it is opt-in."""
+    fp16 = {"precision": "float16"}
+    candidates: list[CandidateDef] = [
         BASELINE,
-        ("TorchEagerBackend", {"precision": "float16"}),
+        ("TorchEagerBackend", dict(fp16)),
         ("TorchEagerBackend", {"precision": "bfloat16"}),
-        ("TorchInductorJitBackend", {"precision": "float16"}),
-        ("TorchInductorAotBackend", {"precision": "float16"}),
+        ("CudaGraphBackend", dict(fp16)),
+        ("TorchInductorJitBackend", dict(fp16)),
+        ("TorchInductorJitBackend", {"mode": "reduce-overhead", **fp16}),
+        ("TorchInductorAotBackend", dict(fp16)),
+        ("TorchInductorAotBackend", {"cuda_graphs": True, **fp16}),
     ]
+    if include_max_autotune:
+        candidates.append(("TorchInductorJitBackend", {"mode": "max-autotune", **fp16}))
+    if tensorrt_installed():
+        candidates.append(("TensorRTBackend", dict(fp16)))
+    if onnxruntime_cuda_installed():
+        candidates.append(("OnnxRuntimeBackend", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}))
+    return candidates

@@ -43,8 +43,14 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.report import report_store
+    from orchestrator.store import StoreError
 
-    paths = report_store(args.store, args.sweep, console=console, out_dir=args.out)
+    try:
+        paths = report_store(args.store, args.sweep, console=console, out_dir=args.out)
+    except (LookupError, StoreError) as exc:  # no sweeps yet, an unknown --sweep id, not a usable store
+        # args[0]: str() of a KeyError would wrap the message in quotes
+        console.print(f"error: {exc.args[0] if exc.args else exc}", markup=False, highlight=False)
+        return 2
     console.print("reports: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

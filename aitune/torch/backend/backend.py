@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import nvtx
 import torch
@@ -123,6 +123,8 @@ class Backend(abc.ABC):
         self._device: torch.device | None = None
         self._graph_spec: GraphSpec | None = None
         self._work_dir: Path | None = None
+        #: set by checkpoint loading: refuses a target the artifacts were not built for
+        self._deploy_check: Callable[[torch.device], None] | None = None
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -217,6 +219,8 @@ class Backend(abc.ABC):
                 f"Backend {self.name} can be deployed only from state CHECKPOINT_LOADED, it is in state {self._state.name}"
             )
         target = self.check_device(device if device is not None else self._device)
+        if self._deploy_check is not None:
+            self._deploy_check(target)
         with _annotate(f"{self.name}.deploy"):
             self._deploy(target)
             self._device = target

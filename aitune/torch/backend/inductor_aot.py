@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, BackendConfig
+from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import prepare_module
+from aitune.torch.cuda_graphs import CudaGraphRunner
 from aitune.torch.export_utils import export_module
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
@@ -20,6 +21,8 @@ class TorchInductorAotConfig(BackendConfig):
     precision: str = "float32"
     #: inductor configs for ``aoti_compile_and_package`` (e.g. {"max_autotune": True})
     options: dict[str, Any] = field(default_factory=dict)
+    #: replay the package from CUDA graphs, captured per input shape (GPU only)
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         self.precision = normalize_precision(self.precision, type(self).__name__)
@@ -44,6 +47,8 @@ class TorchInductorAotBackend(Backend):
     def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
+        if self.config.cuda_graphs and device.type != "cuda":
+            raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
         module = prepare_module(module, self.config.precision, False, False, device)
         # Export traces with fake tensors: the real module is never called here.
         program = export_module(module, graph_spec, cast_sample(data[0].to(device), self._dtype()))
@@ -56,7 +61,12 @@ class TorchInductorAotBackend(Backend):
 
     def _load(self, device: torch.device) -> None:
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        self._runner = torch._inductor.aoti_load_package(str(self._package), device_index=index)
+        runner = torch._inductor.aoti_load_package(str(self._package), device_index=index)
+        if self.config.cuda_graphs:
+            if device.type != "cuda":
+                raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
+            runner = CudaGraphRunner(runner)
+        self._runner = runner
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         sample = Sample(args, kwargs)

@@ -1,0 +1,73 @@
+"""Eager PyTorch replayed from CUDA graphs, captured per input shape (GPU only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.backend import BackendConfig
+from aitune.torch.backend.eager import ModuleBackend
+from aitune.torch.cuda_graphs import CudaGraphRunner
+from aitune.torch.precision import normalize_precision
+
+
+@dataclass
+class CudaGraphConfig(BackendConfig):
+    precision: str = "float32"
+    autocast: bool = False
+    channels_last: bool = False
+    inference_mode: bool = True
+    #: calls on a side stream before each capture
+    warmup_iters: int = 3
+    #: copy outputs out of the graph's static buffers (safer, slower); off: the next call overwrites them
+    clone_outputs: bool = False
+
+    def __post_init__(self) -> None:
+        self.precision = normalize_precision(self.precision, type(self).__name__)
+        if self.warmup_iters < 1:
+            raise ValueError(f"{type(self).__name__}: warmup_iters must be at least 1, got {self.warmup_iters}")
+        if self.autocast and self.precision == "float32":
+            raise ValueError(f"{type(self).__name__}: autocast needs precision float16 or bfloat16, not float32")
+
+
+class CudaGraphBackend(ModuleBackend):
+    config_class = CudaGraphConfig
+    supported_device_types = frozenset({"cuda"})
+
+    def __init__(self, config: CudaGraphConfig | None = None) -> None:
+        super().__init__(config)
+        self._runner: CudaGraphRunner | None = None
+
+    @property
+    def is_jit(self) -> bool:
+        return True  # the first call of each new shape captures a graph
+
+    def _new_runner(self) -> None:
+        cfg = self.config
+        self._runner = CudaGraphRunner(lambda *a, **k: self._run(self._module, Sample(a, k)), cfg.warmup_iters, cfg.clone_outputs)
+
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+        # Capturing needs warm-up calls; doing them lazily on the first inference of each
+        # shape keeps build from calling the module at all (stateful modules stay as they were).
+        self._module = self._take_module(module, device)
+        self._new_runner()
+
+    def _infer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._runner(*args, **kwargs)
+
+    def _materialize(self, device: torch.device) -> None:
+        super()._materialize(device)
+        self._new_runner()
+
+    def _activate(self) -> None:
+        super()._activate()
+        self._new_runner()
+
+    def _deactivate(self) -> None:
+        if self._runner is not None:
+            self._runner.reset()
+        super()._deactivate()
