@@ -13,12 +13,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from aitune.torch.backend.backend import BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend
 from aitune.torch.backend.registry import register_backend
 from aitune.specs import Sample
 
-FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep")
+FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom")
+
+# Where the "leak" fault keeps what it leaks: never freed, as a real leak would be.
+_LEAKED: list = []
 PHASES = ("build", "infer")
 
 
@@ -30,6 +35,8 @@ class FaultBackendConfig(BackendConfig):
     seconds: float = 3600.0
     #: distinguishes otherwise equal configs, so that they get different keys
     tag: str = ""
+    #: for "leak": megabytes left behind in the worker process
+    leak_mb: int = 0
     precision: str = "float32"
     autocast: bool = False
     channels_last: bool = False
@@ -55,6 +62,8 @@ def _misbehave(fault: str, seconds: float) -> None:
         time.sleep(seconds)
     if fault == "unsupported":
         raise UnsupportedDeviceError("FaultBackend: injected 'unsupported device'")
+    if fault == "oom":
+        raise torch.cuda.OutOfMemoryError("FaultBackend: injected CUDA out of memory")
 
 
 @register_backend
@@ -68,6 +77,9 @@ class FaultBackend(ModuleBackend):
     def _build(self, module, graph_spec, data, device, cache_dir) -> None:
         if self.config.phase == "build":
             _misbehave(self.config.fault, self.config.seconds)
+        if self.config.fault == "leak":
+            # touch every page so that the memory is really resident
+            _LEAKED.append(torch.ones(self.config.leak_mb * 2**20, dtype=torch.uint8, device=device))
         self._module = self._take_module(module, device)
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:

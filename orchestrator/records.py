@@ -100,6 +100,10 @@ class ResultRecord:
     checkpoint: str | None = None  # path relative to the store root
     reference_key: str | None = None  # where the store keeps this job's sample and eager fp32 outputs
     peak_memory_bytes: int | None = None
+    #: device memory after the candidate was released: allocated, reserved, left behind (bytes)
+    memory: dict[str, int] = field(default_factory=dict)
+    #: why the worker was recycled after this candidate (memory left behind, out of memory)
+    recycled: str | None = None
     attempts: int = 1
     created_at: float = 0.0
     from_store: bool = False  # set by the driver when the result was reused, never stored

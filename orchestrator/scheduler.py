@@ -242,12 +242,18 @@ class Scheduler:
             else:
                 record = _record_for(task.job, value["status"], value.get("error"), value.get("error_class"), w)
                 record.phases = value.get("phases", {})
+                record.memory, record.recycled = value.get("memory") or {}, value.get("recycled")
                 emit(record)
+                if record.recycled:
+                    self._replace(w, f"recycled: {record.recycled}")
         else:
             record_dict, checkpoint, reference = value
             record = ResultRecord.from_dict(record_dict)
             record.phases = {**task.phases, **record.phases}
             emit(record, checkpoint, reference)
+            if record.recycled:
+                # A fresh process is the only sure way to give back what a candidate leaked.
+                self._replace(w, f"recycled: {record.recycled}")
 
     def _on_worker_death(self, task: Task, exc: BaseException, queues, emit) -> None:
         w = task.worker

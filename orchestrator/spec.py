@@ -161,6 +161,9 @@ class WorkersSpec(_Strict):
     cpu_slots: PositiveInt | None = None
     threads_per_slot: PositiveInt | None = None
     use_gpus: bool = True
+    #: recycle a worker (fresh process) when a candidate leaves more than this behind;
+    #: default: 256 MB of GPU memory on GPUs, off on CPUs (resident memory there is noisy)
+    recycle_margin_mb: PositiveFloat | None = None
 
 
 class DeploySpec(_Strict):

@@ -7,6 +7,7 @@ phase to its own timeout and kill the actor when one hangs.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -30,6 +31,7 @@ from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
 from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.tree import flatten_tensors, map_tensors
+from orchestrator import memory
 from orchestrator import records as R
 from orchestrator.candidates import load_model, make_sample
 from orchestrator.records import Job, ResultRecord, WorkerInfo
@@ -93,6 +95,7 @@ class TuneWorker:
         self._refs: dict[tuple[str, int], tuple[Sample, Any]] = {}
         self._backend: Backend | None = None
         self._phases: dict[str, float] = {}
+        self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
 
     # -- identity -------------------------------------------------------------------------------
@@ -131,6 +134,7 @@ class TuneWorker:
         job = Job.from_dict(job_dict)
         self._release()
         self._phases = {}
+        self._before = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -139,6 +143,8 @@ class TuneWorker:
             backend = cls(cls.config_class.from_dict(job.config))
         except Exception as exc:
             return self._failure(R.ERROR, exc)
+        # Models and references stay loaded on purpose: what is above this line is not a leak.
+        self._before = memory.snapshot(self.device)
         start = time.perf_counter()
         cache = self._scratch / job.key[:16]
         try:
@@ -186,12 +192,14 @@ class TuneWorker:
                 shutil.rmtree(path, ignore_errors=True)
                 self._phases["save"] = time.perf_counter() - start
         except Exception as exc:
-            record.status, record.error, record.error_class = R.ERROR, _trace(exc), type(exc).__name__
+            record.status, record.error = R.ERROR, _trace(exc)
+            record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
             checkpoint = None
         if self.device.type == "cuda":
             record.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
         record.phases = dict(self._phases)
         self._release()
+        record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
         ref = reference_bytes(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, ref
 
@@ -221,7 +229,22 @@ class TuneWorker:
         )
 
     def _failure(self, status: str, exc: BaseException) -> dict[str, Any]:
-        return {"status": status, "error": _trace(exc), "error_class": type(exc).__name__, "phases": dict(self._phases), "worker": self.info()}
+        oom = memory.is_oom(exc)
+        self._release()
+        mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
+        return {
+            "status": status, "error": _trace(exc), "error_class": "OutOfMemoryError" if oom else type(exc).__name__,
+            "phases": dict(self._phases), "worker": self.info(), "memory": mem, "recycled": recycled,
+        }
+
+    def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:
+        """What the candidate left behind once released, and whether this worker should be recycled."""
+        gc.collect()
+        after = memory.snapshot(self.device)
+        margin = memory.margin_mb(self.spec.workers.recycle_margin_mb, self.device)
+        reason = memory.recycle_reason(self._before, after, margin, oom)
+        left = after.allocated - self._before.allocated
+        return {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}, reason
 
     def _release(self) -> None:
         if self._backend is not None:

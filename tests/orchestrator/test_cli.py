@@ -136,7 +136,7 @@ def test_report_prints_the_table_and_writes_every_file(handmade_store):
 
     with (folder / "report.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
-    assert sorted(r["key"] for r in csv_rows) == ["k-boom", "k-bf16", "k-eager"]
+    assert sorted(r["key"] for r in csv_rows) == ["k-bf16", "k-boom", "k-eager"]
 
     md = (folder / "report.md").read_text()
     assert "# Sweep handmade" in md and "**WINNER**" in md and "## Deployments" in md
