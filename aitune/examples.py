@@ -75,3 +75,71 @@ def image_sample(batch: int, size: int = 32, seed: int = 0) -> Sample:
 def token_sample(batch: int, length: int = 64, vocab: int = 1000, seed: int = 0) -> Sample:
     gen = torch.Generator().manual_seed(seed)
     return Sample.of(torch.randint(0, vocab, (batch, length), generator=gen))
+
+
+class Bottleneck(nn.Module):
+    """A ResNet bottleneck block: 1x1 down, 3x3, 1x1 up, with a projection when shapes change."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class ResNet50Like(nn.Module):
+    """The ResNet-50 layout (3, 4, 6, 3 bottlenecks; 25.6 M parameters) with random weights."""
+
+    def __init__(self, classes: int = 1000, layers: tuple[int, ...] = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        )
+        blocks, cin = [], 64
+        for stage, count in enumerate(layers):
+            width = 64 * 2**stage
+            for i in range(count):
+                blocks.append(Bottleneck(cin, width, 2 if i == 0 and stage > 0 else 1))
+                cin = width * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class BertLike(nn.Module):
+    """The BERT-base layout (12 post-norm layers, 768 wide, 12 heads, GELU) returning hidden states."""
+
+    def __init__(self, vocab: int = 30522, dim: int = 768, heads: int = 12, layers: int = 12, max_len: int = 512) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        self.norm = nn.LayerNorm(dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.encoder(self.norm(self.tokens(input_ids) + self.positions(positions)))
+
+
+def resnet50(seed: int = 0) -> ResNet50Like:
+    torch.manual_seed(seed)
+    return ResNet50Like().eval()
+
+
+def bert_base(seed: int = 0) -> BertLike:
+    torch.manual_seed(seed)
+    return BertLike().eval()

@@ -108,7 +108,7 @@ def expand(
     for dc_key, device_class in device_classes.items():
         candidates = candidate_specs(spec, device_class["device_type"])
         for model in spec.models:
-            for batch in spec.batch_sizes:
+            for batch in spec.batches_of(model):
                 graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
                 for cand in candidates:
                     config = cand.make_config()

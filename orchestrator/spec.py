@@ -82,6 +82,8 @@ class ModelSpec(_Strict):
     #: import path of ``f(batch_size: int, seed: int) -> aitune.Sample`` (instead of ``inputs``)
     sample_factory: str | None = None
     seed: int = 0
+    #: this model's batch sizes, instead of the sweep's
+    batch_sizes: list[PositiveInt] | None = None
 
     @field_validator("factory")
     @classmethod
@@ -221,6 +223,9 @@ class SweepSpec(_Strict):
 
     def tolerance_overrides(self) -> dict[str, dict[str, float]]:
         return {k: v.model_dump(exclude_none=True) for k, v in self.tolerances.items()}
+
+    def batches_of(self, model: ModelSpec) -> list[int]:
+        return list(model.batch_sizes or self.batch_sizes)
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

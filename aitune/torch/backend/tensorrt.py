@@ -143,7 +143,8 @@ def make_builder_config(
     """A TensorRT ``IBuilderConfig`` for ``config``, with one optimization profile.
 
     ``trt`` is the ``tensorrt`` module, a parameter so that this can be checked without it.
-    ``timing_cache`` is a serialized cache (``b""`` for a new one); None attaches none. A cache
+    ``profile`` maps network input names to ``(min, opt, max)``; empty for a static network, which
+    takes no profile. ``timing_cache`` is a serialized cache (``b""`` for a new one); None attaches none. A cache
     TensorRT refuses (built by another version or GPU) is replaced by an empty one.
     """
     builder_config = builder.create_builder_config()
@@ -256,6 +257,9 @@ class TensorRTBackend(Backend):
             input_names = [network.get_input(i).name for i in range(network.num_inputs)]
             output_names = [network.get_output(i).name for i in range(network.num_outputs)]
             profile = network_profile(graph_spec, input_names)
+            # a profile only where the network has dynamic dimensions: a static one takes none
+            if not any(d < 0 for i in range(network.num_inputs) for d in tuple(network.get_input(i).shape)):
+                profile = {}
             cache_file = timing_cache_path(self.config, cache_dir)
             blob = None
             if cache_file is not None:
@@ -289,7 +293,9 @@ class TensorRTBackend(Backend):
                 )
             context = engine.create_execution_context()
             if context is None:
-                raise RuntimeError(f"Backend {self.name}: TensorRT could not create an execution context: {logger.take_errors()}")
+                raise RuntimeError(
+                    f"Backend {self.name}: TensorRT could not create an execution context: {logger.take_errors()}"
+                )
         self._logger, self._runtime, self._engine, self._context = logger, runtime, engine, context
         self._dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in self._input_names + self._output_names}
 
@@ -305,20 +311,21 @@ class TensorRTBackend(Backend):
         if len(tensors) != len(self._input_names):
             raise ValueError(f"Backend {self.name}: the engine takes {len(self._input_names)} inputs, got {len(tensors)}")
         context, device = self._context, self.device
-        keep = []  # the cast inputs must live until the call is queued
+        # The cast copies are freed when this returns; torch's allocator hands their memory only to
+        # later work on the same stream, which runs after the engine is done with them.
         with torch.cuda.device(device):
             for name, tensor in zip(self._input_names, tensors):
                 tensor = tensor.to(device=device, dtype=self._dtypes[name]).contiguous()
                 if not context.set_input_shape(name, tuple(tensor.shape)):
                     raise ValueError(f"Backend {self.name}: TensorRT refused shape {tuple(tensor.shape)} for input {name!r}")
                 context.set_tensor_address(name, tensor.data_ptr())
-                keep.append(tensor)
             outputs = []
             for name in self._output_names:
                 shape = tuple(context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise RuntimeError(
-                        f"Backend {self.name}: output {name!r} has a data-dependent shape {shape}, which this backend does not support"
+                        f"Backend {self.name}: output {name!r} has a data-dependent shape {shape}, "
+                        "which this backend does not support"
                     )
                 out = torch.empty(shape, dtype=self._dtypes[name], device=device)
                 context.set_tensor_address(name, out.data_ptr())
