@@ -54,8 +54,8 @@ def _trt():
         import tensorrt as trt
     except ImportError as exc:
         raise UnsupportedDeviceError(
-            "TensorRT is not installed: pip install tensorrt (TensorRT 10, matching your CUDA version) "
-            f"to use TensorRTBackend ({exc})"
+            "TensorRT is not installed: pip install tensorrt (for your CUDA version; float16 and bfloat16 "
+            f"need TensorRT 10.x, whose builder flags TensorRT 11 removed) to use TensorRTBackend ({exc})"
         ) from None
     major = _major(getattr(trt, "__version__", "0"))
     if major < MIN_TENSORRT_MAJOR:
