@@ -11,6 +11,17 @@ def tensorrt_installed() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def tensorrt_major() -> int | None:
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"):
+        try:
+            return int(metadata.version(dist).split(".")[0])
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
+
+
 def onnxruntime_cuda_installed() -> bool:
     try:
         import onnxruntime as ort
@@ -36,7 +47,10 @@ def gpu_candidates(include_max_autotune: bool = False) -> list[CandidateDef]:
     if include_max_autotune:
         candidates.append(("TorchInductorJitBackend", {"mode": "max-autotune", **fp16}))
     if tensorrt_installed():
-        candidates.append(("TensorRTBackend", dict(fp16)))
+        # TensorRT 11 dropped the FP16 builder flag (weak typing): there fp32 with TF32 is
+        # what a plain fp32 ONNX model can be built as.
+        major = tensorrt_major()
+        candidates.append(("TensorRTBackend", dict(fp16) if major is None or major < 11 else {"precision": "float32"}))
     if onnxruntime_cuda_installed():
         candidates.append(("OnnxRuntimeBackend", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}))
     return candidates

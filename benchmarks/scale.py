@@ -12,6 +12,11 @@ workers' time the driver keeps busy. Ray is started with 16 pretend GPUs (``num_
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--candidates 400] [--workers 16]
       [--seconds 0.25] [--profile]
 
+``--what-if gc-freeze,sqlite-normal`` measures two changes without editing the orchestrator:
+``gc-freeze`` runs the workers as a subclass of ``TuneWorker`` that calls ``gc.freeze()`` once
+its imports are done (each ``gc.collect()`` in ``finish`` then scans only new objects), and
+``sqlite-normal`` opens the store with ``PRAGMA synchronous=NORMAL`` (no fsync per commit in WAL).
+
 ``--profile`` also times what the driver does between results (ray.wait, the per-result
 store commit, progress output, the reference check) and each job's dispatch-to-result latency
 against its worker-side phase seconds, and prints the top of a cProfile of the driver.
@@ -56,6 +61,40 @@ def make_spec(store: str, candidates: int, seconds: float):
         "budgets": {"build_timeout_s": 120, "measure_timeout_s": 120},
         "store": store,
     })
+
+
+def install_what_ifs(names: list[str]) -> None:
+    """Benchmark-only changes, patched in from here (see the module docstring)."""
+    unknown = set(names) - {"gc-freeze", "sqlite-normal"}
+    if unknown:
+        raise SystemExit(f"unknown --what-if: {sorted(unknown)}")
+    if "gc-freeze" in names:
+        from orchestrator import scheduler
+        from orchestrator.worker import TuneWorker
+
+        class FrozenGcWorker(TuneWorker):
+            """A local class: Ray (cloudpickle) ships it to the workers by value."""
+
+            def __init__(self, *args, **kwargs) -> None:
+                import gc
+
+                import torch.fx.experimental.symbolic_shapes  # noqa: F401  (imported by the first check)
+
+                super().__init__(*args, **kwargs)
+                gc.collect()
+                gc.freeze()
+
+        scheduler.TuneWorker = FrozenGcWorker
+    if "sqlite-normal" in names:
+        from orchestrator.store import Store
+
+        original_init = Store.__init__
+
+        def init(self, root) -> None:
+            original_init(self, root)
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+
+        Store.__init__ = init
 
 
 class DriverTimers:
@@ -170,6 +209,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=0.25)
     parser.add_argument("--profile", action="store_true", help="time the driver's calls and cProfile it")
+    parser.add_argument("--what-if", default="", help="comma-separated: gc-freeze, sqlite-normal (see the docstring)")
     parser.add_argument("--verbose", action="store_true", help="show the sweep's own progress lines")
     args = parser.parse_args()
 
@@ -178,7 +218,10 @@ def main() -> int:
     from cluster import connect
     from orchestrator.sweep import run_sweep
 
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
+    what_ifs = [w for w in args.what_if.split(",") if w]
+    install_what_ifs(what_ifs)
+    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start"
+          + (f"; what-if: {', '.join(what_ifs)}" if what_ifs else ""))
     handle = connect(num_cpus=2, num_gpus=args.workers, object_store_memory=300 * 1024**2)
     timers = DriverTimers()
     profiler = cProfile.Profile() if args.profile else None

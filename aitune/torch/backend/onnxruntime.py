@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import prepare_module
-from aitune.torch.export_utils import dynamic_shapes_for
+from aitune.torch.onnx_export import export_onnx
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -86,24 +86,8 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         module = prepare_module(module, self.config.precision, False, False, torch.device("cpu"))
         sample = cast_sample(data[0].to("cpu"), self._dtype())
-        sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
-        path = cache_dir / "model.onnx"
-        with torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                tuple(sample.args),
-                kwargs=dict(sample.kwargs) or None,
-                dynamo=True,
-                verbose=False,
-                external_data=True,
-                opset_version=self.config.opset,
-                dynamic_shapes=dynamic_shapes_for(module, graph_spec, sample),
-            )
-            program.save(str(path), external_data=True)
-        self._out_spec = pytree.treespec_dumps(program.exported_program.call_spec.out_spec)
-        self._model = path
-        data_file = path.with_name(path.name + ".data")
-        self._data = data_file if data_file.exists() else None
+        exported = export_onnx(module, graph_spec, sample, cache_dir / "model.onnx", self.config.opset)
+        self._model, self._data, self._out_spec = exported.model, exported.external_data, exported.out_spec
         self._load(device)
 
     def _load(self, device: torch.device) -> None:
