@@ -62,6 +62,7 @@ def run_sweep(
     handle = connect(address, **(ray_init or {}))
     store = Store(Path(store_root or spec.store))
     scheduler = None
+    sweep_id = None
     try:
         inventory = Inventory.from_ray()
         slots = plan_worker_slots(
@@ -75,9 +76,11 @@ def run_sweep(
         def commit(record: ResultRecord, checkpoint: bytes | None, reference: bytes | None) -> None:
             if record.status == R.OK and checkpoint is None:
                 record.status, record.error = R.ERROR, "the worker returned no checkpoint"
-            store.put_result(sweep_id, record, checkpoint)
+            # The reference first: a driver killed between the two writes then loses nothing a
+            # later run (which reuses the result and asks for no reference) would need.
             if reference is not None:
                 store.put_reference(jobs_by_key[record.key].reference_key, reference)
+            store.put_result(sweep_id, record, checkpoint)
 
         limits = Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
         progress = Progress(console, live=live)
@@ -124,6 +127,11 @@ def run_sweep(
             outcome.reports = write_reports(out, store.sweep_info(sweep_id), swept, selections, deployments)
             console.print(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
         return outcome
+    except BaseException as exc:
+        if sweep_id is not None:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}"
+            store.finish_sweep(sweep_id, status)
+        raise
     finally:
         if scheduler is not None:
             scheduler.shutdown()
@@ -175,9 +183,16 @@ def _deploy(spec, store: Store, sweep_id: str, selections, results, inventory, c
                 continue
             winner = by_key[sel.winner_key]
             ckpt_dir = store.checkpoint_dir(winner)
+            if ckpt_dir is None:
+                for slot, _ in actors:
+                    rec = DeployRecord(sel.model, sel.batch_size, slot.label, "refused", sel.winner_key,
+                                       reason=f"the winner's checkpoint is missing from the store ({store.root})")
+                    store.put_deploy(sweep_id, rec)
+                    records.append(rec)
+                continue
             ref_path = store.reference_path(winner.reference_key) if winner.reference_key else None
             reference = ref_path.read_bytes() if ref_path else None
-            checkpoint = pack_dir(ckpt_dir) if ckpt_dir else b""
+            checkpoint = pack_dir(ckpt_dir)
             ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
             for slot, actor in actors:
                 calls.append((sel, slot, actor.deploy.remote(

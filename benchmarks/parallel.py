@@ -1,0 +1,114 @@
+"""Parallel speed-up benchmark: the Quick start sweep on 1 CPU worker, then on 2.
+
+The sweep is examples/sweep.yaml (2 models x 2 batch sizes x the default CPU candidates) with
+deploy off, a fresh temporary store for every run and ``force=True``. Ray starts once, with
+``num_cpus=2``; each run starts its own workers (``threads_per_slot=1``), so ``tune_s`` (first
+dispatch to last result, Ray and worker start-up excluded) compares 1 busy core with 2.
+
+    speed-up = tune_s(cpu_slots=1) / tune_s(cpu_slots=2)                       goal: >= 1.6
+
+A run warms torch's on-disk compile caches (/tmp/torchinductor_*) for the runs after it, so the
+runs go in the order 1, 2, 2, 1 (``--order``) and the speed-up is reported for each pair: the
+first pair favours the 2-worker run, the second the 1-worker run. ``--warmup`` adds one
+untimed 2-worker sweep first.
+
+Run:  PYTHONPATH=. .venv/bin/python benchmarks/parallel.py [--order 1,2,2,1] [--warmup]
+      [--spec examples/sweep.yaml] [--verbose]
+About 4 to 6 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+
+GOAL = 1.6
+
+
+def run_once(spec_path: Path, slots: int, verbose: bool):
+    from orchestrator.spec import load_spec
+    from orchestrator.sweep import run_sweep
+
+    spec = load_spec(spec_path)
+    spec.workers.cpu_slots = slots
+    spec.workers.threads_per_slot = 1
+    with tempfile.TemporaryDirectory(prefix="aitune-parallel-") as store:
+        spec.store = store
+        console = Console(width=200) if verbose else Console(file=io.StringIO(), width=200)
+        outcome = run_sweep(spec, store_root=store, force=True, deploy=False, write_report=False, console=console, live=False)
+    statuses = collections.Counter(r.status for r in outcome.results)
+    work = sum(sum(r.phases.values()) for r in outcome.results)
+    return outcome.tune_s, len(outcome.results), dict(statuses), work
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "examples" / "sweep.yaml"))
+    parser.add_argument("--order", default="1,2,2,1", help="worker counts, in run order (1 or 2 each)")
+    parser.add_argument("--warmup", action="store_true", help="an untimed 2-worker sweep first")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    order = [int(x) for x in args.order.split(",")]
+
+    import ray
+
+    from cluster import connect
+
+    print(f"machine: {os.cpu_count()} CPU cores, no GPU; load average {os.getloadavg()[0]:.2f} at start")
+    handle = connect(num_cpus=2, object_store_memory=300 * 1024**2)
+    runs: list[tuple[int, float]] = []
+    try:
+        if args.warmup:
+            t0 = time.monotonic()
+            tune_s, n, statuses, _ = run_once(Path(args.spec), 2, args.verbose)
+            print(f"warm-up (2 workers, untimed): tune_s {tune_s:.1f} s, {n} candidates {statuses}; "
+                  f"{time.monotonic() - t0:.0f} s in all")
+        for i, slots in enumerate(order, 1):
+            t0 = time.monotonic()
+            tune_s, n, statuses, work = run_once(Path(args.spec), slots, args.verbose)
+            runs.append((slots, tune_s))
+            print(f"run {i}: cpu_slots={slots} threads_per_slot=1: tune_s {tune_s:6.1f} s  "
+                  f"(work {work:6.1f} s in phases; {n} candidates {statuses}; {time.monotonic() - t0:.0f} s with start-up)"
+                  f"  load {os.getloadavg()[0]:.2f}")
+    finally:
+        handle.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+    print()
+    ratios = []
+    for j in range(0, len(runs) - 1, 2):
+        (a_slots, a), (b_slots, b) = runs[j], runs[j + 1]
+        if {a_slots, b_slots} != {1, 2}:
+            continue
+        one, two = (a, b) if a_slots == 1 else (b, a)
+        ratio = one / two
+        ratios.append(ratio)
+        print(f"pair (runs {j + 1},{j + 2}, order {a_slots},{b_slots}): 1 worker {one:.1f} s / 2 workers {two:.1f} s = {ratio:.2f}x")
+    ones = [t for s, t in runs if s == 1]
+    twos = [t for s, t in runs if s == 2]
+    if ones and twos:
+        overall = (sum(ones) / len(ones)) / (sum(twos) / len(twos))
+        print(f"mean tune_s: 1 worker {sum(ones) / len(ones):.1f} s, 2 workers {sum(twos) / len(twos):.1f} s: "
+              f"speed-up {overall:.2f}x (goal >= {GOAL}) -> {'MET' if overall >= GOAL else 'NOT MET'}")
+        if ratios:
+            geo = math.prod(ratios) ** (1 / len(ratios))
+            print(f"geometric mean of the pairs' speed-ups: {geo:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
