@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from aitune.torch.backend.backend import BackendConfig, UnsupportedDeviceError
-from aitune.torch.backend.eager import ModuleBackend
+from aitune.torch.backend.backend import UnsupportedDeviceError
+from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.backend.registry import register_backend
 from aitune.specs import Sample
 
@@ -28,7 +28,7 @@ PHASES = ("build", "infer")
 
 
 @dataclass
-class FaultBackendConfig(BackendConfig):
+class FaultBackendConfig(ModuleRunConfig):
     fault: str = "none"
     phase: str = "build"
     #: for "sleep": seconds; for "hang": how long to hang (far past any timeout)
@@ -37,12 +37,9 @@ class FaultBackendConfig(BackendConfig):
     tag: str = ""
     #: for "leak": megabytes left behind in the worker process
     leak_mb: int = 0
-    precision: str = "float32"
-    autocast: bool = False
-    channels_last: bool = False
-    inference_mode: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fault not in FAULTS:
             raise ValueError(f"FaultBackendConfig: fault {self.fault!r} is not one of {list(FAULTS)}")
         if self.phase not in PHASES:

@@ -23,13 +23,21 @@ SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
 STATUSES = (OK, BUILD_ERROR, INCORRECT, UNSUPPORTED, TIMEOUT, CRASH, INFRA, ERROR, SKIPPED)
 
 
-def _from_dict(cls, data: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+class _Record:
+    """JSON-able dataclass records: ``to_dict`` and a ``from_dict`` that ignores unknown keys
+    (a newer writer's extra fields do not break an older reader)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
-class WorkerInfo:
+class WorkerInfo(_Record):
     """Who ran a candidate: the actor, its host and node, and its device."""
 
     worker_id: str
@@ -41,16 +49,9 @@ class WorkerInfo:
     device_class_key: str  # sha256 of device_class
     threads: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkerInfo":
-        return _from_dict(cls, d)
-
 
 @dataclass
-class Job:
+class Job(_Record):
     """One candidate on one device class: what a worker needs to build, check and measure it."""
 
     key: str
@@ -71,16 +72,9 @@ class Job:
 
         return sha256_of({"model": self.model_fingerprint, "graph": self.graph_spec, "device_class": self.device_class_key})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Job":
-        return _from_dict(cls, d)
-
 
 @dataclass
-class ResultRecord:
+class ResultRecord(_Record):
     """The outcome of one job, failed or not: a failed candidate is a result too."""
 
     key: str
@@ -132,16 +126,9 @@ class ResultRecord:
     def max_abs_err(self) -> float | None:
         return self.check.get("max_abs_err") if self.check else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ResultRecord":
-        return _from_dict(cls, d)
-
 
 @dataclass
-class SelectionRecord:
+class SelectionRecord(_Record):
     """The winner of one (model, batch size, device class) group."""
 
     model: str
@@ -154,16 +141,9 @@ class SelectionRecord:
     remeasured: bool = False
     speedup: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SelectionRecord":
-        return _from_dict(cls, d)
-
 
 @dataclass
-class DeployRecord:
+class DeployRecord(_Record):
     """One winner placed on one target device, verified there (or refused, with the reason)."""
 
     model: str
@@ -175,10 +155,3 @@ class DeployRecord:
     max_abs_err: float | None = None
     median_ms: float | None = None
     worker: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeployRecord":
-        return _from_dict(cls, d)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from aitune.canonical import sha256_of
-from aitune.check import check_samples, compare_outputs, tolerance_for
+from aitune.check import check_samples, tolerance_for
 from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.environment import describe_environment
-from aitune.measure import MeasureConfig, Measurement, interleaved, measure
+from aitune.measure import MeasureConfig, interleaved, measure
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
 from aitune.torch.backend.registry import get_backend_class

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+from rich.console import Console
 
 from orchestrator.spec import SweepSpec, parse_spec
 
@@ -31,3 +34,8 @@ def fault(kind: str, phase: str = "build", **extra) -> dict[str, Any]:
 
 EAGER = {"backend": "TorchEagerBackend", "config": {}}
 EAGER_BF16 = {"backend": "TorchEagerBackend", "config": {"precision": "bfloat16", "autocast": True}}
+
+
+def quiet() -> Console:
+    """A console whose output goes nowhere: sweep tests check records, not what is printed."""
+    return Console(file=io.StringIO(), width=200)

@@ -10,31 +10,19 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from rich.console import Console
 
-from cluster import connect
 from orchestrator import records as R
 from orchestrator.deploy import DEPLOYED, REFUSED, DeployWorker
 from orchestrator.records import DeployRecord
 from orchestrator.store import Store
 from orchestrator.sweep import run_sweep
 from orchestrator.transfer import pack_dir
-from sweep_helpers import EAGER, EAGER_BF16, RAY_INIT, tiny_spec
+from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 LATENCY_S = 0.05
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    handle = connect(**RAY_INIT)
-    yield handle
-    handle.shutdown()
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import pytest
 import ray
-from rich.console import Console
 
-from cluster import connect
 from orchestrator import records as R
 from orchestrator.store import Store
 from orchestrator.sweep import run_sweep
-from sweep_helpers import EAGER, EAGER_BF16, RAY_INIT, fault, tiny_spec
+from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    handle = connect(**RAY_INIT)
-    yield handle
-    handle.shutdown()
-
-
-def quiet() -> Console:
-    return Console(file=open("/dev/null", "w"), width=200)
 
 
 @pytest.fixture(scope="module")

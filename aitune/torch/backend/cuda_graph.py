@@ -9,29 +9,21 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import BackendConfig
-from aitune.torch.backend.eager import ModuleBackend
+from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.cuda_graphs import CudaGraphRunner
-from aitune.torch.precision import normalize_precision
 
 
 @dataclass
-class CudaGraphConfig(BackendConfig):
-    precision: str = "float32"
-    autocast: bool = False
-    channels_last: bool = False
-    inference_mode: bool = True
+class CudaGraphConfig(ModuleRunConfig):
     #: calls on a side stream before each capture
     warmup_iters: int = 3
     #: copy outputs out of the graph's static buffers (safer, slower); off: the next call overwrites them
     clone_outputs: bool = False
 
     def __post_init__(self) -> None:
-        self.precision = normalize_precision(self.precision, type(self).__name__)
+        super().__post_init__()
         if self.warmup_iters < 1:
             raise ValueError(f"{type(self).__name__}: warmup_iters must be at least 1, got {self.warmup_iters}")
-        if self.autocast and self.precision == "float32":
-            raise ValueError(f"{type(self).__name__}: autocast needs precision float16 or bfloat16, not float32")
 
 
 class CudaGraphBackend(ModuleBackend):

@@ -17,7 +17,9 @@ from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
 
 @dataclass
-class TorchEagerConfig(BackendConfig):
+class ModuleRunConfig(BackendConfig):
+    """How a backend that keeps a live module runs it: shared by eager, compiled and graphed."""
+
     #: float32, float16 or bfloat16 (fp32/fp16/bf16 accepted)
     precision: str = "float32"
     #: True: keep fp32 weights and run under ``torch.autocast``; False: cast weights and inputs
@@ -30,6 +32,11 @@ class TorchEagerConfig(BackendConfig):
         self.precision = normalize_precision(self.precision, type(self).__name__)
         if self.autocast and self.precision == "float32":
             raise ValueError(f"{type(self).__name__}: autocast needs precision float16 or bfloat16, not float32")
+
+
+@dataclass
+class TorchEagerConfig(ModuleRunConfig):
+    pass
 
 
 def prepare_module(module: torch.nn.Module, precision: str, autocast: bool, channels_last: bool, device: torch.device):

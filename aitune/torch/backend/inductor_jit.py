@@ -9,9 +9,7 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import BackendConfig
-from aitune.torch.backend.eager import ModuleBackend
-from aitune.torch.precision import normalize_precision
+from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.random_inputs import sample_from_spec
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -22,20 +20,16 @@ _RECOMPILE_LIMIT = 256
 
 
 @dataclass
-class TorchInductorJitConfig(BackendConfig):
+class TorchInductorJitConfig(ModuleRunConfig):
     mode: str = "default"
     #: None lets dynamo decide, True/False force dynamic/static shapes
     dynamic: bool | None = None
     fullgraph: bool = False
     #: inductor options; ``torch.compile`` accepts them only with the default mode
     options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "float32"
-    autocast: bool = False
-    channels_last: bool = False
-    inference_mode: bool = True
 
     def __post_init__(self) -> None:
-        self.precision = normalize_precision(self.precision, type(self).__name__)
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"{type(self).__name__}: mode {self.mode!r} is not one of {list(MODES)}")
         if self.options and self.mode != "default":
