@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 def test_no_worker_waits_for_the_slowest_candidate(tmp_path):
     handle = connect(**RAY_INIT)
     try:
-        slow = fault("sleep", seconds=8.0, tag="slow")
+        slow = fault("sleep", seconds=15.0, tag="slow")
         quick = [fault("sleep", seconds=0.5, tag=f"q{i}") for i in range(5)]
         spec = tiny_spec(tmp_path / "store", [slow, EAGER, *quick])
         outcome = run_sweep(spec, console=Console(file=open("/dev/null", "w")), deploy=False, write_report=False)
