@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from aitune.canonical import dtype_name
@@ -127,7 +128,8 @@ class CheckResult:
 
 
 def _index(flat: int, shape: torch.Size) -> tuple[int, ...]:
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)) if len(shape) else ()
+    # numpy's unravel_index: torch's imports sympy on first use (half a second per process)
+    return tuple(int(i) for i in np.unravel_index(flat, tuple(shape))) if len(shape) else ()
 
 
 def _first(mask: torch.Tensor) -> tuple[int, ...]:

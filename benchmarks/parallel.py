@@ -14,7 +14,7 @@ untimed 2-worker sweep first.
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/parallel.py [--order 1,2,2,1] [--warmup]
       [--spec examples/sweep.yaml] [--verbose]
-About 4 to 6 minutes on a 2-core machine.
+About 3 to 4 minutes on a 2-core machine (about 1 minute more with --warmup).
 """
 
 from __future__ import annotations
@@ -51,7 +51,36 @@ def run_once(spec_path: Path, slots: int, verbose: bool):
         outcome = run_sweep(spec, store_root=store, force=True, deploy=False, write_report=False, console=console, live=False)
     statuses = collections.Counter(r.status for r in outcome.results)
     work = sum(sum(r.phases.values()) for r in outcome.results)
-    return outcome.tune_s, len(outcome.results), dict(statuses), work
+    by_phase: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for r in outcome.results:
+        for phase, seconds in r.phases.items():
+            by_phase[(_kind(r), phase)] += seconds
+    return outcome.tune_s, len(outcome.results), dict(statuses), work, by_phase
+
+
+def _kind(r) -> str:
+    """A short name for a candidate's backend (and precision, for eager)."""
+    name = r.backend.removeprefix("Torch").removesuffix("Backend")
+    precision = (r.config or {}).get("precision", "float32")
+    return f"{name}/{precision}" if precision != "float32" else name
+
+
+def print_phase_table(per_slots: dict[int, list[dict]]) -> None:
+    """Seconds per (backend, phase), summed over a run, averaged over the runs of each worker count."""
+    if not (per_slots.get(1) and per_slots.get(2)):
+        return
+    mean = {n: collections.defaultdict(float) for n in (1, 2)}
+    for n in (1, 2):
+        for by_phase in per_slots[n]:
+            for key, seconds in by_phase.items():
+                mean[n][key] += seconds / len(per_slots[n])
+    print("\nphase seconds per run (summed over the candidates), 1 worker vs 2 workers:")
+    print(f"  {'backend':22s} {'phase':8s} {'1 worker':>9s} {'2 workers':>9s} {'2w/1w':>6s}")
+    for key in sorted(set(mean[1]) | set(mean[2]), key=lambda k: -mean[1].get(k, 0.0)):
+        one, two = mean[1].get(key, 0.0), mean[2].get(key, 0.0)
+        if max(one, two) < 0.05:
+            continue
+        print(f"  {key[0]:22s} {key[1]:8s} {one:9.2f} {two:9.2f} {two / one if one else float('nan'):6.2f}")
 
 
 def main() -> int:
@@ -70,16 +99,18 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPU cores, no GPU; load average {os.getloadavg()[0]:.2f} at start")
     handle = connect(num_cpus=2, object_store_memory=300 * 1024**2)
     runs: list[tuple[int, float]] = []
+    phases: dict[int, list[dict]] = collections.defaultdict(list)
     try:
         if args.warmup:
             t0 = time.monotonic()
-            tune_s, n, statuses, _ = run_once(Path(args.spec), 2, args.verbose)
+            tune_s, n, statuses, _, _ = run_once(Path(args.spec), 2, args.verbose)
             print(f"warm-up (2 workers, untimed): tune_s {tune_s:.1f} s, {n} candidates {statuses}; "
                   f"{time.monotonic() - t0:.0f} s in all")
         for i, slots in enumerate(order, 1):
             t0 = time.monotonic()
-            tune_s, n, statuses, work = run_once(Path(args.spec), slots, args.verbose)
+            tune_s, n, statuses, work, by_phase = run_once(Path(args.spec), slots, args.verbose)
             runs.append((slots, tune_s))
+            phases[slots].append(by_phase)
             print(f"run {i}: cpu_slots={slots} threads_per_slot=1: tune_s {tune_s:6.1f} s  "
                   f"(work {work:6.1f} s in phases; {n} candidates {statuses}; {time.monotonic() - t0:.0f} s with start-up)"
                   f"  load {os.getloadavg()[0]:.2f}")
@@ -107,6 +138,7 @@ def main() -> int:
         if ratios:
             geo = math.prod(ratios) ** (1 / len(ratios))
             print(f"geometric mean of the pairs' speed-ups: {geo:.2f}x")
+    print_phase_table(phases)
     return 0
 
 

@@ -77,9 +77,9 @@ def install_what_ifs(names: list[str]) -> None:
 
             def __init__(self, *args, **kwargs) -> None:
                 import gc
+                import importlib
 
-                import torch.fx.experimental.symbolic_shapes  # noqa: F401  (imported by the first check)
-
+                importlib.import_module("torch.fx.experimental.symbolic_shapes")  # the first check imports it
                 super().__init__(*args, **kwargs)
                 gc.collect()
                 gc.freeze()
@@ -121,9 +121,7 @@ class DriverTimers:
         self._undo.append((owner, attr, original))
 
     def install(self) -> None:
-        import ray
-
-        from orchestrator import scheduler, sweep
+        from orchestrator import scheduler
         from orchestrator.progress import Progress
         from orchestrator.store import Store
 
@@ -150,7 +148,6 @@ class DriverTimers:
 
         Progress.event = event
         self._undo.append((Progress, "event", original_event))
-        del ray, sweep
 
     def uninstall(self) -> None:
         for owner, attr, original in reversed(self._undo):
@@ -174,7 +171,7 @@ def report_profile(timers: DriverTimers, outcome, tune_s: float, workers: int) -
             overheads.append(lat - sum(phases.get(key, {}).values()))
     if latencies:
         q = statistics.quantiles(overheads, n=10)
-        print(f"\n-- per job: dispatch -> result as the driver sees it, minus worker phase seconds --")
+        print("\n-- per job: dispatch -> result as the driver sees it, minus worker phase seconds --")
         print(f"  latency   mean {statistics.mean(latencies) * 1000:7.1f} ms   median {statistics.median(latencies) * 1000:7.1f} ms")
         print(f"  overhead  mean {statistics.mean(overheads) * 1000:7.1f} ms   median {statistics.median(overheads) * 1000:7.1f} ms"
               f"   p10 {q[0] * 1000:7.1f} ms   p90 {q[-1] * 1000:7.1f} ms")

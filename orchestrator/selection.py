@@ -14,6 +14,8 @@ from orchestrator.records import ResultRecord, SelectionRecord
 Group = tuple[str, int, str]  # model, batch size, device class key
 #: re-measures the given result keys interleaved on one worker; returns new measurements by key
 Remeasure = Callable[[Group, list[ResultRecord]], dict[str, Measurement]]
+#: an earlier decision over exactly these results, if there is one
+Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
 
 TOP_K = 3
 
@@ -47,9 +49,19 @@ def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], s
     return select(cands, baseline, strategy), cands, baseline
 
 
-def choose_winners(results: Iterable[ResultRecord], strategy: Strategy, remeasure: Remeasure | None = None) -> list[SelectionRecord]:
+def choose_winners(
+    results: Iterable[ResultRecord],
+    strategy: Strategy,
+    remeasure: Remeasure | None = None,
+    previous: Previous | None = None,
+) -> list[SelectionRecord]:
     selections = []
     for group, records in sorted(group_results(results).items()):
+        earlier = previous(group, records) if previous is not None else None
+        if earlier is not None:
+            # Nothing new in this group: the earlier decision (re-measurements included) stands.
+            selections.append(earlier)
+            continue
         measurements = {r.key: Measurement.from_dict(r.measurement) for r in records if r.measurement}
         choice, cands, baseline = _decide(records, measurements, strategy)
         remeasured = False

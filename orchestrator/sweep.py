@@ -78,10 +78,14 @@ def run_sweep(
                 record.status, record.error = R.ERROR, "the worker returned no checkpoint"
             # The reference first: a driver killed between the two writes then loses nothing a
             # later run (which reuses the result and asks for no reference) would need.
+            ref_key = jobs_by_key[record.key].reference_key
             if reference is not None:
-                store.put_reference(jobs_by_key[record.key].reference_key, reference)
+                store.put_reference(ref_key, reference)
+            elif asked.get(ref_key) == record.key:
+                del asked[ref_key]  # the job asked for it failed before sending it: ask the next
             store.put_result(sweep_id, record, checkpoint)
 
+        asked: dict[str, str] = {}  # reference key -> the job asked to send it
         limits = Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
         progress = Progress(console, live=live)
         scheduler = Scheduler(slots, spec.model_dump(mode="json"), limits, on_result=commit, on_event=progress.event)
@@ -105,14 +109,21 @@ def run_sweep(
             if reused:
                 progress.reused_results(len(reused))
             def want_reference(job: Job) -> bool:
-                # Asked until one arrives: the first job of a group may crash before it sends it.
-                return store.reference_path(job.reference_key) is None
+                # One job at a time is asked; if it fails before sending it, the next one is.
+                key = job.reference_key
+                if key in asked or store.reference_path(key) is not None:
+                    return False
+                asked[key] = job.key
+                return True
 
             start = time.monotonic()
             ran = scheduler.run(to_run, want_reference)
             tune_s = time.monotonic() - start
         results = reused + ran
-        selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec))
+        selections = choose_winners(
+            results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec),
+            previous=None if force else _previous_selection(store, spec),
+        )
         for s in selections:
             store.put_selection(sweep_id, s)
         scheduler.shutdown()
@@ -161,6 +172,39 @@ def _remeasurer(scheduler: Scheduler, store: Store, spec: SweepSpec):
         return {k: Measurement.from_dict(v) for k, v in fresh.items()}
 
     return remeasure
+
+
+def _previous_selection(store: Store, spec: SweepSpec):
+    """An earlier sweep's decision for a group whose results all come from the store unchanged."""
+    strategy = spec.strategy().describe()
+
+    def previous(group, records: list[ResultRecord]) -> SelectionRecord | None:
+        if not records or not all(r.from_store for r in records):
+            return None
+        keys = {r.key for r in records}
+        for sweep in reversed(store.list_sweeps()):
+            if sweep.get("status") != "done" or _objective_of(sweep) != strategy:
+                continue
+            for sel in store.selections(sweep["id"]):
+                if (sel.model, sel.batch_size, sel.device_class_key) != group:
+                    continue
+                earlier = {r.key for r in store.sweep_results(sweep["id"])
+                           if (r.model, r.batch_size, r.device_class_key) == group}
+                if earlier == keys:
+                    sel.reason = f"{sel.reason} (decided in sweep {sweep['id']})"
+                    return sel
+        return None
+
+    return previous
+
+
+def _objective_of(sweep: dict) -> str | None:
+    try:
+        from orchestrator.spec import parse_spec
+
+        return parse_spec(sweep["spec"]).strategy().describe()
+    except Exception:  # an older or foreign spec: don't reuse its decisions
+        return None
 
 
 def _deploy(spec, store: Store, sweep_id: str, selections, results, inventory, console) -> list[DeployRecord]:

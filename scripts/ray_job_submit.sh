@@ -132,8 +132,11 @@ echo "== ray job submit $SUBMISSION_ID: python -m orchestrator tune $SPEC --stor
   -- python -m orchestrator tune "$SPEC" --store "$STORE" ${AITUNE_JOB_ARGS:-}
 submit_rc=$?
 
-# `ray job submit` already exits 1 when the job fails; the status makes it explicit.
-if "$RAY" job status --address "$DASHBOARD" "$SUBMISSION_ID" 2>&1 | grep -q "Job '$SUBMISSION_ID' succeeded"; then
+# `ray job submit` exits 1 when the job FAILED but 0 when it was STOPPED: ask for the status.
+# (Captured first: `grep -q` in a pipe would close it early, and with pipefail the SIGPIPE
+# that `ray` then gets would read as a failure.)
+status_out="$("$RAY" job status --address "$DASHBOARD" "$SUBMISSION_ID" 2>&1)"
+if grep -q "Job '$SUBMISSION_ID' succeeded" <<<"$status_out"; then
   status=SUCCEEDED
 else
   status="not SUCCEEDED"

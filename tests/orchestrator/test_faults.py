@@ -102,6 +102,10 @@ def test_rerun_reuses_every_result(fault_sweep):
     assert again.reused == len(first.results)
     assert all(r.from_store for r in again.results)
     assert {r.key: r.status for r in again.results} == {r.key: r.status for r in first.results}
+    # nothing new was measured, so the first sweep's decision stands, and says where it was made
+    (selection,) = again.selections
+    assert selection.winner_key == first.selections[0].winner_key
+    assert f"decided in sweep {first.sweep_id}" in selection.reason
     with Store(spec.store) as store:
         assert all(r.from_store for r in store.sweep_results(again.sweep_id))
 

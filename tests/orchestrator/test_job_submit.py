@@ -41,7 +41,9 @@ def test_job_submit_runs_the_sweep_and_stops_the_head(tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=540,
     )
     out = proc.stdout
-    tail = out[-6000:]
+    log = tmp_path / "ray_job_submit.log"
+    log.write_text(out)
+    tail = f"(whole output in {log})\n" + out[-12000:]
     assert proc.returncode == 0, f"ray_job_submit.sh exited {proc.returncode}:\n{tail}"
 
     # The sweep's own summary line, printed by the job's driver and streamed back by `ray job submit`.

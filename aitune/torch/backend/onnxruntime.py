@@ -34,7 +34,7 @@ class OnnxRuntimeConfig(BackendConfig):
     #: execution providers in order of preference; the CPU one is the fallback
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization_level: str = "all"
-    #: intra-op threads; None lets ONNX Runtime decide (all cores)
+    #: intra-op threads; None: ``torch.get_num_threads()`` (the threads the process was given)
     intra_op_threads: int | None = None
     #: bind inputs and outputs in place (on the GPU: no copies through host memory)
     io_binding: bool = True
@@ -95,8 +95,9 @@ class OnnxRuntimeBackend(Backend):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[self.config.graph_optimization_level])
-        if self.config.intra_op_threads is not None:
-            opts.intra_op_num_threads = self.config.intra_op_threads
+        # Like torch, use the threads this process was given (a worker slot's count), not every
+        # core of the machine: a session sized to the machine starves its neighbours.
+        opts.intra_op_num_threads = self.config.intra_op_threads or torch.get_num_threads()
         available = set(ort.get_available_providers())
         providers = [p for p in self.config.providers if p in available and _PROVIDER_DEVICE.get(p) == device.type]
         self._session = ort.InferenceSession(str(self._model), sess_options=opts, providers=providers)
