@@ -12,7 +12,7 @@ from typing import Literal
 from cluster.inventory import Inventory
 
 SlotKind = Literal["gpu", "cpu"]
-DEPLOY_TARGET_FORMS = '"all_gpus", {"gpus": N}, {"cpu_slots": N}'
+DEPLOY_TARGET_FORMS = '"all_gpus", {"gpus": N}, {"cpu_slots": N}, {"accelerator_type": NAME}'
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Slot:
     num_gpus: float
     threads: int
     label: str
+    #: custom resources to ask for, e.g. {"accelerator_type:H200": 0.001} to land on such a node
+    resources: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("gpu", "cpu"):
@@ -34,7 +36,10 @@ class Slot:
 
     def actor_options(self) -> dict[str, float]:
         """Keyword arguments for ``SomeActor.options(...)``; pair them with ``env()``."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind == "gpu" else 0}
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind == "gpu" else 0}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
 
     def env(self) -> dict[str, str]:
         """Environment for the worker, for ``runtime_env={"env_vars": slot.env()}``.
@@ -85,9 +90,11 @@ def plan_deploy_targets(inventory: Inventory, targets: list[str | dict]) -> list
     """Slots for the devices a winner is deployed to, numbered in the order of ``targets``.
 
     Accepted forms: ``"all_gpus"`` (one slot per GPU), ``{"gpus": N}``, ``{"cpu_slots": N}``
-    (N single-thread CPU slots).
+    (N single-thread CPU slots), ``{"accelerator_type": "H200"}`` (every GPU of that kind: Ray
+    advertises ``accelerator_type:<NAME>`` on GPU nodes).
     """
-    requests = [_parse_target(inventory, target) for target in targets]
+    typed = [t for t in targets if isinstance(t, dict) and set(t) == {"accelerator_type"}]
+    requests = [_parse_target(inventory, target) for target in targets if target not in typed]
     gpus_wanted = sum(count for kind, count in requests if kind == "gpu")
     cpus_wanted = sum(count for kind, count in requests if kind == "cpu")
     if gpus_wanted > _whole_gpus(inventory):
@@ -104,7 +111,25 @@ def plan_deploy_targets(inventory: Inventory, targets: list[str | dict]) -> list
         for slot in made:
             same_kind = sum(1 for s in slots if s.kind == kind)
             slots.append(replace(slot, index=len(slots), label=f"{kind}{same_kind}"))
+    for target in typed:
+        for slot in _typed_gpu_slots(inventory, target["accelerator_type"]):
+            slots.append(replace(slot, index=len(slots), label=f"{slot.label}{len(slots)}"))
     return slots
+
+
+def _typed_gpu_slots(inventory: Inventory, name: object) -> list[Slot]:
+    """One GPU slot per GPU on the nodes whose accelerator type is ``name``, pinned there."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'deploy target {{"accelerator_type": {name!r}}}: give the type\'s name, e.g. "H200"')
+    nodes = [n for n in inventory.gpu_nodes if n.accelerator_type == name]
+    if not nodes:
+        known = sorted({n.accelerator_type for n in inventory.gpu_nodes if n.accelerator_type})
+        raise ValueError(f"deploy target accelerator_type {name!r}: no GPU node of that type (the cluster has {known or 'none'})")
+    count = sum(int(n.gpus) for n in nodes)
+    cpus_each = 1.0 if all(n.cpus >= n.gpus for n in nodes) else 0.0
+    # A tiny share of the node's accelerator_type resource pins the actor to such a node.
+    pin = ((f"accelerator_type:{name}", 0.001),)
+    return [Slot(index=i, kind="gpu", num_cpus=cpus_each, num_gpus=1.0, threads=1, label=f"{name}-", resources=pin) for i in range(count)]
 
 
 def _parse_target(inventory: Inventory, target: str | dict) -> tuple[SlotKind, int]:

@@ -169,8 +169,8 @@ class WorkersSpec(_Strict):
 
 
 class DeploySpec(_Strict):
-    #: "all_gpus", {"gpus": N}, {"cpu_slots": N}; empty: no deploy
-    targets: list[str | dict[str, int]] = Field(default_factory=list)
+    #: "all_gpus", {"gpus": N}, {"cpu_slots": N}, {"accelerator_type": "H200"}; empty: no deploy
+    targets: list[str | dict[str, int | str]] = Field(default_factory=list)
     #: seconds of latency measurement on each target
     latency_check_s: PositiveFloat = 0.3
 
@@ -178,11 +178,16 @@ class DeploySpec(_Strict):
     @classmethod
     def _forms(cls, targets):
         for t in targets:
-            ok = t == "all_gpus" or (isinstance(t, dict) and len(t) == 1 and next(iter(t)) in ("gpus", "cpu_slots"))
-            if not ok:
-                raise ValueError(f"deploy target {t!r} is not one of 'all_gpus', {{gpus: N}}, {{cpu_slots: N}}")
-            if isinstance(t, dict) and next(iter(t.values())) <= 0:
+            key = next(iter(t)) if isinstance(t, dict) and len(t) == 1 else None
+            if not (t == "all_gpus" or key in ("gpus", "cpu_slots", "accelerator_type")):
+                raise ValueError(
+                    f"deploy target {t!r} is not one of 'all_gpus', {{gpus: N}}, {{cpu_slots: N}}, {{accelerator_type: NAME}}"
+                )
+            value = t[key] if key else None
+            if key in ("gpus", "cpu_slots") and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"deploy target {t!r} must ask for a positive number")
+            if key == "accelerator_type" and (not isinstance(value, str) or not value):
+                raise ValueError(f"deploy target {t!r} must name an accelerator type, e.g. H200")
         return targets
 
 

@@ -176,3 +176,23 @@ def test_all_gpu_slots_schedule_when_gpus_outnumber_cpus(local_ray):
     # With one CPU per slot only two would ever start; the timeout turns a hang into a failure.
     seen = ray.get([a.env.remote("CUDA_VISIBLE_DEVICES") for a in actors], timeout=120)
     assert sorted(seen, key=int) == [str(i) for i in range(16)]
+
+
+def test_accelerator_type_target_pins_one_slot_per_gpu_of_that_type():
+    from cluster.inventory import Inventory, NodeInfo
+
+    def node(i, gpus, kind):
+        res = {"CPU": 8.0, "GPU": float(gpus)}
+        if kind:
+            res[f"accelerator_type:{kind}"] = 1.0
+        return NodeInfo(f"n{i}", f"h{i}", "127.0.0.1", True, 8.0, float(gpus), kind, res)
+
+    inv = Inventory([node(0, 2, "H200"), node(1, 4, "H100"), node(2, 0, None)])
+    slots = plan_deploy_targets(inv, [{"accelerator_type": "H200"}, {"cpu_slots": 1}])
+    h200 = [s for s in slots if s.kind == "gpu"]
+    assert len(h200) == 2
+    assert all(s.actor_options()["resources"] == {"accelerator_type:H200": 0.001} for s in h200)
+    assert all(s.actor_options()["num_gpus"] == 1.0 for s in h200)
+    assert len({s.label for s in slots}) == len(slots)
+    with pytest.raises(ValueError, match=r"no GPU node of that type \(the cluster has \['H100', 'H200'\]\)"):
+        plan_deploy_targets(inv, [{"accelerator_type": "A100"}])

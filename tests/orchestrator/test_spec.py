@@ -122,3 +122,10 @@ def test_bad_deploy_target():
 def test_every_problem_is_listed_at_once():
     message = error_of(base(batch_sizes=[0], candidates=[{"backend": "Nope"}], extra=1))
     assert message.count("\n") >= 3
+
+
+def test_deploy_target_forms():
+    spec = parse_spec(base(deploy={"targets": ["all_gpus", {"gpus": 2}, {"cpu_slots": 1}, {"accelerator_type": "H200"}]}))
+    assert len(spec.deploy.targets) == 4
+    assert "must ask for a positive number" in error_of(base(deploy={"targets": [{"gpus": 0}]}))
+    assert "must name an accelerator type" in error_of(base(deploy={"targets": [{"accelerator_type": 3}]}))
