@@ -191,7 +191,8 @@ def _previous_selection(store: Store, spec: SweepSpec):
                 earlier = {r.key for r in store.sweep_results(sweep["id"])
                            if (r.model, r.batch_size, r.device_class_key) == group}
                 if earlier == keys:
-                    sel.reason = f"{sel.reason} (decided in sweep {sweep['id']})"
+                    if "(decided in sweep " not in sel.reason:  # keep the sweep that really decided
+                        sel.reason = f"{sel.reason} (decided in sweep {sweep['id']})"
                     return sel
         return None
 
