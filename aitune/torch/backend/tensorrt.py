@@ -311,11 +311,14 @@ class TensorRTBackend(Backend):
         if len(tensors) != len(self._input_names):
             raise ValueError(f"Backend {self.name}: the engine takes {len(self._input_names)} inputs, got {len(tensors)}")
         context, device = self._context, self.device
-        # The cast copies are freed when this returns; torch's allocator hands their memory only to
-        # later work on the same stream, which runs after the engine is done with them.
+        # The cast copies are kept in ``inputs`` until the engine is enqueued: one freed earlier
+        # could be handed to the next input's copy before the engine has read it. Freed when this
+        # returns, their memory goes only to later work on the same stream, after the engine.
+        inputs = []
         with torch.cuda.device(device):
             for name, tensor in zip(self._input_names, tensors):
                 tensor = tensor.to(device=device, dtype=self._dtypes[name]).contiguous()
+                inputs.append(tensor)
                 if not context.set_input_shape(name, tuple(tensor.shape)):
                     raise ValueError(f"Backend {self.name}: TensorRT refused shape {tuple(tensor.shape)} for input {name!r}")
                 context.set_tensor_address(name, tensor.data_ptr())
