@@ -11,6 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 from rich.console import Console
 
+from cluster import connect, loopback_only
 from orchestrator import records as R
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, fault, tiny_spec
@@ -18,14 +19,19 @@ from sweep_helpers import EAGER, fault, tiny_spec
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_node_loss_is_infra_and_the_job_is_retried(tmp_path):
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
-    )
-    doomed = cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+def test_node_loss_is_infra_and_the_job_is_retried(tmp_path, monkeypatch):
+    # Keep this cluster to itself: not recorded where a plain ray.init() elsewhere would join it,
+    # and serving on 127.0.0.1 only.
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    with loopback_only():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+        )
+        doomed = cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2)
+        cluster.wait_for_nodes()
+        connect(cluster.address)
     try:
         # Each sleeping candidate keeps its worker busy for a while, so the doomed node is
         # in the middle of one when it goes.
