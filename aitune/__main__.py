@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 
@@ -12,6 +13,8 @@ from aitune.measure import MeasureConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's own pytree deprecation, raised inside torch.export: nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     parser = argparse.ArgumentParser(prog="python -m aitune", description=__doc__)
     parser.add_argument("--model", choices=["cnn", "encoder"], default="cnn")
     parser.add_argument("--batch", type=int, default=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 import sys
 
 from rich.console import Console
@@ -57,6 +58,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch-internal, raised inside torch.export
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tune = sub.add_parser("tune", help="run a sweep: tune, select, deploy, report")

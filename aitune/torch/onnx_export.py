@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def export_onnx(
     Keyword arguments that are not graph inputs (flags such as ``return_dict=False``) are dropped.
     """
     path = Path(path)
+    # The exporter warns once per missing optional library (torchvision ops) at every export.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(max(level, logging.ERROR))
+    try:
+        return _export(module, graph_spec, sample, path, opset)
+    finally:
+        onnx_log.setLevel(level)
+
+
+def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None) -> OnnxExport:
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
     with torch.no_grad():
         program = torch.onnx.export(
