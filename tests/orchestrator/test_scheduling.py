@@ -30,3 +30,22 @@ def test_no_worker_waits_for_the_slowest_candidate(tmp_path):
     assert all(r.created_at < slow_result.created_at for r in others)
     # and the results arrived in the order they finished, not in the order they were queued
     assert outcome.results[-1].key == slow_result.key
+
+
+def test_total_budget_skips_what_has_not_started_and_a_later_sweep_runs_it(tmp_path):
+    handle = connect(**RAY_INIT)
+    try:
+        candidates = [EAGER] + [fault("sleep", seconds=3.0, tag=f"s{i}") for i in range(6)]
+        spec = tiny_spec(tmp_path / "store", candidates, budgets={"build_timeout_s": 60, "measure_timeout_s": 60, "total_s": 2.0})
+        first = run_sweep(spec, console=Console(file=open("/dev/null", "w")), deploy=False, write_report=False)
+        skipped = [r for r in first.results if r.status == R.SKIPPED]
+        assert skipped, "with 2 s for 7 candidates of up to 3 s on 2 workers, some never start"
+        assert all("total time budget" in r.error for r in skipped)
+        assert any(r.status == R.OK for r in first.results)  # those started before the budget ran out finish
+        # skipped says nothing about the candidate: the next sweep runs them instead of reusing
+        spec_again = tiny_spec(tmp_path / "store", candidates)
+        again = run_sweep(spec_again, console=Console(file=open("/dev/null", "w")), deploy=False, write_report=False)
+    finally:
+        handle.shutdown()
+    assert again.ran == len(skipped)
+    assert all(r.status == R.OK for r in again.results)
