@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +30,8 @@ ROW_COLUMNS = (
 )  # fmt: skip
 
 Group = tuple[str, int, str]  # (model, batch size, device class key)
+
+log = logging.getLogger(__name__)
 
 
 def _group(record: ResultRecord | SelectionRecord) -> Group:
@@ -255,7 +258,11 @@ def write_reports(
         writer.writerows(rows)
 
     paths["report.md"].write_text(_markdown(sweep_info, rows, selections, deployments))
-    plot_latency(rows, paths["latency.png"])
+    try:
+        plot_latency(rows, paths["latency.png"])
+    except ImportError as exc:  # matplotlib is a plotting nicety: the reports above still stand
+        log.warning("no latency plot: %s (install matplotlib)", exc)
+        del paths["latency.png"]
     return paths
 
 

@@ -15,7 +15,8 @@ On an offline GPU machine (Python 3.12, torch with CUDA) with the wheels from
 ``shared/tools/gpu-wheels.sh``::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:. python3 scripts/gpu_check.py --store /tmp/gpu-store
+    export PYTHONPATH=/tmp/site:$PWD   # absolute: Ray workers start in other directories
+    python3 scripts/gpu_check.py --store /tmp/gpu-store
 
 Everything is sized to finish in under 8 minutes on one H100/H200; ``--total-s`` caps the
 dispatching of new candidates (the rest are reported as skipped).

@@ -206,3 +206,14 @@ def test_report_store_unknown_sweep_lists_known(tmp_path):
         known = store.begin_sweep("s", {})
     with pytest.raises(KeyError, match=known):
         report_store(tmp_path, sweep_id="nope", console=Console(record=True))
+
+
+def test_reports_without_matplotlib_skip_only_the_plot(sweep, tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it: import fails
+    results, selections, deployments = sweep
+    paths = write_reports(tmp_path, {"id": "s1", "name": "t"}, results, selections, deployments)
+    assert set(paths) == {"report.json", "report.csv", "report.md"}
+    assert not (tmp_path / "latency.png").exists()
+    assert "no latency plot" in caplog.text
