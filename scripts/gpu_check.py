@@ -73,7 +73,7 @@ def build_spec(args) -> dict:
     }
 
 
-def confirm_top3(outcome, console: Console) -> None:
+def confirm_top3(outcome, console: Console, device: torch.device) -> None:
     """Load each group's top three checkpoints and measure them interleaved, outside the orchestrator."""
     from aitune.checkpoint import load_checkpoint
     from aitune.measure import MeasureConfig, interleaved
@@ -82,7 +82,6 @@ def confirm_top3(outcome, console: Console) -> None:
     from orchestrator.store import Store
 
     spec = parse_spec(outcome.spec_dict)
-    device = torch.device("cuda:0")
     with Store(outcome.store) as store:
         for sel in outcome.selections:
             group = [r for r in outcome.results if (r.model, r.batch_size, r.device_class_key) == (sel.model, sel.batch_size, sel.device_class_key)]
@@ -104,7 +103,8 @@ def confirm_top3(outcome, console: Console) -> None:
             agree = "confirmed" if best == sel.winner_key else f"NOT confirmed (sweep picked {sel.winner})"
             console.print(f"  sweep winner {agree}")
             del fns
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -115,16 +115,22 @@ def main(argv=None) -> int:
     parser.add_argument("--total-s", type=float, default=330.0, help="stop dispatching new candidates after this")
     parser.add_argument("--deploy", action="store_true", help="also deploy the winners to every GPU")
     parser.add_argument("--force", action="store_true", help="ignore results already in the store")
+    parser.add_argument("--cpu", action="store_true",
+                        help="rehearse the whole flow on the CPU (CPU candidates, 2 CPU workers): tests the script without a GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible to torch; this script needs a GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.cpu:
+        print("gpu_check: no CUDA device visible to torch; this script needs a GPU (or --cpu to rehearse)", file=sys.stderr)
         return 2
     from orchestrator.spec import parse_spec
     from orchestrator.sweep import run_sweep
 
     console = Console(width=220)
-    console.print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
+    device = torch.device("cpu" if args.cpu else "cuda:0")
+    where = "the CPU (rehearsal)" if args.cpu else f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    console.print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, on {where}")
     spec_dict = build_spec(args)
+    if args.cpu:
+        spec_dict["workers"] = {"use_gpus": False, "cpu_slots": 2, "threads_per_slot": 1}
     start = time.monotonic()
     outcome = run_sweep(parse_spec(spec_dict), force=args.force, deploy=args.deploy, console=console, live=False)
     outcome.spec_dict = spec_dict
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     for sel in outcome.selections:
         speedup = f"{sel.speedup:.2f}x" if sel.speedup else "-"
         console.print(f"winner {sel.model} b{sel.batch_size}: {sel.winner} ({speedup} over eager fp32) {sel.reason}")
-    confirm_top3(outcome, console)
+    confirm_top3(outcome, console, device)
     console.print(f"\ngpu_check done in {time.monotonic() - start:.0f} s")
     return 0
 

@@ -128,6 +128,25 @@ def test_gpu_check_script_spec_is_valid_and_it_refuses_to_run_without_a_gpu(tmp_
         assert done.returncode == 2 and "needs a GPU" in done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_script_rehearsed_on_the_cpu(tmp_path):
+    """The script's whole flow (sweep, table, winners, top-3 re-measure) on CPU candidates, so that a
+    first GPU session does not find the script's own bugs."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--models", "mlp_12x512",
+         "--measure-s", "0.1", "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=540, env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "winner mlp_12x512 b1:" in done.stdout
+    assert "re-measured interleaved" in done.stdout
+    assert "sweep winner" in done.stdout and "gpu_check done" in done.stdout
+
+
 @needs_cuda
 def test_cuda_graph_backend_matches_eager_and_recaptures_per_shape(tmp_path):
     module, sample, spec = tiny()
