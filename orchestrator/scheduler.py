@@ -189,8 +189,9 @@ class Scheduler:
                 if ref in tasks:
                     self._on_task_done(tasks.pop(ref), ref, queues, tasks, emit)
                 else:
-                    w = next(w for w in self.workers if w.start_ref == ref)
-                    self._on_started(w, ref)
+                    starting = next((w for w in self.workers if w.start_ref == ref), None)
+                    if starting is not None:  # None: dropped meanwhile (it took too long to start)
+                        self._on_started(starting, ref)
             self._enforce_deadlines(tasks, emit)
         return results
 
