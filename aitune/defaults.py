@@ -39,4 +39,7 @@ def is_baseline(backend_name: str, config: dict[str, Any]) -> bool:
     if backend_name != BASELINE[0]:
         return False
     cls = get_backend_class(backend_name)
-    return cls.config_class.from_dict(dict(config)) == cls.config_class()
+    try:
+        return cls.config_class.from_dict(dict(config)) == cls.config_class()
+    except (TypeError, ValueError):  # fields this config class does not have: not the baseline
+        return False

@@ -20,27 +20,16 @@ from aitune.measure import MeasureConfig, Measurement, measure
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
-from aitune.torch.backend.eager import TorchEagerBackend, TorchEagerConfig
+from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
+from aitune.torch.backend.eager import TorchEagerBackend
 from aitune.torch.tree import map_tensors
 
 log = logging.getLogger(__name__)
 
 
 def default_cpu_candidates() -> list[Backend]:
-    """What is worth trying on a CPU: eager in fp32/bf16 and channels-last, and the three compilers."""
-    from aitune.torch.backend import (
-        OnnxRuntimeBackend,
-        TorchInductorAotBackend,
-        TorchInductorJitBackend,
-    )
-
-    return [
-        TorchEagerBackend(),
-        TorchEagerBackend(TorchEagerConfig(precision="bfloat16", autocast=True)),
-        TorchInductorJitBackend(),
-        TorchInductorAotBackend(),
-        OnnxRuntimeBackend(),
-    ]
+    """The CPU default set of :mod:`aitune.defaults`, as backends ready to build."""
+    return [make_backend(definition) for definition in CPU_CANDIDATES]
 
 
 @dataclass
@@ -149,7 +138,7 @@ def tune(
 
 
 def _is_baseline(backend: Backend) -> bool:
-    return type(backend) is TorchEagerBackend and backend.config == TorchEagerConfig()
+    return is_baseline(backend.name, backend.config.to_dict())
 
 
 def evaluate(

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from aitune.canonical import sha256_of
+
 #: Result statuses. ``ok`` is the only one eligible to win.
 OK = "ok"
 BUILD_ERROR = "build_error"
@@ -68,8 +70,6 @@ class Job(_Record):
     @property
     def reference_key(self) -> str:
         """The (model, input shapes, device class) the eager fp32 reference belongs to."""
-        from aitune.canonical import sha256_of
-
         return sha256_of({"model": self.model_fingerprint, "graph": self.graph_spec, "device_class": self.device_class_key})
 
 

@@ -18,11 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from aitune.defaults import is_baseline
 from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
 
-BASELINE_BACKEND = "TorchEagerBackend"
-#: The eager fp32 config every speedup is measured against; a missing key means its default.
-BASELINE_CONFIG = {"precision": "float32", "autocast": False, "channels_last": False, "inference_mode": True}
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
@@ -38,28 +36,17 @@ def _group(record: ResultRecord | SelectionRecord) -> Group:
     return (record.model, record.batch_size, record.device_class_key)
 
 
-def _is_baseline(record: ResultRecord) -> bool:
-    if record.backend != BASELINE_BACKEND:
-        return False
-    return all(record.config.get(name, default) == default for name, default in BASELINE_CONFIG.items())
-
-
 def baseline_of(results: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
     """The eager fp32 result of each group that has one."""
     found: dict[Group, ResultRecord] = {}
     for record in results:
-        if not _is_baseline(record):
+        # the rule every speedup uses: eager fp32 with every other field at its default
+        if not is_baseline(record.backend, record.config):
             continue
         current = found.get(_group(record))
-        # Prefer a measured baseline, then the plainest config (fewest extra options switched on).
-        if current is None or _baseline_rank(record) < _baseline_rank(current):
+        if current is None or (record.eligible and not current.eligible):  # prefer a measured one
             found[_group(record)] = record
     return found
-
-
-def _baseline_rank(record: ResultRecord) -> tuple[bool, int]:
-    extras = sum(1 for name, value in record.config.items() if name not in BASELINE_CONFIG and value)
-    return (not record.eligible, extras)
 
 
 def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionRecord]) -> list[dict]:

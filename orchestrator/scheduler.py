@@ -84,7 +84,6 @@ class Scheduler:
         self._actor_class = actor_class or ray.remote(max_restarts=0, max_task_retries=0)(TuneWorker)
         self._ids = itertools.count()
         self.workers: list[WorkerHandle] = []
-        self.lost: list[WorkerHandle] = []
         self._refs_wanted: set[tuple[str, int, str]] = set()
 
     # -- workers ------------------------------------------------------------------------------------
@@ -136,7 +135,6 @@ class Scheduler:
             pass
         if w in self.workers:
             self.workers.remove(w)
-        self.lost.append(w)
 
     def _replace(self, w: WorkerHandle, why: str) -> None:
         self._drop(w)

@@ -133,9 +133,6 @@ class CandidateSpec(_Strict):
         config_class = get_backend_class(self.backend).config_class
         return config_class.from_dict(dict(self.config))
 
-    def make_backend(self):
-        return get_backend_class(self.backend)(self.make_config())
-
 
 class ToleranceSpec(_Strict):
     atol: float | None = Field(default=None, ge=0)

@@ -177,6 +177,15 @@ def _remeasurer(scheduler: Scheduler, store: Store, spec: SweepSpec):
 def _previous_selection(store: Store, spec: SweepSpec):
     """An earlier sweep's decision for a group whose results all come from the store unchanged."""
     strategy = spec.strategy().describe()
+    keys_by_sweep: dict[str, dict] = {}  # sweep id -> group -> its result keys, read once
+
+    def group_keys(sweep_id: str, group) -> set[str]:
+        if sweep_id not in keys_by_sweep:
+            grouped: dict = {}
+            for r in store.sweep_results(sweep_id):
+                grouped.setdefault((r.model, r.batch_size, r.device_class_key), set()).add(r.key)
+            keys_by_sweep[sweep_id] = grouped
+        return keys_by_sweep[sweep_id].get(group, set())
 
     def previous(group, records: list[ResultRecord]) -> SelectionRecord | None:
         if not records or not all(r.from_store for r in records):
@@ -188,9 +197,7 @@ def _previous_selection(store: Store, spec: SweepSpec):
             for sel in store.selections(sweep["id"]):
                 if (sel.model, sel.batch_size, sel.device_class_key) != group:
                     continue
-                earlier = {r.key for r in store.sweep_results(sweep["id"])
-                           if (r.model, r.batch_size, r.device_class_key) == group}
-                if earlier == keys:
+                if group_keys(sweep["id"], group) == keys:
                     if "(decided in sweep " not in sel.reason:  # keep the sweep that really decided
                         sel.reason = f"{sel.reason} (decided in sweep {sweep['id']})"
                     return sel

@@ -317,3 +317,17 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{self.describe()} state={self._state.name} device={self._device}>"
+
+
+class ArtifactBackend(Backend):
+    """A backend that runs from files it built (a package, a model, an engine): activating and
+    deploying both mean loading those files on a device, which subclasses do in ``_load``."""
+
+    @abc.abstractmethod
+    def _load(self, device: torch.device) -> None: ...
+
+    def _activate(self) -> None:
+        self._load(self.device)
+
+    def _deploy(self, device: torch.device) -> None:
+        self._load(device)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.cuda_graphs import CudaGraphRunner
 from aitune.torch.export_utils import export_module
@@ -28,7 +28,7 @@ class TorchInductorAotConfig(BackendConfig):
         self.precision = normalize_precision(self.precision, type(self).__name__)
 
 
-class TorchInductorAotBackend(Backend):
+class TorchInductorAotBackend(ArtifactBackend):
     config_class = TorchInductorAotConfig
     portable = False  # the package holds machine code for one device type
 
@@ -78,14 +78,8 @@ class TorchInductorAotBackend(Backend):
         with torch.inference_mode():
             return sample(self._runner)
 
-    def _activate(self) -> None:
-        self._load(self.device)
-
     def _deactivate(self) -> None:
         self._runner = None
-
-    def _deploy(self, device: torch.device) -> None:
-        self._load(device)
 
     def to_dict(self) -> dict[str, Any]:
         state = self._base_dict()

@@ -12,7 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.onnx_export import export_onnx
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
@@ -50,7 +50,7 @@ class OnnxRuntimeConfig(BackendConfig):
             )
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(ArtifactBackend):
     config_class = OnnxRuntimeConfig
 
     def __init__(self, config: OnnxRuntimeConfig | None = None) -> None:
@@ -148,14 +148,8 @@ class OnnxRuntimeBackend(Backend):
         self._session.run_with_iobinding(binding)
         return outputs
 
-    def _activate(self) -> None:
-        self._load(self.device)
-
     def _deactivate(self) -> None:
         self._session = None
-
-    def _deploy(self, device: torch.device) -> None:
-        self._load(device)
 
     def to_dict(self) -> dict[str, Any]:
         state = self._base_dict()

@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.onnx_export import export_onnx, onnx_input_order
 from aitune.torch.precision import normalize_precision
@@ -207,7 +207,7 @@ def _write_atomic(path: Path, blob: Any) -> None:
     os.replace(tmp, path)
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(ArtifactBackend):
     """An engine built by TensorRT from the module's ONNX export; bound to the GPU class it was built on."""
 
     config_class = TensorRTConfig
@@ -341,17 +341,11 @@ class TensorRTBackend(Backend):
         return pytree.tree_unflatten(outputs, self._tree) if self._tree is not None else tuple(outputs)
 
     # -- life cycle ---------------------------------------------------------------------------------
-    def _activate(self) -> None:
-        self._load(self.device)
-
     def _deactivate(self) -> None:
         # the context before the engine, the engine before the runtime
         self._context = None
         self._engine = None
         self._runtime = None
-
-    def _deploy(self, device: torch.device) -> None:
-        self._load(device)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
