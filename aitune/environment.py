@@ -40,6 +40,7 @@ class Environment:
     onnxruntime: str | None
     tensorrt: str | None
     python: str
+    driver: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +57,38 @@ class Environment:
             "compute_capability": self.compute_capability,
             "torch": self.torch,
             "cuda": self.cuda,
+            "driver": self.driver,
             "tensorrt": self.tensorrt,
+            "onnxruntime": self.onnxruntime,
         }
+
+
+def tensorrt_version() -> str | None:
+    """From the module when it imports: ``tensorrt-cu12``/``-cu13`` installs have no ``tensorrt`` distribution."""
+    version = _version("tensorrt")
+    if version:
+        return version
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception:  # a broken install: no version to record
+        return None
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA driver's version (e.g. "12.4"); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        raw = int(torch._C._cuda_getDriverVersion())  # e.g. 12040
+    except Exception:
+        return None
+    return f"{raw // 1000}.{raw % 1000 // 10}"
 
 
 def describe_environment(device: torch.device | str = "cpu") -> Environment:
@@ -75,6 +106,7 @@ def describe_environment(device: torch.device | str = "cpu") -> Environment:
         torch=torch.__version__,
         cuda=torch.version.cuda,
         onnxruntime=_version("onnxruntime") or _version("onnxruntime-gpu"),
-        tensorrt=_version("tensorrt"),
+        tensorrt=tensorrt_version(),
         python=platform.python_version(),
+        driver=cuda_driver_version() if device.type == "cuda" else None,
     )

@@ -110,3 +110,10 @@ def select(results: Sequence[Measured], baseline: Measured | None, strategy: Str
     if strategy.fits(baseline.measurement):
         return Selection(baseline, f"{best.name} is not better than {baseline.name} beyond noise: baseline kept", ())
     return Selection(best, f"{baseline.name} misses the latency budget", ties)
+
+
+def speedup(baseline: Measurement | None, candidate: Measurement | None) -> float | None:
+    """How many times faster than the baseline at the median: the one definition every table uses."""
+    if baseline is None or candidate is None or candidate.median_ms <= 0:
+        return None
+    return baseline.median_ms / candidate.median_ms

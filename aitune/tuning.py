@@ -15,10 +15,11 @@ from typing import Any, Sequence
 
 import torch
 
-from aitune.check import CheckResult, Tolerance, check_samples, tolerance_for
+from aitune.check import CheckResult, Tolerance, tolerance_for
+from aitune.judge import judge
 from aitune.measure import MeasureConfig, Measurement, measure
 from aitune.specs import GraphSpec, Sample
-from aitune.strategy import Selection, Strategy, select
+from aitune.strategy import Selection, Strategy, select, speedup
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
 from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
@@ -131,8 +132,7 @@ def tune(
 
     baseline = next(r for r, b in zip(results, backends) if _is_baseline(b))
     for r in results:
-        if r.measurement and baseline.measurement:
-            r.speedup = baseline.measurement.median_ms / r.measurement.median_ms
+        r.speedup = speedup(baseline.measurement, r.measurement) if r.eligible else None
     choice: Selection = select(results, baseline, strategy)
     return TuneResult(choice.winner, baseline, results, strategy, choice.reason, choice.ties)
 
@@ -169,13 +169,10 @@ def evaluate(
         result.build_s = time.perf_counter() - start
     result.backend = backend
     try:
-        with torch.inference_mode():
-            outputs = [_detach(s(backend.infer)) for s in samples]
-        tolerance = tolerance_for(result.precision, tolerances)
-        result.check = check_samples(list(reference), outputs, tolerance)
-        if not result.check.ok:
-            result.status, result.error = "incorrect", result.check.reason
-        result.measurement = measure(backend.infer, samples[0], device, measure_config)
+        # The same rule as the orchestrator's workers: check, then measure only what is correct.
+        verdict = judge(backend.infer, samples, reference, device, tolerance_for(result.precision, tolerances), measure_config)
+        result.status, result.error = verdict.status, verdict.error
+        result.check, result.measurement = verdict.check, verdict.measurement
     except Exception as exc:
         result.status, result.error = "error", _format_error(exc)
     return result

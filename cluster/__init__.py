@@ -13,8 +13,6 @@ from cluster.connect import (
 from cluster.inventory import Inventory, NodeInfo
 from cluster.placement import Slot, plan_deploy_targets, plan_worker_slots
 
-disable_usage_stats()
-
 __all__ = [
     "ClusterConnectionError",
     "ClusterHandle",

@@ -12,7 +12,6 @@ from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
-from orchestrator.records import Job
 from orchestrator.spec import CandidateSpec, ModelSpec, SweepSpec
 
 
@@ -81,12 +80,6 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def job_key(fingerprint: str, backend: str, config_key: str, graph_spec: dict[str, Any], device_class: dict[str, Any]) -> str:
-    return sha256_of(
-        {"model": fingerprint, "backend": backend, "config": config_key, "graph_spec": graph_spec, "device_class": device_class}
-    )
-
-
 def candidate_specs(spec: SweepSpec, device_type: str) -> list[CandidateSpec]:
     """The spec's candidates, or the device type's default set; the eager fp32 baseline always."""
     if spec.candidates is not None:
@@ -98,33 +91,28 @@ def candidate_specs(spec: SweepSpec, device_type: str) -> list[CandidateSpec]:
     return chosen
 
 
-def expand(
-    spec: SweepSpec,
-    fingerprints: dict[str, str],
-    device_classes: dict[str, dict[str, Any]],
-) -> list[Job]:
-    """Every (device class, model, batch size, candidate), with its key; equal keys appear once."""
-    jobs: dict[str, Job] = {}
-    for dc_key, device_class in device_classes.items():
-        candidates = candidate_specs(spec, device_class["device_type"])
-        for model in spec.models:
-            for batch in spec.batches_of(model):
-                graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
-                for cand in candidates:
-                    config = cand.make_config()
-                    backend_cls = get_backend_class(cand.backend)
-                    key = job_key(fingerprints[model.name], cand.backend, config.key(), graph, device_class)
-                    if key in jobs:
-                        continue  # the same candidate written twice (or two spellings of one config)
-                    jobs[key] = Job(
-                        key=key,
-                        model=model.name,
-                        batch_size=batch,
-                        backend=cand.backend,
-                        config=config.to_dict(),
-                        candidate=backend_cls(config).describe(),
-                        device_class_key=dc_key,
-                        model_fingerprint=fingerprints[model.name],
-                        graph_spec=graph,
-                    )
-    return list(jobs.values())
+def samples_key(spec: ModelSpec, batch_size: int) -> str:
+    """What decides the check samples' values: the input specs or sample factory, the seed, the batch."""
+    return sha256_of({
+        "inputs": [i.model_dump(mode="json") for i in spec.inputs] if spec.inputs else None,
+        "sample_factory": spec.sample_factory, "seed": spec.seed, "batch_size": batch_size,
+    })
+
+
+class ModelLoadError(ValueError):
+    """A model's factory failed or returned something that is not a module; names the spec field."""
+
+
+def fingerprint_models(spec: SweepSpec) -> dict[str, str]:
+    """Each model's weights fingerprint, one model in memory at a time, before any worker starts."""
+    found: dict[str, str] = {}
+    for i, model in enumerate(spec.models):
+        try:
+            module = load_model(model)
+        except TypeError as exc:
+            raise ModelLoadError(f"models[{i}].factory: {exc}") from None
+        except Exception as exc:  # the user's factory raised: say which model and what
+            raise ModelLoadError(f"models[{i}].factory: {model.factory!r} raised {type(exc).__name__}: {exc}") from None
+        found[model.name] = model_fingerprint(module)
+        del module
+    return found

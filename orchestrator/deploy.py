@@ -30,8 +30,6 @@ DEPLOYED, REFUSED = "deployed", "refused"
 
 class DeployWorker:
     def __init__(self, slot: dict[str, Any], target: str) -> None:
-        import orchestrator.fault_backends  # noqa: F401
-
         quiet_libraries()
 
         self.threads = int(slot.get("threads", 1))
@@ -56,7 +54,11 @@ class DeployWorker:
         precision: str,
         tolerances: dict[str, dict[str, float]],
         latency_s: float,
+        trust: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """``trust``: the manifest's SHA-256 recorded by the store, and the factories and backends
+        the sweep's spec names; nothing else in the checkpoint is imported."""
+        trust = trust or {}
         record = DeployRecord(
             model=selection["model"], batch_size=selection["batch_size"], target=self.target, status=REFUSED,
             winner_key=selection.get("winner_key"), worker=self.info(),
@@ -73,7 +75,10 @@ class DeployWorker:
         root = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
             path = unpack_to(checkpoint, root / "checkpoint")
-            backend = load_checkpoint(path, self.device)
+            backend = load_checkpoint(
+                path, self.device, manifest_sha256=trust.get("manifest_sha256"),
+                allow_factories=trust.get("factories") or [], allow_backends=trust.get("backends") or [],
+            )
             backend.deploy(self.device)
             sample, expected = load_reference(reference)
             sample = sample.to(self.device)
@@ -96,3 +101,62 @@ class DeployWorker:
             # Loaded backends keep what they need in memory; the unpacked files can go.
             shutil.rmtree(root, ignore_errors=True)
         return record.to_dict()
+
+
+def deploy_winners(spec, store, sweep_id: str, selections, results, inventory) -> list[DeployRecord]:
+    """One deploy actor per target; each winner's checkpoint (checked by the store first) to every target."""
+    import ray
+
+    from cluster import plan_deploy_targets
+    from orchestrator.store import DamagedCheckpoint
+
+    slots = plan_deploy_targets(inventory, spec.deploy.targets)
+    by_key = {r.key: r for r in results}
+    actor_class = ray.remote(max_restarts=0)(DeployWorker)
+    actors = []
+    for slot in slots:
+        options = dict(slot.actor_options())
+        if slot.env():
+            options["runtime_env"] = {"env_vars": slot.env()}
+        actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
+    records: list[DeployRecord] = []
+
+    def refuse_all(sel, reason: str) -> None:
+        for slot, _ in actors:
+            rec = DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=reason)
+            store.put_deploy(sweep_id, rec)
+            records.append(rec)
+
+    try:
+        calls = []
+        for sel in selections:
+            if sel.winner_key is None:
+                continue
+            winner = by_key[sel.winner_key]
+            try:
+                checkpoint = store.checkpoint_bytes(winner)
+            except DamagedCheckpoint as exc:
+                refuse_all(sel, str(exc))
+                continue
+            reference = store.reference_bytes(winner.reference_key) if winner.reference_key else None
+            trust = {
+                "manifest_sha256": winner.manifest_sha256,
+                "factories": [spec.model(winner.model).factory],
+                "backends": [winner.backend] if ":" in winner.backend else [],
+            }
+            ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
+            for slot, actor in actors:
+                calls.append((sel, slot, actor.deploy.remote(
+                    ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
+                    spec.tolerance_overrides(), spec.deploy.latency_check_s, trust)))
+        for sel, slot, ref in calls:
+            try:
+                rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
+            except Exception as exc:
+                rec = DeployRecord(sel.model, sel.batch_size, slot.label, "failed", sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
+            store.put_deploy(sweep_id, rec)
+            records.append(rec)
+    finally:
+        for _, actor in actors:
+            ray.kill(actor, no_restart=True)
+    return records

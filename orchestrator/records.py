@@ -1,7 +1,7 @@
-"""Plain records that cross process boundaries: what a worker is asked to do and what it answers.
+"""The typed records that cross process boundaries: what a worker is asked to do and what it answers.
 
-Everything here is a dataclass of JSON-able fields (``to_dict``/``from_dict``), so records travel
-through Ray and into the SQLite store unchanged.
+Records hold objects (``Measurement``, ``CheckResult``, ``WorkerInfo``); they become JSON only at
+the edges, through ``to_dict``/``from_dict``: the Ray calls and the SQLite store.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aitune.canonical import sha256_of
+from aitune.check import CheckResult
+from aitune.measure import Measurement
 
 #: Result statuses. ``ok`` is the only one eligible to win.
 OK = "ok"
@@ -23,6 +25,11 @@ INFRA = "infra"
 ERROR = "error"  # anything else that went wrong in a phase (infer raised, measure raised)
 SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
 STATUSES = (OK, BUILD_ERROR, INCORRECT, UNSUPPORTED, TIMEOUT, CRASH, INFRA, ERROR, SKIPPED)
+
+#: How a sweep came by a result: it built it, took it from the store as it was, or took the
+#: stored artifact and judged it again under this sweep's settings.
+BUILT, REUSED, RECHECKED, REMEASURED = "built", "reused", "re-checked", "re-measured"
+HOWS = (BUILT, REUSED, RECHECKED, REMEASURED, f"{RECHECKED}+{REMEASURED}")
 
 
 class _Record:
@@ -54,7 +61,12 @@ class WorkerInfo(_Record):
 
 @dataclass
 class Job(_Record):
-    """One candidate on one device class: what a worker needs to build, check and measure it."""
+    """One candidate on one device class: what a worker needs to build, check and measure it.
+
+    ``key`` is the artifact key (what is built); ``eval_key`` and ``evaluation`` say how it is
+    judged. ``mode`` is ``build`` (build, check, measure, save) or ``evaluate`` (load the stored
+    artifact and check and/or measure it again: ``redo`` names which).
+    """
 
     key: str
     model: str
@@ -65,19 +77,29 @@ class Job(_Record):
     device_class_key: str
     model_fingerprint: str
     graph_spec: dict[str, Any] = field(default_factory=dict)
+    samples_key: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    eval_key: str = ""
+    mode: str = "build"
+    redo: list[str] = field(default_factory=list)  # for mode "evaluate": "check", "measure"
     attempt: int = 0
 
     @property
     def reference_key(self) -> str:
-        """The (model, input shapes, device class) the eager fp32 reference belongs to."""
-        return sha256_of({"model": self.model_fingerprint, "graph": self.graph_spec, "device_class": self.device_class_key})
+        """The (model, input shapes, samples, device class) the eager fp32 reference belongs to."""
+        return sha256_of({"model": self.model_fingerprint, "graph": self.graph_spec, "samples": self.samples_key,
+                          "device_class": self.device_class_key})
+
+    @property
+    def precision(self) -> str:
+        return str(self.config.get("precision", "float32"))
 
 
 @dataclass
 class ResultRecord(_Record):
     """The outcome of one job, failed or not: a failed candidate is a result too."""
 
-    key: str
+    key: str  # the artifact key
     model: str
     batch_size: int
     backend: str
@@ -85,13 +107,17 @@ class ResultRecord(_Record):
     candidate: str
     status: str
     device_class_key: str
+    eval_key: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_class: str | None = None  # exception class name, or the fault kind
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase: load, build, check, measure, save
-    measurement: dict[str, Any] | None = None  # aitune.measure.Measurement.to_dict()
-    check: dict[str, Any] | None = None  # aitune.check.CheckResult.to_dict()
-    worker: dict[str, Any] | None = None  # WorkerInfo.to_dict()
-    checkpoint: str | None = None  # path relative to the store root
+    measurement: Measurement | None = None
+    check: CheckResult | None = None
+    worker: WorkerInfo | None = None
+    checkpoint: str | None = None  # where the store keeps it, relative to the store root
+    manifest_sha256: str | None = None  # of the checkpoint's manifest.json, recorded at commit
+    outputs: str | None = None  # where the store keeps the candidate's outputs on the check samples
     reference_key: str | None = None  # where the store keeps this job's sample and eager fp32 outputs
     peak_memory_bytes: int | None = None
     #: device memory after the candidate was released: allocated, reserved, left behind (bytes)
@@ -100,11 +126,36 @@ class ResultRecord(_Record):
     recycled: str | None = None
     attempts: int = 1
     created_at: float = 0.0
-    from_store: bool = False  # set by the driver when the result was reused, never stored
+    how: str = BUILT
+    #: for a result this sweep did not build: the stored result it came from ({"sweep", "result"})
+    source: dict[str, Any] | None = None
+    #: the store's row id and sweep of this very record (set by the store, never written into it)
+    result_id: int | None = None
+    sweep_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"unknown result status {self.status!r}; expected one of {STATUSES}")
+        if self.how not in HOWS:
+            raise ValueError(f"unknown result origin {self.how!r}; expected one of {HOWS}")
+        if isinstance(self.measurement, dict):
+            self.measurement = Measurement.from_dict(self.measurement)
+        if isinstance(self.check, dict):
+            self.check = CheckResult.from_dict(self.check)
+        if isinstance(self.worker, dict):
+            self.worker = WorkerInfo.from_dict(self.worker)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["measurement"] = self.measurement.to_dict() if self.measurement else None
+        d["check"] = self.check.to_dict() if self.check else None
+        d["worker"] = self.worker.to_dict() if self.worker else None
+        return d
+
+    @property
+    def from_store(self) -> bool:
+        """Whether this sweep took the artifact from the store rather than building it."""
+        return self.how != BUILT
 
     @property
     def eligible(self) -> bool:
@@ -112,11 +163,11 @@ class ResultRecord(_Record):
 
     @property
     def median_ms(self) -> float | None:
-        return self.measurement.get("median_ms") if self.measurement else None
+        return self.measurement.median_ms if self.measurement else None
 
     @property
     def p99_ms(self) -> float | None:
-        return self.measurement.get("p99_ms") if self.measurement else None
+        return self.measurement.p99_ms if self.measurement else None
 
     @property
     def build_s(self) -> float | None:
@@ -124,7 +175,28 @@ class ResultRecord(_Record):
 
     @property
     def max_abs_err(self) -> float | None:
-        return self.check.get("max_abs_err") if self.check else None
+        return self.check.max_abs_err if self.check else None
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.worker.worker_id if self.worker else None
+
+    @property
+    def device_name(self) -> str | None:
+        return (self.worker.device_class or {}).get("device_name") if self.worker else None
+
+
+def result_for(job: Job, status: str, error: str | None = None, error_class: str | None = None,
+               worker: WorkerInfo | None = None) -> ResultRecord:
+    """The one mapping from a job to its (not yet filled) result record."""
+    import time
+
+    return ResultRecord(
+        key=job.key, model=job.model, batch_size=job.batch_size, backend=job.backend, config=job.config,
+        candidate=job.candidate, status=status, device_class_key=job.device_class_key, eval_key=job.eval_key,
+        evaluation=job.evaluation, error=error, error_class=error_class, worker=worker,
+        attempts=job.attempt + 1, created_at=time.time(), reference_key=job.reference_key,
+    )
 
 
 @dataclass
@@ -140,6 +212,8 @@ class SelectionRecord(_Record):
     ties: list[str] = field(default_factory=list)
     remeasured: bool = False
     speedup: float | None = None
+    #: the sweep that made this decision, when this one took it over unchanged
+    decided_in: str | None = None
 
 
 @dataclass

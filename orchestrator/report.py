@@ -18,13 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aitune.defaults import is_baseline
+from aitune.strategy import speedup
 from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
+from orchestrator.selection import baseline_of
 
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
-    "max_abs_err", "peak_memory_mb", "from_store", "winner", "tie", "error", "key",
+    "max_abs_err", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
 
 Group = tuple[str, int, str]  # (model, batch size, device class key)
@@ -36,19 +37,6 @@ def _group(record: ResultRecord | SelectionRecord) -> Group:
     return (record.model, record.batch_size, record.device_class_key)
 
 
-def baseline_of(results: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
-    """The eager fp32 result of each group that has one."""
-    found: dict[Group, ResultRecord] = {}
-    for record in results:
-        # the rule every speedup uses: eager fp32 with every other field at its default
-        if not is_baseline(record.backend, record.config):
-            continue
-        current = found.get(_group(record))
-        if current is None or (record.eligible and not current.eligible):  # prefer a measured one
-            found[_group(record)] = record
-    return found
-
-
 def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionRecord]) -> list[dict]:
     results = list(results)
     baselines = baseline_of(results)
@@ -56,7 +44,6 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
     rows = []
     for r in results:
         base = baselines.get(_group(r))
-        base_ms = base.median_ms if base is not None and base.eligible else None
         selection = chosen.get(_group(r))
         ties = selection.ties if selection is not None else []
         rows.append(
@@ -70,10 +57,11 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
                 "median_ms": r.median_ms,
                 "p99_ms": r.p99_ms,
                 # Only a correct result gets a speedup: a fast wrong answer must not look like a win.
-                "speedup": base_ms / r.median_ms if base_ms and r.eligible and r.median_ms else None,
+                "speedup": speedup(base.measurement, r.measurement) if base is not None and base.eligible and r.eligible else None,
                 "max_abs_err": r.max_abs_err,
                 "peak_memory_mb": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None,
                 "from_store": r.from_store,
+                "how": r.how,
                 "winner": selection is not None and selection.winner_key == r.key,
                 # Ties may name candidates or keys depending on who wrote them; either marks the row.
                 "tie": r.candidate in ties or r.key in ties,
@@ -85,7 +73,7 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
 
 
 def _device_name(record: ResultRecord) -> str | None:
-    name = ((record.worker or {}).get("device_class") or {}).get("device_name")
+    name = record.device_name
     if not name:
         return None
     for noise in ("NVIDIA ", "(R)", "(TM)", " CPU"):
@@ -137,7 +125,7 @@ def _table_cells(row: dict, mark: str) -> list[str]:
         _speedup(row["speedup"]),
         _num(row["max_abs_err"], "{:.2e}"),
         _num(row["peak_memory_mb"], "{:.1f}"),
-        "yes" if row["from_store"] else "",
+        row["how"] if row["from_store"] else "",
         mark if row["winner"] else ("tie" if row["tie"] else ""),
     ]
 
@@ -187,7 +175,7 @@ def render(
         for header in ("model", "batch", "winner", "speedup", "reason", "ties"):
             table.add_column(header)
         for s, speedup in _winner_speedups(selections, rows):
-            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(speedup), s.reason, ", ".join(s.ties))
+            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(speedup), _reason(s), ", ".join(s.ties))
             table.add_row(*(escape(c) for c in cells))
         console.print(table)
 
@@ -200,6 +188,20 @@ def render(
                      _num(d.max_abs_err, "{:.2e}"), _ms(d.median_ms))  # fmt: skip
             table.add_row(*(escape(c) for c in cells))
         console.print(table)
+
+
+def _reason(s: SelectionRecord) -> str:
+    return f"{s.reason} (decided in sweep {s.decided_in})" if s.decided_in else s.reason
+
+
+def incomplete_note(sweep_info: dict) -> str | None:
+    """A sweep that did not finish says so wherever it is reported."""
+    status = sweep_info.get("status")
+    if not status or status == "done":
+        return None
+    if status == "running":
+        return f"sweep {sweep_info.get('id')} is still running: this report is partial"
+    return f"sweep {sweep_info.get('id')} did not finish ({status}): this report is incomplete"
 
 
 def _winner_speedups(selections: list[SelectionRecord], rows: list[dict]) -> list[tuple[SelectionRecord, float | None]]:
@@ -282,6 +284,9 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
     facts = [f"{name} `{sweep_info[name]}`" for name in ("id", "status") if sweep_info.get(name)]
     if facts:
         lines += [", ".join(facts), ""]
+    note = incomplete_note(sweep_info)
+    if note:
+        lines += [f"**{note}**", ""]
     mark = "**WINNER**"
     for model, model_rows in _rows_by_model(rows).items():
         lines += [f"## {model}", ""]
@@ -364,20 +369,37 @@ def report_store(
     console: Console | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Print and write the report of one sweep (the latest by default) from the store at ``store_root``."""
-    from orchestrator.store import DB_NAME, Store
+    """Print and write the report of one sweep (the latest by default) from the store at ``store_root``.
 
+    The store is opened read-only: reporting never changes it, and works on a read-only disk
+    (then the files go to ``out_dir`` only, or are not written).
+    """
+    from orchestrator.store import DB_NAME, SqliteStore
+
+    console = console or Console()
     root = Path(store_root)
-    # Check first: opening a Store on a wrong path would quietly create an empty one there.
+    # Check first: opening a store on a wrong path must not quietly create an empty one there.
     if not (root / DB_NAME).is_file():
         raise FileNotFoundError(f"{root} is not an orchestrator store: {root / DB_NAME} does not exist")
-    with Store(root) as store:
+    with SqliteStore(root, readonly=True) as store:
         sweep_id = sweep_id or store.latest_sweep_id()
         if sweep_id is None:
             raise LookupError(f"store {root} has no sweeps yet: run a sweep first")
-        info = store.sweep_info(sweep_id)
+        info = store.sweep_info(sweep_id).to_dict()
         results = store.sweep_results(sweep_id)
         selections = store.selections(sweep_id)
         deployments = store.deployments(sweep_id)
-    render(console or Console(), results, selections, deployments)
-    return write_reports(Path(out_dir) if out_dir else root / "reports" / sweep_id, info, results, selections, deployments)
+    note = incomplete_note(info)
+    console.print(f"sweep {info['id']} ({info['name']}): {info['status']}", markup=False, highlight=False)
+    render(console, results, selections, deployments)
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    out = Path(out_dir) if out_dir else root / "reports" / sweep_id
+    try:
+        return write_reports(out, info, results, selections, deployments)
+    except OSError as exc:
+        if out_dir:
+            raise
+        console.print(f"reports not written: {out} is not writable ({exc.strerror or exc}); "
+                      f"give --out DIR to write them elsewhere", markup=False, highlight=False)
+        return {}

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 from aitune.defaults import is_baseline
 from aitune.measure import Measurement
-from aitune.strategy import Strategy, select
+from aitune.strategy import Strategy, select, speedup
 from orchestrator.records import ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
@@ -43,9 +43,23 @@ def group_results(results: Iterable[ResultRecord]) -> dict[Group, list[ResultRec
     return dict(groups)
 
 
+def baseline_of(records: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
+    """The eager fp32 result of each group that has one: what every speedup is measured against."""
+    found: dict[Group, ResultRecord] = {}
+    for record in records:
+        if not is_baseline(record.backend, record.config):
+            continue
+        group = (record.model, record.batch_size, record.device_class_key)
+        current = found.get(group)
+        if current is None or (record.eligible and not current.eligible):  # prefer a measured one
+            found[group] = record
+    return found
+
+
 def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], strategy: Strategy):
     cands = [_Candidate(r, measurements.get(r.key)) for r in records]
-    baseline = next((c for c in cands if is_baseline(c.record.backend, c.record.config)), None)
+    base = next(iter(baseline_of(records).values()), None)
+    baseline = next((c for c in cands if c.record is base), None)
     return select(cands, baseline, strategy), cands, baseline
 
 
@@ -62,7 +76,7 @@ def choose_winners(
             # Nothing new in this group: the earlier decision (re-measurements included) stands.
             selections.append(earlier)
             continue
-        measurements = {r.key: Measurement.from_dict(r.measurement) for r in records if r.measurement}
+        measurements = {r.key: r.measurement for r in records if r.measurement}
         choice, cands, baseline = _decide(records, measurements, strategy)
         remeasured = False
         ranked = sorted(
@@ -82,14 +96,12 @@ def choose_winners(
                 remeasured = True
                 choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
         winner = choice.winner.record if choice.winner is not None else None
-        speedup = None
-        if winner is not None and baseline is not None and baseline.measurement is not None:
-            speedup = baseline.measurement.median_ms / measurements[winner.key].median_ms
+        gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
         selections.append(
             SelectionRecord(
                 model=group[0], batch_size=group[1], device_class_key=group[2],
                 winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
-                reason=choice.reason, ties=list(choice.ties), remeasured=remeasured, speedup=speedup,
+                reason=choice.reason, ties=list(choice.ties), remeasured=remeasured, speedup=gain,
             )
         )
     return selections

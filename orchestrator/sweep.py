@@ -1,40 +1,44 @@
-"""One sweep from spec to report: connect, start workers, expand, dedupe, run, select, deploy, report."""
+"""One sweep from spec to report, as a short pipeline.
+
+    prepare (store, models: before Ray starts) -> start workers -> plan (jobs and their keys)
+    -> partition by what the store holds -> run (re-check on the driver; evaluate and build on
+    workers, claiming keys other drivers may share) -> select -> deploy -> report
+
+Every step is a function below; ``run_sweep`` only strings them together.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 from rich.console import Console
 
 from aitune.measure import Measurement
-from cluster import Inventory, connect, plan_deploy_targets, plan_worker_slots
 from orchestrator import records as R
-from orchestrator.candidates import expand, load_model, model_fingerprint
-from orchestrator.deploy import DeployWorker
+from orchestrator.candidates import fingerprint_models
+from orchestrator.deploy import deploy_winners
+from orchestrator.plan import BUILD, EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
 from orchestrator.report import render, write_reports
-from orchestrator.scheduler import Limits, Scheduler
+from orchestrator.scheduler import JobGate, Limits, Scheduler
 from orchestrator.selection import choose_winners
 from orchestrator.spec import SweepSpec
-from orchestrator.store import Store
-from orchestrator.transfer import pack_dir
+from orchestrator.store import DamagedCheckpoint, ResultStore, SqliteStore
 
 log = logging.getLogger(__name__)
-
-#: statuses worth running again in a later sweep: they say nothing about the candidate itself
-NOT_REUSABLE = (R.INFRA, R.SKIPPED)
 
 
 @dataclass
 class SweepOutcome:
     sweep_id: str
-    store: Path
+    store: Path | None
     results: list[ResultRecord]
     selections: list[SelectionRecord]
     deployments: list[DeployRecord]
@@ -43,6 +47,77 @@ class SweepOutcome:
     tune_s: float = 0.0
     reused: int = 0
     ran: int = 0
+    #: how each result came about: built, reused, re-checked, re-measured
+    how: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        """What the user asked for that did not happen (non-empty: the CLI exits non-zero)."""
+        out = [f"{d.model} b{d.batch_size} on {d.target}: deploy {d.status}: {d.reason}"
+               for d in self.deployments if d.status != "deployed"]
+        out += [f"{s.model} b{s.batch_size}: no correct candidate, nothing to deploy"
+                for s in self.selections if s.winner_key is None]
+        return out
+
+
+class Heartbeat:
+    """Renews the sweep's heartbeat and its claims while the driver lives (a thread of its own)."""
+
+    def __init__(self, store: ResultStore, sweep_id: str) -> None:
+        self.store, self.sweep_id = store, sweep_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{sweep_id}", daemon=True)
+
+    def _beat(self) -> None:
+        interval = max(self.store.lease_s / 3, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                self.store.heartbeat(self.sweep_id)
+            except Exception as exc:  # a busy store: the next beat tries again
+                log.warning("heartbeat of sweep %s failed: %s", self.sweep_id, exc)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StoreGate(JobGate):
+    """Claims each artifact key before it is built; defers keys another live driver holds."""
+
+    def __init__(self, store: ResultStore, sweep_id: str, resolve) -> None:
+        self.store, self.sweep_id, self.resolve = store, sweep_id, resolve
+        self.waiting_on: dict[str, str] = {}
+
+    def admit(self, job: Job) -> bool:
+        owner = self.store.claim(job.key, self.sweep_id)
+        if owner is None:
+            return True
+        self.waiting_on[job.key] = owner
+        return False
+
+    def poll(self, deferred: list[Job]) -> tuple[list[ResultRecord], list[Job]]:
+        done, runnable = [], []
+        priors = self.store.results_for(j.key for j in deferred)
+        for job in deferred:
+            mine = [p for p in priors.get(job.key, []) if p.sweep_id != self.sweep_id]
+            fresh = [p for p in mine if p.status not in (R.INFRA, R.SKIPPED)]
+            if fresh:  # the other driver finished it: take it as any stored result
+                outcome = self.resolve(job, fresh)
+                if isinstance(outcome, ResultRecord):
+                    done.append(outcome)
+                else:
+                    runnable.append(outcome)
+            elif self.store.claim(job.key, self.sweep_id) is None:
+                runnable.append(job)  # its driver gave up or died: the claim expired, it is ours now
+        return done, runnable
+
+
+def open_store(root: str | Path) -> SqliteStore:
+    return SqliteStore(Path(root))
 
 
 def run_sweep(
@@ -57,115 +132,193 @@ def run_sweep(
     live: bool | None = None,
     ray_init: dict[str, Any] | None = None,
     write_report: bool = True,
+    store: ResultStore | None = None,
 ) -> SweepOutcome:
+    from cluster import Inventory, connect, plan_deploy_targets, plan_worker_slots
+
     console = console or Console()
-    handle = connect(address, **(ray_init or {}))
-    store = Store(Path(store_root or spec.store))
+    # Everything that can be refused is refused before Ray starts: the store, then the models.
+    own_store = store is None
+    store = store or open_store(store_root or spec.store)
+    try:
+        fingerprints = fingerprint_models(spec)
+        handle = connect(address, **(ray_init or {}))
+    except BaseException:
+        if own_store:
+            store.close()
+        raise
     scheduler = None
     sweep_id = None
     try:
         inventory = Inventory.from_ray()
-        slots = plan_worker_slots(
-            inventory, cpu_slots=spec.workers.cpu_slots, threads_per_slot=spec.workers.threads_per_slot,
-            use_gpus=spec.workers.use_gpus,
-        )
+        slots = plan_worker_slots(inventory, cpu_slots=spec.workers.cpu_slots,
+                                  threads_per_slot=spec.workers.threads_per_slot, use_gpus=spec.workers.use_gpus)
+        if deploy and spec.deploy.targets:
+            plan_deploy_targets(inventory, spec.deploy.targets)  # targets the cluster can't satisfy: refuse now
         sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"))
-        console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); store {store.root}")
-        fingerprints = {m.name: model_fingerprint(load_model(m)) for m in spec.models}
-
-        def commit(record: ResultRecord, checkpoint: bytes | None, reference: bytes | None) -> None:
-            if record.status == R.OK and checkpoint is None:
-                record.status, record.error = R.ERROR, "the worker returned no checkpoint"
-            # The reference first: a driver killed between the two writes then loses nothing a
-            # later run (which reuses the result and asks for no reference) would need.
-            ref_key = jobs_by_key[record.key].reference_key
-            if reference is not None:
-                store.put_reference(ref_key, reference)
-            elif asked.get(ref_key) == record.key:
-                del asked[ref_key]  # the job asked for it failed before sending it: ask the next
-            store.put_result(sweep_id, record, checkpoint)
-
-        asked: dict[str, str] = {}  # reference key -> the job asked to send it
-        limits = Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
+        console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); "
+                      f"store {store.root or 'in memory'}", markup=False, highlight=False)
         progress = Progress(console, live=live)
-        scheduler = Scheduler(slots, spec.model_dump(mode="json"), limits, on_result=commit, on_event=progress.event)
-        with progress:
-            infos = scheduler.start_workers()
-            device_classes = {i.device_class_key: i.device_class for i in infos}
-            jobs = expand(spec, fingerprints, device_classes)
-            jobs_by_key = {j.key: j for j in jobs}
-            stored = {} if force else store.get_results(jobs_by_key)
-            reused, to_run = [], []
-            for job in jobs:
-                rec = stored.get(job.key)
-                if rec is not None and rec.status not in NOT_REUSABLE and not (retry_failed and rec.status != R.OK) \
-                        and (rec.status != R.OK or store.checkpoint_dir(rec) is not None):
-                    store.mark_reused(sweep_id, rec)
-                    rec.from_store = True
-                    reused.append(rec)
-                else:
-                    to_run.append(job)
-            progress.total = len(jobs)
-            if reused:
-                progress.reused_results(len(reused))
-            def want_reference(job: Job) -> bool:
-                # One job at a time is asked; if it fails before sending it, the next one is.
-                key = job.reference_key
-                if key in asked or store.reference_path(key) is not None:
-                    return False
-                asked[key] = job.key
-                return True
-
-            start = time.monotonic()
-            ran = scheduler.run(to_run, want_reference)
-            tune_s = time.monotonic() - start
-        results = reused + ran
-        selections = choose_winners(
-            results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec),
-            previous=None if force else _previous_selection(store, spec),
-        )
-        for s in selections:
-            store.put_selection(sweep_id, s)
-        scheduler.shutdown()
-        scheduler = None
-        deployments = _deploy(spec, store, sweep_id, selections, results, inventory, console) if deploy else []
+        with Heartbeat(store, sweep_id):
+            asks = ReferenceAsks(store)
+            scheduler = Scheduler(slots, spec.model_dump(mode="json"), _limits(spec),
+                                  on_result=_committer(store, sweep_id, asks), events=progress)
+            with progress:
+                infos = scheduler.start_workers()
+                jobs = _plan(spec, fingerprints, infos)
+                decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem)
+                             for j, p in _priors(store, jobs)]
+                progress.total = len(jobs)
+                start = time.monotonic()
+                results = _run(spec, store, sweep_id, scheduler, decisions, progress, asks)
+                tune_s = time.monotonic() - start
+            selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec),
+                                        previous=None if force else _previous_selection(store, spec, sweep_id))
+            for s in selections:
+                store.put_selection(sweep_id, s)
+            scheduler.shutdown()
+            scheduler = None
+            deployments = (deploy_winners(spec, store, sweep_id, selections, results, inventory)
+                           if deploy and spec.deploy.targets else [])
         store.finish_sweep(sweep_id, "done")
-        outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s, reused=len(reused), ran=len(ran))
+        how = Counter(r.how for r in results)
+        outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s,
+                               reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0), how=dict(how))
         if write_report:
             swept = store.sweep_results(sweep_id)
             render(console, swept, selections, deployments)
-            out = store.root / "reports" / sweep_id
-            outcome.reports = write_reports(out, store.sweep_info(sweep_id), swept, selections, deployments)
-            console.print(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
+            if store.root is not None:
+                out = store.root / "reports" / sweep_id
+                outcome.reports = write_reports(out, store.sweep_info(sweep_id).to_dict(), swept, selections, deployments)
+                console.print(f"reports: {', '.join(str(p) for p in outcome.reports.values())}", markup=False, highlight=False)
         return outcome
     except BaseException as exc:
         if sweep_id is not None:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}"
-            store.finish_sweep(sweep_id, status)
+            try:
+                store.finish_sweep(sweep_id, status)
+            except Exception as inner:  # the original error matters more
+                log.warning("could not mark sweep %s as %s: %s", sweep_id, status, inner)
         raise
     finally:
         if scheduler is not None:
             scheduler.shutdown()
-        store.close()
+        if own_store:
+            store.close()
         handle.shutdown()
 
 
-def _remeasurer(scheduler: Scheduler, store: Store, spec: SweepSpec):
+def _limits(spec: SweepSpec) -> Limits:
+    return Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
+
+
+def _plan(spec: SweepSpec, fingerprints: dict[str, str], infos) -> list[Job]:
+    device_classes = {i.device_class_key: i.device_class for i in infos}
+    threads = {i.device_class_key: i.threads for i in infos}
+    return expand(spec, fingerprints, device_classes, threads)
+
+
+def _priors(store: ResultStore, jobs: list[Job]):
+    stored = store.results_for(j.key for j in jobs)
+    return [(j, stored.get(j.key, [])) for j in jobs]
+
+
+class ReferenceAsks:
+    """Which job is asked to send the eager fp32 reference of each (model, shape, samples, device class).
+
+    One job at a time is asked; if it finishes without sending it, the next one is.
+    """
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+        self.asked: dict[str, str] = {}  # reference key -> the job asked to send it
+
+    def want(self, job: Job) -> bool:
+        key = job.reference_key
+        holder = self.asked.get(key)
+        if holder is not None and holder != job.key or self.store.has_reference(key):
+            return False
+        self.asked[key] = job.key
+        return True
+
+    def answered(self, record: ResultRecord, sent: bool) -> None:
+        if not sent and self.asked.get(record.reference_key) == record.key:
+            del self.asked[record.reference_key]
+
+
+def _committer(store: ResultStore, sweep_id: str, asks: ReferenceAsks):
+    def commit(record: ResultRecord, checkpoint: bytes | None, outputs: bytes | None, reference: bytes | None) -> ResultRecord:
+        asks.answered(record, reference is not None)
+        if record.status in (R.OK, R.INCORRECT) and checkpoint is None and record.source is None:
+            record.status, record.error = R.ERROR, "the worker returned no checkpoint"
+            record.measurement = None
+        # The reference first: a driver killed between the two writes then loses nothing a
+        # later run (which reuses the result and asks for no reference) would need.
+        if reference is not None and record.reference_key:
+            store.put_reference(record.reference_key, reference)
+        return store.add_result(sweep_id, record, checkpoint, outputs)
+
+    return commit
+
+
+def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, scheduler: Scheduler, decisions: list[Decision],
+         progress: Progress, asks: ReferenceAsks) -> list[ResultRecord]:
+    """Reuse and re-check what the store holds; evaluate and build the rest on the workers."""
+    results: list[ResultRecord] = []
+    to_run: list[Job] = []
+    priors: dict[str, ResultRecord] = {}
+
+    def settle(decision: Decision) -> ResultRecord | Job:
+        """A result now (reused, or re-checked on the driver) or a job for the workers."""
+        job, prior = decision.job, decision.prior
+        if decision.action == REUSE:
+            return store.add_reuse(sweep_id, prior)
+        if decision.action == RECHECK:
+            outputs, reference = store.outputs_bytes(prior), store.reference_bytes(job.reference_key)
+            if outputs is not None and reference is not None:
+                return store.add_result(sweep_id, recheck(job, prior, outputs, reference, spec))
+            decision = Decision(job, EVALUATE, prior, ["check"], "stored outputs unreadable")
+        if decision.action == EVALUATE:
+            job.mode, job.redo = "evaluate", list(decision.redo)
+            priors[job.key] = prior
+            return job
+        job.mode, job.redo = "build", []
+        return job
+
+    for decision in decisions:
+        outcome = settle(decision)
+        (results if isinstance(outcome, ResultRecord) else to_run).append(outcome)
+    if results:
+        progress.reused(len(results), dict(Counter(r.how for r in results)))
+
+    def resolve(job: Job, stored: list[ResultRecord]) -> ResultRecord | Job:
+        return settle(decide(job, stored, Policy(), store.checkpoint_problem))
+
+    def payload(job: Job) -> tuple[bytes, dict]:
+        prior = priors[job.key]
+        return store.checkpoint_bytes(prior), prior.to_dict()
+
+    gate = StoreGate(store, sweep_id, resolve)
+    return results + scheduler.run(to_run, asks.want, gate=gate, payload=payload)
+
+
+def _remeasurer(scheduler: Scheduler, store: ResultStore, spec: SweepSpec):
     def remeasure(group, records: list[ResultRecord]) -> dict[str, Measurement]:
         model, batch, dc = group
         worker = scheduler.live_worker(dc)
         if worker is None:
             return {}
-        checkpoints = {}
-        for r in records:
-            path = store.checkpoint_dir(r)
-            if path is None:
-                return {}
-            checkpoints[r.key] = pack_dir(path)
+        try:
+            checkpoints = {r.key: (r.backend, r.manifest_sha256, store.checkpoint_bytes(r)) for r in records}
+        except DamagedCheckpoint as exc:
+            log.warning("not re-measuring %s b%s: %s", model, batch, exc)
+            return {}
         budget = max(spec.measure.budget_s, 0.5)
         try:
-            ref = worker.actor.remeasure.remote(checkpoints, model, batch, budget)
-            fresh = ray.get(ref, timeout=spec.budgets.measure_timeout_s)
+            ref = scheduler.pool.call(worker.actor, "remeasure", checkpoints, model, batch, budget)
+            if not scheduler.pool.wait([ref], spec.budgets.measure_timeout_s):
+                raise TimeoutError(f"no answer within {spec.budgets.measure_timeout_s:.0f} s")
+            fresh = scheduler.pool.get(ref)
         except Exception as exc:  # remeasuring is a refinement: the first measurements still stand
             log.warning("re-measuring %s b%s failed: %s", model, batch, exc)
             return {}
@@ -174,90 +327,45 @@ def _remeasurer(scheduler: Scheduler, store: Store, spec: SweepSpec):
     return remeasure
 
 
-def _previous_selection(store: Store, spec: SweepSpec):
-    """An earlier sweep's decision for a group whose results all come from the store unchanged."""
-    strategy = spec.strategy().describe()
-    keys_by_sweep: dict[str, dict] = {}  # sweep id -> group -> its result keys, read once
+def _origin(record: ResultRecord) -> int | None:
+    """The stored result a record stands for: its source when reused, else itself."""
+    if record.how == R.REUSED and record.source:
+        return record.source.get("result")
+    return record.result_id
 
-    def group_keys(sweep_id: str, group) -> set[str]:
-        if sweep_id not in keys_by_sweep:
+
+def _previous_selection(store: ResultStore, spec: SweepSpec, this_sweep: str):
+    """An earlier sweep's decision for a group whose results all come from the store unchanged."""
+    from orchestrator.spec import parse_spec
+
+    strategy = spec.strategy().describe()
+    origins_by_sweep: dict[str, dict] = {}
+
+    def group_origins(sweep_id: str, group) -> set:
+        if sweep_id not in origins_by_sweep:
             grouped: dict = {}
             for r in store.sweep_results(sweep_id):
-                grouped.setdefault((r.model, r.batch_size, r.device_class_key), set()).add(r.key)
-            keys_by_sweep[sweep_id] = grouped
-        return keys_by_sweep[sweep_id].get(group, set())
+                grouped.setdefault((r.model, r.batch_size, r.device_class_key), set()).add(_origin(r))
+            origins_by_sweep[sweep_id] = grouped
+        return origins_by_sweep[sweep_id].get(group, set())
+
+    def objective_of(sweep) -> str | None:
+        try:
+            return parse_spec(sweep.spec).strategy().describe()
+        except Exception:  # an older or foreign spec: don't reuse its decisions
+            return None
 
     def previous(group, records: list[ResultRecord]) -> SelectionRecord | None:
-        if not records or not all(r.from_store for r in records):
+        if not records or not all(r.how == R.REUSED for r in records):
             return None
-        keys = {r.key for r in records}
+        origins = {_origin(r) for r in records}
         for sweep in reversed(store.list_sweeps()):
-            if sweep.get("status") != "done" or _objective_of(sweep) != strategy:
+            if sweep.id == this_sweep or sweep.status != "done" or objective_of(sweep) != strategy:
                 continue
-            for sel in store.selections(sweep["id"]):
-                if (sel.model, sel.batch_size, sel.device_class_key) != group:
-                    continue
-                if group_keys(sweep["id"], group) == keys:
-                    if "(decided in sweep " not in sel.reason:  # keep the sweep that really decided
-                        sel.reason = f"{sel.reason} (decided in sweep {sweep['id']})"
+            for sel in store.selections(sweep.id):
+                if (sel.model, sel.batch_size, sel.device_class_key) == group and group_origins(sweep.id, group) == origins:
+                    sel.decided_in = sel.decided_in or sweep.id  # keep the sweep that really decided
                     return sel
         return None
 
     return previous
-
-
-def _objective_of(sweep: dict) -> str | None:
-    try:
-        from orchestrator.spec import parse_spec
-
-        return parse_spec(sweep["spec"]).strategy().describe()
-    except Exception:  # an older or foreign spec: don't reuse its decisions
-        return None
-
-
-def _deploy(spec, store: Store, sweep_id: str, selections, results, inventory, console) -> list[DeployRecord]:
-    if not spec.deploy.targets:
-        return []
-    slots = plan_deploy_targets(inventory, spec.deploy.targets)
-    by_key = {r.key: r for r in results}
-    actor_class = ray.remote(max_restarts=0)(DeployWorker)
-    actors = []
-    for slot in slots:
-        options = dict(slot.actor_options())
-        if slot.env():
-            options["runtime_env"] = {"env_vars": slot.env()}
-        actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
-    records: list[DeployRecord] = []
-    try:
-        calls = []
-        for sel in selections:
-            if sel.winner_key is None:
-                continue
-            winner = by_key[sel.winner_key]
-            ckpt_dir = store.checkpoint_dir(winner)
-            if ckpt_dir is None:
-                for slot, _ in actors:
-                    rec = DeployRecord(sel.model, sel.batch_size, slot.label, "refused", sel.winner_key,
-                                       reason=f"the winner's checkpoint is missing from the store ({store.root})")
-                    store.put_deploy(sweep_id, rec)
-                    records.append(rec)
-                continue
-            ref_path = store.reference_path(winner.reference_key) if winner.reference_key else None
-            reference = ref_path.read_bytes() if ref_path else None
-            checkpoint = pack_dir(ckpt_dir)
-            ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
-            for slot, actor in actors:
-                calls.append((sel, slot, actor.deploy.remote(
-                    ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
-                    spec.tolerance_overrides(), spec.deploy.latency_check_s)))
-        for sel, slot, ref in calls:
-            try:
-                rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
-            except Exception as exc:
-                rec = DeployRecord(sel.model, sel.batch_size, slot.label, "failed", sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
-            store.put_deploy(sweep_id, rec)
-            records.append(rec)
-    finally:
-        for _, actor in actors:
-            ray.kill(actor, no_restart=True)
-    return records

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from aitune.canonical import sha256_of
-from aitune.check import check_samples, tolerance_for
+from aitune.check import tolerance_for
+from aitune.judge import judge
 from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.environment import describe_environment
-from aitune.measure import MeasureConfig, interleaved, measure
+from aitune.measure import MeasureConfig, interleaved
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
 from aitune.torch.backend.registry import get_backend_class
@@ -34,7 +35,8 @@ from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
 from orchestrator.candidates import load_model, make_sample
-from orchestrator.records import Job, ResultRecord, WorkerInfo
+from orchestrator.plan import outputs_bytes
+from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.transfer import pack_dir, unpack_to
 
@@ -76,8 +78,6 @@ def load_reference(data: bytes) -> tuple[Sample, list[torch.Tensor]]:
 
 class TuneWorker:
     def __init__(self, slot: dict[str, Any], spec: dict[str, Any], worker_id: str) -> None:
-        import orchestrator.fault_backends  # noqa: F401  (registers the test backends here too)
-
         quiet_libraries()
 
         self.slot = slot
@@ -160,63 +160,118 @@ class TuneWorker:
         self._backend = backend
         return {"status": R.OK, "phases": dict(self._phases)}
 
-    def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None]:
-        """Check against the reference, measure, save the checkpoint; returns (record, checkpoint, reference)."""
+    def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
+        """Check, measure (if correct), save the checkpoint; returns (record, checkpoint, outputs, reference).
+
+        The checkpoint of an incorrect candidate is kept too: a later sweep with another tolerance
+        judges it again without building it.
+        """
         job = Job.from_dict(job_dict)
         if self._backend is None:
             raise RuntimeError(f"worker {self.worker_id}: finish({job.candidate}) without a successful build")
         _, sample, reference = self._reference(job.model, job.batch_size)
         record = self._record(job, R.OK)
-        checkpoint = None
+        checkpoint = outputs = None
         try:
+            outputs = self._judge(self._backend, job, record, sample, reference, ["check", "measure"], None)
             start = time.perf_counter()
-            with torch.inference_mode():
-                out = sample(self._backend.infer)
-            tolerance = tolerance_for(job.config.get("precision", "float32"), self.spec.tolerance_overrides())
-            check = check_samples([reference], [out], tolerance)
-            record.check = check.to_dict()
-            self._phases["check"] = time.perf_counter() - start
-            if not check.ok:
-                record.status, record.error, record.error_class = R.INCORRECT, check.reason, "IncorrectOutput"
-            else:
-                start = time.perf_counter()
-                m = self.spec.measure
-                config = MeasureConfig(
-                    warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
-                    budget_s=m.budget_s, threads=self.threads,
-                )
-                record.measurement = measure(self._backend.infer, sample, self.device, config).to_dict()
-                self._phases["measure"] = time.perf_counter() - start
-                start = time.perf_counter()
-                path = self._scratch / f"ckpt-{job.key[:16]}"
-                save_checkpoint(self._backend, path, extra={"job_key": job.key})
-                checkpoint = pack_dir(path)
-                shutil.rmtree(path, ignore_errors=True)
-                self._phases["save"] = time.perf_counter() - start
+            path = self._scratch / f"ckpt-{job.key[:16]}"
+            save_checkpoint(self._backend, path, extra={"job_key": job.key})
+            checkpoint = pack_dir(path)
+            shutil.rmtree(path, ignore_errors=True)
+            self._phases["save"] = time.perf_counter() - start
         except Exception as exc:
-            record.status, record.error = R.ERROR, _trace(exc)
-            record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
-            checkpoint = None
+            self._failed(record, exc)
+            checkpoint = outputs = None
+        return self._close(record, checkpoint, outputs, sample, reference, want_reference)
+
+    def evaluate(self, job_dict: dict[str, Any], checkpoint: bytes, prior_dict: dict[str, Any],
+                 want_reference: bool = False) -> tuple[dict, None, bytes | None, bytes | None]:
+        """Load a stored artifact and judge it again (``job.redo``: check and/or measure): no rebuild."""
+        job = Job.from_dict(job_dict)
+        prior = ResultRecord.from_dict(prior_dict)
+        self._release()
+        self._phases = {}
+        self._before = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        record = self._record(job, R.OK)
+        record.how = "+".join(R.RECHECKED if r == "check" else R.REMEASURED for r in job.redo) or R.REUSED
+        record.source = {"sweep": prior.sweep_id, "result": prior.result_id}
+        record.checkpoint, record.manifest_sha256 = prior.checkpoint, prior.manifest_sha256
+        record.check, record.measurement, record.phases = prior.check, prior.measurement, dict(prior.phases)
+        outputs = None
+        try:
+            _, sample, reference = self._reference(job.model, job.batch_size)
+            self._before = memory.snapshot(self.device)
+            start = time.perf_counter()
+            self._backend = self._load_stored(job, prior.manifest_sha256, checkpoint)
+            self._phases["load_checkpoint"] = time.perf_counter() - start
+            outputs = self._judge(self._backend, job, record, sample, reference, job.redo, prior.check)
+        except Exception as exc:
+            self._failed(record, exc)
+            outputs = None
+            sample = reference = None
+        return self._close(record, None, outputs, sample, reference, want_reference and sample is not None)
+
+    def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
+               redo: list[str], previous_check) -> bytes:
+        start = time.perf_counter()
+        m = self.spec.measure
+        config = MeasureConfig(
+            warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
+            budget_s=m.budget_s, threads=self.threads,
+        )
+        tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
+        verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
+                        config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
+        self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
+        record.check = verdict.check
+        if "measure" in redo or verdict.status != R.OK:
+            record.measurement = verdict.measurement
+        if verdict.status != R.OK:
+            record.status, record.error, record.error_class = R.INCORRECT, verdict.error, "IncorrectOutput"
+        return outputs_bytes(verdict.outputs)
+
+    def _load_stored(self, job: Job, manifest_sha: str | None, checkpoint: bytes) -> Backend:
+        """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""
+        path = self._scratch / f"stored-{job.key[:16]}-{time.monotonic_ns()}"
+        unpack_to(checkpoint, path)
+        backend = load_checkpoint(
+            path, self.device, manifest_sha256=manifest_sha,
+            allow_factories=[self.spec.model(job.model).factory],
+            allow_backends=[job.backend] if ":" in job.backend else [],
+        )
+        backend.deploy(self.device)
+        return backend
+
+    def _failed(self, record: ResultRecord, exc: BaseException) -> None:
+        record.status, record.error = R.ERROR, _trace(exc)
+        record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
+        record.measurement = None
+
+    def _close(self, record, checkpoint, outputs, sample, reference, want_reference):
         if self.device.type == "cuda":
             record.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
-        record.phases = dict(self._phases)
+        record.phases = {**record.phases, **self._phases}
         self._release()
-        record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
+        if self._before is not None:
+            record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
         ref = reference_bytes(sample, reference) if want_reference else None
-        return record.to_dict(), checkpoint, ref
+        return record.to_dict(), checkpoint, outputs, ref
 
-    def remeasure(self, checkpoints: dict[str, bytes], model: str, batch: int, budget_s: float) -> dict[str, dict]:
-        """Measure several checkpoints interleaved on this device, to separate near-ties."""
+    def remeasure(self, checkpoints: dict[str, tuple[str | None, bytes]], model: str, batch: int, budget_s: float) -> dict[str, dict]:
+        """Measure several stored checkpoints interleaved on this device, to separate near-ties."""
         _, sample, _ = self._reference(model, batch)
         backends = {}
-        for key, data in checkpoints.items():
-            path = self._scratch / f"remeasure-{key[:16]}-{time.monotonic_ns()}"
-            unpack_to(data, path)
-            backend = load_checkpoint(path, self.device)
-            backend.deploy(self.device)
-            backends[key] = backend
+        for key, (backend_name, manifest_sha, data) in checkpoints.items():
+            job = Job(key=key, model=model, batch_size=batch, backend=backend_name, config={}, candidate="",
+                      device_class_key="", model_fingerprint="")
+            backends[key] = self._load_stored(job, manifest_sha, data)
         config = MeasureConfig(budget_s=budget_s, threads=self.threads, target_rel_ci=self.spec.measure.target_rel_ci)
         results = interleaved({k: b.infer for k, b in backends.items()}, sample, self.device, config)
+        for b in backends.values():
+            del b
         return {k: v.to_dict() for k, v in results.items()}
 
     def ping(self) -> str:
@@ -224,11 +279,7 @@ class TuneWorker:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _record(self, job: Job, status: str) -> ResultRecord:
-        return ResultRecord(
-            key=job.key, model=job.model, batch_size=job.batch_size, backend=job.backend, config=job.config,
-            candidate=job.candidate, status=status, device_class_key=job.device_class_key,
-            worker=self.info(), created_at=time.time(), attempts=job.attempt + 1, reference_key=job.reference_key,
-        )
+        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))
 
     def _failure(self, status: str, exc: BaseException) -> dict[str, Any]:
         oom = memory.is_oom(exc)
@@ -236,7 +287,7 @@ class TuneWorker:
         mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
         return {
             "status": status, "error": _trace(exc), "error_class": "OutOfMemoryError" if oom else type(exc).__name__,
-            "phases": dict(self._phases), "worker": self.info(), "memory": mem, "recycled": recycled,
+            "phases": dict(self._phases), "memory": mem, "recycled": recycled,
         }
 
     def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:

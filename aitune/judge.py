@@ -1,0 +1,59 @@
+"""How a built candidate is judged, one rule for every caller: check against the reference, then
+measure only what is correct.
+
+``aitune.tune`` and the orchestrator's workers both call :func:`judge`, so a candidate is treated
+the same way whether it is tuned in one process or on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from aitune.check import CheckResult, Tolerance, check_samples
+from aitune.measure import MeasureConfig, Measurement, measure
+from aitune.specs import Sample
+from aitune.torch.tree import map_tensors
+
+OK, INCORRECT = "ok", "incorrect"
+
+
+@dataclass
+class Judgement:
+    status: str  # ok | incorrect
+    check: CheckResult | None
+    measurement: Measurement | None
+    #: the candidate's outputs on each sample, on the CPU (for a later re-check under other tolerances)
+    outputs: list[Any]
+    error: str | None = None
+
+
+def run_samples(infer: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
+    with torch.inference_mode():
+        return [map_tensors(s(infer), lambda t: t.detach().to("cpu").clone()) for s in samples]
+
+
+def judge(
+    infer: Callable[..., Any],
+    samples: Sequence[Sample],
+    reference: Sequence[Any],
+    device: torch.device | str,
+    tolerance: Tolerance,
+    measure_config: MeasureConfig | None,
+    *,
+    check: bool = True,
+    previous_check: CheckResult | None = None,
+) -> Judgement:
+    """Check ``infer`` on ``samples`` against ``reference``; measure it only when it is correct.
+
+    ``measure_config=None`` checks only. ``check=False`` keeps ``previous_check`` (a re-measure of
+    an artifact whose check still holds).
+    """
+    outputs = run_samples(infer, samples)
+    result = check_samples(list(reference), outputs, tolerance) if check else previous_check
+    if result is not None and not result.ok:
+        return Judgement(INCORRECT, result, None, outputs, result.reason)
+    measurement = measure(infer, samples[0], device, measure_config) if measure_config is not None else None
+    return Judgement(OK, result, measurement, outputs)

@@ -1,0 +1,30 @@
+"""Named hooks for what happens during a sweep; the live progress log is one listener."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.records import Job, ResultRecord
+
+
+class SweepEvents:
+    """Every hook does nothing by default: a listener overrides the ones it cares about."""
+
+    def worker_ready(self, worker: str, device: str, node: str) -> None: ...
+
+    def worker_lost(self, worker: str, replacement: str | None, why: str) -> None: ...
+
+    def started(self, worker: str, job: "Job") -> None: ...
+
+    def phase(self, worker: str, job: "Job", phase: str) -> None: ...
+
+    def result(self, record: "ResultRecord") -> None: ...
+
+    def retry(self, job: "Job", why: str) -> None: ...
+
+    def waiting(self, jobs: int, owner: str) -> None:
+        """``jobs`` artifact keys are being built by another driver (``owner``'s sweep); this one waits."""
+
+    def reused(self, count: int, how: dict[str, int]) -> None:
+        """``count`` results came from the store before dispatch (``how``: per kind of reuse)."""

@@ -1,0 +1,181 @@
+"""From a spec to jobs, and from the store's history to what each job needs.
+
+Two keys, both SHA-256 of canonical JSON:
+
+- the **artifact key** says what is built: the model's weights fingerprint, the backend and its
+  ``BackendConfig.key()``, the backend's implementation version, the graph spec, and the device
+  class (device, compute capability, driver, and every library version that changes the artifact);
+- the **evaluation key** says how it is judged: the tolerance of its precision, the check samples,
+  the threads and the measure settings. The limits (build and measure timeouts) are kept with the
+  evaluation: a failure is reused only under limits no more generous than the ones it failed under.
+
+:func:`decide` partitions jobs by what the store already holds: reuse, re-check (from stored
+outputs, on the driver), evaluate (load the stored artifact on a worker, check and/or measure it
+again), or build.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aitune.canonical import sha256_of
+from aitune.check import CheckResult, compare_outputs, tolerance_for
+from aitune.torch.backend.registry import get_backend_class
+from orchestrator import records as R
+from orchestrator.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
+from orchestrator.records import Job, ResultRecord
+from orchestrator.spec import SweepSpec
+
+#: statuses a later sweep always runs again: they say nothing about the candidate itself
+NOT_REUSABLE = (R.INFRA, R.SKIPPED)
+
+REUSE, RECHECK, EVALUATE, BUILD = "reuse", "recheck", "evaluate", "build"
+
+
+def implementation_version(backend_cls: type) -> str:
+    """Bumped by a backend when what its build makes changes; part of every artifact key."""
+    return str(getattr(backend_cls, "implementation_version", "1"))
+
+
+def artifact_key(fingerprint: str, backend: str, backend_key: str, impl_version: str,
+                 graph_spec: dict[str, Any], device_class: dict[str, Any]) -> str:
+    return sha256_of({
+        "model": fingerprint, "backend": backend, "config": backend_key, "implementation": impl_version,
+        "graph_spec": graph_spec, "device_class": device_class,
+    })
+
+
+def evaluation_of(spec: SweepSpec, precision: str, samples: str, threads: int) -> dict[str, Any]:
+    tolerance = tolerance_for(precision, spec.tolerance_overrides())
+    return {
+        "check": {"tolerance": tolerance.to_dict(), "samples": samples},
+        "measure": {"threads": int(threads), **spec.measure.model_dump(mode="json")},
+        "limits": {"build_timeout_s": spec.budgets.build_timeout_s, "measure_timeout_s": spec.budgets.measure_timeout_s},
+    }
+
+
+def evaluation_key(evaluation: dict[str, Any]) -> str:
+    return sha256_of({"check": evaluation.get("check"), "measure": evaluation.get("measure")})
+
+
+def expand(
+    spec: SweepSpec,
+    fingerprints: dict[str, str],
+    device_classes: dict[str, dict[str, Any]],
+    threads: dict[str, int] | None = None,
+) -> list[Job]:
+    """Every (device class, model, batch size, candidate), with its keys; equal artifact keys appear once."""
+    jobs: dict[str, Job] = {}
+    for dc_key, device_class in device_classes.items():
+        candidates = candidate_specs(spec, device_class["device_type"])
+        for model in spec.models:
+            for batch in spec.batches_of(model):
+                graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
+                samples = samples_key(model, batch)
+                for cand in candidates:
+                    config = cand.make_config()
+                    backend_cls = get_backend_class(cand.backend)
+                    backend = backend_cls(config)
+                    key = artifact_key(fingerprints[model.name], cand.backend, config.key(),
+                                       implementation_version(backend_cls), graph, device_class)
+                    if key in jobs:
+                        continue  # the same candidate written twice (or two spellings of one config)
+                    evaluation = evaluation_of(spec, str(config.to_dict().get("precision", "float32")), samples,
+                                               (threads or {}).get(dc_key, 1))
+                    jobs[key] = Job(
+                        key=key, model=model.name, batch_size=batch, backend=cand.backend, config=config.to_dict(),
+                        candidate=backend.describe(), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
+                        graph_spec=graph, samples_key=samples, evaluation=evaluation, eval_key=evaluation_key(evaluation),
+                    )
+    return list(jobs.values())
+
+
+@dataclass
+class Decision:
+    job: Job
+    action: str  # reuse | recheck | evaluate | build
+    prior: ResultRecord | None = None
+    redo: list[str] = field(default_factory=list)
+    why: str = ""
+
+
+@dataclass
+class Policy:
+    force: bool = False
+    retry_failed: bool = False
+
+
+def _limits_at_most(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether every limit now is no more generous than when the failure happened."""
+    old_limits, new_limits = old.get("limits") or {}, new.get("limits") or {}
+    return all(name in old_limits and new_limits.get(name, 0) <= old_limits[name] for name in new_limits)
+
+
+def decide(job: Job, priors: list[ResultRecord], policy: Policy, checkpoint_problem) -> Decision:
+    """What ``job`` needs, given the stored results for its artifact key (newest first)."""
+    if policy.force:
+        return Decision(job, BUILD, why="--force")
+    usable = [p for p in priors if p.status not in NOT_REUSABLE]
+    if not usable:
+        return Decision(job, BUILD, why="not in the store" if not priors else f"stored as {priors[0].status}")
+    # The same evaluation if the store has it, else the newest.
+    prior = next((p for p in usable if p.eval_key == job.eval_key), usable[0])
+    same_eval = prior.eval_key == job.eval_key
+    if policy.retry_failed and prior.status != R.OK:
+        return Decision(job, BUILD, prior, why=f"--retry-failed ({prior.status})")
+    if prior.status in (R.BUILD_ERROR, R.UNSUPPORTED):
+        return Decision(job, REUSE, prior)  # the artifact can't be made here: judging changes nothing
+    if prior.status in (R.TIMEOUT, R.CRASH, R.ERROR):
+        if same_eval and _limits_at_most(job.evaluation, prior.evaluation):
+            return Decision(job, REUSE, prior)
+        return Decision(job, BUILD, prior, why=f"{prior.status} under other settings or tighter limits")
+    problem = checkpoint_problem(prior)
+    if problem is not None:
+        return Decision(job, BUILD, prior, why=f"stored checkpoint damaged: {problem}")
+    if same_eval:
+        return Decision(job, REUSE, prior)
+    old, new = prior.evaluation, job.evaluation
+    check_changed = old.get("check") != new.get("check")
+    measure_changed = old.get("measure") != new.get("measure")
+    samples_changed = (old.get("check") or {}).get("samples") != (new.get("check") or {}).get("samples")
+    if check_changed:
+        needs_measure = measure_changed or prior.status == R.INCORRECT or prior.measurement is None
+        if samples_changed or not prior.outputs:
+            return Decision(job, EVALUATE, prior, ["check", "measure"] if needs_measure else ["check"], "other check samples")
+        if needs_measure:
+            return Decision(job, EVALUATE, prior, ["check", "measure"], "another tolerance, and not measured as asked")
+        return Decision(job, RECHECK, prior, ["check"], "another tolerance")
+    if measure_changed and prior.status == R.OK:
+        return Decision(job, EVALUATE, prior, ["measure"], "other measure settings or threads")
+    return Decision(job, REUSE, prior)  # incorrect under the same check: measuring would change nothing
+
+
+def outputs_bytes(outputs: list[Any]) -> bytes:
+    """A candidate's flattened outputs per sample, loadable with ``weights_only=True``."""
+    from aitune.torch.tree import flatten_tensors
+
+    buf = io.BytesIO()
+    torch.save({"samples": [[t.cpu() for _, t in flatten_tensors(o)] for o in outputs]}, buf)
+    return buf.getvalue()
+
+
+def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spec: SweepSpec) -> ResultRecord:
+    """Judge stored outputs again under this sweep's tolerance: no worker, no rebuild."""
+    from orchestrator.worker import load_reference
+
+    stored = torch.load(io.BytesIO(outputs), map_location="cpu", weights_only=True)["samples"]
+    _, expected = load_reference(reference)
+    check: CheckResult = compare_outputs(expected, stored[0], tolerance_for(job.precision, spec.tolerance_overrides()))
+    record = ResultRecord.from_dict(prior.to_dict())
+    record.result_id = None
+    record.how, record.source = R.RECHECKED, {"sweep": prior.sweep_id, "result": prior.result_id}
+    record.eval_key, record.evaluation, record.check = job.eval_key, job.evaluation, check
+    if check.ok:
+        record.status, record.error, record.error_class = R.OK, None, None
+    else:
+        record.status, record.error, record.error_class = R.INCORRECT, check.reason, "IncorrectOutput"
+    return record

@@ -1,0 +1,23 @@
+"""Where sweeps keep what they learn: results, checkpoints, references, decisions, deployments.
+
+``ResultStore`` is the interface; ``SqliteStore`` (SQLite records and a content-addressed folder,
+the default) and ``MemoryStore`` (for tests and simulations) implement it. ``Store`` is the
+SQLite store, under its historical name.
+"""
+
+from orchestrator.store.base import (
+    DEFAULT_LEASE_S,
+    DamagedCheckpoint,
+    ResultStore,
+    StoreError,
+    SweepInfo,
+)
+from orchestrator.store.memory import MemoryStore
+from orchestrator.store.sqlite import DB_NAME, SCHEMA_VERSION, SqliteStore
+
+Store = SqliteStore
+
+__all__ = [
+    "DB_NAME", "DEFAULT_LEASE_S", "DamagedCheckpoint", "MemoryStore", "ResultStore", "SCHEMA_VERSION",
+    "SqliteStore", "Store", "StoreError", "SweepInfo",
+]

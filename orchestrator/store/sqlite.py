@@ -1,0 +1,590 @@
+"""The embedded store: SQLite for records, content-addressed folders for checkpoints and outputs.
+
+Layout under the store root::
+
+    store.sqlite                        sweeps, results (appended), claims, selections, deployments
+    checkpoints/<sha[:2]>/<sha>/        one unpacked checkpoint per manifest SHA-256
+    outputs/<sha>.pt                    a candidate's outputs on its check samples (for re-checks)
+    references/<ref_key>.pt             reference outputs, shared by every candidate of a model
+
+Every write is one transaction, committed before the method returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aitune.canonical import sha256_file
+from orchestrator.records import BUILT, REUSED, DeployRecord, ResultRecord, SelectionRecord
+from orchestrator.store.base import (
+    DEFAULT_LEASE_S, RUNNING, DamagedCheckpoint, ResultStore, StoreError, SweepInfo, check_key, effective_status,
+)
+from orchestrator.transfer import pack_dir, unpack_to
+
+SCHEMA_VERSION = 2
+DB_NAME = "store.sqlite"
+MANIFEST = "manifest.json"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    heartbeat_at REAL,
+    lease_s REAL NOT NULL,
+    host TEXT,
+    pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    key TEXT NOT NULL,
+    eval_key TEXT NOT NULL,
+    how TEXT NOT NULL,
+    source_id INTEGER REFERENCES results(id),
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    candidate TEXT NOT NULL,
+    record_json TEXT,
+    created_at REAL NOT NULL,
+    UNIQUE (sweep_id, key)
+);
+CREATE INDEX IF NOT EXISTS results_by_key ON results(key, id);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS selections (
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    model TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    device_class_key TEXT NOT NULL,
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, model, batch_size, device_class_key)
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    seq INTEGER NOT NULL,
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, seq)
+);
+CREATE TABLE IF NOT EXISTS "references" (
+    key TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore(ResultStore):
+    """One SQLite connection and the file folders under ``root``; safe to share between threads.
+
+    ``readonly=True`` opens an existing store without writing anything (a store on a read-only
+    disk can still be reported).
+    """
+
+    def __init__(self, root: str | Path, *, readonly: bool = False, lease_s: float | None = None) -> None:
+        if root is None or not str(root).strip():
+            raise StoreError("the store path is empty: give a directory (--store DIR or 'store:' in the spec)")
+        self.root = Path(root)
+        self.readonly = readonly
+        self.lease_s = float(lease_s or os.environ.get("AITUNE_LEASE_S") or DEFAULT_LEASE_S)
+        self.db_path = self.root / DB_NAME
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root} is a file, not a directory: give a directory for the store")
+        if readonly or self.root.exists() and not os.access(self.root, os.W_OK):
+            self.readonly = True
+            if not self.db_path.is_file():
+                raise StoreError(f"{self.root} is not an orchestrator store: {self.db_path} does not exist")
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the store directory {self.root}: {e.strerror or e}") from None
+        self._lock = threading.Lock()
+        self._conn = self._connect()
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise StoreError(_unusable(self.db_path, e)) from None
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if not self.readonly:
+                # isolation_level=None: we issue BEGIN/COMMIT ourselves, a transaction is one method.
+                conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                return conn
+            uri = self.db_path.resolve().as_uri()
+            try:
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                return conn
+            except sqlite3.OperationalError:
+                # A WAL database on a read-only disk can't make its -shm file: read it as immutable.
+                return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(_unusable(self.db_path, e)) from None
+
+    def _init_schema(self) -> None:
+        if self.readonly:
+            found = self._version(self._conn)
+            if found is None:
+                raise StoreError(f"{self.db_path} is not an orchestrator store (it has no schema version)")
+            self._require_version(found)
+            return
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = self._version(db)
+            if found is not None:
+                self._require_version(found)
+            # Statement by statement: executescript() would COMMIT our transaction halfway.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if found is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    @staticmethod
+    def _version(db: sqlite3.Connection) -> int | None:
+        try:
+            row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0]
+
+    def _require_version(self, found: int) -> None:
+        if found != SCHEMA_VERSION:
+            newer = "newer than" if found > SCHEMA_VERSION else "older than"
+            raise StoreError(
+                f"store {self.root} has schema version {found}, {newer} the version this code knows "
+                f"({SCHEMA_VERSION}); use a matching aitune-orchestrator, or move {self.root} aside and start a new store"
+            )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE so two processes on one store queue instead of deadlocking."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} is read-only here: it can be reported, not written")
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"cannot write to store {self.db_path}: {e}") from None
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise StoreError(_unusable(self.db_path, e)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- sweeps -------------------------------------------------------------------------------
+
+    def begin_sweep(self, name: str, spec: dict) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"sweep name must be a non-empty string, got {name!r}")
+        spec_json = _dumps(spec, what="sweep spec")
+        now = time.time()
+        # UTC timestamp to the microsecond first, so ids sort by start time; the suffix breaks ties.
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        sweep_id = f"{stamp}-{secrets.token_hex(3)}"
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO sweeps (id, name, spec_json, started_at, finished_at, status, heartbeat_at, lease_s, host, pid) "
+                "VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+                (sweep_id, name, spec_json, now, RUNNING, now, self.lease_s, socket.gethostname(), os.getpid()),
+            )
+        return sweep_id
+
+    def heartbeat(self, sweep_id: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE sweeps SET heartbeat_at = ? WHERE id = ?", (now, sweep_id))
+            db.execute("UPDATE claims SET expires_at = ? WHERE owner = ?", (now + self.lease_s, sweep_id))
+
+    def finish_sweep(self, sweep_id: str, status: str) -> None:
+        if not isinstance(status, str) or not status:
+            raise ValueError(f"sweep status must be a non-empty string, got {status!r}")
+        with self._tx() as db:
+            self._require_sweep(db, sweep_id)
+            db.execute("UPDATE sweeps SET finished_at = ?, status = ? WHERE id = ?", (time.time(), status, sweep_id))
+            db.execute("DELETE FROM claims WHERE owner = ?", (sweep_id,))
+
+    _SWEEP_COLUMNS = "id, name, spec_json, started_at, finished_at, status, heartbeat_at, lease_s"
+
+    def list_sweeps(self) -> list[SweepInfo]:
+        rows = self._query(f"SELECT {self._SWEEP_COLUMNS} FROM sweeps ORDER BY started_at, id")
+        return [_sweep_info(row) for row in rows]
+
+    def latest_sweep_id(self) -> str | None:
+        rows = self._query("SELECT id FROM sweeps ORDER BY started_at DESC, id DESC LIMIT 1")
+        return rows[0][0] if rows else None
+
+    def sweep_info(self, sweep_id: str) -> SweepInfo:
+        with self._lock:
+            db = self._conn
+            self._require_sweep(db, sweep_id)
+            row = db.execute(f"SELECT {self._SWEEP_COLUMNS} FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+            total, reused = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(how != ?), 0) FROM results WHERE sweep_id = ?", (BUILT, sweep_id)
+            ).fetchone()
+        info = _sweep_info(row)
+        info.candidates, info.from_store = total, reused
+        return info
+
+    def _require_sweep(self, db: sqlite3.Connection, sweep_id: str) -> None:
+        if db.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
+            known = [r[0] for r in db.execute("SELECT id FROM sweeps ORDER BY started_at, id")]
+            raise KeyError(f"unknown sweep id {sweep_id!r} in store {self.root}; known sweeps: {known or 'none'}")
+
+    # -- claims -------------------------------------------------------------------------------
+
+    def claim(self, key: str, owner: str) -> str | None:
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, expires_at FROM claims WHERE key = ?", (key,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return row[0]
+            db.execute(
+                "INSERT INTO claims (key, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
+                (key, owner, now + self.lease_s),
+            )
+        return None
+
+    def release(self, key: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    # -- results ------------------------------------------------------------------------------
+
+    def add_result(self, sweep_id: str, record: ResultRecord, checkpoint: bytes | None = None,
+                   outputs: bytes | None = None) -> ResultRecord:
+        if not isinstance(record, ResultRecord):
+            raise TypeError(f"add_result expects a ResultRecord, got {type(record).__name__}")
+        check_key(record.key, "result key")
+        if record.how == REUSED:
+            raise ValueError("a reused result is recorded with add_reuse, which points at what it reuses")
+        with self._lock:
+            self._require_sweep(self._conn, sweep_id)  # fail before writing any file
+        stored = ResultRecord.from_dict(record.to_dict())
+        stored.created_at = record.created_at or time.time()
+        stored.result_id, stored.sweep_id = None, sweep_id
+        if checkpoint is not None:
+            stored.checkpoint, stored.manifest_sha256 = self._put_checkpoint(bytes(checkpoint))
+        elif record.source is None:
+            stored.checkpoint = stored.manifest_sha256 = None
+        if outputs is not None:
+            stored.outputs = self._put_blob("outputs", bytes(outputs))
+        blob = _dumps(stored.to_dict(), what=f"result record {record.key}")
+        source_id = (record.source or {}).get("result")
+        with self._tx() as db:
+            self._require_sweep(db, sweep_id)
+            cur = db.execute(
+                "INSERT INTO results (sweep_id, key, eval_key, how, source_id, status, model, batch_size, candidate, "
+                "record_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sweep_id, stored.key, stored.eval_key, stored.how, source_id, stored.status, stored.model,
+                 stored.batch_size, stored.candidate, blob, stored.created_at),
+            )
+            stored.result_id = cur.lastrowid
+            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (stored.key, sweep_id))
+        return stored
+
+    def add_reuse(self, sweep_id: str, source: ResultRecord) -> ResultRecord:
+        if source.result_id is None:
+            raise ValueError(f"cannot reuse {source.key[:12]}: it is not a stored result (no result id)")
+        with self._tx() as db:
+            self._require_sweep(db, sweep_id)
+            row = db.execute("SELECT sweep_id FROM results WHERE id = ? AND key = ?", (source.result_id, source.key)).fetchone()
+            if row is None:
+                raise KeyError(f"cannot mark {source.key!r} as reused in sweep {sweep_id}: no stored result {source.result_id}")
+            cur = db.execute(
+                "INSERT INTO results (sweep_id, key, eval_key, how, source_id, status, model, batch_size, candidate, "
+                "record_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (sweep_id, source.key, source.eval_key, REUSED, source.result_id, source.status, source.model,
+                 source.batch_size, source.candidate, time.time()),
+            )
+            rid = cur.lastrowid
+        reused = ResultRecord.from_dict(source.to_dict())
+        reused.how, reused.source = REUSED, {"sweep": row[0], "result": source.result_id}
+        reused.result_id, reused.sweep_id = rid, sweep_id
+        return reused
+
+    def results_for(self, keys: Iterable[str]) -> dict[str, list[ResultRecord]]:
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, list[ResultRecord]] = {}
+        for start in range(0, len(keys), 500):  # stay well under SQLite's bound-parameter limit
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT id, sweep_id, key, record_json FROM results WHERE key IN ({marks}) AND how != ? "
+                "ORDER BY id DESC", [*chunk, REUSED],
+            )
+            for rid, sweep_id, key, blob in rows:
+                found.setdefault(key, []).append(self._load(blob, rid, sweep_id))
+        return found
+
+    def sweep_results(self, sweep_id: str) -> list[ResultRecord]:
+        with self._lock:
+            self._require_sweep(self._conn, sweep_id)
+        rows = self._query(
+            "SELECT r.id, r.how, r.source_id, r.record_json, s.record_json, s.sweep_id FROM results r "
+            "LEFT JOIN results s ON s.id = r.source_id WHERE r.sweep_id = ? "
+            "ORDER BY r.model, r.batch_size, r.candidate, r.key", (sweep_id,),
+        )
+        out = []
+        for rid, how, source_id, blob, source_blob, source_sweep in rows:
+            if how == REUSED:
+                if source_blob is None:
+                    raise StoreError(f"store {self.db_path}: result {rid} reuses result {source_id}, which is missing")
+                record = self._load(source_blob, rid, sweep_id)
+                record.how, record.source = REUSED, {"sweep": source_sweep, "result": source_id}
+            else:
+                record = self._load(blob, rid, sweep_id)
+            out.append(record)
+        return out
+
+    def _load(self, blob: str, rid: int, sweep_id: str) -> ResultRecord:
+        try:
+            record = ResultRecord.from_dict(json.loads(blob))
+        except (TypeError, ValueError, KeyError) as e:
+            raise StoreError(f"store {self.db_path}: result {rid} is not a readable record ({e})") from None
+        record.result_id, record.sweep_id = rid, sweep_id
+        return record
+
+    # -- selections and deployments -----------------------------------------------------------
+
+    def put_selection(self, sweep_id: str, selection: SelectionRecord) -> None:
+        if not isinstance(selection, SelectionRecord):
+            raise TypeError(f"put_selection expects a SelectionRecord, got {type(selection).__name__}")
+        blob = _dumps(selection.to_dict(), what="selection record")
+        with self._tx() as db:
+            self._require_sweep(db, sweep_id)
+            db.execute(
+                "INSERT INTO selections (sweep_id, model, batch_size, device_class_key, record_json) VALUES (?, ?, ?, ?, ?)",
+                (sweep_id, selection.model, selection.batch_size, selection.device_class_key, blob),
+            )
+
+    def selections(self, sweep_id: str) -> list[SelectionRecord]:
+        with self._lock:
+            self._require_sweep(self._conn, sweep_id)
+        rows = self._query(
+            "SELECT record_json FROM selections WHERE sweep_id = ? ORDER BY model, batch_size, device_class_key", (sweep_id,)
+        )
+        return [SelectionRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+
+    def put_deploy(self, sweep_id: str, deploy: DeployRecord) -> None:
+        if not isinstance(deploy, DeployRecord):
+            raise TypeError(f"put_deploy expects a DeployRecord, got {type(deploy).__name__}")
+        blob = _dumps(deploy.to_dict(), what="deploy record")
+        with self._tx() as db:
+            self._require_sweep(db, sweep_id)
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments WHERE sweep_id = ?", (sweep_id,)).fetchone()
+            db.execute("INSERT INTO deployments (sweep_id, seq, record_json) VALUES (?, ?, ?)", (sweep_id, seq, blob))
+
+    def deployments(self, sweep_id: str) -> list[DeployRecord]:
+        with self._lock:
+            self._require_sweep(self._conn, sweep_id)
+        rows = self._query("SELECT record_json FROM deployments WHERE sweep_id = ? ORDER BY seq", (sweep_id,))
+        return [DeployRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+
+    # -- files --------------------------------------------------------------------------------
+
+    def put_reference(self, ref_key: str, data: bytes) -> None:
+        """Write reference outputs (a torch.save blob) under ``ref_key``; readers never see half a file."""
+        check_key(ref_key, "reference key")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"reference data must be bytes, got {type(data).__name__}")
+        folder = self.root / "references"
+        path = _write_atomic(folder, f"{ref_key}.pt", bytes(data))
+        with self._tx() as db:
+            db.execute(
+                'INSERT OR REPLACE INTO "references" (key, path, sha256) VALUES (?, ?, ?)',
+                (ref_key, path.relative_to(self.root).as_posix(), hashlib.sha256(data).hexdigest()),
+            )
+
+    def reference_bytes(self, ref_key: str) -> bytes | None:
+        rows = self._query('SELECT path, sha256 FROM "references" WHERE key = ?', (ref_key,))
+        return self._read_checked(rows[0][0], rows[0][1]) if rows else None
+
+    def outputs_bytes(self, record: ResultRecord) -> bytes | None:
+        if not record.outputs:
+            return None
+        return self._read_checked(record.outputs, Path(record.outputs).stem)
+
+    def _read_checked(self, rel: str, sha: str) -> bytes | None:
+        """A stored file, only if it is still a plain file inside the store with its recorded hash."""
+        path = self._inside(rel, "file")
+        if path is None or path.is_symlink() or not path.is_file():
+            return None
+        data = path.read_bytes()
+        return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def _put_blob(self, folder: str, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.root / folder / f"{sha}.pt"
+        if not (path.is_file() and not path.is_symlink() and sha256_file(path) == sha):
+            path.unlink(missing_ok=True)
+            _write_atomic(path.parent, path.name, data)
+        return path.relative_to(self.root).as_posix()
+
+    def _put_checkpoint(self, data: bytes) -> tuple[str, str]:
+        """Unpack a checkpoint into its content address; a damaged folder there is replaced."""
+        staging = self.root / "checkpoints" / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / f"{secrets.token_hex(8)}"
+        unpack_to(data, tmp)
+        try:
+            manifest = tmp / MANIFEST
+            if not manifest.is_file():
+                raise ValueError("the worker's checkpoint has no manifest.json")
+            sha = sha256_file(manifest)
+            target = self.root / "checkpoints" / sha[:2] / sha
+            rel = target.relative_to(self.root).as_posix()
+            if target.is_dir() and not target.is_symlink() and _checkpoint_problem(target, sha) is None:
+                return rel, sha  # same manifest, same content, and the folder is sound: keep it
+            target.parent.mkdir(parents=True, exist_ok=True)
+            trash = None
+            if target.exists() or target.is_symlink():
+                trash = staging / f"damaged-{secrets.token_hex(8)}"
+                os.replace(target, trash)
+            os.replace(tmp, target)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() and not trash.is_symlink() else trash.unlink()
+            return rel, sha
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _inside(self, rel: str | None, what: str) -> Path | None:
+        if not rel:
+            return None
+        path = self.root / rel
+        try:
+            path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return None  # an edited record pointing out of the store
+        return path
+
+    def checkpoint_problem(self, record: ResultRecord) -> str | None:
+        if not record.checkpoint or not record.manifest_sha256:
+            return "the result has no stored checkpoint"
+        path = self._inside(record.checkpoint, "checkpoint")
+        if path is None:
+            return f"its checkpoint path {record.checkpoint!r} leaves the store"
+        return _checkpoint_problem(path, record.manifest_sha256)
+
+    def checkpoint_bytes(self, record: ResultRecord) -> bytes:
+        problem = self.checkpoint_problem(record)
+        if problem is not None:
+            raise DamagedCheckpoint(f"stored checkpoint of {record.candidate} ({record.key[:12]}): {problem}")
+        try:
+            return pack_dir(self.root / record.checkpoint)
+        except (OSError, ValueError) as e:
+            raise DamagedCheckpoint(f"stored checkpoint of {record.candidate} ({record.key[:12]}): {e}") from None
+
+    def checkpoint_path(self, record: ResultRecord) -> Path:
+        """The verified folder of a stored checkpoint (for local tools); raises DamagedCheckpoint."""
+        problem = self.checkpoint_problem(record)
+        if problem is not None:
+            raise DamagedCheckpoint(f"stored checkpoint of {record.candidate} ({record.key[:12]}): {problem}")
+        return self.root / record.checkpoint
+
+
+def _checkpoint_problem(path: Path, manifest_sha: str) -> str | None:
+    """The manifest's hash first, then every file: only listed artifacts, no links, every hash right."""
+    from aitune.checkpoint import CheckpointError, verify_checkpoint
+
+    if path.is_symlink() or not path.is_dir():
+        return f"{path} is missing"
+    manifest = path / MANIFEST
+    if manifest.is_symlink() or not manifest.is_file():
+        return f"{manifest} is missing"
+    if sha256_file(manifest) != manifest_sha:
+        return f"{manifest} was changed after it was stored (its SHA-256 no longer matches the store's record)"
+    try:
+        listed = {a.path for a in verify_checkpoint(path).artifacts}
+    except CheckpointError as e:
+        return str(e)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = full.relative_to(path).as_posix()
+            if full.is_symlink():
+                return f"{rel} in {path} is a symbolic link; checkpoints hold only their own files"
+            if full.is_file() and rel != MANIFEST and rel not in listed:
+                return f"{rel} in {path} is not an artifact the manifest lists"
+    return None
+
+
+def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unusable(db_path: Path, e: Exception) -> str:
+    return (f"store database {db_path} can't be read ({e}): it is damaged or not an orchestrator store; "
+            f"move it aside (or restore a backup) and run again")
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} is not JSON-serialisable: {e}") from e
+
+
+def _sweep_info(row: tuple) -> SweepInfo:
+    sweep_id, name, spec_json, started_at, finished_at, status, heartbeat_at, lease_s = row
+    return SweepInfo(
+        id=sweep_id, name=name, spec=json.loads(spec_json), started_at=started_at, finished_at=finished_at,
+        status=effective_status(status, heartbeat_at, lease_s), heartbeat_at=heartbeat_at,
+    )
