@@ -21,6 +21,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -60,7 +61,7 @@ def _check_import(path: str) -> Any:
     return obj
 
 
-def _model_name(value: str) -> str:
+def _plain_name(value: str) -> str:
     if not value.strip():
         raise ValueError("a name can't be empty or only whitespace")
     if checks.has_control_characters(value):
@@ -68,7 +69,7 @@ def _model_name(value: str) -> str:
     return value
 
 
-Name = Annotated[str, AfterValidator(_model_name)]
+Name = Annotated[str, AfterValidator(_plain_name)]
 
 
 class InputSpec(_Strict):
@@ -87,11 +88,12 @@ class InputSpec(_Strict):
 
     @field_validator("range", "int_range", mode="before")
     @classmethod
-    def _pair_items(cls, value: Any) -> Any:
+    def _pair_items(cls, value: Any, info: ValidationInfo) -> Any:
         # strict=False on the pair lets a JSON list in; its items must still be real numbers.
+        kinds, words = ((int, float), "numbers") if info.field_name == "range" else (int, "integers")
         for item in value if isinstance(value, (list, tuple)) else ():
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                raise ValueError(f"expected a list [low, high] of numbers, got {checks.describe(list(value))}")
+            if isinstance(item, bool) or not isinstance(item, kinds):
+                raise ValueError(f"expected a list [low, high] of {words}, got {checks.describe(list(value))}")
         return value
 
     @field_validator("dtype")
@@ -323,7 +325,7 @@ class DeploySpec(_Strict):
 
 
 def _sweep_name(value: str) -> str:
-    _model_name(value)
+    _plain_name(value)
     if "/" in value:
         raise ValueError(f"sweep name {value!r} has a '/'; use a plain name")
     return value
