@@ -7,7 +7,6 @@ is not the string "false", and no float is NaN or infinite.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -229,7 +228,7 @@ def _precision(name: str) -> str | None:
     except ValueError:
         return None
     # tolerance_for hands back the default object itself, which tells which precision it is.
-    return next(k for k, v in DEFAULT_TOLERANCES.items() if v is tolerance)
+    return next((k for k, v in DEFAULT_TOLERANCES.items() if v is tolerance), name)
 
 
 def _known_precision(key: str) -> str:
@@ -461,7 +460,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise SpecError(f"sweep spec {path} does not exist")
     try:
-        data = read_spec_text(path.read_text(), is_json=path.suffix == ".json")
+        data = read_spec_text(path.read_text(encoding="utf-8"), is_json=path.suffix == ".json")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"sweep spec {path} is not UTF-8 text: {exc}") from None
     except SpecSyntaxError as exc:
         raise SpecError(f"sweep spec {path} is {exc}") from None
     except SpecStructureError as exc:

@@ -203,12 +203,17 @@ def _field_adapters(config_class: type) -> dict[str, TypeAdapter | None]:
         hints = {}
     adapters: dict[str, TypeAdapter | None] = {}
     for f in dataclasses.fields(config_class):
-        hint = hints.get(f.name, _UNKNOWN)
-        try:
-            adapters[f.name] = None if hint is _UNKNOWN else TypeAdapter(hint, config=ConfigDict(allow_inf_nan=False))
-        except Exception:
-            adapters[f.name] = None
+        adapters[f.name] = None if f.name not in hints else _adapter(hints[f.name])
     return adapters
+
+
+def _adapter(hint: Any) -> TypeAdapter | None:
+    for config in (ConfigDict(allow_inf_nan=False), None):  # a model or dataclass type brings its own config
+        try:
+            return TypeAdapter(hint, config=config)
+        except Exception:
+            continue
+    return None
 
 
 def config_problems(config_class: type, config: dict[str, Any]) -> Problems:

@@ -372,8 +372,11 @@ def test_duplicate_json_keys_are_refused(tmp_path):
                              "  store: duplicate key 'store' (2 times in one JSON object)"]
 
 
-def test_broken_json_is_named(tmp_path):
+def test_broken_json_and_binary_files_are_named(tmp_path):
     assert "is not valid JSON" in load_error(tmp_path, "bad.json", '{"models": ')
+    (tmp_path / "binary.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(SpecError, match="is not UTF-8 text"):
+        load_spec(tmp_path / "binary.yaml")
 
 
 # -- 7. names and the store ----------------------------------------------------------------------
