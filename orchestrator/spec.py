@@ -1,22 +1,40 @@
 """The sweep spec: what to tune, how, and where the winner goes. Validated with pydantic.
 
-A bad spec fails before anything starts, with the field path and what was expected.
+A bad spec fails before anything starts (Ray, workers), listing every problem with its field
+path and what was expected. Fields are strict: a number is not a string or a boolean, a boolean
+is not the string "false", and no float is NaN or infinite.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from aitune.canonical import dtype_name
+from aitune.canonical import CanonicalError, canonicalize, dtype_name
+from aitune.check import DEFAULT_TOLERANCES, tolerance_for
+from aitune.measure import WARMUP_MAX_ITERS, MeasureConfig
 from aitune.torch.backend.registry import UnknownBackendError, get_backend_class
 from aitune.torch.module_ref import ImportPathError, import_object
+from aitune.torch.precision import ALIASES as PRECISION_ALIASES
 
 import orchestrator.fault_backends  # noqa: F401  (registers the fault-injecting test backends)
+from orchestrator import spec_checks as checks
+from orchestrator.spec_yaml import SpecStructureError, SpecSyntaxError, read_spec_text
 
 
 class SpecError(ValueError):
@@ -24,57 +42,95 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _check_import(path: str) -> str:
+def _config_class(backend: str) -> type:
+    """The config dataclass of a backend, by name: the one place that knows how to find it."""
+    return get_backend_class(backend).config_class
+
+
+def _check_import(path: str) -> Any:
     try:
         obj = import_object(path)
     except ImportPathError as exc:
         raise ValueError(str(exc)) from None
     if not callable(obj):
         raise ValueError(f"{path!r} is not callable")
-    return path
+    return obj
+
+
+def _plain_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a name can't be empty or only whitespace")
+    if checks.has_control_characters(value):
+        raise ValueError(f"name {value!r} has control characters; use printable characters")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_plain_name)]
 
 
 class InputSpec(_Strict):
     """One input tensor. ``shape`` excludes the batch axis, which is inserted at ``batch_axis``."""
 
-    name: str | None = None
+    name: Name | None = None
     shape: list[PositiveInt] = Field(default_factory=list)
     batch_axis: int = 0
     dtype: str = "float32"
-    #: floats: uniform in [low, high); default standard normal
-    range: tuple[float, float] | None = None
+    #: floats: uniform in [low, high); default standard normal. (A list in JSON: not strict.)
+    range: tuple[float, float] | None = Field(default=None, strict=False)
     #: integers (token ids, masks): uniform in [low, high)
-    int_range: tuple[int, int] | None = None
+    int_range: tuple[int, int] | None = Field(default=None, strict=False)
     #: pass as a keyword argument named ``name``
     kwarg: bool = False
+
+    @field_validator("range", "int_range", mode="before")
+    @classmethod
+    def _pair_items(cls, value: Any, info: ValidationInfo) -> Any:
+        # strict=False on the pair lets a JSON list in; its items must still be real numbers.
+        kinds, words = ((int, float), "numbers") if info.field_name == "range" else (int, "integers")
+        for item in value if isinstance(value, (list, tuple)) else ():
+            if isinstance(item, bool) or not isinstance(item, kinds):
+                raise ValueError(f"expected a list [low, high] of {words}, got {checks.describe(list(value))}")
+        return value
 
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
-        return dtype_name(value)
+        name = dtype_name(value)
+        if name not in checks.SAMPLE_DTYPES:
+            raise ValueError(f"dtype {name!r} is not one the sample maker can make; allowed: {', '.join(checks.SAMPLE_DTYPES)}")
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> "InputSpec":
+        problems: checks.Problems = []
         if not 0 <= self.batch_axis <= len(self.shape):
-            raise ValueError(f"batch_axis {self.batch_axis} is outside 0..{len(self.shape)}")
-        floating = self.dtype in ("float32", "float16", "bfloat16", "float64")
+            problems.append((("batch_axis",), f"batch_axis {self.batch_axis} is outside 0..{len(self.shape)}"))
+        floating = self.dtype in checks.FLOAT_DTYPES
         if self.int_range is not None and floating:
-            raise ValueError(f"int_range is for integer inputs, but dtype is {self.dtype}")
+            problems.append((("int_range",), f"int_range is for integer inputs, but dtype is {self.dtype}"))
         if self.range is not None and not floating:
-            raise ValueError(f"range is for floating inputs, but dtype is {self.dtype}; use int_range")
+            problems.append((("range",), f"range is for floating inputs, but dtype is {self.dtype}; use int_range"))
         for name, r in (("range", self.range), ("int_range", self.int_range)):
             if r is not None and not r[0] < r[1]:
-                raise ValueError(f"{name} must be (low, high) with low < high, got {list(r)}")
+                problems.append(((name,), f"{name} must be (low, high) with low < high, got {list(r)}"))
+        if not problems and self.int_range is not None:
+            problem = checks.int_range_problem(self.dtype, *self.int_range)
+            problems += [(("int_range",), problem)] if problem else []
+        if not problems and self.range is not None:
+            problem = checks.float_range_problem(self.dtype, *self.range)
+            problems += [(("range",), problem)] if problem else []
         if self.kwarg and not self.name:
-            raise ValueError("a keyword input needs a name")
+            problems.append((("name",), "a keyword input needs a name"))
+        if problems:
+            raise checks.problems_error(problems)
         return self
 
 
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: Name
     #: import path of a function (or class) returning the ``torch.nn.Module``: ``package.module:function``
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -83,24 +139,55 @@ class ModelSpec(_Strict):
     sample_factory: str | None = None
     seed: int = 0
     #: this model's batch sizes, instead of the sweep's
-    batch_sizes: list[PositiveInt] | None = None
+    batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
 
     @field_validator("factory")
     @classmethod
     def _factory(cls, value: str) -> str:
-        return _check_import(value)
+        problem = checks.model_factory_problem(_check_import(value), value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("sample_factory")
     @classmethod
     def _sample_factory(cls, value: str | None) -> str | None:
-        return None if value is None else _check_import(value)
+        if value is None:
+            return None
+        obj = _check_import(value)
+        problem = checks.sample_factory_problem(obj, value) or checks.signature_problem(obj, value, batch_size=1, seed=0)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _plain_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:  # checkpoints record them as canonical JSON: a date, a set or a NaN would fail there
+            canonicalize(value, "kwargs")
+        except CanonicalError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
-    def _one_input_source(self) -> "ModelSpec":
+    def _consistent(self) -> "ModelSpec":
+        problems: checks.Problems = []
+        problem = checks.signature_problem(import_object(self.factory), self.factory, **self.kwargs)
+        if problem:
+            problems.append((("kwargs",), problem))
         if (self.inputs is None) == (self.sample_factory is None):
-            raise ValueError("give exactly one of 'inputs' (a list of input specs) or 'sample_factory'")
+            problems.append(((), "give exactly one of 'inputs' (a list of input specs) or 'sample_factory'"))
         if self.inputs is not None and not self.inputs:
-            raise ValueError("inputs must list at least one input")
+            problems.append((("inputs",), "inputs must list at least one input"))
+        seen: set[str] = set()
+        for i, inp in enumerate(self.inputs or []):
+            if inp.name is not None and inp.name in seen:
+                problems.append((("inputs", i, "name"), f"input name {inp.name!r} is used twice; each input needs its own"))
+            seen.add(inp.name)
+        if self.batch_sizes is not None and len(set(self.batch_sizes)) != len(self.batch_sizes):
+            problems.append((("batch_sizes",), f"batch_sizes repeat a value: {self.batch_sizes}"))
+        if problems:
+            raise checks.problems_error(problems)
         return self
 
 
@@ -112,7 +199,7 @@ class CandidateSpec(_Strict):
     @classmethod
     def _known(cls, value: str) -> str:
         try:
-            get_backend_class(value)
+            _config_class(value)
         except UnknownBackendError as exc:
             raise ValueError(str(exc)) from None
         except ImportError as exc:  # a known backend whose library is missing here
@@ -121,22 +208,48 @@ class CandidateSpec(_Strict):
 
     @model_validator(mode="after")
     def _config_fields(self) -> "CandidateSpec":
-        try:
+        problems = checks.config_problems(_config_class(self.backend), self.config)
+        if problems:
+            raise checks.problems_error([(("config",) + loc, message) for loc, message in problems])
+        try:  # the config's own rules, now that every field has its type
             self.make_config()
-        except TypeError as exc:  # a field of the wrong type, as the config's constructor found it
-            raise ValueError(f"config of {self.backend}: {exc}") from None
-        except ValueError as exc:
-            raise ValueError(f"config of {self.backend}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise checks.problems_error([(("config",), f"config of {self.backend}: {exc}")]) from None
         return self
 
     def make_config(self):
-        config_class = get_backend_class(self.backend).config_class
-        return config_class.from_dict(dict(self.config))
+        return _config_class(self.backend).from_dict(dict(self.config))
+
+
+def _precision(name: str) -> str | None:
+    """The checker's name for a tolerance key ("fp16" -> "float16"); None if it knows none."""
+    try:
+        tolerance = tolerance_for(name)
+    except ValueError:
+        return None
+    # tolerance_for hands back the default object itself, which tells which precision it is.
+    return next((k for k, v in DEFAULT_TOLERANCES.items() if v is tolerance), name)
+
+
+def _known_precision(key: str) -> str:
+    if _precision(key) is None:
+        aliases = ", ".join(a for a in PRECISION_ALIASES if _precision(a))
+        raise ValueError(f"{key!r} is not a precision the checker knows; allowed: {', '.join(DEFAULT_TOLERANCES)} (or {aliases})")
+    return key
+
+
+Precision = Annotated[str, AfterValidator(_known_precision)]
 
 
 class ToleranceSpec(_Strict):
     atol: float | None = Field(default=None, ge=0)
     rtol: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ToleranceSpec":
+        if self.atol is None and self.rtol is None:
+            raise ValueError("give atol, rtol or both")
+        return self
 
 
 class BudgetSpec(_Strict):
@@ -148,11 +261,32 @@ class BudgetSpec(_Strict):
     total_s: PositiveFloat | None = None
 
 
+# The worker measures with MeasureConfig's default max_iters, which min_iters may not exceed.
+_MAX_ITERS = MeasureConfig().max_iters
+
+
 class MeasureSpec(_Strict):
+    """Passed to ``aitune.measure.MeasureConfig`` in every worker: its rules, checked here."""
+
     budget_s: PositiveFloat = 1.0
-    target_rel_ci: PositiveFloat = 0.02
-    warmup_iters: PositiveInt = 5
+    #: stop when the median's 95% confidence half-width is this fraction of the median
+    target_rel_ci: float = Field(default=0.02, gt=0, lt=1)
+    warmup_iters: int = Field(default=5, ge=0)
     min_iters: PositiveInt = 10
+
+    @field_validator("warmup_iters")
+    @classmethod
+    def _warmup(cls, value: int) -> int:
+        if value > WARMUP_MAX_ITERS:
+            raise ValueError(f"warm-up stops at {WARMUP_MAX_ITERS} iterations whatever is asked; give 0 to {WARMUP_MAX_ITERS}")
+        return value
+
+    @field_validator("min_iters")
+    @classmethod
+    def _min_iters(cls, value: int) -> int:
+        if value > _MAX_ITERS:
+            raise ValueError(f"min_iters {value} is above the {_MAX_ITERS} iterations a measurement may take; give 1 to {_MAX_ITERS}")
+        return value
 
 
 class WorkersSpec(_Strict):
@@ -167,29 +301,47 @@ class WorkersSpec(_Strict):
 
 class DeploySpec(_Strict):
     #: "all_gpus", {"gpus": N}, {"cpu_slots": N}, {"accelerator_type": "H200"}; empty: no deploy
-    targets: list[str | dict[str, int | str]] = Field(default_factory=list)
+    targets: list[str | dict[str, Any]] = Field(default_factory=list)
     #: seconds of latency measurement on each target
     latency_check_s: PositiveFloat = 0.3
 
     @field_validator("targets")
     @classmethod
     def _forms(cls, targets):
-        for t in targets:
+        problems: checks.Problems = []
+        for i, t in enumerate(targets):
             key = next(iter(t)) if isinstance(t, dict) and len(t) == 1 else None
-            if not (t == "all_gpus" or key in ("gpus", "cpu_slots", "accelerator_type")):
-                raise ValueError(
-                    f"deploy target {t!r} is not one of 'all_gpus', {{gpus: N}}, {{cpu_slots: N}}, {{accelerator_type: NAME}}"
-                )
             value = t[key] if key else None
-            if key in ("gpus", "cpu_slots") and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"deploy target {t!r} must ask for a positive number")
-            if key == "accelerator_type" and (not isinstance(value, str) or not value):
-                raise ValueError(f"deploy target {t!r} must name an accelerator type, e.g. H200")
+            if not (t == "all_gpus" or key in ("gpus", "cpu_slots", "accelerator_type")):
+                problems.append(((i,), f"deploy target {t!r} is not one of 'all_gpus', {{gpus: N}}, {{cpu_slots: N}}, {{accelerator_type: NAME}}"))
+            elif key in ("gpus", "cpu_slots") and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                problems.append(((i,), f"deploy target {t!r} must ask for a positive number"))
+            elif key == "accelerator_type" and (not isinstance(value, str) or not value.strip()):
+                problems.append(((i,), f"deploy target {t!r} must name an accelerator type, e.g. H200"))
+        if problems:
+            raise checks.problems_error(problems)
         return targets
 
 
+def _sweep_name(value: str) -> str:
+    _plain_name(value)
+    if "/" in value:
+        raise ValueError(f"sweep name {value!r} has a '/'; use a plain name")
+    return value
+
+
+def _store_path(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _store(value: str) -> str:
+    if not value.strip():
+        raise ValueError("store must name a directory (it is empty)")
+    return value
+
+
 class SweepSpec(_Strict):
-    name: str = "sweep"
+    name: Annotated[str, AfterValidator(_sweep_name)] = "sweep"
     models: list[ModelSpec] = Field(min_length=1)
     batch_sizes: list[PositiveInt] = Field(min_length=1)
     #: None: the default candidate set for each device class (CPU or GPU)
@@ -197,26 +349,57 @@ class SweepSpec(_Strict):
     objective: Literal["min_latency", "max_throughput", "latency_budget"] = "min_latency"
     latency_budget_ms: PositiveFloat | None = None
     #: per precision ("float32", "float16"...): atol and/or rtol
-    tolerances: dict[str, ToleranceSpec] = Field(default_factory=dict)
+    tolerances: dict[Precision, ToleranceSpec] = Field(default_factory=dict)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
-    store: str = "store"
+    store: Annotated[str, BeforeValidator(_store_path), AfterValidator(_store)] = "store"
     deploy: DeploySpec = Field(default_factory=DeploySpec)
 
+    @field_validator("tolerances")
+    @classmethod
+    def _one_key_per_precision(cls, tolerances: dict[str, ToleranceSpec]) -> dict[str, ToleranceSpec]:
+        problems: checks.Problems = []
+        first: dict[str, str] = {}
+        for key in tolerances:
+            precision = _precision(key)
+            if precision in first:
+                problems.append(((key,), f"{key!r} and {first[precision]!r} are both {precision}; give it once"))
+            first.setdefault(precision, key)
+        if problems:
+            raise checks.problems_error(problems)
+        return tolerances
+
     @model_validator(mode="after")
-    def _objective(self) -> "SweepSpec":
+    def _across_fields(self) -> "SweepSpec":
+        problems: checks.Problems = []
         if self.objective == "latency_budget" and self.latency_budget_ms is None:
-            raise ValueError("objective latency_budget needs latency_budget_ms")
+            problems.append((("latency_budget_ms",), "objective latency_budget needs latency_budget_ms"))
         if self.latency_budget_ms is not None and self.objective != "latency_budget":
-            raise ValueError("latency_budget_ms is only used with objective latency_budget")
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {dupes}")
+            problems.append((("latency_budget_ms",), f"latency_budget_ms is only used with objective latency_budget, not {self.objective}"))
+        first: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            if m.name in first:
+                problems.append((("models", i, "name"), f"model names must be unique; {m.name!r} is also models[{first[m.name]}]"))
+            first.setdefault(m.name, i)
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise ValueError(f"batch_sizes repeat a value: {self.batch_sizes}")
+            problems.append((("batch_sizes",), f"batch_sizes repeat a value: {self.batch_sizes}"))
+        problems += self._memory_problems()
+        if problems:
+            raise checks.problems_error(problems)
         return self
+
+    def _memory_problems(self) -> checks.Problems:
+        """Inputs that could not be allocated at the largest batch size, on this machine."""
+        total = checks.host_memory_bytes()
+        problems: checks.Problems = []
+        for i, m in enumerate(self.models):
+            batch = max(self.batches_of(m))
+            for j, inp in enumerate(m.inputs or []):
+                problem = checks.memory_problem(batch, inp.shape, inp.dtype, total)
+                if problem:
+                    problems.append((("models", i, "inputs", j), problem))
+        return problems
 
     def strategy(self):
         from aitune.strategy import Strategy
@@ -236,16 +419,31 @@ class SweepSpec(_Strict):
         raise KeyError(name)
 
 
+# Pydantic's words for a wrong type, said as what was expected.
+_EXPECTED = {
+    "bool_type": "a boolean", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+    "dict_type": "a mapping", "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping",
+    "int_from_float": "an integer", "finite_number": "a finite number",
+}
+
+
+def _path(loc) -> str:
+    if loc and loc[-1] == "[key]":  # pydantic's mark for a dict key (not its value) that failed
+        loc = loc[:-1]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid sweep spec {source}:"]
     for err in exc.errors():
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         elif err["type"] == "missing":
             message = "missing required field"
-        lines.append(f"  {path}: {message}")
+        elif err["type"] in _EXPECTED:
+            message = f"expected {_EXPECTED[err['type']]}, got {checks.describe(err['input'])}"
+        lines.append(f"  {_path(err['loc'])}: {message}")
     return "\n".join(lines)
 
 
@@ -261,9 +459,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"sweep spec {path} does not exist")
-    text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"sweep spec {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        data = read_spec_text(path.read_text(encoding="utf-8"), is_json=path.suffix == ".json")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"sweep spec {path} is not UTF-8 text: {exc}") from None
+    except SpecSyntaxError as exc:
+        raise SpecError(f"sweep spec {path} is {exc}") from None
+    except SpecStructureError as exc:
+        raise SpecError("\n".join([f"invalid sweep spec {path}:"] + [f"  {_path(loc)}: {m}" for loc, m in exc.problems])) from None
     return parse_spec(data, str(path))
