@@ -114,8 +114,16 @@ class MemoryStore(ResultStore):
             stored.outputs = f"memory:{sha}"
         with self._lock:
             self._sweep(sweep_id)
-            if any(r[0] == sweep_id and (r[2] or self._rows[r[3]][2]).key == record.key for r in self._rows.values()):
-                raise ValueError(f"sweep {sweep_id} already recorded a result for {record.key[:12]}")
+            self._require_new(sweep_id, record.key)
+            if record.source is not None:
+                origin = self._origin((record.source or {}).get("result"), record.key)
+                if origin is None:
+                    raise KeyError(f"result {record.key[:12]} names source result {record.source.get('result')}, "
+                                   "which the store does not hold")
+                stored.source = {"sweep": self._rows[origin][0], "result": origin}
+                if checkpoint is None:  # it judged the source's artifact again: it keeps that checkpoint
+                    kept = self._rows[origin][2]
+                    stored.checkpoint, stored.manifest_sha256 = kept.checkpoint, kept.manifest_sha256
             rid = next(self._ids)
             stored.result_id, stored.sweep_id = rid, sweep_id
             self._rows[rid] = (sweep_id, stored.how, stored, None)
@@ -126,14 +134,28 @@ class MemoryStore(ResultStore):
     def add_reuse(self, sweep_id: str, source: ResultRecord) -> ResultRecord:
         with self._lock:
             self._sweep(sweep_id)
-            if source.result_id not in self._rows or self._rows[source.result_id][2] is None:
+            # A reused record stands for what it reuses: point at that, never at another reuse row.
+            origin = self._origin(source.result_id, source.key)
+            if origin is None:
                 raise KeyError(f"cannot mark {source.key!r} as reused in sweep {sweep_id}: no stored result {source.result_id}")
+            self._require_new(sweep_id, source.key)
             rid = next(self._ids)
-            self._rows[rid] = (sweep_id, REUSED, None, source.result_id)
-            origin = self._rows[source.result_id][0]
-        reused = _copy(self._rows[source.result_id][2])
-        reused.how, reused.source, reused.result_id, reused.sweep_id = REUSED, {"sweep": origin, "result": source.result_id}, rid, sweep_id
+            self._rows[rid] = (sweep_id, REUSED, None, origin)
+            reused = _copy(self._rows[origin][2])
+        reused.how, reused.source = REUSED, {"sweep": self._rows[origin][0], "result": origin}
+        reused.result_id, reused.sweep_id = rid, sweep_id
         return reused
+
+    def _origin(self, result_id: int | None, key: str) -> int | None:
+        """The id of the stored result ``result_id`` stands for: itself, or what it reuses."""
+        row = self._rows.get(result_id)
+        if row is not None and row[2] is None:
+            result_id, row = row[3], self._rows.get(row[3])
+        return result_id if row is not None and row[2] is not None and row[2].key == key else None
+
+    def _require_new(self, sweep_id: str, key: str) -> None:
+        if any(r[0] == sweep_id and (r[2] or self._rows[r[3]][2]).key == key for r in self._rows.values()):
+            raise ValueError(f"sweep {sweep_id} already recorded a result for {key[:12]}")
 
     def results_for(self, keys: Iterable[str]) -> dict[str, list[ResultRecord]]:
         wanted = set(keys)
@@ -162,7 +184,10 @@ class MemoryStore(ResultStore):
     def put_selection(self, sweep_id, selection) -> None:
         with self._lock:
             self._sweep(sweep_id)
-            self._selections.setdefault(sweep_id, []).append(SelectionRecord.from_dict(selection.to_dict()))
+            group = (selection.model, selection.batch_size, selection.device_class_key)
+            # A later decision for the same group replaces the sweep's earlier one.
+            kept = [s for s in self._selections.get(sweep_id, []) if (s.model, s.batch_size, s.device_class_key) != group]
+            self._selections[sweep_id] = [*kept, SelectionRecord.from_dict(selection.to_dict())]
 
     def selections(self, sweep_id):
         with self._lock:
@@ -209,8 +234,13 @@ def _copy(record: ResultRecord) -> ResultRecord:
 
 
 def _manifest_sha(packed: bytes) -> str:
-    with tarfile.open(fileobj=io.BytesIO(packed), mode="r:") as tar:
-        member = tar.extractfile("manifest.json")
-        if member is None:
-            raise ValueError("the checkpoint has no manifest.json")
-        return hashlib.sha256(member.read()).hexdigest()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(packed), mode="r:") as tar:
+            member = tar.extractfile("manifest.json")
+            if member is None:
+                raise KeyError("manifest.json")
+            return hashlib.sha256(member.read()).hexdigest()
+    except KeyError:
+        raise ValueError("the worker's checkpoint has no manifest.json") from None
+    except tarfile.TarError as e:
+        raise ValueError(f"not a valid checkpoint archive ({e})") from None

@@ -140,6 +140,10 @@ class SqliteStore(ResultStore):
                 conn.execute("PRAGMA foreign_keys=ON")
                 return conn
             uri = self.db_path.resolve().as_uri()
+            if not self.db_path.with_name(f"{DB_NAME}-wal").exists():
+                # Nothing beyond the main file to read: ``mode=ro`` would still create -wal and -shm
+                # files next to it, so read the file as it is and create nothing.
+                return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
             try:
                 conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
                 conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
@@ -187,11 +191,14 @@ class SqliteStore(ResultStore):
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"store {self.root} is read-only here: it can be reported, not written")
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; IMMEDIATE so two processes on one store queue instead of deadlocking."""
-        if self.readonly:
-            raise StoreError(f"store {self.root} is read-only here: it can be reported, not written")
+        self._require_writable()
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -302,8 +309,9 @@ class SqliteStore(ResultStore):
         check_key(record.key, "result key")
         if record.how == REUSED:
             raise ValueError("a reused result is recorded with add_reuse, which points at what it reuses")
+        self._require_writable()  # fail before writing any file
         with self._lock:
-            self._require_sweep(self._conn, sweep_id)  # fail before writing any file
+            self._require_sweep(self._conn, sweep_id)
         stored = ResultRecord.from_dict(record.to_dict())
         stored.created_at = record.created_at or time.time()
         stored.result_id, stored.sweep_id = None, sweep_id
@@ -313,10 +321,20 @@ class SqliteStore(ResultStore):
             stored.checkpoint = stored.manifest_sha256 = None
         if outputs is not None:
             stored.outputs = self._put_blob("outputs", bytes(outputs))
-        blob = _dumps(stored.to_dict(), what=f"result record {record.key}")
         source_id = (record.source or {}).get("result")
         with self._tx() as db:
             self._require_sweep(db, sweep_id)
+            self._require_new(db, sweep_id, stored.key)
+            if record.source is not None:
+                origin = self._origin(db, source_id, stored.key)
+                if origin is None:
+                    raise KeyError(f"result {stored.key[:12]} names source result {source_id}, which the store does not hold")
+                source_id, source_sweep, source_blob = origin
+                stored.source = {"sweep": source_sweep, "result": source_id}
+                if checkpoint is None:  # it judged the source's artifact again: it keeps that checkpoint
+                    kept = json.loads(source_blob)
+                    stored.checkpoint, stored.manifest_sha256 = kept.get("checkpoint"), kept.get("manifest_sha256")
+            blob = _dumps(stored.to_dict(), what=f"result record {record.key}")
             cur = db.execute(
                 "INSERT INTO results (sweep_id, key, eval_key, how, source_id, status, model, batch_size, candidate, "
                 "record_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -332,20 +350,38 @@ class SqliteStore(ResultStore):
             raise ValueError(f"cannot reuse {source.key[:12]}: it is not a stored result (no result id)")
         with self._tx() as db:
             self._require_sweep(db, sweep_id)
-            row = db.execute("SELECT sweep_id FROM results WHERE id = ? AND key = ?", (source.result_id, source.key)).fetchone()
-            if row is None:
+            # A reused record stands for what it reuses: point at that, never at another reuse row.
+            origin = self._origin(db, source.result_id, source.key)
+            if origin is None:
                 raise KeyError(f"cannot mark {source.key!r} as reused in sweep {sweep_id}: no stored result {source.result_id}")
+            self._require_new(db, sweep_id, source.key)
+            source_id, source_sweep, source_blob = origin
+            reused = self._load(source_blob, source_id, source_sweep)
             cur = db.execute(
                 "INSERT INTO results (sweep_id, key, eval_key, how, source_id, status, model, batch_size, candidate, "
                 "record_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-                (sweep_id, source.key, source.eval_key, REUSED, source.result_id, source.status, source.model,
-                 source.batch_size, source.candidate, time.time()),
+                (sweep_id, reused.key, reused.eval_key, REUSED, source_id, reused.status, reused.model,
+                 reused.batch_size, reused.candidate, time.time()),
             )
             rid = cur.lastrowid
-        reused = ResultRecord.from_dict(source.to_dict())
-        reused.how, reused.source = REUSED, {"sweep": row[0], "result": source.result_id}
+        reused.how, reused.source = REUSED, {"sweep": source_sweep, "result": source_id}
         reused.result_id, reused.sweep_id = rid, sweep_id
         return reused
+
+    @staticmethod
+    def _origin(db: sqlite3.Connection, result_id: int | None, key: str) -> tuple[int, str, str] | None:
+        """(id, sweep, record) of the stored result ``result_id`` stands for: itself, or what it reuses."""
+        row = db.execute("SELECT id, sweep_id, record_json, source_id FROM results WHERE id = ? AND key = ?",
+                         (result_id, key)).fetchone()
+        if row is not None and row[2] is None:
+            row = db.execute("SELECT id, sweep_id, record_json, source_id FROM results WHERE id = ? AND record_json IS NOT NULL",
+                             (row[3],)).fetchone()
+        return None if row is None else row[:3]
+
+    @staticmethod
+    def _require_new(db: sqlite3.Connection, sweep_id: str, key: str) -> None:
+        if db.execute("SELECT 1 FROM results WHERE sweep_id = ? AND key = ?", (sweep_id, key)).fetchone() is not None:
+            raise ValueError(f"sweep {sweep_id} already recorded a result for {key[:12]}")
 
     def results_for(self, keys: Iterable[str]) -> dict[str, list[ResultRecord]]:
         keys = list(dict.fromkeys(keys))
@@ -398,7 +434,9 @@ class SqliteStore(ResultStore):
         with self._tx() as db:
             self._require_sweep(db, sweep_id)
             db.execute(
-                "INSERT INTO selections (sweep_id, model, batch_size, device_class_key, record_json) VALUES (?, ?, ?, ?, ?)",
+                # A later decision for the same group replaces the sweep's earlier one.
+                "INSERT OR REPLACE INTO selections (sweep_id, model, batch_size, device_class_key, record_json) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (sweep_id, selection.model, selection.batch_size, selection.device_class_key, blob),
             )
 
@@ -432,6 +470,7 @@ class SqliteStore(ResultStore):
         check_key(ref_key, "reference key")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"reference data must be bytes, got {type(data).__name__}")
+        self._require_writable()  # before the file is written
         folder = self.root / "references"
         path = _write_atomic(folder, f"{ref_key}.pt", bytes(data))
         with self._tx() as db:

@@ -39,3 +39,28 @@ EAGER_BF16 = {"backend": "TorchEagerBackend", "config": {"precision": "bfloat16"
 def quiet() -> Console:
     """A console whose output goes nowhere: sweep tests check records, not what is printed."""
     return Console(file=io.StringIO(), width=200)
+
+
+def measurement(median_ms: float, p99_ms: float | None = None, n: int = 20):
+    """A real Measurement whose median is ``median_ms`` (and p99 about ``p99_ms``)."""
+    from aitune.measure import Measurement
+
+    p99 = p99_ms if p99_ms is not None else median_ms * 1.2
+    m = Measurement.from_times([median_ms] * n, threads=1)
+    m.p99_ms = p99
+    return m
+
+
+def check_result(max_abs_err: float = 1e-5, ok: bool = True):
+    from aitune.check import CheckResult, Tolerance
+
+    return CheckResult(ok=ok, max_abs_err=max_abs_err, max_rel_err=max_abs_err, worst_path="output",
+                       worst_index=None, reason=None if ok else "output: too far", tolerance=Tolerance(1e-4, 1e-3))
+
+
+def worker_info(device_name: str = "NVIDIA H200", device_type: str = "cuda", worker_id: str = "w0", node: str = "node-1"):
+    from orchestrator.records import WorkerInfo
+
+    return WorkerInfo(worker_id=worker_id, node_id=node, hostname=node, pid=1, device="cuda:0",
+                      device_class={"device_name": device_name, "device_type": device_type},
+                      device_class_key="d" * 64, threads=1)

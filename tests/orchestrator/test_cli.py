@@ -19,6 +19,7 @@ from orchestrator import records as R
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
 from orchestrator.store import DB_NAME, Store
+from sweep_helpers import check_result, worker_info
 
 ROOT = Path(__file__).resolve().parents[2]
 DC = "c" * 64
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), RAY_USAGE_STATS_ENABLED="0")
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args], env=env, cwd=cwd or ROOT,
         capture_output=True, text=True, timeout=90,
@@ -72,9 +73,9 @@ def test_tune_with_missing_spec_file_exits_2(tmp_path):
 # -- report -------------------------------------------------------------------------------------
 
 
-def _measurement(center: float) -> dict:
+def _measurement(center: float) -> Measurement:
     times = [center * (1 + 0.01 * ((i % 5) - 2)) for i in range(15)]
-    return Measurement.from_times(times, threads=1, batch_size=2).to_dict()
+    return Measurement.from_times(times, threads=1, batch_size=2)
 
 
 def _result(key: str, candidate: str, backend: str, config: dict, status: str = R.OK, median: float | None = None,
@@ -83,8 +84,8 @@ def _result(key: str, candidate: str, backend: str, config: dict, status: str = 
         key=key, model="mlp", batch_size=2, backend=backend, config=config, candidate=candidate, status=status,
         device_class_key=DC, error=error, phases={"build": 0.25},
         measurement=_measurement(median) if median is not None else None,
-        check={"ok": True, "max_abs_err": 1e-6} if median is not None else None,
-        worker={"worker_id": "cpu0-0", "device_class": {"device_type": "cpu", "device_name": "Test CPU"}},
+        check=check_result(1e-6) if median is not None else None,
+        worker=worker_info("Test CPU", "cpu", "cpu0-0"),
         created_at=time.time(),
     )
 
@@ -106,7 +107,7 @@ def handmade_store(tmp_path):
     with Store(root) as store:
         sweep_id = store.begin_sweep("handmade", {"name": "handmade"})
         for r in results:
-            store.put_result(sweep_id, r)
+            store.add_result(sweep_id, r)
         store.put_selection(sweep_id, selection)
         store.put_deploy(sweep_id, deploy)
         store.finish_sweep(sweep_id, "done")
@@ -189,18 +190,18 @@ def test_progress_plain_mode_prints_a_line_per_start_and_result_with_done_counts
     progress = Progress(console)
     assert not progress._live_enabled  # not a terminal: plain lines
     ok = _result("k1", "cand-ok", "TorchEagerBackend", EAGER_CONFIG, median=1.5)
-    ok.worker = {"worker_id": "cpu0-0"}
+    ok.worker = worker_info(worker_id="cpu0-0")
     bad = _result("k2", "cand-bad", "FaultBackend", {}, status=R.CRASH, error="Traceback...\nworker cpu1-1 died during build")
-    bad.worker = {"worker_id": "cpu1-1"}
+    bad.worker = worker_info(worker_id="cpu1-1")
     with progress:
         progress.total = 4
-        progress.reused_results(1)
-        progress.event("worker_ready", {"worker": "cpu0-0", "device": "cpu", "node": "n"})
-        progress.event("started", {"worker": "cpu0-0", "job": _job("cand-ok", "k1")})
-        progress.event("started", {"worker": "cpu1-1", "job": _job("cand-bad", "k2")})
-        progress.event("phase", {"worker": "cpu0-0", "job": _job("cand-ok", "k1"), "phase": "measure"})
-        progress.event("result", {"record": ok})
-        progress.event("result", {"record": bad})
+        progress.reused(1, {"reused": 1})
+        progress.worker_ready("cpu0-0", "cpu", "n")
+        progress.started("cpu0-0", _job("cand-ok", "k1"))
+        progress.started("cpu1-1", _job("cand-bad", "k2"))
+        progress.phase("cpu0-0", _job("cand-ok", "k1"), "measure")
+        progress.result(ok)
+        progress.result(bad)
     lines = [line for line in buf.getvalue().splitlines() if line.strip()]
     starts = [line for line in lines if "building" in line]
     results = [line for line in lines if "/4]" in line]
@@ -209,9 +210,9 @@ def test_progress_plain_mode_prints_a_line_per_start_and_result_with_done_counts
     assert len(results) == 2
     assert "[2/4] mlp b2 cand-ok: ok" in results[0] and "ms" in results[0]
     assert "[3/4] mlp b2 cand-bad: crash" in results[1] and "died during build" in results[1]
-    assert any("1 candidates reused from the store" in line for line in lines)
+    assert any("1 candidates from the store (1 reused)" in line for line in lines)
     assert not any("measure" in line for line in lines)  # phases only update the live table
-    assert (progress.done, progress.failed, progress.reused) == (3, 1, 1)
+    assert (progress.done, progress.failed, progress.reused_count) == (3, 1, 1)
     assert progress.current == {"cpu0-0": "idle", "cpu1-1": "idle"}
     # every line carries the elapsed time
     assert all(line.lstrip().startswith("[") and "s]" in line.split()[1] for line in lines)

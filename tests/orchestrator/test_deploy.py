@@ -63,13 +63,14 @@ def winner(deployed_sweep):
     (selection,) = outcome.selections
     record = next(r for r in outcome.results if r.key == selection.winner_key)
     with Store(spec.store) as store:
-        folder = store.checkpoint_dir(record)
-        reference = store.reference_path(record.reference_key)
+        folder = store.checkpoint_path(record)
+        reference = store.reference_bytes(record.reference_key)
     assert folder is not None and reference is not None
     return {
         "folder": folder,
         "checkpoint": pack_dir(folder),
-        "reference": reference.read_bytes(),
+        "reference": reference,
+        "trust": {"manifest_sha256": None, "factories": [spec.models[0].factory], "backends": []},
         "selection": selection.to_dict(),
         "precision": record.config.get("precision", "float32"),
     }
@@ -90,6 +91,7 @@ def deploy(actor, winner, *, checkpoint=None, reference=None, selection=None) ->
         winner["precision"],
         {},
         LATENCY_S,
+        winner["trust"],
     )
     return DeployRecord.from_dict(ray.get(ref, timeout=120))
 

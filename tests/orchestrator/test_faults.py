@@ -68,7 +68,7 @@ def test_failures_carry_their_evidence(fault_sweep):
     assert "died during finish" in rs["segfault"].error
     assert rs["segfault"].error_class is not None
     for r in outcome.results:  # every result says who ran it
-        assert r.worker is not None and r.worker["worker_id"] and r.worker["node_id"]
+        assert r.worker is not None and r.worker.worker_id and r.worker.node_id
 
 
 def test_incorrect_candidate_never_wins(fault_sweep):
@@ -79,7 +79,7 @@ def test_incorrect_candidate_never_wins(fault_sweep):
 
 def test_dead_and_hung_workers_are_replaced(fault_sweep):
     _, outcome = fault_sweep
-    workers = {r.worker["worker_id"] for r in outcome.results if r.worker}
+    workers = {r.worker.worker_id for r in outcome.results if r.worker}
     # two slots; the hang, the exit and the segfault each cost a worker, whose replacements
     # (new ids) ran the candidates after them
     assert len(workers) >= 3
@@ -92,7 +92,7 @@ def test_no_finished_result_is_lost(fault_sweep):
         assert {r.key for r in stored} == {r.key for r in outcome.results}
         for r in stored:
             if r.status == R.OK:
-                assert store.checkpoint_dir(r) is not None
+                assert store.checkpoint_problem(r) is None
 
 
 def test_rerun_reuses_every_result(fault_sweep):
@@ -105,7 +105,7 @@ def test_rerun_reuses_every_result(fault_sweep):
     # nothing new was measured, so the first sweep's decision stands, and says where it was made
     (selection,) = again.selections
     assert selection.winner_key == first.selections[0].winner_key
-    assert f"decided in sweep {first.sweep_id}" in selection.reason
+    assert selection.decided_in == first.sweep_id
     with Store(spec.store) as store:
         assert all(r.from_store for r in store.sweep_results(again.sweep_id))
 

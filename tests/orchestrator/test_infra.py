@@ -65,6 +65,6 @@ def test_node_loss_is_infra_and_the_job_is_retried(tmp_path, monkeypatch):
     statuses = [r.status for r in outcome.results]
     assert statuses.count(R.OK) == len(candidates), [(r.candidate, r.status, r.error) for r in outcome.results]
     retried = [r for r in outcome.results if r.attempts > 1]
-    assert retried, [(r.candidate, r.status, r.attempts, r.worker["node_id"][:8], doomed.node_id[:8]) for r in outcome.results]
-    assert all(r.worker["node_id"] != doomed.node_id for r in retried)
+    assert retried, [(r.candidate, r.status, r.attempts, r.worker.node_id[:8], doomed.node_id[:8]) for r in outcome.results]
+    assert all(r.worker.node_id != doomed.node_id for r in retried)
     assert R.CRASH not in statuses

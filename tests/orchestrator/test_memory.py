@@ -60,6 +60,6 @@ def test_leaking_candidate_gets_its_worker_recycled(tmp_path):
     # one slot, so the candidate after the leak ran in the fresh process that replaced it
     order = sorted(outcome.results, key=lambda r: r.created_at)
     after_leak = order[order.index(next(r for r in order if r.key == leak.key)) + 1]
-    assert after_leak.worker["worker_id"] != leak.worker["worker_id"]
-    assert after_leak.worker["pid"] != leak.worker["pid"]
+    assert after_leak.worker.worker_id != leak.worker.worker_id
+    assert after_leak.worker.pid != leak.worker.pid
     assert not by_fault["float32"].recycled

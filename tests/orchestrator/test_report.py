@@ -7,20 +7,24 @@ import pytest
 from rich.console import Console
 
 from orchestrator.records import BUILD_ERROR, INCORRECT, OK, DeployRecord, ResultRecord, SelectionRecord
-from orchestrator.report import ROW_COLUMNS, baseline_of, render, report_rows, report_store, write_reports
+from orchestrator.report import ROW_COLUMNS, render, report_rows, report_store, write_reports
+from orchestrator.selection import baseline_of
+from sweep_helpers import check_result, measurement, worker_info
 from orchestrator.store import Store
 
 DEVICE = "d" * 64
-WORKER = {"device_class": {"device_name": "NVIDIA H200", "device_type": "cuda"}, "hostname": "node-1"}
+WORKER = worker_info()
 EAGER = {"precision": "float32", "autocast": False, "channels_last": False, "inference_mode": True}
 
 
 def _result(key, candidate, status=OK, median=None, model="resnet", batch=8, backend="TorchCompileBackend",
             config=None, **kw) -> ResultRecord:  # fmt: skip
-    measurement = {"median_ms": median, "p99_ms": median * 1.2, "mean_ms": median} if median else None
+    if kw.pop("from_store", False):
+        kw["how"] = "reused"
     return ResultRecord(key=key, model=model, batch_size=batch, backend=backend, config=config or {},
-                        candidate=candidate, status=status, device_class_key=DEVICE, measurement=measurement,
-                        phases={"build": 1.5}, worker=WORKER, check={"max_abs_err": 1e-5} if median else None,
+                        candidate=candidate, status=status, device_class_key=DEVICE,
+                        measurement=measurement(median) if median else None,
+                        phases={"build": 1.5}, worker=WORKER, check=check_result(1e-5) if median else None,
                         peak_memory_bytes=64 * 2**20 if median else None, **kw)  # fmt: skip
 
 
@@ -151,7 +155,7 @@ def test_write_reports_writes_all_four_files(sweep, tmp_path):
 
 def test_non_finite_numbers_keep_report_json_strict(tmp_path):
     record = _result("inf", "broken", status=INCORRECT, median=1.0)
-    record.check = {"max_abs_err": float("inf")}
+    record.check = check_result(float("inf"), ok=False)
     paths = write_reports(tmp_path, {}, [record], [], [])
     text = paths["report.json"].read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -170,10 +174,10 @@ def test_report_store_reads_latest_sweep(sweep, tmp_path):
         sweep_id = store.begin_sweep("new", {})
         for r in results:
             if r.from_store:  # built by the old sweep, reused by the new one
-                store.put_result(old, r)
-                store.mark_reused(sweep_id, r)
+                r.how = "built"
+                store.add_reuse(sweep_id, store.add_result(old, r))
             else:
-                store.put_result(sweep_id, r)
+                store.add_result(sweep_id, r)
         for s in selections:
             store.put_selection(sweep_id, s)
         for d in deployments:

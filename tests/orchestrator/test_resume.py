@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SLEEP_S = 20  # long enough that the driver is surely still running when it is killed
 WAIT_FOR_RESULTS_S = 180
 REAP_GRACE_S = 30
+LEASE_S = 2.0  # the killed driver's heartbeat lease: its sweep reads "interrupted" this long after
 
 
 def count_results(db: Path) -> int:
@@ -51,7 +52,7 @@ def count_results(db: Path) -> int:
 def stored_rows(db: Path) -> dict[str, str]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
     try:
-        return dict(conn.execute("SELECT key, record_json FROM results").fetchall())
+        return dict(conn.execute("SELECT key, record_json FROM results WHERE how = 'built'").fetchall())
     finally:
         conn.close()
 
@@ -91,7 +92,8 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
     db = store_root / DB_NAME
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, not ours
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+               RAY_USAGE_STATS_ENABLED="0", AITUNE_LEASE_S=str(LEASE_S))
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(
@@ -127,14 +129,15 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
 
     before = stored_rows(db)
     assert len(before) == 2, "the killed driver should have committed exactly the two quick candidates"
+    time.sleep(LEASE_S + 0.5)  # its heartbeat has stopped for longer than its lease
     with Store(store_root) as store:
         (killed,) = store.list_sweeps()
-        assert killed["status"] == "running" and killed["finished_at"] is None  # it never finished
-        finished = {r.key: r for r in store.sweep_results(killed["id"])}
+        assert killed.status == "interrupted" and killed.finished_at is None  # it never finished
+        finished = {r.key: r for r in store.sweep_results(killed.id)}
         assert set(finished) == set(before)
         assert {r.config.get("precision") for r in finished.values()} == {"float32", "bfloat16"}
         for r in finished.values():
-            assert r.status == R.OK and store.checkpoint_dir(r) is not None  # committed with its checkpoint
+            assert r.status == R.OK and store.checkpoint_problem(r) is None  # committed with its checkpoint
 
     again = run_sweep(spec, console=Console(file=io.StringIO(), width=200), deploy=False, write_report=False,
                       ray_init=RAY_INIT)  # fmt: skip
@@ -155,9 +158,10 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
         assert after[key] == before[key]
     with Store(store_root) as store:
         sweeps = store.list_sweeps()
-        assert len(sweeps) == 2 and sweeps[-1]["id"] == again.sweep_id and sweeps[-1]["status"] == "done"
+        assert len(sweeps) == 2 and sweeps[-1].id == again.sweep_id and sweeps[-1].status == "done"
+        assert sweeps[0].status == "interrupted"
         info = store.sweep_info(again.sweep_id)
-        assert (info["candidates"], info["from_store"]) == (3, 2)
+        assert (info.candidates, info.from_store) == (3, 2)
         marks = {r.key: r.from_store for r in store.sweep_results(again.sweep_id)}
         assert marks == {**{k: True for k in before}, sleeper.key: False}
-        assert store.checkpoint_dir(sleeper) is not None
+        assert store.checkpoint_problem(sleeper) is None

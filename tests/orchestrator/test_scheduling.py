@@ -26,7 +26,7 @@ def test_no_worker_waits_for_the_slowest_candidate(tmp_path):
     slow_result = next(r for r in outcome.results if r.config.get("tag") == "slow")
     others = [r for r in outcome.results if r is not slow_result]
     # every other candidate ran on the other worker and finished while the slow one was building
-    assert {r.worker["worker_id"] for r in others}.isdisjoint({slow_result.worker["worker_id"]})
+    assert {r.worker.worker_id for r in others}.isdisjoint({slow_result.worker.worker_id})
     assert all(r.created_at < slow_result.created_at for r in others)
     # and the results arrived in the order they finished, not in the order they were queued
     assert outcome.results[-1].key == slow_result.key
