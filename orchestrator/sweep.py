@@ -154,7 +154,10 @@ def run_sweep(
         slots = plan_worker_slots(inventory, cpu_slots=spec.workers.cpu_slots,
                                   threads_per_slot=spec.workers.threads_per_slot, use_gpus=spec.workers.use_gpus)
         if deploy and spec.deploy.targets:
-            plan_deploy_targets(inventory, spec.deploy.targets)  # targets the cluster can't satisfy: refuse now
+            try:  # targets the cluster can't satisfy: refused before any worker starts
+                plan_deploy_targets(inventory, spec.deploy.targets)
+            except ValueError as exc:
+                raise ValueError(f"deploy.targets: {exc}") from None
         sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"))
         console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); "
                       f"store {store.root or 'in memory'}", markup=False, highlight=False)

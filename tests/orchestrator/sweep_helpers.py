@@ -9,7 +9,7 @@ from rich.console import Console
 
 from orchestrator.spec import SweepSpec, parse_spec
 
-RAY_INIT = {"num_cpus": 2, "object_store_memory": 200 * 1024**2}
+RAY_INIT = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": 200 * 1024**2}  # CPU slots, even on a GPU machine
 
 
 def tiny_spec(store, candidates: list[dict[str, Any]], **changes) -> SweepSpec:
@@ -64,3 +64,18 @@ def worker_info(device_name: str = "NVIDIA H200", device_type: str = "cuda", wor
     return WorkerInfo(worker_id=worker_id, node_id=node, hostname=node, pid=1, device="cuda:0",
                       device_class={"device_name": device_name, "device_type": device_type},
                       device_class_key="d" * 64, threads=1)
+
+
+def result_stub(key: str | None = None, model: str = "mlp", candidate: str = "eager", status: str = "ok", **kw):
+    """A stored-looking result record for store and report tests."""
+    import hashlib
+
+    from orchestrator.records import ResultRecord
+
+    fields = dict(
+        key=key or hashlib.sha256(f"{model}/{candidate}".encode()).hexdigest(), model=model, batch_size=1,
+        backend="TorchEagerBackend", config={"precision": "float32"}, candidate=candidate, status=status,
+        device_class_key="c" * 64, measurement=measurement(1.5) if status == "ok" else None,
+    )
+    fields.update(kw)
+    return ResultRecord(**fields)

@@ -180,6 +180,16 @@ def test_add_result_leaves_the_callers_record_unchanged(store, packed):
     assert record.checkpoint is None and stored.checkpoint is not None and stored.outputs is not None
 
 
+def test_changing_a_record_the_store_returned_does_not_change_the_store(store):
+    sweep = store.begin_sweep("s", {})
+    returned = store.add_result(sweep, _record())
+    snapshot = returned.to_dict()
+    for got in (returned, store.sweep_results(sweep)[0], store.results_for([returned.key])[returned.key][0]):
+        got.status, got.measurement.median_ms, got.config["precision"] = BUILD_ERROR, 99.0, "int8"
+        assert store.sweep_results(sweep)[0].to_dict() == snapshot
+        assert store.results_for([returned.key])[returned.key][0].to_dict() == snapshot
+
+
 def test_two_sweeps_recording_the_same_key_keep_both_results(store):
     first = store.begin_sweep("first", {})
     a = store.add_result(first, _record(median=1.5))
@@ -846,11 +856,12 @@ def test_references_and_outputs_changed_after_writing_are_refused(sqlite_store, 
     assert sqlite_store.reference_bytes("ref") is None and not sqlite_store.has_reference("ref")
     assert sqlite_store.outputs_bytes(stored) is None
 
-    # The same bytes, but behind a symbolic link: refused as well.
-    (tmp_path / "ref.pt").write_bytes(b"reference tensors")
-    ref_file.unlink()
-    os.symlink(tmp_path / "ref.pt", ref_file)
-    assert sqlite_store.reference_bytes("ref") is None
+    # The same bytes, but behind a symbolic link (into the store, or out of it): refused as well.
+    for target in (sqlite_store.root / "references" / "copy.bin", tmp_path / "ref.pt"):
+        target.write_bytes(b"reference tensors")
+        ref_file.unlink()
+        os.symlink(target, ref_file)
+        assert sqlite_store.reference_bytes("ref") is None
     out_file.unlink()
     assert sqlite_store.outputs_bytes(stored) is None
     # Writing them again makes them readable again.
