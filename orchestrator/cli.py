@@ -55,8 +55,9 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     done = [d for d in outcome.deployments if d.status == "deployed"]
     how = ", ".join(f"{n} {k}" for k, n in sorted(outcome.how.items()))
-    _say(console, f"sweep {outcome.sweep_id}: {how or 'nothing to do'}; {len(outcome.selections)} winner group(s), "
-                  f"{len(done)}/{len(outcome.deployments)} deployments verified; tuning took {outcome.tune_s:.1f} s")
+    _say(console, f"sweep {outcome.sweep_id}: {outcome.ran} run, {outcome.reused} from store ({how or 'nothing'}), "
+                  f"{len(outcome.selections)} winner group(s), {len(done)}/{len(outcome.deployments)} deployments "
+                  f"verified; tuning took {outcome.tune_s:.1f} s")
     problems = outcome.problems
     for problem in problems:
         _say(console, f"not done: {problem}")

@@ -47,7 +47,7 @@ def test_job_submit_runs_the_sweep_and_stops_the_head(tmp_path):
     assert proc.returncode == 0, f"ray_job_submit.sh exited {proc.returncode}:\n{tail}"
 
     # The sweep's own summary line, printed by the job's driver and streamed back by `ray job submit`.
-    summary = re.search(r"sweep \S+: (\d+) run, (\d+) from store, (\d+) winner group\(s\), (\d+)/(\d+) deployments verified", out)
+    summary = re.search(r"sweep \S+: (\d+) run, (\d+) from store \([^)]*\), (\d+) winner group\(s\), (\d+)/(\d+) deployments verified", out)
     assert summary, f"no sweep summary line in the job output:\n{tail}"
     ran, reused, groups, deployed, deploys = map(int, summary.groups())
     assert (ran, reused) == (2, 0), summary.group(0)
