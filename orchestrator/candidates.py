@@ -10,7 +10,7 @@ import torch
 from aitune.canonical import sha256_of
 from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from aitune.torch.module_ref import attach_factory, import_object
 from orchestrator.records import Job
 from orchestrator.spec import CandidateSpec, ModelSpec, SweepSpec
@@ -111,9 +111,8 @@ def expand(
             for batch in spec.batches_of(model):
                 graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
                 for cand in candidates:
-                    config = cand.make_config()
-                    backend_cls = get_backend_class(cand.backend)
-                    key = job_key(fingerprints[model.name], cand.backend, config.key(), graph, device_class)
+                    backend = make_backend(cand.backend, cand.config)
+                    key = job_key(fingerprints[model.name], cand.backend, config_key(backend), graph, device_class)
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
                     jobs[key] = Job(
@@ -121,8 +120,8 @@ def expand(
                         model=model.name,
                         batch_size=batch,
                         backend=cand.backend,
-                        config=config.to_dict(),
-                        candidate=backend_cls(config).describe(),
+                        config=config_fields(backend),
+                        candidate=display_name(backend),
                         device_class_key=dc_key,
                         model_fingerprint=fingerprints[model.name],
                         graph_spec=graph,

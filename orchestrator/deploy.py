@@ -30,8 +30,6 @@ DEPLOYED, REFUSED = "deployed", "refused"
 
 class DeployWorker:
     def __init__(self, slot: dict[str, Any], target: str) -> None:
-        import orchestrator.fault_backends  # noqa: F401
-
         quiet_libraries()
 
         self.threads = int(slot.get("threads", 1))
@@ -73,7 +71,8 @@ class DeployWorker:
         root = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
             path = unpack_to(checkpoint, root / "checkpoint")
-            backend = load_checkpoint(path, self.device)
+            # TODO(orchestrator): pass the spec's factories
+            backend = load_checkpoint(path, self.device, allow_factories=True, allow_backends=True)
             backend.deploy(self.device)
             sample, expected = load_reference(reference)
             sample = sample.to(self.device)

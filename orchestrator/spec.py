@@ -13,10 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from aitune.canonical import dtype_name
-from aitune.torch.backend.registry import UnknownBackendError, get_backend_class
+from aitune.torch.backend.registry import InvalidBackendError, UnknownBackendError, config_class_of, get_backend_class, make_backend
 from aitune.torch.module_ref import ImportPathError, import_object
-
-import orchestrator.fault_backends  # noqa: F401  (registers the fault-injecting test backends)
 
 
 class SpecError(ValueError):
@@ -113,7 +111,7 @@ class CandidateSpec(_Strict):
     def _known(cls, value: str) -> str:
         try:
             get_backend_class(value)
-        except UnknownBackendError as exc:
+        except (UnknownBackendError, InvalidBackendError) as exc:
             raise ValueError(str(exc)) from None
         except ImportError as exc:  # a known backend whose library is missing here
             raise ValueError(f"backend {value!r} can't be imported here: {exc}") from None
@@ -122,16 +120,15 @@ class CandidateSpec(_Strict):
     @model_validator(mode="after")
     def _config_fields(self) -> "CandidateSpec":
         try:
-            self.make_config()
-        except TypeError as exc:  # a field of the wrong type, as the config's constructor found it
-            raise ValueError(f"config of {self.backend}: {exc}") from None
-        except ValueError as exc:
-            raise ValueError(f"config of {self.backend}: {exc}") from None
+            make_backend(self.backend, self.config)
+        except InvalidBackendError as exc:  # names the backend and the field
+            raise ValueError(str(exc)) from None
         return self
 
     def make_config(self):
-        config_class = get_backend_class(self.backend).config_class
-        return config_class.from_dict(dict(self.config))
+        """The config object; None for a backend that takes no config."""
+        config_class = config_class_of(get_backend_class(self.backend))
+        return config_class.from_dict(dict(self.config)) if config_class is not None else None
 
 
 class ToleranceSpec(_Strict):

@@ -29,7 +29,7 @@ from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, interleaved, measure
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
-from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.backend.registry import make_backend
 from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
@@ -76,8 +76,6 @@ def load_reference(data: bytes) -> tuple[Sample, list[torch.Tensor]]:
 
 class TuneWorker:
     def __init__(self, slot: dict[str, Any], spec: dict[str, Any], worker_id: str) -> None:
-        import orchestrator.fault_backends  # noqa: F401  (registers the test backends here too)
-
         quiet_libraries()
 
         self.slot = slot
@@ -141,8 +139,7 @@ class TuneWorker:
             torch.cuda.reset_peak_memory_stats()
         try:
             module, sample, _ = self._reference(job.model, job.batch_size)
-            cls = get_backend_class(job.backend)
-            backend = cls(cls.config_class.from_dict(job.config))
+            backend = make_backend(job.backend, job.config)
         except Exception as exc:
             return self._failure(R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
@@ -212,7 +209,8 @@ class TuneWorker:
         for key, data in checkpoints.items():
             path = self._scratch / f"remeasure-{key[:16]}-{time.monotonic_ns()}"
             unpack_to(data, path)
-            backend = load_checkpoint(path, self.device)
+            # TODO(orchestrator): pass the spec's factories
+            backend = load_checkpoint(path, self.device, allow_factories=True, allow_backends=True)
             backend.deploy(self.device)
             backends[key] = backend
         config = MeasureConfig(budget_s=budget_s, threads=self.threads, target_rel_ci=self.spec.measure.target_rel_ci)

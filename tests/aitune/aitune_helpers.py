@@ -88,7 +88,7 @@ class WrongOutputBackend(TorchEagerBackend):
 class BuildFailsBackend(TorchEagerBackend):
     MESSAGE = "deliberate build failure from BuildFailsBackend"
 
-    def _build(self, module, graph_spec, data, device, cache_dir) -> None:
+    def _build(self, module, graph_spec, data, cache_dir) -> None:
         raise RuntimeError(self.MESSAGE)
 
 
