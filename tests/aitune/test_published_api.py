@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -409,3 +410,20 @@ def test_a_sweep_builds_and_deploys_a_plugin_named_by_import_path(plugin_ray, tm
         ray.kill(target, no_restart=True)
     assert record.status == DEPLOYED, record.reason
     assert record.max_abs_err is not None and record.max_abs_err < 1e-5
+
+
+# -- the README's example ------------------------------------------------------------------------------
+def test_the_readme_backend_example_tunes_saves_and_deploys(module, tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("#### Writing a backend"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    (tmp_path / "my_backends.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_backends", raising=False)
+    result = aitune.tune(module, [SAMPLE], ["my_backends:NoGradEager"], "cpu", measure_config=fast(), keep_backends=True)
+    mine = next(r for r in result.results if r.backend_class == "NoGradEager")
+    assert mine.status == "ok", mine.error
+    assert mine.name == "NoGradEager(no_grad)"
+    save_checkpoint(mine.backend, tmp_path / "ckpt")
+    served = deploy_checkpoint(tmp_path / "ckpt", "cpu", allow_factories=[FACTORY], allow_backends=["my_backends:NoGradEager"])
+    torch.testing.assert_close(served.infer(X), expected(module))
