@@ -74,9 +74,17 @@ class Manifest:
             )
         try:
             artifacts = [ArtifactRecord(**a) for a in d["artifacts"]]
-            return cls(**{**d, "artifacts": artifacts})
+            manifest = cls(**{**d, "artifacts": artifacts})
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{where}: malformed manifest: {exc}") from None
+        wrong = [name for name, ok in (
+            ("backend", isinstance(manifest.backend, str)),
+            ("state", isinstance(manifest.state, dict)),
+            ("artifacts", all(isinstance(a.path, str) and isinstance(a.size, int) and isinstance(a.sha256, str) for a in artifacts)),
+        ) if not ok]  # fmt: skip
+        if wrong:
+            raise CheckpointError(f"{where}: malformed manifest: wrong type of {', '.join(wrong)}")
+        return manifest
 
 
 def _extract_artifacts(value: Any, found: dict[Path, str], prefix: str) -> Any:

@@ -224,3 +224,10 @@ def test_the_sha256_is_checked_before_the_manifest_is_parsed(ckpt, marker):
     refused(ckpt, "changed since it was stored", manifest_sha256=stored, **ALLOW)
     refused(ckpt, "not valid JSON", **ALLOW)  # without the hash, parsing is what fails
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field, value", [("backend", ["os", "system"]), ("state", "os:system")])
+def test_fields_of_the_wrong_type_are_refused(ckpt, marker, field, value):
+    edit(ckpt, lambda d: d.update({field: value}))
+    refused(ckpt, f"manifest.json: malformed manifest: wrong type of {field}", **ALLOW)
+    assert not marker.exists()

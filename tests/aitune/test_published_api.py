@@ -17,7 +17,7 @@ import torch
 import aitune
 from aitune.checkpoint import CheckpointError, deploy_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend import Backend, BackendState, TorchEagerBackend, TorchEagerConfig
+from aitune.torch.backend import Backend, BackendState, TorchEagerBackend, TorchEagerConfig, UnsupportedDeviceError
 from aitune.torch.backend.registry import (
     InvalidBackendError,
     UnknownBackendError,
@@ -136,6 +136,29 @@ def test_checkpoint_loaded_activates(loaded, module):
     loaded.activate()
     assert loaded.state is BackendState.ACTIVE
     torch.testing.assert_close(loaded.infer(X), expected(module))
+
+
+def test_published_devices_narrow_the_device_types(module):
+    class CudaOnly(PublishedBackend):
+        _devices = ["cuda"]
+
+    backend = CudaOnly()
+    with pytest.raises(UnsupportedDeviceError, match=re.escape("does not support device type 'cpu' (supported: ['cuda'])")):
+        backend.build(module, SPEC, [SAMPLE], "cpu")
+    assert backend.state is BackendState.INIT and backend.device is None
+
+
+def test_assert_device_receives_a_torch_device(module, tmp_path):
+    seen = []
+
+    class Checking(PublishedBackend):
+        def _assert_device(self, device):
+            seen.append(device)
+            super()._assert_device(device)
+
+    backend = Checking().build(module, SPEC, [SAMPLE], "cpu", tmp_path)
+    Checking.from_dict(backend.to_dict()).deploy("cpu")
+    assert seen == [torch.device("cpu"), torch.device("cpu")]
 
 
 # -- every published message, word for word ------------------------------------------------------------

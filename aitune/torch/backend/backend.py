@@ -196,6 +196,7 @@ class Backend(abc.ABC):
         """Build for ``device`` from ``module``, calling each sample in ``data`` at most once."""
         if self.state != BackendState.INIT:
             raise RuntimeError(f"Backend {self.name} build should be called only once")
+        device = torch.device(device) if device is not None else None
         self._assert_device(device)
         with _annotate(f"{self.name}.build"):
             self._set_device(device)
@@ -238,9 +239,8 @@ class Backend(abc.ABC):
         """Make a checkpoint-loaded backend ready on ``device`` (``None``: the device it was built for)."""
         if self.state != BackendState.CHECKPOINT_LOADED:
             raise RuntimeError(f"Cannot deploy backend {self.name}, backend should be loaded from a checkpoint")
-        target = device if device is not None else self._device
+        target = torch.device(device) if device is not None else self._device
         self._assert_device(target)
-        target = torch.device(target)
         if self._deploy_check is not None:
             self._deploy_check(target)
         previous = self._device
