@@ -1,12 +1,15 @@
 """Checkpoints: a directory with ``manifest.json`` and the artifacts a backend's ``to_dict()`` names.
 
 Saving writes into a temporary sibling and renames it into place, so a crash never leaves a
-half-written checkpoint. Loading verifies everything (format, paths, sizes, checksums, device)
-before the backend is rebuilt, so a refused checkpoint loads nothing.
+half-written checkpoint. Loading verifies everything (the manifest's own SHA-256 when the caller
+recorded it, format, the directory's contents, paths, sizes, checksums, the code the manifest
+names, device) before anything is imported or the backend is rebuilt, so a refused checkpoint
+loads nothing and runs nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,18 +21,21 @@ from typing import Any
 import torch
 
 from aitune.canonical import sha256_file
+from aitune.checkpoint_trust import Allowlist, CheckpointError, backend_class, check_factories, check_listing
 from aitune.environment import Environment, describe_environment
 from aitune.torch.backend.backend import Backend
-from aitune.torch.backend.registry import resolve_backend_class
+from aitune.torch.backend.registry import backend_ref, config_fields
 
-FORMAT_VERSION = 1
+#: 2: ``backend`` is a built-in name or a plug-in's import path (1 had a separate backend_module)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ARTIFACT_DIR = "artifacts"
 _ARTIFACT_TAG = "__artifact__"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint was refused; the message names the file or the mismatch."""
+__all__ = [
+    "CheckpointError", "Manifest", "ArtifactRecord", "save_checkpoint", "read_manifest", "manifest_sha256",
+    "verify_checkpoint", "check_device_compatible", "load_checkpoint", "deploy_checkpoint",
+]
 
 
 @dataclass
@@ -42,8 +48,8 @@ class ArtifactRecord:
 @dataclass
 class Manifest:
     format_version: int
+    #: a built-in backend name, or ``"package.module:ClassName"`` for a plug-in
     backend: str
-    backend_module: str
     portable: bool
     config: dict[str, Any]
     graph_spec: dict[str, Any] | None
@@ -68,9 +74,17 @@ class Manifest:
             )
         try:
             artifacts = [ArtifactRecord(**a) for a in d["artifacts"]]
-            return cls(**{**d, "artifacts": artifacts})
+            manifest = cls(**{**d, "artifacts": artifacts})
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{where}: malformed manifest: {exc}") from None
+        wrong = [name for name, ok in (
+            ("backend", isinstance(manifest.backend, str)),
+            ("state", isinstance(manifest.state, dict)),
+            ("artifacts", all(isinstance(a.path, str) and isinstance(a.size, int) and isinstance(a.sha256, str) for a in artifacts)),
+        ) if not ok]  # fmt: skip
+        if wrong:
+            raise CheckpointError(f"{where}: malformed manifest: wrong type of {', '.join(wrong)}")
+        return manifest
 
 
 def _extract_artifacts(value: Any, found: dict[Path, str], prefix: str) -> Any:
@@ -124,10 +138,9 @@ def save_checkpoint(backend: Backend, path: str | Path, extra: dict[str, Any] | 
         klass = type(backend)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            backend=klass.__name__,
-            backend_module=klass.__module__,
+            backend=backend_ref(klass),
             portable=klass.portable,
-            config=backend.config.to_dict(),
+            config=config_fields(backend),
             graph_spec=backend.graph_spec.to_dict() if backend.graph_spec else None,
             environment=describe_environment(backend.device).to_dict(),
             artifacts=records,
@@ -143,14 +156,34 @@ def save_checkpoint(backend: Backend, path: str | Path, extra: dict[str, Any] | 
     return manifest
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
-    file = path / MANIFEST
+def manifest_sha256(path: str | Path) -> str:
+    """SHA-256 of the checkpoint's ``manifest.json`` bytes: record it when storing, pass it when loading."""
+    return hashlib.sha256(_manifest_bytes(Path(path))).hexdigest()
+
+
+def _manifest_bytes(root: Path) -> bytes:
+    file = root / MANIFEST
+    if file.is_symlink():
+        raise CheckpointError(f"{file}: a symbolic link; a checkpoint's manifest must be a real file")
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; {path} is not a checkpoint directory")
+        raise CheckpointError(f"{file}: missing; {root} is not a checkpoint directory")
+    return file.read_bytes()
+
+
+def read_manifest(path: str | Path, manifest_sha256: str | None = None) -> Manifest:
+    """Parse the manifest; with ``manifest_sha256``, its bytes are checked against it first."""
+    root = Path(path)
+    file = root / MANIFEST
+    raw = _manifest_bytes(root)
+    if manifest_sha256 is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != manifest_sha256:
+            raise CheckpointError(
+                f"{file}: changed since it was stored (its SHA-256 is {digest}, {manifest_sha256} was recorded); refusing it"
+            )
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: not valid JSON: {exc}") from None
     return Manifest.from_dict(data, str(file))
 
@@ -167,13 +200,16 @@ def _safe_relative(root: Path, rel: str) -> Path:
     return full
 
 
-def verify_checkpoint(path: str | Path) -> Manifest:
-    """Check the manifest and every artifact's path, size and SHA-256; return the manifest."""
+def verify_checkpoint(path: str | Path, manifest_sha256: str | None = None) -> Manifest:
+    """Check the manifest (against ``manifest_sha256`` when given), that the directory holds only
+    it and the artifacts, and every artifact's path, size and SHA-256; return the manifest."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, manifest_sha256)
+    files = {art.path: _safe_relative(root, art.path) for art in manifest.artifacts}
+    check_listing(root, MANIFEST, list(files))
     listed = set()
     for art in manifest.artifacts:
-        file = _safe_relative(root, art.path)
+        file = files[art.path]
         listed.add(art.path)
         if not file.is_file():
             raise CheckpointError(f"artifact {art.path} is missing from checkpoint {root}")
@@ -192,6 +228,8 @@ def verify_checkpoint(path: str | Path) -> Manifest:
 def _artifact_refs(value: Any) -> list[str]:
     if isinstance(value, dict):
         if set(value) == {_ARTIFACT_TAG}:
+            if not isinstance(value[_ARTIFACT_TAG], str):
+                raise CheckpointError(f"the backend state names artifact {value[_ARTIFACT_TAG]!r}, which is not a path")
             return [value[_ARTIFACT_TAG]]
         return [r for v in value.values() for r in _artifact_refs(v)]
     if isinstance(value, list):
@@ -224,31 +262,70 @@ def check_device_compatible(manifest: Manifest, device: torch.device | str) -> N
             raise CheckpointError(f"{manifest.backend} checkpoint was built with {lib} {was}; this machine has {lib} {now}")
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
+def load_checkpoint(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    allow_factories: Allowlist = None,
+    allow_backends: Allowlist = None,
+    manifest_sha256: str | None = None,
+) -> Backend:
     """Verify and load a checkpoint; the backend ends in ``CHECKPOINT_LOADED``.
 
+    The manifest names code, and anyone who can write the checkpoint can edit it, so nothing it
+    names is imported unless allowed: a model factory only if it is in ``allow_factories``, a
+    plug-in backend (``"package.module:Class"``) only if it is in ``allow_backends`` (built-in
+    backends always); ``True`` trusts whatever the manifest names. With ``manifest_sha256`` (from
+    :func:`manifest_sha256` when it was stored) an edited manifest is refused before it is read.
     With ``device``, device-bound artifacts are checked against it before anything is loaded.
     """
     root = Path(path)
-    manifest = verify_checkpoint(root)
+    manifest, cls = _open(root, allow_factories, allow_backends, manifest_sha256)
+    return _rebuild(root, manifest, cls, device)
+
+
+def _open(
+    root: Path, allow_factories: Allowlist, allow_backends: Allowlist, manifest_sha256: str | None
+) -> tuple[Manifest, type[Backend]]:
+    """The files, their hashes and the code the manifest names are checked; then the backend class is imported."""
+    manifest = verify_checkpoint(root, manifest_sha256)
+    where = str(root / MANIFEST)
+    check_factories(manifest.state, allow_factories, where)
+    return manifest, backend_class(manifest.backend, allow_backends, where)
+
+
+def _rebuild(root: Path, manifest: Manifest, cls: type[Backend], device: torch.device | str | None) -> Backend:
+    where = str(root / MANIFEST)
     if device is not None:
         check_device_compatible(manifest, device)
-    cls = resolve_backend_class(manifest.backend, manifest.backend_module)
     state = _resolve_artifacts(manifest.state, root.resolve())
-    backend = cls.from_dict(state)
+    try:
+        backend = cls.from_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {cls.__name__} refused the backend state: {type(exc).__name__}: {exc}") from exc
     # deploy(device) later checks the device it is given, not only the one named here
     backend._deploy_check = lambda target: check_device_compatible(manifest, target)
     return backend
 
 
-def deploy_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Backend:
+def deploy_checkpoint(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    allow_factories: Allowlist = None,
+    allow_backends: Allowlist = None,
+    manifest_sha256: str | None = None,
+) -> Backend:
     """Load, check against ``device`` and deploy: the one call a serving process needs.
 
-    Without ``device`` the backend deploys on the device it was saved with, and that device is
-    the one a device-bound checkpoint is checked against.
+    The allowlists and ``manifest_sha256`` are those of :func:`load_checkpoint`. Without
+    ``device`` the backend deploys on the device it was saved with, and that device is the one a
+    device-bound checkpoint is checked against.
     """
+    root = Path(path)
+    manifest, cls = _open(root, allow_factories, allow_backends, manifest_sha256)
     if device is None:
-        device = read_manifest(path).state.get("device")
-    backend = load_checkpoint(path, device)
+        device = manifest.state.get("device")
+    backend = _rebuild(root, manifest, cls, device)
     backend.deploy(device)
     return backend

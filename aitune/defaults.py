@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aitune.torch.backend.backend import Backend
-from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.backend import registry
 
 CandidateDef = tuple[str, dict[str, Any]]
 
@@ -29,16 +29,16 @@ def candidates_for(device_type: str) -> list[CandidateDef]:
 
 
 def make_backend(definition: CandidateDef) -> Backend:
+    """A backend from ``(name or "package.module:Class", config fields)``."""
     name, fields = definition
-    cls = get_backend_class(name)
-    return cls(cls.config_class.from_dict(dict(fields)))
+    return registry.make_backend(name, fields)
 
 
 def is_baseline(backend_name: str, config: dict[str, Any]) -> bool:
     """Eager fp32 with every other field at its default: what every speedup is measured against."""
     if backend_name != BASELINE[0]:
         return False
-    cls = get_backend_class(backend_name)
+    cls = registry.get_backend_class(backend_name)
     try:
         return cls.config_class.from_dict(dict(config)) == cls.config_class()
     except (TypeError, ValueError):  # fields this config class does not have: not the baseline

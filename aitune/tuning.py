@@ -17,12 +17,13 @@ import torch
 
 from aitune.check import CheckResult, Tolerance, tolerance_for
 from aitune.judge import judge
-from aitune.measure import MeasureConfig, Measurement, measure
+from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
 from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
+from aitune.torch.backend import registry
 from aitune.torch.tree import map_tensors
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,27 @@ def _detach(outputs: Any) -> Any:
     return map_tensors(outputs, lambda t: t.detach().to("cpu").clone())
 
 
+#: a candidate for :func:`tune`: a backend, a backend's name or import path, or (name, config fields)
+Candidate = Backend | str | tuple[str, dict[str, Any]]
+
+
+def as_backend(candidate: Candidate) -> Backend:
+    """A ready-to-build backend from any :data:`Candidate` form; a bad one says which and why."""
+    if isinstance(candidate, Backend):
+        return candidate
+    if isinstance(candidate, str):
+        return registry.make_backend(candidate)
+    if isinstance(candidate, tuple) and len(candidate) == 2 and isinstance(candidate[0], str):
+        return registry.make_backend(candidate[0], candidate[1])
+    raise TypeError(
+        f"candidate {candidate!r} is not a Backend, a backend name or import path, or a (name, config) pair"
+    )
+
+
 def tune(
     module: torch.nn.Module,
     samples: Sequence[Sample],
-    backends: Sequence[Backend] | None = None,
+    candidates: Sequence[Candidate] | None = None,
     device: torch.device | str = "cpu",
     strategy: Strategy | str = "min_latency",
     *,
@@ -103,7 +121,10 @@ def tune(
     """Build, check and measure every backend on ``device``; return the winner and every result.
 
     ``samples`` share one input shape (their values may differ): all are used to check
-    correctness, the first is used to measure. The eager fp32 baseline is always included.
+    correctness, the first is used to measure. ``candidates`` are backends, names
+    (``"TorchEagerBackend"``), plug-in import paths (``"package.module:MyBackend"``) or
+    ``(name, config fields)`` pairs; default: the CPU set of :mod:`aitune.defaults`. The eager
+    fp32 baseline is always included.
     """
     if not samples:
         raise ValueError("tune needs at least one sample")
@@ -116,7 +137,7 @@ def tune(
         # Computed once: the module may carry state, and the reference must not drift.
         reference = [_detach(s(module)) for s in samples]
     graph_spec = GraphSpec.from_sample(samples[0], reference[0])
-    backends = list(backends) if backends is not None else default_cpu_candidates()
+    backends = [as_backend(c) for c in candidates] if candidates is not None else default_cpu_candidates()
     if not any(_is_baseline(b) for b in backends):
         backends.insert(0, TorchEagerBackend())
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="aitune-tune-"))
@@ -138,7 +159,7 @@ def tune(
 
 
 def _is_baseline(backend: Backend) -> bool:
-    return is_baseline(backend.name, backend.config.to_dict())
+    return is_baseline(registry.backend_ref(type(backend)), registry.config_fields(backend))
 
 
 def evaluate(
@@ -154,7 +175,7 @@ def evaluate(
 ) -> CandidateResult:
     """Build, check, then measure one candidate; every failure becomes a classified result."""
     result = CandidateResult(
-        name=backend.describe(), backend_class=backend.name, config=backend.config.to_dict(), key=backend.key(), status="ok"
+        name=registry.display_name(backend), backend_class=backend.name, config=registry.config_fields(backend), key=backend.key(), status="ok"
     )
     start = time.perf_counter()
     try:

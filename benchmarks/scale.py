@@ -53,7 +53,7 @@ def make_spec(store: str, candidates: int, seconds: float):
                     "inputs": [{"name": "x", "shape": [8]}]}],
         "batch_sizes": [2],
         "candidates": [
-            {"backend": "FaultBackend", "config": {"fault": "sleep", "seconds": seconds, "phase": "build", "tag": str(i)}}
+            {"backend": "orchestrator.fault_backends:FaultBackend", "config": {"fault": "sleep", "seconds": seconds, "phase": "build", "tag": str(i)}}
             for i in range(candidates)
         ],
         "measure": {"budget_s": 0.01, "min_iters": 3, "warmup_iters": 1},

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 
 from aitune.canonical import sha256_of
 from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
 from orchestrator.spec import CandidateSpec, ModelSpec, SweepSpec
 

@@ -17,7 +17,6 @@ import torch
 
 from aitune.torch.backend.backend import UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
-from aitune.torch.backend.registry import register_backend
 from aitune.specs import Sample
 
 FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom")
@@ -63,7 +62,6 @@ def _misbehave(fault: str, seconds: float) -> None:
         raise torch.cuda.OutOfMemoryError("FaultBackend: injected CUDA out of memory")
 
 
-@register_backend
 class FaultBackend(ModuleBackend):
     config_class = FaultBackendConfig
 
@@ -71,13 +69,13 @@ class FaultBackend(ModuleBackend):
     def is_jit(self) -> bool:
         return False
 
-    def _build(self, module, graph_spec, data, device, cache_dir) -> None:
+    def _build(self, module, graph_spec, data, cache_dir) -> None:
         if self.config.phase == "build":
             _misbehave(self.config.fault, self.config.seconds)
         if self.config.fault == "leak":
             # touch every page so that the memory is really resident
-            _LEAKED.append(torch.ones(self.config.leak_mb * 2**20, dtype=torch.uint8, device=device))
-        self._module = self._take_module(module, device)
+            _LEAKED.append(torch.ones(self.config.leak_mb * 2**20, dtype=torch.uint8, device=self.device))
+        self._module = self._take_module(module)
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         cfg = self.config

@@ -24,7 +24,7 @@ import torch
 
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
-from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
 from orchestrator.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
 from orchestrator.records import Job, ResultRecord
@@ -77,18 +77,17 @@ def expand(
                 graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
                 samples = samples_key(model, batch)
                 for cand in candidates:
-                    config = cand.make_config()
-                    backend_cls = get_backend_class(cand.backend)
-                    backend = backend_cls(config)
-                    key = artifact_key(fingerprints[model.name], cand.backend, config.key(),
-                                       implementation_version(backend_cls), graph, device_class)
+                    backend = make_backend(cand.backend, cand.config)
+                    fields = config_fields(backend)
+                    key = artifact_key(fingerprints[model.name], cand.backend, config_key(backend),
+                                       implementation_version(type(backend)), graph, device_class)
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
-                    evaluation = evaluation_of(spec, str(config.to_dict().get("precision", "float32")), samples,
+                    evaluation = evaluation_of(spec, str(fields.get("precision", "float32")), samples,
                                                (threads or {}).get(dc_key, 1))
                     jobs[key] = Job(
-                        key=key, model=model.name, batch_size=batch, backend=cand.backend, config=config.to_dict(),
-                        candidate=backend.describe(), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
+                        key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
+                        candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
                         graph_spec=graph, samples_key=samples, evaluation=evaluation, eval_key=evaluation_key(evaluation),
                     )
     return list(jobs.values())

@@ -174,8 +174,8 @@ def render(
         table = Table(title="winners", title_justify="left")
         for header in ("model", "batch", "winner", "speedup", "reason", "ties"):
             table.add_column(header)
-        for s, speedup in _winner_speedups(selections, rows):
-            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(speedup), _reason(s), ", ".join(s.ties))
+        for s, gain in _winner_speedups(selections, rows):
+            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(gain), _reason(s), ", ".join(s.ties))
             table.add_row(*(escape(c) for c in cells))
         console.print(table)
 

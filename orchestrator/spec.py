@@ -28,11 +28,12 @@ from pydantic import (
 from aitune.canonical import CanonicalError, canonicalize, dtype_name
 from aitune.check import DEFAULT_TOLERANCES, tolerance_for
 from aitune.measure import WARMUP_MAX_ITERS, MeasureConfig
-from aitune.torch.backend.registry import UnknownBackendError, get_backend_class
+from aitune.torch.backend.registry import (
+    InvalidBackendError, UnknownBackendError, config_class_of, get_backend_class, make_backend,
+)
 from aitune.torch.module_ref import ImportPathError, import_object
 from aitune.torch.precision import ALIASES as PRECISION_ALIASES
 
-import orchestrator.fault_backends  # noqa: F401  (registers the fault-injecting test backends)
 from orchestrator import spec_checks as checks
 from orchestrator.spec_yaml import SpecStructureError, SpecSyntaxError, read_spec_text
 
@@ -45,9 +46,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _config_class(backend: str) -> type:
-    """The config dataclass of a backend, by name: the one place that knows how to find it."""
-    return get_backend_class(backend).config_class
+def _config_class(backend: str) -> type | None:
+    """The config dataclass of a backend, by name or import path (None: it takes no config)."""
+    return config_class_of(get_backend_class(backend))
 
 
 def _check_import(path: str) -> Any:
@@ -200,7 +201,7 @@ class CandidateSpec(_Strict):
     def _known(cls, value: str) -> str:
         try:
             _config_class(value)
-        except UnknownBackendError as exc:
+        except (UnknownBackendError, InvalidBackendError) as exc:
             raise ValueError(str(exc)) from None
         except ImportError as exc:  # a known backend whose library is missing here
             raise ValueError(f"backend {value!r} can't be imported here: {exc}") from None
@@ -208,17 +209,21 @@ class CandidateSpec(_Strict):
 
     @model_validator(mode="after")
     def _config_fields(self) -> "CandidateSpec":
-        problems = checks.config_problems(_config_class(self.backend), self.config)
-        if problems:
-            raise checks.problems_error([(("config",) + loc, message) for loc, message in problems])
-        try:  # the config's own rules, now that every field has its type
-            self.make_config()
+        config_class = _config_class(self.backend)
+        if config_class is not None:
+            problems = checks.config_problems(config_class, self.config)
+            if problems:
+                raise checks.problems_error([(("config",) + loc, message) for loc, message in problems])
+        try:  # the config's own rules, now that every field has its type; and the backend itself
+            make_backend(self.backend, self.config)
         except (TypeError, ValueError) as exc:
             raise checks.problems_error([(("config",), f"config of {self.backend}: {exc}")]) from None
         return self
 
     def make_config(self):
-        return _config_class(self.backend).from_dict(dict(self.config))
+        """The config object; None for a backend that takes no config."""
+        config_class = _config_class(self.backend)
+        return config_class.from_dict(dict(self.config)) if config_class is not None else None
 
 
 def _precision(name: str) -> str | None:

@@ -23,7 +23,7 @@ from aitune.measure import Measurement
 from orchestrator import records as R
 from orchestrator.candidates import fingerprint_models
 from orchestrator.deploy import deploy_winners
-from orchestrator.plan import BUILD, EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
+from orchestrator.plan import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
 from orchestrator.report import render, write_reports

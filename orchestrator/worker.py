@@ -30,7 +30,7 @@ from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, interleaved
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
-from aitune.torch.backend.registry import get_backend_class
+from aitune.torch.backend.registry import make_backend
 from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
@@ -141,8 +141,7 @@ class TuneWorker:
             torch.cuda.reset_peak_memory_stats()
         try:
             module, sample, _ = self._reference(job.model, job.batch_size)
-            cls = get_backend_class(job.backend)
-            backend = cls(cls.config_class.from_dict(job.config))
+            backend = make_backend(job.backend, job.config)
         except Exception as exc:
             return self._failure(R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.

@@ -90,7 +90,7 @@ def confirm_top3(outcome, console: Console, device: torch.device) -> None:
                 continue
             fns, names = {}, {}
             for r in ranked:
-                backend = load_checkpoint(store.checkpoint_dir(r), device)
+                backend = load_checkpoint(store.checkpoint_dir(r), device, allow_factories=True, allow_backends=True)  # our own store
                 backend.deploy(device)
                 fns[r.key], names[r.key] = backend.infer, r.candidate
             sample = make_sample(spec.model(sel.model), sel.batch_size).to(device)

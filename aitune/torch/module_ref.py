@@ -62,7 +62,14 @@ class ModuleRef:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModuleRef":
-        return cls(d["factory"], dict(d.get("kwargs", {})))
+        """From ``to_dict()`` output: an import path and JSON keyword arguments, nothing else."""
+        factory, kwargs = d["factory"], d.get("kwargs", {})
+        if not isinstance(factory, str):
+            raise ValueError(f"module factory {factory!r} is not an import path string")
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"kwargs of module factory {factory!r} must be a JSON object, got {type(kwargs).__name__}")
+        _require_json(kwargs, f"kwargs of module factory {factory!r}")
+        return cls(factory, dict(kwargs))
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "ModuleRef":
@@ -82,6 +89,23 @@ class ModuleRef:
                 f"or is not importable; tag it with aitune.attach_factory(module, 'package.module:factory', kwargs)"
             )
         return cls(object_path(klass), {})
+
+
+def _require_json(value: Any, where: str) -> None:
+    """Plain JSON values only: a checkpoint's factory gets no object (not even an artifact ``Path``)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _require_json(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} is not a string")
+            _require_json(v, f"{where}.{k}")
+        return
+    raise ValueError(f"{where}: {type(value).__name__} {value!r} is not a JSON value")
 
 
 def attach_factory(module: torch.nn.Module, factory: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:

@@ -51,6 +51,14 @@ def tiny_mlp(width: int = 16, hidden: int = 32, seed: int = 0) -> TinyMLP:
     return attach_factory(module, "aitune_helpers:tiny_mlp", {"width": width, "hidden": hidden, "seed": seed})
 
 
+def marking_mlp(marker: str, width: int = 16, hidden: int = 32, seed: int = 0) -> TinyMLP:
+    """``tiny_mlp`` that writes ``marker`` each time it runs: a test sees whether loading ran it."""
+    Path(marker).write_text("ran")
+    torch.manual_seed(seed)
+    module = TinyMLP(width, hidden).eval()
+    return attach_factory(module, "aitune_helpers:marking_mlp", {"marker": marker, "width": width, "hidden": hidden, "seed": seed})
+
+
 def tiny_linear(features: int = 4, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     return attach_factory(nn.Linear(features, features).eval(), "aitune_helpers:tiny_linear", {"features": features, "seed": seed})
@@ -88,7 +96,7 @@ class WrongOutputBackend(TorchEagerBackend):
 class BuildFailsBackend(TorchEagerBackend):
     MESSAGE = "deliberate build failure from BuildFailsBackend"
 
-    def _build(self, module, graph_spec, data, device, cache_dir) -> None:
+    def _build(self, module, graph_spec, data, cache_dir) -> None:
         raise RuntimeError(self.MESSAGE)
 
 

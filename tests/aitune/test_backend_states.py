@@ -95,7 +95,7 @@ def test_deactivate_goes_to_inactive_and_refuses_inference(built):
     built.deactivate()
     assert built.state is BackendState.INACTIVE
     assert not built.is_active
-    with pytest.raises(RuntimeError, match=exactly(f"Backend {NAME} can infer only in state ACTIVE or DEPLOYED, it is in state INACTIVE")):
+    with pytest.raises(RuntimeError, match=exactly(f"Cannot run inference, backend {NAME} should be activated first")):
         built.infer(X)
 
 
@@ -160,33 +160,33 @@ def test_deploy_none_without_a_stored_device_is_refused(built):
 # -- wrong states --------------------------------------------------------------------------------
 def test_activate_from_init_raises():
     backend = TorchEagerBackend()
-    with pytest.raises(RuntimeError, match=exactly(f"Backend {NAME} should be built first: it is in state INIT")):
+    with pytest.raises(RuntimeError, match=exactly(f"Cannot activate backend {NAME}, backend should be built first")):
         backend.activate()
     assert backend.state is BackendState.INIT
 
 
 def test_activate_from_deployed_raises(deployed):
-    with pytest.raises(RuntimeError, match=exactly(f"Backend {NAME} is already deployed: a deployed backend stays active")):
+    with pytest.raises(RuntimeError, match=exactly(f"Cannot activate backend {NAME}, backend is already deployed")):
         deployed.activate()
     assert deployed.state is BackendState.DEPLOYED
 
 
 def test_deactivate_from_init_raises():
     backend = TorchEagerBackend()
-    with pytest.raises(RuntimeError, match=exactly(f"Backend {NAME} can't be deactivated: it was never built (state INIT)")):
+    with pytest.raises(RuntimeError, match=exactly(f"Cannot deactivate backend {NAME}, backend should be built first")):
         backend.deactivate()
     assert backend.state is BackendState.INIT
 
 
 def test_deactivate_from_deployed_raises(deployed):
-    with pytest.raises(RuntimeError, match=exactly(f"Backend {NAME} can't be deactivated: it is deployed")):
+    with pytest.raises(RuntimeError, match=exactly(f"Cannot deactivate backend {NAME}, backend is already deployed")):
         deployed.deactivate()
     assert deployed.state is BackendState.DEPLOYED
     deployed.infer(X)  # still serving
 
 
 def test_deactivate_from_checkpoint_loaded_raises(loaded):
-    message = f"Backend {NAME} can't be deactivated: it was loaded from a checkpoint and never activated"
+    message = f"Cannot deactivate backend {NAME}, backend has already been deployed"
     with pytest.raises(RuntimeError, match=exactly(message)):
         loaded.deactivate()
     assert loaded.state is BackendState.CHECKPOINT_LOADED
@@ -202,7 +202,7 @@ def test_deploy_only_from_checkpoint_loaded(state, module, tmp_path):
     if state == "DEPLOYED":
         backend = TorchEagerBackend.from_dict(backend.to_dict())
         backend.deploy("cpu")
-    message = f"Backend {NAME} can be deployed only from state CHECKPOINT_LOADED, it is in state {state}"
+    message = f"Cannot deploy backend {NAME}, backend should be loaded from a checkpoint"
     with pytest.raises(RuntimeError, match=exactly(message)):
         backend.deploy("cpu")
     assert backend.state is BackendState[state]
@@ -216,7 +216,7 @@ def test_infer_only_when_active_or_deployed(state, module, tmp_path):
         backend.deactivate()
     if state == "CHECKPOINT_LOADED":
         backend = TorchEagerBackend.from_dict(backend.to_dict())
-    message = f"Backend {NAME} can infer only in state ACTIVE or DEPLOYED, it is in state {state}"
+    message = f"Cannot run inference, backend {NAME} should be activated first"
     with pytest.raises(RuntimeError, match=exactly(message)):
         backend.infer(X)
     with pytest.raises(RuntimeError, match=exactly(message)):
@@ -281,7 +281,7 @@ def test_failed_build_logs_the_traceback_reraises_and_stays_in_init(module, tmp_
     assert "BuildFailsBackend" in records[0].getMessage()
     assert records[0].exc_info is not None
     assert "Traceback" in caplog.text and BuildFailsBackend.MESSAGE in caplog.text
-    with pytest.raises(RuntimeError, match="can infer only in state ACTIVE or DEPLOYED, it is in state INIT"):
+    with pytest.raises(RuntimeError, match=exactly("Cannot run inference, backend BuildFailsBackend should be activated first")):
         backend.infer(X)
 
 
@@ -297,3 +297,6 @@ def test_describe_names_the_backend_and_its_changed_fields():
 
     assert TorchEagerBackend().describe() == "TorchEagerBackend(defaults)"
     assert TorchEagerBackend(TorchEagerConfig(precision="bf16")).describe() == "TorchEagerBackend(precision=bfloat16)"
+    assert TorchEagerBackend(TorchEagerConfig(precision="bf16", channels_last=True)).describe() == (
+        "TorchEagerBackend(precision=bfloat16,channels_last=True)"
+    )

@@ -29,6 +29,8 @@ X = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
 SAMPLE = Sample.of(X)
 SPEC = GraphSpec.from_sample(SAMPLE)
 WEIGHTS = "artifacts/weights.pt"
+#: what these checkpoints name: the test model's factory and the test backend's import path
+TRUST = {"allow_factories": ["aitune_helpers:tiny_mlp"], "allow_backends": ["aitune_helpers:PinnedEagerBackend"]}
 
 
 @pytest.fixture
@@ -73,9 +75,9 @@ def test_manifest_holds_version_backend_config_spec_environment_and_artifacts(mo
     manifest = save_checkpoint(backend, tmp_path / "ckpt", extra={"note": "hello"})
     data = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert data == manifest.to_dict()
-    assert data["format_version"] == FORMAT_VERSION == 1
-    assert data["backend"] == "TorchEagerBackend"
-    assert data["backend_module"] == "aitune.torch.backend.eager"
+    assert data["format_version"] == FORMAT_VERSION == 2
+    assert data["backend"] == "TorchEagerBackend"  # a built-in: its name; a plug-in: its import path
+    assert "backend_module" not in data
     assert data["portable"] is True
     assert data["config"] == config.to_dict()
     assert data["graph_spec"] == SPEC.to_dict()
@@ -110,7 +112,7 @@ def test_no_temporary_directory_is_left_after_a_save(checkpoint):
 
 
 def test_load_ends_in_checkpoint_loaded_and_deploys(module, checkpoint, from_dict_calls):
-    backend = load_checkpoint(checkpoint, "cpu")
+    backend = load_checkpoint(checkpoint, "cpu", **TRUST)
     assert isinstance(backend, PinnedEagerBackend)
     assert backend.state is BackendState.CHECKPOINT_LOADED
     assert from_dict_calls() == 1
@@ -120,7 +122,7 @@ def test_load_ends_in_checkpoint_loaded_and_deploys(module, checkpoint, from_dic
 
 
 def test_deploy_checkpoint_loads_and_deploys_in_one_call(module, checkpoint):
-    backend = deploy_checkpoint(checkpoint, "cpu")
+    backend = deploy_checkpoint(checkpoint, "cpu", **TRUST)
     assert backend.state is BackendState.DEPLOYED
     assert backend.device == torch.device("cpu")
     with torch.inference_mode():
@@ -130,7 +132,7 @@ def test_deploy_checkpoint_loads_and_deploys_in_one_call(module, checkpoint):
 def test_a_checkpoint_still_loads_after_being_moved(module, checkpoint, tmp_path):
     moved = tmp_path / "elsewhere" / "moved"
     shutil.move(str(checkpoint), moved)
-    backend = deploy_checkpoint(moved, "cpu")
+    backend = deploy_checkpoint(moved, "cpu", **TRUST)
     with torch.inference_mode():
         torch.testing.assert_close(backend.infer(X), module(X))
 
@@ -189,9 +191,9 @@ def refuse(path, from_dict_calls, match):
     with pytest.raises(CheckpointError, match=match):
         verify_checkpoint(path)
     with pytest.raises(CheckpointError, match=match):
-        load_checkpoint(path, "cpu")
+        load_checkpoint(path, "cpu", **TRUST)
     with pytest.raises(CheckpointError, match=match):
-        deploy_checkpoint(path, "cpu")
+        deploy_checkpoint(path, "cpu", **TRUST)
     assert from_dict_calls() == 0
 
 
@@ -260,15 +262,19 @@ def test_link_leaving_the_checkpoint_is_refused(checkpoint, from_dict_calls):
     refuse(checkpoint, from_dict_calls, r"leaves the checkpoint directory \(through a link\)")
 
 
+def test_plugin_backend_checkpoint_names_its_import_path(checkpoint):
+    assert read_manifest(checkpoint).backend == "aitune_helpers:PinnedEagerBackend"
+
+
 def test_state_naming_an_unlisted_artifact_is_refused(checkpoint, from_dict_calls):
     edit_manifest(checkpoint, lambda d: d["state"].update(weights={"__artifact__": "artifacts/other.pt"}))
     refuse(checkpoint, from_dict_calls, "the backend state names 'artifacts/other.pt', which the manifest does not list")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", None])
 def test_unknown_format_version_is_refused(checkpoint, from_dict_calls, version):
     edit_manifest(checkpoint, lambda d: d.update(format_version=version))
-    refuse(checkpoint, from_dict_calls, rf"manifest\.json: unknown checkpoint format version {version!r} \(this aitune reads version 1\)")
+    refuse(checkpoint, from_dict_calls, rf"manifest\.json: unknown checkpoint format version {version!r} \(this aitune reads version 2\)")
 
 
 def test_manifest_without_a_version_is_refused(checkpoint, from_dict_calls):
@@ -300,9 +306,9 @@ def test_non_portable_checkpoint_built_for_cuda_is_refused_on_cpu(checkpoint, fr
     built_on(checkpoint, device_type="cuda", device_name="NVIDIA H200", compute_capability="9.0")
     match = r"PinnedEagerBackend checkpoint was built for device type 'cuda' and can't run on 'cpu'"
     with pytest.raises(CheckpointError, match=match):
-        load_checkpoint(checkpoint, "cpu")
+        load_checkpoint(checkpoint, "cpu", **TRUST)
     with pytest.raises(CheckpointError, match=match):
-        deploy_checkpoint(checkpoint, "cpu")
+        deploy_checkpoint(checkpoint, "cpu", **TRUST)
     assert from_dict_calls() == 0
     verify_checkpoint(checkpoint)  # the files themselves are fine
 
@@ -310,7 +316,7 @@ def test_non_portable_checkpoint_built_for_cuda_is_refused_on_cpu(checkpoint, fr
 def test_non_portable_checkpoint_is_checked_against_its_stored_device_when_none_is_given(checkpoint, from_dict_calls):
     built_on(checkpoint, device_type="cuda", device_name="NVIDIA H200", compute_capability="9.0")
     with pytest.raises(CheckpointError, match="built for device type 'cuda' and can't run on 'cpu'"):
-        deploy_checkpoint(checkpoint)
+        deploy_checkpoint(checkpoint, **TRUST)
     assert from_dict_calls() == 0
 
 
@@ -318,7 +324,7 @@ def test_non_portable_checkpoint_of_another_compute_capability_is_refused(checkp
     built_on(checkpoint, compute_capability="9.0", device_name="some accelerator")
     match = r"PinnedEagerBackend checkpoint was built for compute capability 9\.0 \(some accelerator\); the target .* has None"
     with pytest.raises(CheckpointError, match=match):
-        load_checkpoint(checkpoint, "cpu")
+        load_checkpoint(checkpoint, "cpu", **TRUST)
     assert from_dict_calls() == 0
 
 
@@ -328,7 +334,7 @@ def test_checkpoint_error_is_a_value_error():
 
 def test_non_portable_checkpoint_loads_without_a_device_for_inspection(checkpoint, from_dict_calls):
     built_on(checkpoint, device_type="cuda", compute_capability="9.0")
-    backend = load_checkpoint(checkpoint)
+    backend = load_checkpoint(checkpoint, **TRUST)
     assert backend.state is BackendState.CHECKPOINT_LOADED
     assert from_dict_calls() == 1
 
@@ -336,7 +342,7 @@ def test_non_portable_checkpoint_loads_without_a_device_for_inspection(checkpoin
 def test_portable_checkpoint_from_another_device_deploys_on_cpu(module, tmp_path):
     save_checkpoint(build(TorchEagerBackend, module, tmp_path), tmp_path / "ckpt")
     built_on(tmp_path / "ckpt", device_type="cuda", device_name="NVIDIA H200", compute_capability="9.0")
-    backend = deploy_checkpoint(tmp_path / "ckpt", "cpu")
+    backend = deploy_checkpoint(tmp_path / "ckpt", "cpu", **TRUST)
     with torch.inference_mode():
         torch.testing.assert_close(backend.infer(X), module(X))
 
@@ -353,7 +359,7 @@ def test_weights_are_loaded_with_weights_only(checkpoint):
         data["artifacts"][0]["sha256"] = sha256(file)
 
     edit_manifest(checkpoint, change)
-    backend = load_checkpoint(checkpoint, "cpu")  # the files verify: only the unpickler stands in the way
+    backend = load_checkpoint(checkpoint, "cpu", **TRUST)  # the files verify: only the unpickler stands in the way
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         backend.deploy("cpu")
     assert backend.state is BackendState.CHECKPOINT_LOADED

@@ -27,22 +27,22 @@ SEEDS = ("0", "1", "12345")
 
 
 # -- describe ----------------------------------------------------------------------------------
-def test_describe_says_defaults_when_nothing_changed():
-    assert KeyConf().describe() == "defaults"
-    assert TorchEagerConfig().describe() == "defaults"
-    assert OnnxRuntimeConfig().describe() == "defaults"
+def test_describe_is_empty_when_nothing_changed():
+    assert KeyConf().describe() == ""
+    assert TorchEagerConfig().describe() == ""
+    assert OnnxRuntimeConfig().describe() == ""
 
 
 def test_describe_lists_only_the_changed_fields_in_field_order():
-    assert TorchEagerConfig(precision="fp16", channels_last=True).describe() == "precision=float16, channels_last=True"
+    assert TorchEagerConfig(precision="fp16", channels_last=True).describe() == "precision=float16,channels_last=True"
     assert KeyConf(level=3).describe() == "level=3"
-    assert KeyConf(dtype=torch.bfloat16, mode=Mode.SAFE).describe() == "dtype=bfloat16, mode=safe"
+    assert KeyConf(dtype=torch.bfloat16, mode=Mode.SAFE).describe() == "dtype=bfloat16,mode=safe"
 
 
 def test_describe_treats_equal_values_in_another_order_as_unchanged():
     default = KeyConf()
     same = KeyConf(tags=frozenset(sorted(default.tags, reverse=True)), options={"a": 1, "b": 2})
-    assert same.describe() == "defaults"
+    assert same.describe() == ""
 
 
 def test_describe_writes_sets_sorted():
@@ -244,7 +244,7 @@ def test_canonicalize_writes_enums_by_value_even_str_and_int_enums():
 
     assert EnumConfig().to_dict() == {"color": "red", "level": 2}
     assert type(EnumConfig().to_dict()["color"]) is str
-    assert EnumConfig(level=Level(2)).describe() == "defaults"
+    assert EnumConfig(level=Level(2)).describe() == ""
 
 
 def test_canonical_json_is_compact_and_sorted():

@@ -90,7 +90,7 @@ def test_backend_is_cuda_only_device_bound_and_ahead_of_time():
     assert backend.is_jit is False
     assert backend.describe() == "TensorRTBackend(defaults)"
     assert TensorRTBackend(TensorRTConfig(precision="fp16", workspace_mb=512)).describe() == (
-        "TensorRTBackend(precision=float16, workspace_mb=512)"
+        "TensorRTBackend(precision=float16,workspace_mb=512)"
     )
 
 
@@ -441,7 +441,7 @@ def test_state_dict_round_trips_and_names_the_engine_as_an_artifact(tmp_path):
     state = backend.to_dict()
     assert state == _loaded_state(engine)
     assert isinstance(state["engine"], Path)  # a Path: checkpoints bundle it
-    with pytest.raises(RuntimeError, match="can infer only in state ACTIVE or DEPLOYED"):
+    with pytest.raises(RuntimeError, match="Cannot run inference, backend TensorRTBackend should be activated first"):
         backend.infer(torch.randn(4, 8))
 
 
@@ -471,7 +471,6 @@ def _write_checkpoint(root: Path, tensorrt: str = "10.0.1", compute_capability: 
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         backend="TensorRTBackend",
-        backend_module=TensorRTBackend.__module__,
         portable=TensorRTBackend.portable,
         config=backend.config.to_dict(),
         graph_spec=backend.graph_spec.to_dict(),

@@ -29,7 +29,7 @@ def tiny_spec(store, candidates: list[dict[str, Any]], **changes) -> SweepSpec:
 
 
 def fault(kind: str, phase: str = "build", **extra) -> dict[str, Any]:
-    return {"backend": "FaultBackend", "config": {"fault": kind, "phase": phase, **extra}}
+    return {"backend": "orchestrator.fault_backends:FaultBackend", "config": {"fault": kind, "phase": phase, **extra}}
 
 
 EAGER = {"backend": "TorchEagerBackend", "config": {}}

@@ -147,7 +147,7 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
     ran = [r for r in again.results if not r.from_store]
     assert reused == set(before)
     (sleeper,) = ran
-    assert sleeper.backend == "FaultBackend" and sleeper.config["fault"] == "sleep"
+    assert sleeper.backend == "orchestrator.fault_backends:FaultBackend" and sleeper.config["fault"] == "sleep"
     assert sleeper.status == R.OK
     assert sleeper.key not in before
     assert len(again.selections) == 1 and again.selections[0].winner_key is not None

@@ -1,7 +1,10 @@
 """The AITune AOT Backend API: ``BackendState``, ``BackendConfig`` and the ``Backend`` base class.
 
 A public method checks the state, calls a private hook (``_build``, ``_activate``...), then moves
-to the next state. Subclasses implement only the hooks.
+to the next state. Subclasses implement only the hooks, exactly as on the published API page:
+a backend written for AITune plugs in unchanged. What this project adds sits on top and is
+optional for such a backend: supported device types, ``portable``, ``config_class``, the
+checkpoint helpers (``_base_dict``, ``_new_loaded``, :func:`artifact_path`).
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ class BackendConfig:
     """Base of every backend's config. Subclasses are dataclasses whose fields all have defaults."""
 
     def describe(self) -> str:
-        """The fields changed from the defaults, e.g. ``"precision=float16, channels_last=True"``."""
+        """The fields changed from the defaults, e.g. ``"precision=float16,channels_last=True"``; ``""`` for none."""
         default = type(self)()
         changed = [
             f"{f.name}={_short(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
             if canonicalize(getattr(self, f.name)) != canonicalize(getattr(default, f.name))
         ]
-        return ", ".join(changed) if changed else "defaults"
+        return ",".join(changed)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON values (dtypes by name, enums by value, sets sorted)."""
@@ -99,6 +102,23 @@ def _annotate(message: str):
     return nvtx.annotate(message=message, domain=NVTX_DOMAIN)
 
 
+def artifact_path(state_dict: dict[str, Any], key: str, owner: str, *, optional: bool = False) -> Path | None:
+    """``state_dict[key]`` as an artifact ``Path``, for ``from_dict``.
+
+    A checkpoint turns only the artifacts it bundles (and verified) into ``Path`` values; a plain
+    string there could name any file on the machine, so it is refused.
+    """
+    value = state_dict.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, Path):
+        raise ValueError(
+            f"{owner}: state entry {key!r} must be an artifact Path bundled with the checkpoint, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
 class Backend(abc.ABC):
     """One way of running a module, with a five-state life cycle.
 
@@ -108,23 +128,38 @@ class Backend(abc.ABC):
 
     #: device types (``torch.device.type``) the backend can build and run on
     supported_device_types: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
+    #: the published API's name for the same thing; a backend may narrow either
+    _devices: ClassVar[list[str]] = ["cpu", "cuda"]
     #: False when the artifacts are compiled for one device class (AOTInductor, TensorRT):
     #: such a checkpoint is refused on another device type or compute capability
     portable: ClassVar[bool] = True
-    config_class: ClassVar[type[BackendConfig]] = BackendConfig
+    #: the config dataclass the constructor takes; None: read from the constructor's annotation
+    #: (see ``registry.config_class_of``), or the backend takes no config
+    config_class: ClassVar[type[BackendConfig] | None] = None
+    #: bumped by a backend when what its build makes changes: part of every artifact key, so a
+    #: stored artifact of an older implementation is never reused for a newer one
+    implementation_version: ClassVar[str] = "1"
 
-    def __init__(self, config: BackendConfig | None = None) -> None:
-        if config is None:
-            config = self.config_class()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self._config = config
-        self._state = BackendState.INIT
+    state: BackendState = BackendState.INIT
+    _config: BackendConfig | None = None
+    _graph_spec: GraphSpec | None = None
+    _work_dir: Path | None = None
+    #: set by checkpoint loading: refuses a target the artifacts were not built for
+    _deploy_check: Callable[[torch.device], None] | None = None
+
+    def __init__(self) -> None:
+        self.state = BackendState.INIT
         self._device: torch.device | None = None
-        self._graph_spec: GraphSpec | None = None
-        self._work_dir: Path | None = None
-        #: set by checkpoint loading: refuses a target the artifacts were not built for
-        self._deploy_check: Callable[[torch.device], None] | None = None
+
+    def _configure(self, config: BackendConfig | None) -> None:
+        """Keep ``config`` (default: ``config_class()``), refusing a config of another class."""
+        cls = type(self).config_class
+        if cls is None:
+            raise TypeError(f"{self.name} has no config_class to configure")
+        config = cls() if config is None else config
+        if not isinstance(config, cls):
+            raise TypeError(f"{self.name} needs a {cls.__name__}, got {type(config).__name__}")
+        self._config = config
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -132,12 +167,8 @@ class Backend(abc.ABC):
         return type(self).__name__
 
     @property
-    def config(self) -> BackendConfig:
+    def config(self) -> BackendConfig | None:
         return self._config
-
-    @property
-    def state(self) -> BackendState:
-        return self._state
 
     @property
     def device(self) -> torch.device | None:
@@ -149,7 +180,7 @@ class Backend(abc.ABC):
 
     @property
     def is_active(self) -> bool:
-        return self._state == BackendState.ACTIVE
+        return self.state == BackendState.ACTIVE
 
     @property
     @abc.abstractmethod
@@ -166,96 +197,104 @@ class Backend(abc.ABC):
         cache_dir: str | Path | None = None,
     ) -> "Backend":
         """Build for ``device`` from ``module``, calling each sample in ``data`` at most once."""
-        if self._state != BackendState.INIT:
+        if self.state != BackendState.INIT:
             raise RuntimeError(f"Backend {self.name} build should be called only once")
-        device = self.check_device(device)
+        device = torch.device(device) if device is not None else None
+        self._assert_device(device)
         with _annotate(f"{self.name}.build"):
-            self._device = device
+            self._set_device(device)
             self._graph_spec = graph_spec
             self._work_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="aitune-"))
             self._work_dir.mkdir(parents=True, exist_ok=True)
             try:
-                self._build(module, graph_spec, list(data), device, self._work_dir)
+                self._build(module, graph_spec, list(data), self._work_dir)
             except Exception:
                 log.exception("Backend %s failed to build on %s", self.name, device)
                 self._device = self._graph_spec = None  # still INIT: built for nothing
                 raise
-            self._state = BackendState.ACTIVE
+            self.state = BackendState.ACTIVE
         return self
 
+    @nvtx.annotate(domain=NVTX_DOMAIN, color="black")
     def activate(self) -> None:
-        if self._state == BackendState.INIT:
-            raise RuntimeError(f"Backend {self.name} should be built first: it is in state INIT")
-        if self._state == BackendState.DEPLOYED:
-            raise RuntimeError(f"Backend {self.name} is already deployed: a deployed backend stays active")
-        if self._state == BackendState.ACTIVE:
-            return
-        with _annotate(f"{self.name}.activate"):
+        if self.state == BackendState.INIT:
+            raise RuntimeError(f"Cannot activate backend {self.name}, backend should be built first")
+        if self.state == BackendState.DEPLOYED:
+            raise RuntimeError(f"Cannot activate backend {self.name}, backend is already deployed")
+        if self.state in (BackendState.INACTIVE, BackendState.CHECKPOINT_LOADED):
             self._activate()
-            self._state = BackendState.ACTIVE
+            self.state = BackendState.ACTIVE
 
     def deactivate(self) -> None:
-        if self._state == BackendState.INIT:
-            raise RuntimeError(f"Backend {self.name} can't be deactivated: it was never built (state INIT)")
-        if self._state == BackendState.DEPLOYED:
-            raise RuntimeError(f"Backend {self.name} can't be deactivated: it is deployed")
-        if self._state == BackendState.CHECKPOINT_LOADED:
-            raise RuntimeError(
-                f"Backend {self.name} can't be deactivated: it was loaded from a checkpoint and never activated"
-            )
-        if self._state == BackendState.INACTIVE:
-            return
-        with _annotate(f"{self.name}.deactivate"):
-            self._deactivate()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self._state = BackendState.INACTIVE
+        if self.state == BackendState.INIT:
+            raise RuntimeError(f"Cannot deactivate backend {self.name}, backend should be built first")
+        if self.state == BackendState.DEPLOYED:
+            raise RuntimeError(f"Cannot deactivate backend {self.name}, backend is already deployed")
+        if self.state == BackendState.CHECKPOINT_LOADED:
+            raise RuntimeError(f"Cannot deactivate backend {self.name}, backend has already been deployed")
+        if self.state == BackendState.ACTIVE:
+            with _annotate(f"{self.name}.deactivate"):
+                self._deactivate()
+                self._clean_memory()
+                self.state = BackendState.INACTIVE
 
     def deploy(self, device: torch.device | str | None = None) -> None:
         """Make a checkpoint-loaded backend ready on ``device`` (``None``: the device it was built for)."""
-        if self._state != BackendState.CHECKPOINT_LOADED:
-            raise RuntimeError(
-                f"Backend {self.name} can be deployed only from state CHECKPOINT_LOADED, it is in state {self._state.name}"
-            )
-        target = self.check_device(device if device is not None else self._device)
+        if self.state != BackendState.CHECKPOINT_LOADED:
+            raise RuntimeError(f"Cannot deploy backend {self.name}, backend should be loaded from a checkpoint")
+        target = torch.device(device) if device is not None else self._device
+        self._assert_device(target)
         if self._deploy_check is not None:
             self._deploy_check(target)
+        previous = self._device
         with _annotate(f"{self.name}.deploy"):
-            self._deploy(target)
-            self._device = target
-            self._state = BackendState.DEPLOYED
+            self._set_device(target)
+            try:
+                self._deploy()
+            except BaseException:
+                self._device = previous  # still CHECKPOINT_LOADED, as before the call
+                raise
+            self.state = BackendState.DEPLOYED
 
     def infer(self, *args: Any, **kwargs: Any) -> Any:
-        if self._state not in (BackendState.ACTIVE, BackendState.DEPLOYED):
-            raise RuntimeError(
-                f"Backend {self.name} can infer only in state ACTIVE or DEPLOYED, it is in state {self._state.name}"
-            )
+        if self.state not in (BackendState.ACTIVE, BackendState.DEPLOYED):
+            raise RuntimeError(f"Cannot run inference, backend {self.name} should be activated first")
         with _annotate(f"{self.name}.infer"):
             return self._infer(*args, **kwargs)
 
     __call__ = infer
 
-    def check_device(self, device: torch.device | str | None) -> torch.device:
+    def _assert_device(self, device: torch.device | str | None) -> None:
+        """Refuse a device this backend can't run on: ``UnsupportedDeviceError`` (``ValueError`` for none)."""
         if device is None:
             raise ValueError(f"Backend {self.name}: no device given")
         device = torch.device(device)
-        if device.type not in self.supported_device_types:
+        supported = set(self.supported_device_types) & set(self._devices)
+        if device.type not in supported:
             raise UnsupportedDeviceError(
-                f"Backend {self.name} does not support device type {device.type!r} "
-                f"(supported: {sorted(self.supported_device_types)})"
+                f"Backend {self.name} does not support device type {device.type!r} (supported: {sorted(supported)})"
             )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UnsupportedDeviceError(f"Backend {self.name}: device {device} requested but CUDA is not available")
-        return device
+
+    def _set_device(self, device: torch.device | str) -> None:
+        self._device = torch.device(device)
+
+    def _clean_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- description and checkpoints -------------------------------------------------------------
     def describe(self) -> str:
-        return f"{self.name}({self._config.describe()})"
+        """A human name: the class and the config fields changed from the defaults."""
+        if self._config is None:
+            return self.name
+        return f"{self.name}({self._config.describe() or 'defaults'})"
 
     def key(self) -> str:
         """Identifies the backend class and its config, the same in every process."""
-        return sha256_of({"backend": self.name, "config": self._config.key()})
+        return sha256_of({"backend": self.name, "config": self._config.key() if self._config is not None else None})
 
     @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
@@ -267,12 +306,12 @@ class Backend(abc.ABC):
         """Rebuild from ``to_dict()`` output (artifact paths resolved); ends in ``CHECKPOINT_LOADED``."""
 
     def _base_dict(self) -> dict[str, Any]:
-        """The part of ``to_dict()`` every backend shares."""
-        if self._state == BackendState.INIT:
+        """The part of ``to_dict()`` every project backend shares."""
+        if self.state == BackendState.INIT:
             raise RuntimeError(f"Backend {self.name} has nothing to save: it was never built (state INIT)")
         return {
             "backend": self.name,
-            "config": self._config.to_dict(),
+            "config": self._config.to_dict() if self._config is not None else {},
             "graph_spec": self._graph_spec.to_dict() if self._graph_spec else None,
             "device": str(self._device) if self._device is not None else None,
         }
@@ -286,7 +325,7 @@ class Backend(abc.ABC):
         spec = state_dict.get("graph_spec")
         backend._graph_spec = GraphSpec.from_dict(spec) if spec else None
         backend._device = torch.device(state_dict["device"]) if state_dict.get("device") else None
-        backend._state = BackendState.CHECKPOINT_LOADED
+        backend.state = BackendState.CHECKPOINT_LOADED
         return backend
 
     def work_dir(self) -> Path:
@@ -294,11 +333,10 @@ class Backend(abc.ABC):
             self._work_dir = Path(tempfile.mkdtemp(prefix="aitune-"))
         return self._work_dir
 
-    # -- hooks ------------------------------------------------------------------------------------
+    # -- hooks: the published ones, with the published arguments ------------------------------------
     @abc.abstractmethod
-    def _build(
-        self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path
-    ) -> None: ...
+    def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
+        """Build on ``self.device``; after it the backend is ready to infer."""
 
     @abc.abstractmethod
     def _infer(self, *args: Any, **kwargs: Any) -> Any: ...
@@ -312,16 +350,20 @@ class Backend(abc.ABC):
         """Release device memory; keep what ``_activate`` needs."""
 
     @abc.abstractmethod
-    def _deploy(self, device: torch.device) -> None:
-        """Load the checkpoint state on ``device``."""
+    def _deploy(self) -> None:
+        """Load the checkpoint state on ``self.device``."""
 
     def __repr__(self) -> str:
-        return f"<{self.describe()} state={self._state.name} device={self._device}>"
+        return f"<{self.describe()} state={self.state.name} device={self._device}>"
 
 
 class ArtifactBackend(Backend):
-    """A backend that runs from files it built (a package, a model, an engine): activating and
-    deploying both mean loading those files on a device, which subclasses do in ``_load``."""
+    """A project backend that runs from files it built (a package, a model, an engine): activating
+    and deploying both mean loading those files on ``self.device``, which subclasses do in ``_load``."""
+
+    def __init__(self, config: BackendConfig | None = None) -> None:
+        super().__init__()
+        self._configure(config)
 
     @abc.abstractmethod
     def _load(self, device: torch.device) -> None: ...
@@ -329,5 +371,5 @@ class ArtifactBackend(Backend):
     def _activate(self) -> None:
         self._load(self.device)
 
-    def _deploy(self, device: torch.device) -> None:
-        self._load(device)
+    def _deploy(self) -> None:
+        self._load(self.device)

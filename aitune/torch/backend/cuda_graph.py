@@ -42,10 +42,10 @@ class CudaGraphBackend(ModuleBackend):
         cfg = self.config
         self._runner = CudaGraphRunner(lambda *a, **k: self._run(self._module, Sample(a, k)), cfg.warmup_iters, cfg.clone_outputs)
 
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         # Capturing needs warm-up calls; doing them lazily on the first inference of each
         # shape keeps build from calling the module at all (stateful modules stay as they were).
-        self._module = self._take_module(module, device)
+        self._module = self._take_module(module)
         self._new_runner()
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, BackendConfig
+from aitune.torch.backend.backend import Backend, BackendConfig, artifact_path
 from aitune.torch.module_ref import ModuleRef, load_module, save_weights
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
@@ -60,7 +60,8 @@ class ModuleBackend(Backend):
     """
 
     def __init__(self, config: BackendConfig | None = None) -> None:
-        super().__init__(config)
+        super().__init__()
+        self._configure(config)
         self._module: torch.nn.Module | None = None
         self._module_ref: ModuleRef | None = None
         self._weights: Path | None = None
@@ -85,10 +86,10 @@ class ModuleBackend(Backend):
         with self._context():
             return self._prepared(sample)(fn)
 
-    def _take_module(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def _take_module(self, module: torch.nn.Module) -> torch.nn.Module:
         self._module_ref = ModuleRef.of(module)
         cfg = self.config
-        return prepare_module(module, cfg.precision, cfg.autocast, cfg.channels_last, device)
+        return prepare_module(module, cfg.precision, cfg.autocast, cfg.channels_last, self.device)
 
     def _activate(self) -> None:
         if self._module is None:  # loaded from a checkpoint
@@ -99,8 +100,8 @@ class ModuleBackend(Backend):
     def _deactivate(self) -> None:
         self._module.to("cpu")
 
-    def _deploy(self, device: torch.device) -> None:
-        self._materialize(device)
+    def _deploy(self) -> None:
+        self._materialize(self.device)
 
     def _materialize(self, device: torch.device) -> None:
         cfg = self.config
@@ -119,7 +120,7 @@ class ModuleBackend(Backend):
     def from_dict(cls, state_dict: dict[str, Any]) -> "ModuleBackend":
         backend = cls._new_loaded(state_dict)
         backend._module_ref = ModuleRef.from_dict(state_dict["module"])
-        backend._weights = Path(state_dict["weights"])
+        backend._weights = artifact_path(state_dict, "weights", cls.__name__)
         return backend
 
 
@@ -130,9 +131,9 @@ class TorchEagerBackend(ModuleBackend):
     def is_jit(self) -> bool:
         return False
 
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         # Nothing to compile: eager needs no sample, so build calls the module zero times.
-        self._module = self._take_module(module, device)
+        self._module = self._take_module(module)
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self._module, Sample(args, kwargs))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.cuda_graphs import CudaGraphRunner
 from aitune.torch.export_utils import export_module
@@ -44,7 +44,8 @@ class TorchInductorAotBackend(ArtifactBackend):
     def _dtype(self) -> torch.dtype | None:
         return None if self.config.precision == "float32" else PRECISIONS[self.config.precision]
 
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
+        device = self.device
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         if self.config.cuda_graphs and device.type != "cuda":
@@ -89,5 +90,5 @@ class TorchInductorAotBackend(ArtifactBackend):
     @classmethod
     def from_dict(cls, state_dict: dict[str, Any]) -> "TorchInductorAotBackend":
         backend = cls._new_loaded(state_dict)
-        backend._package = Path(state_dict["package"])
+        backend._package = artifact_path(state_dict, "package", cls.__name__)
         return backend

@@ -64,13 +64,13 @@ class TorchInductorJitBackend(ModuleBackend):
             options=dict(cfg.options) or None,
         )
 
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
-        self._module = self._take_module(module, device)
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
+        self._module = self._take_module(module)
         self._compile(self._module)
         # Compile now, so that the cost lands in the build time and not in the first inference.
         # One call per sample at most keeps build idempotent for stateful modules.
         for sample in data:
-            self._run(self._compiled, sample.to(device))
+            self._run(self._compiled, sample.to(self.device))
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self._compiled, Sample(args, kwargs))

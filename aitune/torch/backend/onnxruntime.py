@@ -12,7 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.onnx_export import export_onnx
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
@@ -65,8 +65,9 @@ class OnnxRuntimeBackend(ArtifactBackend):
     def is_jit(self) -> bool:
         return False
 
-    def check_device(self, device):
-        device = super().check_device(device)
+    def _assert_device(self, device) -> None:
+        super()._assert_device(device)
+        device = torch.device(device)
         import onnxruntime as ort
 
         available = set(ort.get_available_providers())
@@ -76,19 +77,18 @@ class OnnxRuntimeBackend(ArtifactBackend):
                 f"Backend {self.name}: none of the providers {list(self.config.providers)} runs on {device.type} "
                 f"with this onnxruntime (available: {sorted(available)})"
             )
-        return device
 
     def _dtype(self) -> torch.dtype | None:
         return None if self.config.precision == "float32" else PRECISIONS[self.config.precision]
 
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         module = prepare_module(module, self.config.precision, False, False, torch.device("cpu"))
         sample = cast_sample(data[0].to("cpu"), self._dtype())
         exported = export_onnx(module, graph_spec, sample, cache_dir / "model.onnx", self.config.opset)
         self._model, self._data, self._out_spec = exported.model, exported.external_data, exported.out_spec
-        self._load(device)
+        self._load(self.device)
 
     def _load(self, device: torch.device) -> None:
         import onnxruntime as ort
@@ -161,8 +161,8 @@ class OnnxRuntimeBackend(ArtifactBackend):
     @classmethod
     def from_dict(cls, state_dict: dict[str, Any]) -> "OnnxRuntimeBackend":
         backend = cls._new_loaded(state_dict)
-        backend._model = Path(state_dict["model"])
-        backend._data = Path(state_dict["external_data"]) if state_dict.get("external_data") else None
+        backend._model = artifact_path(state_dict, "model", cls.__name__)
+        backend._data = artifact_path(state_dict, "external_data", cls.__name__, optional=True)
         spec = state_dict.get("out_spec")
         backend._out_spec = json.dumps(spec) if spec is not None else None
         return backend

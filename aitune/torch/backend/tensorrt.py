@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError
+from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.onnx_export import export_onnx, onnx_input_order
 from aitune.torch.precision import normalize_precision
@@ -232,14 +232,14 @@ class TensorRTBackend(ArtifactBackend):
     def is_jit(self) -> bool:
         return False
 
-    def check_device(self, device):
-        device = super().check_device(device)
+    def _assert_device(self, device) -> None:
+        super()._assert_device(device)
         _trt()
-        return device
 
     # -- build --------------------------------------------------------------------------------------
-    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], device: torch.device, cache_dir: Path) -> None:
+    def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         trt = _trt()
+        device = self.device
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         # fp32 ONNX: TensorRT lowers precision per layer from the builder flags
@@ -359,7 +359,7 @@ class TensorRTBackend(ArtifactBackend):
     @classmethod
     def from_dict(cls, state_dict: dict[str, Any]) -> "TensorRTBackend":
         backend = cls._new_loaded(state_dict)
-        backend._engine_file = Path(state_dict["engine"])
+        backend._engine_file = artifact_path(state_dict, "engine", cls.__name__)
         spec = state_dict.get("out_spec")
         backend._out_spec = json.dumps(spec) if spec is not None else None
         backend._input_names = list(state_dict.get("input_names", []))
