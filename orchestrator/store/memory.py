@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import itertools
@@ -100,7 +101,7 @@ class MemoryStore(ResultStore):
         check_key(record.key, "result key")
         if record.how == REUSED:
             raise ValueError("a reused result is recorded with add_reuse, which points at what it reuses")
-        stored = ResultRecord.from_dict(record.to_dict())
+        stored = _copy(record)
         stored.created_at = record.created_at or time.time()
         if checkpoint is not None:
             sha = _manifest_sha(bytes(checkpoint))
@@ -228,9 +229,8 @@ class MemoryStore(ResultStore):
 
 
 def _copy(record: ResultRecord) -> ResultRecord:
-    copy = ResultRecord.from_dict(record.to_dict())
-    copy.result_id, copy.sweep_id = record.result_id, record.sweep_id
-    return copy
+    """A deep copy: records hold dicts and lists, which the caller must not share with the store."""
+    return copy.deepcopy(record)
 
 
 def _manifest_sha(packed: bytes) -> str:

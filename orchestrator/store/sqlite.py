@@ -12,6 +12,7 @@ Every write is one transaction, committed before the method returns.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -312,7 +313,7 @@ class SqliteStore(ResultStore):
         self._require_writable()  # fail before writing any file
         with self._lock:
             self._require_sweep(self._conn, sweep_id)
-        stored = ResultRecord.from_dict(record.to_dict())
+        stored = copy.deepcopy(record)  # shares no dict or list with the caller's record
         stored.created_at = record.created_at or time.time()
         stored.result_id, stored.sweep_id = None, sweep_id
         if checkpoint is not None:

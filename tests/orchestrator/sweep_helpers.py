@@ -20,7 +20,7 @@ def tiny_spec(store, candidates: list[dict[str, Any]], **changes) -> SweepSpec:
         "batch_sizes": [2],
         "candidates": candidates,
         "measure": {"budget_s": 0.05, "min_iters": 5, "warmup_iters": 2},
-        "workers": {"cpu_slots": 2, "threads_per_slot": 1},
+        "workers": {"cpu_slots": 2, "threads_per_slot": 1, "use_gpus": False},
         "budgets": {"build_timeout_s": 60, "measure_timeout_s": 60},
         "store": str(store),
     }

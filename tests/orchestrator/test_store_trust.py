@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ from orchestrator.progress import Progress
 from orchestrator.report import report_store
 from orchestrator.store import DB_NAME, Store
 from orchestrator.sweep import run_sweep
-from sweep_helpers import EAGER, EAGER_BF16, RAY_INIT, fault, quiet, result_stub, tiny_spec
+from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, result_stub, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -82,7 +80,7 @@ def test_a_timeout_is_reused_only_under_limits_no_more_generous(ray_session, tmp
     store = tmp_path / "store"
     slow = fault("sleep", seconds=4.0, tag="slow-build")
     tight = tiny_spec(store, [EAGER, slow], budgets={"build_timeout_s": 1.5, "measure_timeout_s": 60},
-                      workers={"cpu_slots": 1, "threads_per_slot": 1})
+                      workers={"cpu_slots": 1, "threads_per_slot": 1, "use_gpus": False})
     first = sweep(tight)
     assert by_candidate(first)[next(c for c in by_candidate(first) if "sleep" in c)].status == R.TIMEOUT
 
@@ -91,7 +89,7 @@ def test_a_timeout_is_reused_only_under_limits_no_more_generous(ray_session, tmp
     assert [(r.status, r.how) for r in timed_out] == [(R.TIMEOUT, R.REUSED)]
 
     generous = sweep(tiny_spec(store, [EAGER, slow], budgets={"build_timeout_s": 60, "measure_timeout_s": 60},
-                               workers={"cpu_slots": 1, "threads_per_slot": 1}))
+                               workers={"cpu_slots": 1, "threads_per_slot": 1, "use_gpus": False}))
     rebuilt = [r for r in generous.results if r.backend.endswith("FaultBackend")]
     assert [(r.status, r.how) for r in rebuilt] == [(R.OK, R.BUILT)]
 
