@@ -23,7 +23,7 @@ FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "
 
 # Where the "leak" fault keeps what it leaks: never freed, as a real leak would be.
 _LEAKED: list = []
-PHASES = ("build", "infer")
+PHASES = ("build", "infer", "deploy")
 
 
 @dataclass
@@ -36,6 +36,9 @@ class FaultBackendConfig(ModuleRunConfig):
     tag: str = ""
     #: for "leak": megabytes left behind in the worker process
     leak_mb: int = 0
+    #: answer each input after the first from memory: correct and far faster than eager, so it wins
+    #: (with ``phase: deploy``, a winner that then fails on its deploy targets)
+    fast: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,10 +80,20 @@ class FaultBackend(ModuleBackend):
             _LEAKED.append(torch.ones(self.config.leak_mb * 2**20, dtype=torch.uint8, device=self.device))
         self._module = self._take_module(module)
 
+    def _deploy(self) -> None:
+        if self.config.phase == "deploy":
+            _misbehave(self.config.fault, self.config.seconds)
+        super()._deploy()
+
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         cfg = self.config
         if cfg.phase == "infer" and cfg.fault not in ("wrong", "none", "sleep"):
             _misbehave(cfg.fault, cfg.seconds)
+        if cfg.fast:
+            cached = getattr(self, "_answer", None)
+            if cached is None:
+                cached = self._answer = self._run(self._module, Sample(args, kwargs))
+            return cached
         out = self._run(self._module, Sample(args, kwargs))
         if cfg.fault == "wrong":
             from aitune.torch.tree import map_tensors

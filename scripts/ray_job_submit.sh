@@ -16,6 +16,8 @@
 #   RAY_AUTH_MODE      "token" (default, what `ray start --head` uses) or "disabled"; the same value
 #                      is used for start and submit, as it must be
 #   AITUNE_JOB_ARGS    extra arguments for `python -m orchestrator tune` (e.g. "--force")
+#   AITUNE_JOBS        how many jobs of the same sweep to submit at once, sharing the store
+#                      (default 1); with more than one, each job's output is prefixed "[job N]"
 #
 # Why not `ray stop`: it signals every Ray process on the machine by name, including other
 # users' clusters and test runs. `ray start --block` instead stays in the foreground, and on
@@ -122,27 +124,56 @@ if [[ -z "$ready" ]]; then
 fi
 echo "== head up (pid $HEAD_PID)"
 
-SUBMISSION_ID="aitune-$(date +%s)-$$"
 # Ray also skips what .gitignore lists; the excludes make the upload's limits explicit.
 RUNTIME_ENV='{"excludes": [".venv", "venv", ".git", "runs", "store", "/.whl", ".pytest_cache", "**/__pycache__", "*.egg-info"]}'
-echo "== ray job submit $SUBMISSION_ID: python -m orchestrator tune $SPEC --store $STORE ${AITUNE_JOB_ARGS:-}"
-# shellcheck disable=SC2086  # AITUNE_JOB_ARGS is split on purpose
-"$RAY" job submit --address "$DASHBOARD" --submission-id "$SUBMISSION_ID" \
-  --working-dir . --runtime-env-json "$RUNTIME_ENV" \
-  -- python -m orchestrator tune "$SPEC" --store "$STORE" ${AITUNE_JOB_ARGS:-}
-submit_rc=$?
+JOBS="${AITUNE_JOBS:-1}"
 
-# `ray job submit` exits 1 when the job FAILED but 0 when it was STOPPED: ask for the status.
-# (Captured first: `grep -q` in a pipe would close it early, and with pipefail the SIGPIPE
-# that `ray` then gets would read as a failure.)
-status_out="$("$RAY" job status --address "$DASHBOARD" "$SUBMISSION_ID" 2>&1)"
-if grep -q "Job '$SUBMISSION_ID' succeeded" <<<"$status_out"; then
-  status=SUCCEEDED
-else
-  status="not SUCCEEDED"
+job_succeeded() {
+  # `ray job submit` exits 1 when the job FAILED but 0 when it was STOPPED: ask for the status.
+  # (Captured first: `grep -q` in a pipe would close it early, and with pipefail the SIGPIPE
+  # that `ray` then gets would read as a failure.)
+  local status_out
+  status_out="$("$RAY" job status --address "$DASHBOARD" "$1" 2>&1)"
+  grep -q "Job '$1' succeeded" <<<"$status_out"
+}
+
+if [[ "$JOBS" -le 1 ]]; then
+  SUBMISSION_ID="aitune-$(date +%s)-$$"
+  echo "== ray job submit $SUBMISSION_ID: python -m orchestrator tune $SPEC --store $STORE ${AITUNE_JOB_ARGS:-}"
+  # shellcheck disable=SC2086  # AITUNE_JOB_ARGS is split on purpose
+  "$RAY" job submit --address "$DASHBOARD" --submission-id "$SUBMISSION_ID" \
+    --working-dir . --runtime-env-json "$RUNTIME_ENV" \
+    -- python -m orchestrator tune "$SPEC" --store "$STORE" ${AITUNE_JOB_ARGS:-}
+  submit_rc=$?
+  if job_succeeded "$SUBMISSION_ID"; then status=SUCCEEDED; else status="not SUCCEEDED"; fi
+  echo "== job $SUBMISSION_ID: $status (ray job submit exited $submit_rc)"
+  if [[ $submit_rc -eq 0 && "$status" == SUCCEEDED ]]; then
+    exit 0
+  fi
+  exit $(( submit_rc == 0 ? 1 : submit_rc ))
 fi
-echo "== job $SUBMISSION_ID: $status (ray job submit exited $submit_rc)"
-if [[ $submit_rc -eq 0 && "$status" == SUCCEEDED ]]; then
-  exit 0
-fi
-exit $(( submit_rc == 0 ? 1 : submit_rc ))
+
+# Several jobs of one sweep on one store, at once: they claim keys in the store and share the work.
+IDS=()
+for n in $(seq 1 "$JOBS"); do
+  id="aitune-$(date +%s)-$$-$n"
+  IDS+=("$id")
+  echo "== ray job submit --no-wait $id: python -m orchestrator tune $SPEC --store $STORE ${AITUNE_JOB_ARGS:-}"
+  # shellcheck disable=SC2086
+  "$RAY" job submit --no-wait --address "$DASHBOARD" --submission-id "$id" \
+    --working-dir . --runtime-env-json "$RUNTIME_ENV" \
+    -- python -m orchestrator tune "$SPEC" --store "$STORE" ${AITUNE_JOB_ARGS:-} >/dev/null || exit 1
+done
+rc=0
+n=0
+for id in "${IDS[@]}"; do
+  n=$((n + 1))
+  "$RAY" job logs --follow --address "$DASHBOARD" "$id" 2>&1 | sed "s/^/[job $n] /"
+  if job_succeeded "$id"; then
+    echo "== job $id: SUCCEEDED"
+  else
+    echo "== job $id: not SUCCEEDED"
+    rc=1
+  fi
+done
+exit $rc

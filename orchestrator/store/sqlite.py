@@ -525,7 +525,13 @@ class SqliteStore(ResultStore):
             if target.exists() or target.is_symlink():
                 trash = staging / f"damaged-{secrets.token_hex(8)}"
                 os.replace(target, trash)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # Another writer put the same checkpoint there between our check and our rename:
+                # same manifest, same content; keep theirs if it is sound.
+                if not (target.is_dir() and _checkpoint_problem(target, sha) is None):
+                    raise
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() and not trash.is_symlink() else trash.unlink()
             return rel, sha

@@ -64,3 +64,30 @@ def test_job_submit_runs_the_sweep_and_stops_the_head(tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(pid), f"the Ray head (pid {pid}) still runs after the script exited"
+
+
+@pytest.mark.skipif(not RAY_CLI.is_file(), reason=f"the `ray` CLI is not next to {sys.executable} (install ray[default] in this environment)")
+def test_two_job_submit_sweeps_share_one_store_and_build_each_key_once(tmp_path):
+    import sqlite3
+    from collections import Counter
+
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(AITUNE_JOB_STORE=str(store), AITUNE_VENV=str(VENV), RAY_USAGE_STATS_ENABLED="0", AITUNE_JOBS="2")
+    spec = ROOT / "scripts" / "job_spec_shared.yaml"
+    proc = subprocess.run(["bash", str(SCRIPT), str(spec.relative_to(ROOT))], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=540)
+    out = proc.stdout
+    (tmp_path / "ray_job_submit.log").write_text(out)
+    assert proc.returncode == 0, out[-12000:]
+    assert out.count(": SUCCEEDED") == 2, out[-6000:]
+    conn = sqlite3.connect(store / "store.sqlite")
+    try:
+        built = Counter(k for (k,) in conn.execute("SELECT key FROM results WHERE how = 'built'"))
+        sweeps = conn.execute("SELECT id, status FROM sweeps").fetchall()
+        per_sweep = Counter(s for (s,) in conn.execute("SELECT sweep_id FROM results"))
+    finally:
+        conn.close()
+    assert len(built) == 4 and set(built.values()) == {1}, built  # every key built once, by one of the two
+    assert [s for _, s in sweeps] == ["done", "done"]
+    assert sorted(per_sweep.values()) == [4, 4]  # both sweeps have every result

@@ -434,7 +434,7 @@ def test_candidate_config_without_a_json_form_is_refused():
 def test_candidate_config_of_the_right_types_is_accepted():
     spec = parse_spec(candidate("OnnxRuntimeBackend", providers=["CPUExecutionProvider"], opset=17, io_binding=False))
     assert spec.candidates[0].make_config().providers == ("CPUExecutionProvider",)
-    assert parse_spec(candidate("FaultBackend", seconds=2)).candidates[0].make_config().seconds == 2  # int for a float
+    assert parse_spec(candidate("orchestrator.fault_backends:FaultBackend", seconds=2)).candidates[0].make_config().seconds == 2  # int for a float
 
 
 def test_wrong_types_in_the_specs_own_fields_are_refused():

@@ -275,7 +275,7 @@ def test_deploy_targets_the_cluster_cannot_satisfy_are_refused_before_any_worker
     proc = cli("tune", str(spec))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
-    assert "cpu_slots" in out and "Traceback" not in out
+    assert "deploy.targets" in out and "64 CPU slots" in out and "Traceback" not in out
     with Store(store) as s:
         assert s.list_sweeps() == []  # nothing was recorded: nothing ran
 
@@ -289,3 +289,19 @@ def test_markup_in_names_and_errors_prints_as_written(live):
         progress.result(record)
     if not live:
         assert "[/bold] b1 [red]x[/]: build_error boom [/] [bold" in buf.getvalue()
+
+
+def test_tune_exits_3_and_names_what_was_not_done_when_a_deploy_fails(tmp_path):
+    store = tmp_path / "store"
+    winner_that_fails_to_deploy = fault("raise", phase="deploy", fast=True)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny_spec(store, [EAGER, winner_that_fails_to_deploy],
+                                         deploy={"targets": [{"cpu_slots": 1}]}).model_dump(mode="json")))
+    proc = cli("tune", str(spec))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "not done: mlp b2 on" in out and "injected failure" in out
+    with Store(store) as s:
+        (info,) = s.list_sweeps()
+        assert info.status == "done"  # the sweep itself finished; the exit code says what did not happen
+        assert [d.status for d in s.deployments(info.id)] == ["refused"]
