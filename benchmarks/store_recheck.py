@@ -42,6 +42,9 @@ def main() -> int:
     from orchestrator.spec import ToleranceSpec, load_spec
     from orchestrator.sweep import run_sweep
 
+    from benchmarks.store_reuse import time_stages
+
+    stages = time_stages()
     spec = load_spec(args.spec)
     if args.models != "all":
         spec.models = [m for m in spec.models if m.name in args.models.split(",")]
@@ -58,8 +61,10 @@ def main() -> int:
                                     console=Console(file=io.StringIO()), live=False)
                 whole = time.monotonic() - t0
                 statuses = collections.Counter(r.status for r in outcome.results)
-                print(f"{label:9s} run: {whole:7.2f} s (tune_s {outcome.tune_s:.2f}); {dict(sorted(outcome.how.items()))} "
-                      f"{dict(statuses)}")
+                print(f"{label:9s} run: {whole:7.2f} s (tune_s {outcome.tune_s:.2f}, starting workers "
+                      f"{stages['start_workers']:.2f} s, selecting {stages['choose_winners']:.2f} s); "
+                      f"{dict(sorted(outcome.how.items()))} {dict(statuses)}")
+                stages.clear()
                 runs.append((whole, outcome))
     finally:
         handle.shutdown()

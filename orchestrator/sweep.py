@@ -43,7 +43,7 @@ class SweepOutcome:
     selections: list[SelectionRecord]
     deployments: list[DeployRecord]
     reports: dict[str, Path] = field(default_factory=dict)
-    #: seconds from the first job dispatched to the last result (Ray start-up excluded)
+    #: seconds of the run phase: re-checks, worker start-up (when any is needed) and dispatch to the last result
     tune_s: float = 0.0
     reused: int = 0
     ran: int = 0
@@ -166,16 +166,16 @@ def run_sweep(
             asks = ReferenceAsks(store)
             scheduler = Scheduler(slots, spec.model_dump(mode="json"), _limits(spec),
                                   on_result=_committer(store, sweep_id, asks), events=progress)
+            workers = Workers(scheduler, slots, local=handle.embedded)
             with progress:
-                infos = scheduler.start_workers()
-                jobs = _plan(spec, fingerprints, infos)
+                jobs = _plan(spec, fingerprints, workers.classes())
                 decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem)
                              for j, p in _priors(store, jobs)]
                 progress.total = len(jobs)
                 start = time.monotonic()
-                results = _run(spec, store, sweep_id, scheduler, decisions, progress, asks)
+                results = _run(spec, store, sweep_id, workers, decisions, progress, asks)
                 tune_s = time.monotonic() - start
-            selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec),
+            selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(workers, store, spec),
                                         previous=None if force else _previous_selection(store, spec, sweep_id))
             for s in selections:
                 store.put_selection(sweep_id, s)
@@ -209,6 +209,44 @@ def run_sweep(
         if own_store:
             store.close()
         handle.shutdown()
+
+
+class Workers:
+    """The sweep's workers, started when first needed.
+
+    Job keys need each worker's device class. On an embedded local Ray whose slots are all CPU
+    slots, the workers would run this very interpreter on this very machine, so the driver knows
+    their device class without starting them; a sweep the store answers entirely then starts none.
+    Anywhere else (a cluster, GPUs) the workers start first and report it.
+    """
+
+    def __init__(self, scheduler: Scheduler, slots, local: bool) -> None:
+        self.scheduler, self.slots = scheduler, slots
+        self.local = local and all(slot.kind == "cpu" for slot in slots)
+        self._infos = None
+        self._planned: set[str] = set()
+
+    def classes(self) -> list:
+        if not self.local:
+            self._infos = self.scheduler.start_workers()
+            return self._infos
+        from aitune.canonical import sha256_of
+        from aitune.environment import describe_environment
+        from orchestrator.records import WorkerInfo
+
+        device_class = describe_environment("cpu").device_class()
+        key = sha256_of(device_class)
+        self._planned = {key}
+        return [WorkerInfo(slot.label, "", "", 0, "cpu", device_class, key, slot.threads) for slot in self.slots]
+
+    def started(self) -> Scheduler:
+        if self._infos is None:
+            self._infos = self.scheduler.start_workers()
+            odd = {i.device_class_key for i in self._infos} - self._planned
+            if odd:  # a worker that is not what the driver planned for: its jobs would never run
+                raise RuntimeError(f"workers report device class(es) {sorted(k[:12] for k in odd)}, not the "
+                                   f"driver's own {sorted(k[:12] for k in self._planned)}: run with --address to a cluster")
+        return self.scheduler
 
 
 def _limits(spec: SweepSpec) -> Limits:
@@ -264,7 +302,7 @@ def _committer(store: ResultStore, sweep_id: str, asks: ReferenceAsks):
     return commit
 
 
-def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, scheduler: Scheduler, decisions: list[Decision],
+def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers", decisions: list[Decision],
          progress: Progress, asks: ReferenceAsks) -> list[ResultRecord]:
     """Reuse and re-check what the store holds; evaluate and build the rest on the workers."""
     results: list[ResultRecord] = []
@@ -302,12 +340,15 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, scheduler: Schedule
         return store.checkpoint_bytes(prior), prior.to_dict()
 
     gate = StoreGate(store, sweep_id, resolve)
-    return results + scheduler.run(to_run, asks.want, gate=gate, payload=payload)
+    if not to_run:
+        return results  # everything came from the store: no worker needs to start
+    return results + workers.started().run(to_run, asks.want, gate=gate, payload=payload)
 
 
-def _remeasurer(scheduler: Scheduler, store: ResultStore, spec: SweepSpec):
+def _remeasurer(workers: "Workers", store: ResultStore, spec: SweepSpec):
     def remeasure(group, records: list[ResultRecord]) -> dict[str, Measurement]:
         model, batch, dc = group
+        scheduler = workers.started()
         worker = scheduler.live_worker(dc)
         if worker is None:
             return {}
@@ -330,11 +371,11 @@ def _remeasurer(scheduler: Scheduler, store: ResultStore, spec: SweepSpec):
     return remeasure
 
 
-def _origin(record: ResultRecord) -> int | None:
-    """The stored result a record stands for: its source when reused, else itself."""
-    if record.how == R.REUSED and record.source:
-        return record.source.get("result")
-    return record.result_id
+def _origin(record: ResultRecord) -> tuple[int | None, str]:
+    """The stored measurement a record stands for (its source unless it was measured here), and its status."""
+    if record.how in (R.REUSED, R.RECHECKED) and record.source:
+        return record.source.get("result"), record.status
+    return record.result_id, record.status
 
 
 def _previous_selection(store: ResultStore, spec: SweepSpec, this_sweep: str):
@@ -359,7 +400,9 @@ def _previous_selection(store: ResultStore, spec: SweepSpec, this_sweep: str):
             return None
 
     def previous(group, records: list[ResultRecord]) -> SelectionRecord | None:
-        if not records or not all(r.how == R.REUSED for r in records):
+        # Same measurements and the same verdicts as an earlier decision: it stands (re-checked
+        # results that kept their status change nothing the selection looks at).
+        if not records or not all(r.how in (R.REUSED, R.RECHECKED) for r in records):
             return None
         origins = {_origin(r) for r in records}
         for sweep in reversed(store.list_sweeps()):
