@@ -86,31 +86,41 @@ class Heartbeat:
 
 
 class StoreGate(JobGate):
-    """Claims each artifact key before it is built; defers keys another live driver holds."""
+    """Claims each artifact key before it is built; defers keys another live driver holds.
 
-    def __init__(self, store: ResultStore, sweep_id: str, resolve) -> None:
+    A key another driver built after this sweep was planned (its claim already released) is not
+    built again either: the result is taken as any stored result.
+    """
+
+    def __init__(self, store: ResultStore, sweep_id: str, resolve, known: dict[str, set]) -> None:
         self.store, self.sweep_id, self.resolve = store, sweep_id, resolve
-        self.waiting_on: dict[str, str] = {}
+        self.known = known  # artifact key -> the result ids the plan already took into account
+
+    def _news(self, keys) -> dict[str, list[ResultRecord]]:
+        """Results other drivers stored for ``keys`` since they were planned."""
+        found = self.store.results_for(keys)
+        return {key: fresh for key, records in found.items()
+                if (fresh := [r for r in records if r.sweep_id != self.sweep_id
+                              and r.result_id not in self.known.get(key, set())
+                              and r.status not in (R.INFRA, R.SKIPPED)])}
 
     def admit(self, job: Job) -> bool:
-        owner = self.store.claim(job.key, self.sweep_id)
-        if owner is None:
-            return True
-        self.waiting_on[job.key] = owner
-        return False
+        if self.store.claim(job.key, self.sweep_id) is not None:
+            return False  # another driver is building it
+        if self._news([job.key]):
+            self.store.release(job.key, self.sweep_id)
+            return False  # another driver built it meanwhile: poll takes it
+        return True
 
     def poll(self, deferred: list[Job]) -> tuple[list[ResultRecord], list[Job]]:
         done, runnable = [], []
-        priors = self.store.results_for(j.key for j in deferred)
+        news = self._news([j.key for j in deferred])
         for job in deferred:
-            mine = [p for p in priors.get(job.key, []) if p.sweep_id != self.sweep_id]
-            fresh = [p for p in mine if p.status not in (R.INFRA, R.SKIPPED)]
+            fresh = news.get(job.key)
             if fresh:  # the other driver finished it: take it as any stored result
+                self.known.setdefault(job.key, set()).update(r.result_id for r in fresh)
                 outcome = self.resolve(job, fresh)
-                if isinstance(outcome, ResultRecord):
-                    done.append(outcome)
-                else:
-                    runnable.append(outcome)
+                (done if isinstance(outcome, ResultRecord) else runnable).append(outcome)
             elif self.store.claim(job.key, self.sweep_id) is None:
                 runnable.append(job)  # its driver gave up or died: the claim expired, it is ours now
         return done, runnable
@@ -169,11 +179,12 @@ def run_sweep(
             workers = Workers(scheduler, slots, local=handle.embedded)
             with progress:
                 jobs = _plan(spec, fingerprints, workers.classes())
-                decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem)
-                             for j, p in _priors(store, jobs)]
+                priors = _priors(store, jobs)
+                decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem) for j, p in priors]
                 progress.total = len(jobs)
                 start = time.monotonic()
-                results = _run(spec, store, sweep_id, workers, decisions, progress, asks)
+                known = {j.key: {r.result_id for r in p} for j, p in priors}
+                results = _run(spec, store, sweep_id, workers, decisions, progress, asks, known)
                 tune_s = time.monotonic() - start
             selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(workers, store, spec),
                                         previous=None if force else _previous_selection(store, spec, sweep_id))
@@ -303,7 +314,7 @@ def _committer(store: ResultStore, sweep_id: str, asks: ReferenceAsks):
 
 
 def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers", decisions: list[Decision],
-         progress: Progress, asks: ReferenceAsks) -> list[ResultRecord]:
+         progress: Progress, asks: ReferenceAsks, known: dict[str, set]) -> list[ResultRecord]:
     """Reuse and re-check what the store holds; evaluate and build the rest on the workers."""
     results: list[ResultRecord] = []
     to_run: list[Job] = []
@@ -339,7 +350,7 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
         prior = priors[job.key]
         return store.checkpoint_bytes(prior), prior.to_dict()
 
-    gate = StoreGate(store, sweep_id, resolve)
+    gate = StoreGate(store, sweep_id, resolve, known)
     if not to_run:
         return results  # everything came from the store: no worker needs to start
     return results + workers.started().run(to_run, asks.want, gate=gate, payload=payload)
