@@ -23,8 +23,8 @@ class SweepEvents:
 
     def retry(self, job: "Job", why: str) -> None: ...
 
-    def waiting(self, jobs: int, owner: str) -> None:
-        """``jobs`` artifact keys are being built by another driver (``owner``'s sweep); this one waits."""
+    def waiting(self, job: "Job", owner: str) -> None:
+        """Another driver (``owner``'s sweep) is building ``job``'s artifact; this one takes it when done."""
 
     def reused(self, count: int, how: dict[str, int]) -> None:
         """``count`` results came from the store before dispatch (``how``: per kind of reuse)."""

@@ -102,5 +102,5 @@ class Progress(SweepEvents):
     def retry(self, job, why: str) -> None:
         self._line(f"retrying {job.candidate} on another worker ({why})")
 
-    def waiting(self, jobs: int, owner: str) -> None:
-        self._line(f"{jobs} candidate(s) are being built by sweep {owner}; taking them from the store when done")
+    def waiting(self, job, owner: str) -> None:
+        self._line(f"{_what(job)} is being built by sweep {owner}; taking it from the store when done")

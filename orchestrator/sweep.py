@@ -92,9 +92,10 @@ class StoreGate(JobGate):
     built again either: the result is taken as any stored result.
     """
 
-    def __init__(self, store: ResultStore, sweep_id: str, resolve, known: dict[str, set]) -> None:
-        self.store, self.sweep_id, self.resolve = store, sweep_id, resolve
+    def __init__(self, store: ResultStore, sweep_id: str, resolve, known: dict[str, set], events) -> None:
+        self.store, self.sweep_id, self.resolve, self.events = store, sweep_id, resolve, events
         self.known = known  # artifact key -> the result ids the plan already took into account
+        self.waiting: set[str] = set()
 
     def _news(self, keys) -> dict[str, list[ResultRecord]]:
         """Results other drivers stored for ``keys`` since they were planned."""
@@ -105,8 +106,12 @@ class StoreGate(JobGate):
                               and r.status not in (R.INFRA, R.SKIPPED)])}
 
     def admit(self, job: Job) -> bool:
-        if self.store.claim(job.key, self.sweep_id) is not None:
-            return False  # another driver is building it
+        owner = self.store.claim(job.key, self.sweep_id)
+        if owner is not None:  # another driver is building it
+            if job.key not in self.waiting:
+                self.waiting.add(job.key)
+                self.events.waiting(job, owner)
+            return False
         if self._news([job.key]):
             self.store.release(job.key, self.sweep_id)
             return False  # another driver built it meanwhile: poll takes it
@@ -350,7 +355,7 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
         prior = priors[job.key]
         return store.checkpoint_bytes(prior), prior.to_dict()
 
-    gate = StoreGate(store, sweep_id, resolve, known)
+    gate = StoreGate(store, sweep_id, resolve, known, progress)
     if not to_run:
         return results  # everything came from the store: no worker needs to start
     return results + workers.started().run(to_run, asks.want, gate=gate, payload=payload)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,84 @@ def test_tune_exits_3_and_names_what_was_not_done_when_a_deploy_fails(tmp_path):
         (info,) = s.list_sweeps()
         assert info.status == "done"  # the sweep itself finished; the exit code says what did not happen
         assert [d.status for d in s.deployments(info.id)] == ["refused"]
+
+
+# -- concurrent drivers ----------------------------------------------------------------------------------
+
+
+def _slow_spec(tmp_path, n: int, seconds: float) -> Path:
+    store = tmp_path / "store"
+    cands = [EAGER] + [fault("sleep", seconds=seconds, tag=f"c{i}") for i in range(n)]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny_spec(store, cands, workers={"cpu_slots": 1, "threads_per_slot": 1, "use_gpus": False})
+                               .model_dump(mode="json")))
+    return spec
+
+
+def _driver(spec: Path, log: Path, lease_s: float = 30.0) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+               RAY_USAGE_STATS_ENABLED="0", AITUNE_LEASE_S=str(lease_s))
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "tune", str(spec), "--no-deploy"], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _built_per_key(store: Path) -> dict[str, int]:
+    from collections import Counter
+
+    conn = sqlite3.connect(store / DB_NAME)
+    try:
+        return dict(Counter(k for (k,) in conn.execute("SELECT key FROM results WHERE how = 'built'")))
+    finally:
+        conn.close()
+
+
+def test_two_drivers_on_one_store_build_each_key_once_and_both_complete(tmp_path):
+    import time
+
+    spec = _slow_spec(tmp_path, n=4, seconds=2.0)
+    first = _driver(spec, tmp_path / "a.log")
+    time.sleep(1.0)
+    second = _driver(spec, tmp_path / "b.log")
+    for proc, name in ((first, "a"), (second, "b")):
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    built = _built_per_key(tmp_path / "store")
+    assert len(built) == 5 and set(built.values()) == {1}, built
+    with Store(tmp_path / "store") as s:
+        sweeps = s.list_sweeps()
+        assert [i.status for i in sweeps] == ["done", "done"]
+        assert [len(s.sweep_results(i.id)) for i in sweeps] == [5, 5]
+
+
+def test_a_dead_drivers_claims_expire_and_another_driver_builds_them(tmp_path):
+    import signal
+    import time
+
+    spec = _slow_spec(tmp_path, n=1, seconds=30.0)  # the dead driver dies holding this claim
+    store = tmp_path / "store"
+    doomed = _driver(spec, tmp_path / "doomed.log", lease_s=3.0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until it holds the sleeper's claim
+        if (store / DB_NAME).exists():
+            conn = sqlite3.connect(store / DB_NAME)
+            try:
+                held = conn.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+            except sqlite3.Error:
+                held = 0
+            finally:
+                conn.close()
+            if held and _built_per_key(store):  # eager done, the sleeper claimed and building
+                break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the first driver never claimed a key:\n" + (tmp_path / "doomed.log").read_text()[-3000:])
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait(timeout=30)
+    survivor = _driver(spec, tmp_path / "survivor.log", lease_s=3.0)
+    assert survivor.wait(timeout=300) == 0, (tmp_path / "survivor.log").read_text()[-4000:]
+    built = _built_per_key(store)
+    assert set(built.values()) == {1} and len(built) == 2, built  # the sleeper built once, by the survivor
+    with Store(store) as s:
+        dead, alive = s.list_sweeps()
+        assert dead.status == "interrupted" and alive.status == "done"
+        assert len(s.sweep_results(alive.id)) == 2
