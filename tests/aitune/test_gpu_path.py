@@ -423,6 +423,7 @@ def test_aot_package_with_cuda_graphs_runs_and_matches_eager(tmp_path):
     for x, out in zip(xs, outs):  # the first output survived the second call (cloned by default)
         torch.testing.assert_close(out, _eager(module, x), atol=1e-4, rtol=1e-3)
     assert backend._runner.captured == 1
+    assert not outs[0].is_inference()  # cloned in the caller's mode, so the caller may modify it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a capture that fails on the device (item 2)")

@@ -87,6 +87,8 @@ class TorchInductorAotBackend(ArtifactBackend):
         if self.graph_spec is not None:
             self.graph_spec.check_sample(sample, self.name)
         sample = cast_sample(sample, self._dtype())
+        if isinstance(self._runner, CudaGraphRunner):
+            return sample(self._runner)  # inference mode inside; its clones follow the caller's mode
         with torch.inference_mode():
             return sample(self._runner)
 
