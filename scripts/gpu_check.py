@@ -9,14 +9,15 @@ from their architectures with random weights (no downloads):
 
 It prints the sweep's table (build s, median and p99 ms, speedup over eager fp32, worst error,
 peak GPU memory) and the winner per model, then loads each group's top three checkpoints from
-the store and measures them again interleaved on one GPU, outside the orchestrator.
+the store and measures them again interleaved on one GPU, outside the orchestrator, with TF32
+off as in the sweep's workers.
 
 On an offline GPU machine (Python 3.12, torch with CUDA) with the wheels from
 ``shared/tools/gpu-wheels.sh``::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD   # absolute: Ray workers start in other directories
-    python3 scripts/gpu_check.py --store /tmp/gpu-store
+    python3 scripts/gpu_check.py --store /tmp/gpu-store --time-left-s 480   # the device time left
 
 Builds cost from under a second (eager) to over a minute (AOTInductor on ResNet-50), and one
 worker takes its jobs model by model, so the sweep runs in two stages, cheap builds first: one
