@@ -23,7 +23,7 @@ _POISONING_CUDA_ERRORS = (
     "operation not permitted when stream is capturing",
     "operation not permitted on an event last recorded in a capturing stream",
     "operation failed due to a previous error during capture",
-    "capture sequence",  # "... not initiated / invalidated ... capture sequence"
+    "capture sequence",  # a fork never joined, a capture ended from another thread
 )
 
 
