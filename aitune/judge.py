@@ -15,6 +15,7 @@ import torch
 from aitune.check import CheckResult, Tolerance, check_samples
 from aitune.measure import MeasureConfig, Measurement, measure
 from aitune.specs import Sample
+from aitune.torch.cuda_graphs import without_output_clones
 from aitune.torch.tree import map_tensors
 
 OK, INCORRECT = "ok", "incorrect"
@@ -31,7 +32,8 @@ class Judgement:
 
 
 def run_samples(infer: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
-    with torch.inference_mode():
+    """Each sample's outputs, copied to the CPU before the next call (so backends need not clone)."""
+    with torch.inference_mode(), without_output_clones():
         return [map_tensors(s(infer), lambda t: t.detach().to("cpu").clone()) for s in samples]
 
 

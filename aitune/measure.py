@@ -19,6 +19,7 @@ import torch
 from torch.utils import benchmark
 
 from aitune.specs import Sample
+from aitune.torch.cuda_graphs import without_output_clones
 
 TIMERS = ("cuda_event", "perf_counter_ns")
 STOP_REASONS = ("converged", "budget", "max_iters")
@@ -223,7 +224,8 @@ def significantly_faster(a: Measurement, b: Measurement, min_rel_gain: float = 0
 
 @contextmanager
 def _measuring(config: MeasureConfig, device: torch.device | str) -> Iterator[tuple[int, bool]]:
-    """Threads pinned, inference mode on, the CUDA device current; yields (threads, is_cuda)."""
+    """Threads pinned, inference mode on, the CUDA device current, outputs not cloned (nothing
+    keeps them past the next call: see ``clone_outputs``); yields (threads, is_cuda)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     previous = torch.get_num_threads()
@@ -231,7 +233,7 @@ def _measuring(config: MeasureConfig, device: torch.device | str) -> Iterator[tu
         torch.set_num_threads(config.threads)
     try:
         # Events record on the current device's stream, so it must be the measured device.
-        with torch.inference_mode(), (torch.cuda.device(device) if cuda else nullcontext()):
+        with torch.inference_mode(), without_output_clones(), (torch.cuda.device(device) if cuda else nullcontext()):
             yield torch.get_num_threads(), cuda
     finally:
         if config.threads is not None:

@@ -2,7 +2,8 @@
 
 ``FaultBackend`` runs the module eagerly, except that, in the phase it is told, it raises, kills
 its own process (``os._exit`` or a real segfault), hangs, returns wrong values, claims the
-device is unsupported, or sleeps a set time (the scale benchmark's stand-in for a slow build).
+device is unsupported, fails as a CUDA graph capture does, or sleeps a set time (the scale
+benchmark's stand-in for a slow build).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from aitune.torch.backend.backend import UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
+from aitune.torch.cuda_graphs import CudaGraphCaptureError
 from aitune.specs import Sample
 
-FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom")
+FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom", "capture")
 
 # Where the "leak" fault keeps what it leaks: never freed, as a real leak would be.
 _LEAKED: list = []
@@ -63,6 +65,8 @@ def _misbehave(fault: str, seconds: float) -> None:
         raise UnsupportedDeviceError("FaultBackend: injected 'unsupported device'")
     if fault == "oom":
         raise torch.cuda.OutOfMemoryError("FaultBackend: injected CUDA out of memory")
+    if fault == "capture":  # what a failed CUDA graph capture raises, for machines without a GPU
+        raise CudaGraphCaptureError("FaultBackend: injected CUDA graph capture failure")
 
 
 class FaultBackend(ModuleBackend):

@@ -248,6 +248,11 @@ class TuneWorker:
         record.status, record.error = R.ERROR, _trace(exc)
         record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
         record.measurement = None
+        poisoned = memory.must_recycle(exc)
+        if poisoned:
+            # This process must go whatever memory it left, and a poisoned CUDA context can't be
+            # asked for memory figures (a sticky error makes every query raise): _close skips them.
+            record.recycled, self._before = poisoned, None
 
     def _close(self, record, checkpoint, outputs, sample, reference, want_reference):
         if self.device.type == "cuda":
@@ -282,11 +287,14 @@ class TuneWorker:
 
     def _failure(self, status: str, exc: BaseException) -> dict[str, Any]:
         oom = memory.is_oom(exc)
+        poisoned = memory.must_recycle(exc)
+        if poisoned:  # no memory figures from a poisoned CUDA context (see _failed)
+            self._before = None
         self._release()
         mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
         return {
             "status": status, "error": _trace(exc), "error_class": "OutOfMemoryError" if oom else type(exc).__name__,
-            "phases": dict(self._phases), "memory": mem, "recycled": recycled,
+            "phases": dict(self._phases), "memory": mem, "recycled": poisoned or recycled,
         }
 
     def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:

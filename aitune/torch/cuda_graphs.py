@@ -2,12 +2,18 @@
 
 Replaying a graph launches every kernel with one call, removing the per-kernel CPU overhead that
 dominates small batches. A graph runs on fixed memory: inputs are copied into static buffers
-and outputs come back in static buffers that the next replay overwrites.
+and outputs come back in static buffers that the next replay overwrites, unless the runner
+clones them (``clone_outputs``, on by default).
+
+Measuring and checking read each output before the next call, so they turn the clones off with
+:func:`without_output_clones`: what they time is the graph, not the copy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -15,58 +21,164 @@ from aitune.specs import Sample
 from aitune.torch.tree import map_tensors
 
 
+class CudaGraphCaptureError(RuntimeError):
+    """A CUDA graph capture failed.
+
+    The caller's stream is current again when this is raised, but the CUDA context may still be
+    unusable (the caching allocator's capture bookkeeping, a sticky CUDA error): a long-lived
+    process should start afresh rather than run the next candidate in it.
+    """
+
+
+_OUTPUTS_READ_AT_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar("aitune_outputs_read_at_once", default=False)
+
+
+@contextlib.contextmanager
+def without_output_clones() -> Iterator[None]:
+    """Within this block, backends skip their ``clone_outputs`` copy.
+
+    For callers that read or copy every output before the next call (measuring, checking): for
+    them the copy is wasted work, and it would be timed as part of the candidate.
+    """
+    token = _OUTPUTS_READ_AT_ONCE.set(True)
+    try:
+        yield
+    finally:
+        _OUTPUTS_READ_AT_ONCE.reset(token)
+
+
+def clones_wanted(clone_outputs: bool) -> bool:
+    """Whether a backend configured with ``clone_outputs`` should copy its outputs now."""
+    return clone_outputs and not _OUTPUTS_READ_AT_ONCE.get()
+
+
+def clone_tensors(value: Any) -> Any:
+    """``value`` with every tensor cloned, through tuples, lists, dicts, model outputs and dataclasses."""
+    return map_tensors(value, lambda t: t.clone())
+
+
 def shape_key(sample: Sample) -> tuple:
-    """What a graph is specialised for: every tensor's shape, dtype and layout."""
+    """What a graph is specialised for: every tensor's device, shape, dtype and layout."""
     return tuple(
-        (name, tuple(t.shape), str(t.dtype), t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else None)
+        (name, str(t.device), tuple(t.shape), str(t.dtype),
+         t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else None)
         for name, t in sample.named_tensors().items()
     )
 
 
-class CudaGraphRunner:
-    """Wraps ``fn``; the first call with a new input shape captures a graph, later ones replay it."""
+def sample_device(sample: Sample) -> torch.device:
+    """The CUDA device of the sample's first CUDA tensor (else the current CUDA device)."""
+    for t in sample.named_tensors().values():
+        if t.is_cuda:
+            return t.device
+    return torch.device("cuda", torch.cuda.current_device())
 
-    def __init__(self, fn: Callable[..., Any], warmup_iters: int = 3, clone_outputs: bool = False) -> None:
+
+def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.cuda.Stream, pool=None) -> Any:
+    """Record ``call()`` into ``graph`` on ``stream`` (on the current device); returns its outputs.
+
+    Unlike ``torch.cuda.graph``, a failure leaves the caller's stream current (there, a failing
+    ``capture_end`` skips restoring it, and every later kernel of the process lands on the
+    capture stream) and raises :class:`CudaGraphCaptureError`.
+    """
+    previous = torch.cuda.current_stream()
+    error: BaseException | None = None
+    began = False
+    out = None
+    torch.cuda.set_stream(stream)
+    try:
+        try:
+            graph.capture_begin(pool=pool)
+            began = True
+            out = call()
+        except Exception as exc:  # the capture must still be ended, or the stream stays capturing
+            error = exc
+        if began:
+            try:
+                graph.capture_end()
+            except Exception as exc:
+                error = error or exc
+    finally:
+        torch.cuda.set_stream(previous)
+    if error is not None:
+        if began:
+            _stop_allocating_to_pool(graph)
+        raise CudaGraphCaptureError(
+            f"CUDA graph capture failed: {type(error).__name__}: {error}; "
+            "the CUDA context may be unusable now, start a fresh process before trusting it"
+        ) from error
+    return out
+
+
+def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph) -> None:
+    """Best effort: when ``capture_end`` fails before telling the caching allocator that the
+    capture is over, the allocator keeps sending this thread's allocations to the graph's pool."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(torch.cuda.current_device(), graph.pool())
+    except Exception:  # capture_end got that far itself, or the capture never began
+        pass
+
+
+class CudaGraphRunner:
+    """Wraps ``fn``; the first call with a new input shape captures a graph, later ones replay it.
+
+    Buffers are made, captured, filled and replayed under ``torch.inference_mode`` on the inputs'
+    device: a graph replays kernels, autograd has no part in it, and a static buffer made under
+    inference mode can only be written there. ``clone_outputs`` returns copies that the next call
+    leaves alone; off, the outputs are the graph's own buffers (see :func:`without_output_clones`).
+    """
+
+    def __init__(self, fn: Callable[..., Any], warmup_iters: int = 3, clone_outputs: bool = True) -> None:
         self.fn = fn
         self.warmup_iters = warmup_iters
         self.clone_outputs = clone_outputs
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Sample, Any]] = {}
-        self._pool = None
+        self._pools: dict[torch.device, Any] = {}  # one pool per device, shared by its shapes
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @property
     def captured(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, sample: Sample) -> tuple[torch.cuda.CUDAGraph, Sample, Any]:
+    def _capture(self, sample: Sample, device: torch.device) -> tuple[torch.cuda.CUDAGraph, Sample, Any]:
         static = sample.map(lambda t: t.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        # Warm up on a side stream: lazy initialisation (cuBLAS handles, autotuning) must not
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        # Warm up on the side stream: lazy initialisation (cuBLAS handles, autotuning) must not
         # happen inside the capture.
         with torch.cuda.stream(stream):
             for _ in range(self.warmup_iters):
                 static(self.fn)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one pool shared by every shape
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = static(self.fn)
+        out = capture(graph, lambda: static(self.fn), stream, self._pools[device])
         return graph, static, out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         sample = Sample(args, kwargs)
+        device = sample_device(sample)
         key = shape_key(sample)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(sample)
-        graph, static, out = entry
-        for dst, src in zip(static.named_tensors().values(), sample.named_tensors().values()):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-        return map_tensors(out, lambda t: t.clone()) if self.clone_outputs else out
+        with torch.cuda.device(device), torch.inference_mode():
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(sample, device)
+            graph, static, out = entry
+            for dst, src in zip(static.named_tensors().values(), sample.named_tensors().values()):
+                dst.copy_(src, non_blocking=True)
+            graph.replay()
+        # Cloned in the caller's mode: outside inference mode the copies are ordinary tensors.
+        return clone_tensors(out) if clones_wanted(self.clone_outputs) else out
 
     def reset(self) -> None:
         """Drop every graph and its memory."""
         self._graphs.clear()
-        self._pool = None
+        self._pools.clear()
+        self._streams.clear()

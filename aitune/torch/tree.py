@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -35,7 +36,12 @@ def flatten_tensors(value: Any, path: str = "output") -> list[tuple[str, torch.T
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Apply ``fn`` to every tensor, rebuilding tuples, lists and dicts (other containers are walked in place)."""
+    """A copy of ``value`` with ``fn`` applied to every tensor.
+
+    Tuples (named ones too), lists and dicts are rebuilt; dict subclasses (model-output objects)
+    and dataclass instances are shallow-copied and their entries and fields replaced, so the
+    original is left as it was; anything else is returned as it is.
+    """
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
@@ -44,4 +50,16 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict) and type(value) is dict:
         return {k: map_tensors(v, fn) for k, v in value.items()}
-    return value
+    is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if not isinstance(value, dict) and not is_dataclass:
+        return value
+    new = copy.copy(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            new[k] = map_tensors(v, fn)
+    if is_dataclass:
+        for f in dataclasses.fields(value):
+            # an entry already mapped above is the same value (model outputs keep both in step)
+            mapped = new[f.name] if isinstance(value, dict) and f.name in value else map_tensors(getattr(value, f.name), fn)
+            object.__setattr__(new, f.name, mapped)
+    return new

@@ -34,6 +34,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 
+ONNX_EXPORT_MISSING = "the ONNX exporter needs onnx and onnxscript, which this machine lacks (the GPU image may)"
+
+
+def needs_onnx_export() -> None:
+    """Skip the calling test, naming why, where the ONNX exporter's packages are not installed."""
+    import pytest
+
+    pytest.importorskip("onnx", reason=ONNX_EXPORT_MISSING)
+    pytest.importorskip("onnxscript", reason=ONNX_EXPORT_MISSING)
+
 
 # -- models ---------------------------------------------------------------------------------------
 class TinyMLP(nn.Module):

@@ -3,6 +3,8 @@ runs only where CUDA is present (skipped with the reason on the CI machine, whic
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +15,30 @@ import torch
 from aitune import examples
 from aitune.defaults import candidates_for, is_baseline, make_backend
 from aitune.gpu_defaults import gpu_candidates
+from aitune.judge import run_samples
+from aitune.measure import MeasureConfig, measure
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend import OnnxRuntimeBackend, OnnxRuntimeConfig, TorchInductorAotBackend, TorchInductorAotConfig
+from aitune.torch.backend import (
+    OnnxRuntimeBackend,
+    OnnxRuntimeConfig,
+    TorchInductorAotBackend,
+    TorchInductorAotConfig,
+    TorchInductorJitBackend,
+    TorchInductorJitConfig,
+)
 from aitune.torch.backend.backend import BackendState, UnsupportedDeviceError
 from aitune.torch.backend.cuda_graph import CudaGraphBackend, CudaGraphConfig
-from aitune.torch.cuda_graphs import shape_key
+from aitune.torch.backend.onnxruntime import session_providers
+from aitune.torch.cuda_graphs import (
+    CudaGraphCaptureError,
+    CudaGraphRunner,
+    capture,
+    clone_tensors,
+    clones_wanted,
+    shape_key,
+    without_output_clones,
+)
+from aitune_helpers import needs_onnx_export
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CI machine has none")
@@ -98,6 +119,7 @@ def test_onnxruntime_cuda_provider_is_unsupported_without_it(tmp_path):
 
 @pytest.mark.slow
 def test_io_binding_gives_the_same_outputs_as_plain_runs(tmp_path):
+    needs_onnx_export()
     module, sample, spec = tiny()
     reference = sample(module)
     outs = {}
@@ -135,7 +157,9 @@ def test_gpu_check_script_rehearsed_on_the_cpu(tmp_path):
     first GPU session does not find the script's own bugs."""
     import os
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    # prepended: on the GPU machine the carried packages are found only through PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--models", "mlp_12x512",
          "--measure-s", "0.1", "--store", str(tmp_path / "store")],
@@ -145,6 +169,9 @@ def test_gpu_check_script_rehearsed_on_the_cpu(tmp_path):
     assert "winner mlp_12x512 b1:" in done.stdout
     assert "re-measured interleaved" in done.stdout
     assert "sweep winner" in done.stdout and "gpu_check done" in done.stdout
+    # cheap builds first, then every candidate with the first stage's results reused
+    assert "stage 1/2" in done.stdout and "stage 2/2" in done.stdout
+    assert "skipped: none" in done.stdout
 
 
 @needs_cuda
@@ -163,6 +190,7 @@ def test_onnxruntime_cuda_with_io_binding(tmp_path):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (CUDAExecutionProvider)")
+    needs_onnx_export()
     module, sample, spec = tiny()
     backend = OnnxRuntimeBackend(OnnxRuntimeConfig(providers=("CUDAExecutionProvider",)))
     backend.build(module, spec, [sample], "cuda", tmp_path)
@@ -171,3 +199,277 @@ def test_onnxruntime_cuda_with_io_binding(tmp_path):
     out = backend.infer(x)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, module.cuda()(x), atol=1e-4, rtol=1e-3)
+
+
+# -- outputs: clones for callers, none inside measuring (issue 9, item 6) ------------------------------
+class _Output(collections.OrderedDict):
+    """Stands in for a model-output object (transformers' ModelOutput is an OrderedDict subclass)."""
+
+
+@dataclasses.dataclass
+class _Pair:
+    first: torch.Tensor
+    rest: tuple
+
+
+def test_clone_tensors_copies_through_model_outputs_and_dataclasses():
+    a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
+    out = clone_tensors({"plain": a, "model": _Output(logits=b), "pair": _Pair(c, (a, 7))})
+    assert type(out["model"]) is _Output and type(out["pair"]) is _Pair
+    copies = [out["plain"], out["model"]["logits"], out["pair"].first, out["pair"].rest[0]]
+    for copy, original in zip(copies, [a, b, c, a]):
+        torch.testing.assert_close(copy, original)
+        assert copy.data_ptr() != original.data_ptr()
+    assert out["pair"].rest[1] == 7
+    a.add_(1)  # the copies don't follow the originals
+    assert out["plain"].sum().item() == 2.0
+
+
+def test_measuring_and_checking_turn_output_clones_off_and_only_there():
+    seen = []
+
+    def infer(x):
+        seen.append(clones_wanted(True))
+        return x * 2
+
+    sample = Sample.of(torch.randn(2, 4))
+    assert clones_wanted(True) and not clones_wanted(False)
+    run_samples(infer, [sample])
+    measure(infer, sample, "cpu", MeasureConfig(warmup_iters=1, warmup_s=0, min_iters=3, budget_s=0.01))
+    assert seen and not any(seen)
+    with pytest.raises(ValueError):
+        with without_output_clones():
+            raise ValueError("left by an exception")
+    assert clones_wanted(True)  # restored however the block ends
+
+
+def test_clone_outputs_is_on_by_default_and_part_of_the_key():
+    for cls in (CudaGraphConfig, TorchInductorJitConfig, TorchInductorAotConfig):
+        assert cls().clone_outputs is True
+        assert cls(clone_outputs=False).key() != cls().key()
+        assert cls(clone_outputs=False).describe() == "clone_outputs=False"
+    assert CudaGraphRunner(lambda x: x).clone_outputs is True
+
+
+def test_jit_clones_only_what_cuda_graphs_would_overwrite():
+    for mode in ("default", "reduce-overhead"):  # on the CPU reduce-overhead has no graphs either
+        backend = TorchInductorJitBackend(TorchInductorJitConfig(mode=mode))
+        backend._set_device(torch.device("cpu"))
+        assert not backend._graphed()
+    backend = TorchInductorJitBackend(TorchInductorJitConfig(mode="reduce-overhead"))
+    backend._set_device(torch.device("cuda", 0))
+    assert backend._graphed()
+    backend = TorchInductorJitBackend(TorchInductorJitConfig(mode="max-autotune-no-cudagraphs"))
+    backend._set_device(torch.device("cuda", 0))
+    assert not backend._graphed()
+    backend = TorchInductorJitBackend(TorchInductorJitConfig(options={"triton.cudagraphs": True}))
+    backend._set_device(torch.device("cuda", 0))
+    assert backend._graphed()
+
+
+# -- AOTInductor with CUDA graphs loads single-threaded (item 1) --------------------------------------------
+def test_aot_package_is_loaded_single_threaded_exactly_when_it_is_captured(monkeypatch, tmp_path):
+    """The loader is replaced only to see its arguments: a CUDA package can't be built here."""
+    calls = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, **kw: calls.append(kw) or (lambda *a: a))
+    captured = TorchInductorAotBackend(TorchInductorAotConfig(cuda_graphs=True, clone_outputs=False))
+    captured._package = tmp_path / "model.pt2"
+    captured._load(torch.device("cuda", 1))
+    plain = TorchInductorAotBackend(TorchInductorAotConfig())
+    plain._package = tmp_path / "model.pt2"
+    plain._load(torch.device("cpu"))
+    assert calls == [{"run_single_threaded": True, "device_index": 1}, {"run_single_threaded": False, "device_index": -1}]
+    assert isinstance(captured._runner, CudaGraphRunner) and captured._runner.clone_outputs is False
+    assert not isinstance(plain._runner, CudaGraphRunner)
+
+
+# -- a failed capture (item 2) ------------------------------------------------------------------------
+class _FakeGraph:
+    """Only the two calls ``capture`` makes; the CUDA runtime does not exist here."""
+
+    def __init__(self, end_error: Exception | None = None) -> None:
+        self.end_error, self.ended = end_error, False
+
+    def capture_begin(self, pool=None):
+        pass
+
+    def capture_end(self):
+        self.ended = True
+        if self.end_error is not None:
+            raise self.end_error
+
+    def pool(self):
+        return (0, 0)
+
+
+@pytest.mark.parametrize("where", ["capture_end", "body"])
+def test_failed_capture_restores_the_callers_stream_and_raises_its_own_error(monkeypatch, where):
+    """torch.cuda's stream calls are replaced (no CUDA here): what is checked is that the
+    caller's stream is current again and the error names the capture, whichever step failed."""
+    current = ["default"]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    end_error = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    body_error = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    def body():
+        assert current[0] == "capture stream"  # the work is recorded on the capture stream
+        if where == "body":
+            raise body_error
+        return "out"
+
+    graph = _FakeGraph(end_error)
+    with pytest.raises(CudaGraphCaptureError, match="CUDA graph capture failed") as info:
+        capture(graph, body, "capture stream")
+    assert current[0] == "default"
+    assert graph.ended  # a failing body still ends the capture
+    assert info.value.__cause__ is (body_error if where == "body" else end_error)
+    assert capture(_FakeGraph(), lambda: "out", "capture stream") == "out" and current[0] == "default"
+
+
+# -- ONNX Runtime on the given GPU (item 8) -------------------------------------------------------------
+def test_onnxruntime_cuda_providers_are_told_the_device_index():
+    providers = session_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                                  torch.device("cuda", 3))
+    assert providers == [("TensorrtExecutionProvider", {"device_id": 3}), ("CUDAExecutionProvider", {"device_id": 3}),
+                         "CPUExecutionProvider"]
+    assert session_providers(["CPUExecutionProvider"], torch.device("cpu")) == ["CPUExecutionProvider"]
+
+
+def test_shape_key_tells_devices_apart():
+    a = Sample.of(torch.randn(2, 3))
+    assert shape_key(a) != shape_key(a.map(lambda t: t.to("meta")))
+
+
+# -- scripts/gpu_check.py: cheap first, sized to the time left, the worker's TF32 settings (items 4, 11) --
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
+
+
+def test_gpu_check_builds_cheap_candidates_first_on_every_model():
+    gpu_check = _gpu_check()
+    from orchestrator.spec import parse_spec
+
+    for device in ("cpu", "cuda"):
+        everything = candidates_for(device)
+        first, last = gpu_check.stages(everything)
+        assert first and all(name not in gpu_check.SLOW_BUILDS for name, _ in first)
+        assert [c for c in everything if c not in first] and last is None  # the last stage has them all
+    args = type("Args", (), {"models": ["resnet50", "mlp_12x512", "bert_base"], "measure_s": 1.0, "total_s": 300.0,
+                             "store": "/tmp/x", "deploy": False})
+    spec = parse_spec(gpu_check.build_spec(args, first, total_s=120.0))
+    assert [m.name for m in spec.models] == ["mlp_12x512", "bert_base", "resnet50"]  # cheapest first
+    assert [(c.backend, c.config) for c in spec.candidates] == first
+    assert spec.budgets.total_s == 120.0
+    assert gpu_check.stages([("TorchEagerBackend", {})]) == [None]
+
+
+def test_gpu_check_fits_its_budgets_into_the_time_left():
+    gpu_check = _gpu_check()
+    for left in (400.0, 600.0, 900.0):
+        limits = gpu_check.limits_for(left)
+        # the last candidate dispatched can still build and measure in full before the time is up
+        assert limits["total_s"] + limits["build_timeout_s"] + limits["measure_timeout_s"] + gpu_check.RESERVE_S <= left
+        assert limits["total_s"] >= 30 and limits["build_timeout_s"] >= 60
+    with pytest.raises(ValueError, match="too little for a sweep"):
+        gpu_check.limits_for(150.0)
+
+
+def test_gpu_check_lists_what_it_skipped():
+    gpu_check = _gpu_check()
+    rows = [type("R", (), {"model": "resnet50", "batch_size": 32, "candidate": "TorchInductorAotBackend(precision=float16)",
+                           "status": status, "error": error})
+            for status, error in (("skipped", "the sweep's total time budget ran out"), ("ok", None))]
+    lines = gpu_check.skipped_lines(rows, ["every model: OnnxRuntimeBackend(defaults)"])
+    assert lines == ["  resnet50 b32: TorchInductorAotBackend(precision=float16) (the sweep's total time budget ran out)",
+                     "  every model: OnnxRuntimeBackend(defaults) (no time left for its stage)"]
+
+
+def test_gpu_check_remeasures_with_tf32_off_as_the_workers_do():
+    gpu_check = _gpu_check()
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        gpu_check.use_worker_tf32_settings(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        gpu_check.use_worker_tf32_settings(torch.device("cuda", 0))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# -- on a GPU (skipped here, each naming why) ----------------------------------------------------------
+def _eager(module, x):
+    with torch.inference_mode():
+        return module(x).clone()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: AOTInductor packages captured into CUDA graphs (item 1)")
+def test_aot_package_with_cuda_graphs_runs_and_matches_eager(tmp_path):
+    module, sample, spec = tiny()
+    module = module.cuda()
+    backend = TorchInductorAotBackend(TorchInductorAotConfig(cuda_graphs=True))
+    backend.build(module, spec, [sample.to("cuda")], "cuda", tmp_path)
+    xs = [torch.randn(2, 16, device="cuda") for _ in range(2)]
+    outs = [backend.infer(x) for x in xs]
+    for x, out in zip(xs, outs):  # the first output survived the second call (cloned by default)
+        torch.testing.assert_close(out, _eager(module, x), atol=1e-4, rtol=1e-3)
+    assert backend._runner.captured == 1
+    assert not outs[0].is_inference()  # cloned in the caller's mode, so the caller may modify it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a capture that fails on the device (item 2)")
+def test_a_capture_that_fails_on_the_gpu_leaves_the_process_usable():
+    def forbidden(x):
+        y = x * 2
+        torch.cuda.synchronize()  # fine while warming up, not permitted while capturing
+        return y
+
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(CudaGraphCaptureError) as info:
+        CudaGraphRunner(forbidden, warmup_iters=1)(x)
+    assert "capture" in str(info.value)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert not torch.cuda.is_current_stream_capturing()
+    torch.testing.assert_close((x + 1).cpu(), x.cpu() + 1)  # plain work runs on the default stream again
+    runner = CudaGraphRunner(lambda t: t * 3, warmup_iters=1)
+    torch.testing.assert_close(runner(x), x * 3)  # and a later capture works
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: static buffers made under inference mode (item 5)")
+def test_a_graph_captured_under_inference_mode_replays_outside_it(tmp_path):
+    module, sample, spec = tiny()
+    backend = CudaGraphBackend().build(module, spec, [sample], "cuda", tmp_path)
+    x = torch.randn(2, 16, device="cuda")
+    with torch.inference_mode():
+        first = backend.infer(x)  # the capture: buffers made under inference mode, as in judge()
+    second = backend.infer(x * 2)  # no "Inplace update to inference tensor outside InferenceMode"
+    torch.testing.assert_close(first, _eager(module.cuda(), x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, _eager(module.cuda(), x * 2), atol=1e-5, rtol=1e-4)
+    assert not second.is_inference()  # a clone made in the caller's mode
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: outputs of CUDA graphs and reduce-overhead (item 6)")
+def test_outputs_survive_the_next_call_unless_clones_are_off(tmp_path):
+    module, sample, spec = tiny()
+    reference = module.cuda()
+    xs = [torch.randn(2, 16, device="cuda") for _ in range(2)]
+    graphed = CudaGraphBackend().build(module, spec, [sample], "cuda", tmp_path / "graph")
+    compiled = TorchInductorJitBackend(TorchInductorJitConfig(mode="reduce-overhead"))
+    compiled.build(module, spec, [sample.to("cuda")], "cuda", tmp_path / "jit")
+    for backend in (graphed, compiled):
+        outs = [backend.infer(x) for x in xs]
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, _eager(reference, x), atol=1e-5, rtol=1e-4)
+    with without_output_clones():  # what measuring sees: the graph's own buffers, no copy
+        assert graphed.infer(xs[0]).data_ptr() == graphed.infer(xs[1]).data_ptr()

@@ -421,14 +421,16 @@ def test_a_sweep_builds_and_deploys_a_plugin_named_by_import_path(plugin_ray, tm
     # built, checked and measured in a worker; its checkpoint saved there names the import path
     assert by_backend[PLAIN].status == R.ERROR and "not saved" in by_backend[PLAIN].error
     with Store(spec.store) as store:
-        folder = store.checkpoint_dir(plugin)
-        reference = store.reference_path(plugin.reference_key).read_bytes()
+        folder = store.checkpoint_path(plugin)
+        reference = store.reference_bytes(plugin.reference_key)
     assert read_manifest(folder).backend == PATH
 
     target = ray.remote(DeployWorker).remote({"kind": "cpu", "threads": 1}, "t0")
     try:
         selection = {"model": "mlp", "batch_size": 2, "winner_key": plugin.key, "device_class_key": plugin.device_class_key}
-        record = DeployRecord.from_dict(ray.get(target.deploy.remote(pack_dir(folder), reference, selection, "float32", {}, 0.05), timeout=120))
+        trust = {"manifest_sha256": plugin.manifest_sha256, "factories": ["aitune.examples:mlp"], "backends": [PATH]}
+        record = DeployRecord.from_dict(ray.get(
+            target.deploy.remote(pack_dir(folder), reference, selection, "float32", {}, 0.05, trust), timeout=120))
     finally:
         ray.kill(target, no_restart=True)
     assert record.status == DEPLOYED, record.reason

@@ -23,7 +23,7 @@ from aitune.torch.backend import (
     TorchInductorAotBackend,
     TorchInductorJitBackend,
 )
-from aitune_helpers import HERE, PYTHON, subprocess_env
+from aitune_helpers import HERE, PYTHON, needs_onnx_export, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -56,6 +56,8 @@ def reference(model, sample):
 def built(request, model, sample, tmp_path_factory):
     """(name, backend, first-process outputs, tolerance) for one candidate, built once."""
     name = request.param
+    if name == "onnxruntime":
+        needs_onnx_export()
     backend = CANDIDATES[name]()
     spec = GraphSpec.from_sample(sample)
     backend.build(model, spec, [sample], "cpu", tmp_path_factory.mktemp(f"build-{name}"))
@@ -126,6 +128,7 @@ def test_aot_refuses_an_input_shape_it_was_not_built_for(model, sample, tmp_path
 
 
 def test_onnx_checkpoint_contains_the_external_data_file(model, sample, tmp_path):
+    needs_onnx_export()
     import onnx
 
     backend = OnnxRuntimeBackend().build(model, GraphSpec.from_sample(sample), [sample], "cpu", tmp_path / "build")

@@ -46,7 +46,7 @@ from aitune.torch.backend.tensorrt import (
 )
 from aitune.torch.onnx_export import export_onnx, onnx_input_order
 from aitune.torch.trt_profiles import network_profile, profile_shapes, tensor_profile
-from aitune_helpers import PYTHON, subprocess_env, tiny_mlp
+from aitune_helpers import PYTHON, needs_onnx_export, subprocess_env, tiny_mlp
 
 CUDA = torch.cuda.is_available()
 
@@ -178,6 +178,7 @@ class _TwoInputs(nn.Module):
 
 @pytest.mark.slow
 def test_exported_onnx_inputs_follow_the_order_the_profile_assumes(tmp_path):
+    needs_onnx_export()
     import onnx
 
     # keywords passed in another order than forward() declares them

@@ -1,4 +1,8 @@
-"""Eager PyTorch replayed from CUDA graphs, captured per input shape (GPU only)."""
+"""Eager PyTorch replayed from CUDA graphs, captured per input shape (GPU only).
+
+Graphs are captured and replayed under ``torch.inference_mode`` whatever ``inference_mode`` says
+(a graph replays kernels; autograd has no part in it), on the inputs' device.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,19 @@ from aitune.torch.cuda_graphs import CudaGraphRunner
 
 @dataclass
 class CudaGraphConfig(ModuleRunConfig):
+    """How eager PyTorch is captured into CUDA graphs.
+
+    ``clone_outputs`` (default on) returns outputs that the next call leaves alone; measuring
+    and checking skip that copy, so measurements are of the graph alone.
+    """
+
     #: calls on a side stream before each capture
     warmup_iters: int = 3
-    #: copy outputs out of the graph's static buffers (safer, slower); off: the next call overwrites them
-    clone_outputs: bool = False
+    #: return copies of the graph's static output buffers, which the next call overwrites. On by
+    #: default, for callers that keep outputs; off saves a copy per call for callers that read
+    #: each output before the next call. Measuring and checking skip the copy either way
+    #: (``aitune.torch.cuda_graphs.without_output_clones``): they time the graph, not the copy.
+    clone_outputs: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,7 +53,9 @@ class CudaGraphBackend(ModuleBackend):
 
     def _new_runner(self) -> None:
         cfg = self.config
-        self._runner = CudaGraphRunner(lambda *a, **k: self._run(self._module, Sample(a, k)), cfg.warmup_iters, cfg.clone_outputs)
+        self._runner = CudaGraphRunner(
+            lambda *a, **k: self._run(self._module, Sample(a, k)), cfg.warmup_iters, clone_outputs=cfg.clone_outputs
+        )
 
     def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         # Capturing needs warm-up calls; doing them lazily on the first inference of each

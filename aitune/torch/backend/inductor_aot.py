@@ -18,11 +18,20 @@ from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
 @dataclass
 class TorchInductorAotConfig(BackendConfig):
+    """How an AOTInductor package is compiled and run.
+
+    With ``cuda_graphs``, ``clone_outputs`` (default on) returns outputs that the next call leaves
+    alone; measuring and checking skip that copy, so measurements are of the graph alone.
+    """
+
     precision: str = "float32"
     #: inductor configs for ``aoti_compile_and_package`` (e.g. {"max_autotune": True})
     options: dict[str, Any] = field(default_factory=dict)
     #: replay the package from CUDA graphs, captured per input shape (GPU only)
     cuda_graphs: bool = False
+    #: with ``cuda_graphs``: return copies of the graph's output buffers, which the next call
+    #: overwrites (off: the buffers themselves); measuring skips the copy either way
+    clone_outputs: bool = True
 
     def __post_init__(self) -> None:
         self.precision = normalize_precision(self.precision, type(self).__name__)
@@ -61,13 +70,15 @@ class TorchInductorAotBackend(ArtifactBackend):
         self._load(device)
 
     def _load(self, device: torch.device) -> None:
+        graphs = self.config.cuda_graphs
+        if graphs and device.type != "cuda":
+            raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        runner = torch._inductor.aoti_load_package(str(self._package), device_index=index)
-        if self.config.cuda_graphs:
-            if device.type != "cuda":
-                raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
-            runner = CudaGraphRunner(runner)
-        self._runner = runner
+        # The default runner synchronises its threads with CUDA events, which a capture forbids
+        # ("operation not permitted when stream is capturing", pytorch/pytorch#148601): a package
+        # that is to be captured runs single-threaded.
+        runner = torch._inductor.aoti_load_package(str(self._package), run_single_threaded=graphs, device_index=index)
+        self._runner = CudaGraphRunner(runner, clone_outputs=self.config.clone_outputs) if graphs else runner
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         sample = Sample(args, kwargs)
@@ -76,6 +87,8 @@ class TorchInductorAotBackend(ArtifactBackend):
         if self.graph_spec is not None:
             self.graph_spec.check_sample(sample, self.name)
         sample = cast_sample(sample, self._dtype())
+        if isinstance(self._runner, CudaGraphRunner):
+            return sample(self._runner)  # inference mode inside; its clones follow the caller's mode
         with torch.inference_mode():
             return sample(self._runner)
 

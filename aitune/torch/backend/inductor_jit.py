@@ -10,9 +10,12 @@ import torch
 
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
+from aitune.torch.cuda_graphs import clone_tensors, clones_wanted
 from aitune.torch.random_inputs import sample_from_spec
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes whose compiled code is replayed from CUDA graphs (on a CUDA device)
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")
 
 # Every candidate compiles the same forward() again; past dynamo's default limit (8) it would
 # silently fall back to eager and the measurement would lie. Long-lived workers need more room.
@@ -21,12 +24,22 @@ _RECOMPILE_LIMIT = 256
 
 @dataclass
 class TorchInductorJitConfig(ModuleRunConfig):
+    """How ``torch.compile`` compiles the module.
+
+    In the CUDA-graph modes (``reduce-overhead``, ``max-autotune``, or ``triton.cudagraphs`` in
+    ``options``) on a GPU, ``clone_outputs`` (default on) returns outputs that the next call
+    leaves alone; measuring and checking skip that copy, so measurements are of the graph alone.
+    """
+
     mode: str = "default"
     #: None lets dynamo decide, True/False force dynamic/static shapes
     dynamic: bool | None = None
     fullgraph: bool = False
     #: inductor options; ``torch.compile`` accepts them only with the default mode
     options: dict[str, Any] = field(default_factory=dict)
+    #: in the CUDA-graph modes on a GPU: return copies of the outputs, which torch overwrites at
+    #: the next call (reading an overwritten one raises); off: torch's own buffers
+    clone_outputs: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,8 +85,15 @@ class TorchInductorJitBackend(ModuleBackend):
         for sample in data:
             self._run(self._compiled, sample.to(self.device))
 
+    def _graphed(self) -> bool:
+        cfg = self.config
+        graphs = cfg.options.get("triton.cudagraphs") if cfg.options else cfg.mode in GRAPHED_MODES
+        return bool(graphs) and self.device is not None and self.device.type == "cuda"
+
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run(self._compiled, Sample(args, kwargs))
+        out = self._run(self._compiled, Sample(args, kwargs))
+        # Cloned outside the compiled code, as torch asks, in the caller's autograd mode.
+        return clone_tensors(out) if self._graphed() and clones_wanted(self.config.clone_outputs) else out
 
     def _materialize(self, device: torch.device) -> None:
         super()._materialize(device)

@@ -26,6 +26,17 @@ _NUMPY = {
 _PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device ordinal of ``device`` (``cuda`` alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def session_providers(providers: list[str], device: torch.device) -> list[str | tuple[str, dict[str, Any]]]:
+    """``providers`` as ``InferenceSession`` takes them: the CUDA ones told which GPU to run on
+    (without ``device_id`` they all run on GPU 0, whatever device the backend was given)."""
+    return [(p, {"device_id": cuda_index(device)}) if _PROVIDER_DEVICE.get(p) == "cuda" else p for p in providers]
+
+
 @dataclass
 class OnnxRuntimeConfig(BackendConfig):
     precision: str = "float32"
@@ -100,7 +111,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
         opts.intra_op_num_threads = self.config.intra_op_threads or torch.get_num_threads()
         available = set(ort.get_available_providers())
         providers = [p for p in self.config.providers if p in available and _PROVIDER_DEVICE.get(p) == device.type]
-        self._session = ort.InferenceSession(str(self._model), sess_options=opts, providers=providers)
+        self._session = ort.InferenceSession(str(self._model), sess_options=opts, providers=session_providers(providers, device))
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._output_names = [o.name for o in self._session.get_outputs()]
         self._out_meta = {}
@@ -135,7 +146,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
     def _run_bound(self, tensors: list[torch.Tensor], meta) -> list[torch.Tensor]:
         """I/O binding: ONNX Runtime reads inputs and writes outputs in place, on the device."""
         device = self.device or torch.device("cpu")
-        kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        kind, index = ("cuda", cuda_index(device)) if device.type == "cuda" else ("cpu", 0)
         binding = self._session.io_binding()
         inputs = [t.to(device).contiguous() for t in tensors]
         for name, t in zip(self._input_names, inputs):
