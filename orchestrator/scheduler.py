@@ -286,13 +286,11 @@ class Scheduler:
             emit(result_for(task.job, R.ERROR, str(exc), exc.cause, w.info))
             return
         if task.phase == "build":
-            if value["status"] == R.OK:
-                self._submit(w, task.job, "finish", tasks, value.get("phases"))
+            record = ResultRecord.from_dict(value)
+            if record.status == R.OK:
+                self._submit(w, task.job, "finish", tasks, record.phases)
                 self.events.phase(w.worker_id, task.job, "measure")
                 return
-            record = result_for(task.job, value["status"], value.get("error"), value.get("error_class"), w.info)
-            record.phases = value.get("phases", {})
-            record.memory, record.recycled = value.get("memory") or {}, value.get("recycled")
             emit(record)
         else:
             record_dict, checkpoint, outputs, reference = value

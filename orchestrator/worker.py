@@ -132,7 +132,8 @@ class TuneWorker:
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
     def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:
-        """Load the model (cached) and build the candidate; returns status ``ok`` or the failure."""
+        """Load the model (cached) and build the candidate; returns its result record (``ok`` so far,
+        or the failure), as a dict: the same typed record as ``finish``, at the Ray edge."""
         job = Job.from_dict(job_dict)
         self._release()
         self._phases = {}
@@ -143,7 +144,7 @@ class TuneWorker:
             module, sample, _ = self._reference(job.model, job.batch_size)
             backend = make_backend(job.backend, job.config)
         except Exception as exc:
-            return self._failure(R.ERROR, exc)
+            return self._failure(job, R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
         self._before = memory.snapshot(self.device)
         start = time.perf_counter()
@@ -151,13 +152,15 @@ class TuneWorker:
         try:
             backend.build(module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache)
         except UnsupportedDeviceError as exc:
-            return self._failure(R.UNSUPPORTED, exc)
+            return self._failure(job, R.UNSUPPORTED, exc)
         except Exception as exc:
-            return self._failure(R.BUILD_ERROR, exc)
+            return self._failure(job, R.BUILD_ERROR, exc)
         finally:
             self._phases["build"] = time.perf_counter() - start
         self._backend = backend
-        return {"status": R.OK, "phases": dict(self._phases)}
+        record = self._record(job, R.OK)
+        record.phases = dict(self._phases)
+        return record.to_dict()
 
     def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
         """Check, measure (if correct), save the checkpoint; returns (record, checkpoint, outputs, reference).
@@ -285,17 +288,19 @@ class TuneWorker:
     def _record(self, job: Job, status: str) -> ResultRecord:
         return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))
 
-    def _failure(self, status: str, exc: BaseException) -> dict[str, Any]:
+    def _failure(self, job: Job, status: str, exc: BaseException) -> dict[str, Any]:
+        """A build that failed: its result record, with what it left in memory."""
         oom = memory.is_oom(exc)
         poisoned = memory.must_recycle(exc)
         if poisoned:  # no memory figures from a poisoned CUDA context (see _failed)
             self._before = None
         self._release()
+        record = self._record(job, status)
+        record.error, record.error_class = _trace(exc), "OutOfMemoryError" if oom else type(exc).__name__
+        record.phases = dict(self._phases)
         mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
-        return {
-            "status": status, "error": _trace(exc), "error_class": "OutOfMemoryError" if oom else type(exc).__name__,
-            "phases": dict(self._phases), "memory": mem, "recycled": poisoned or recycled,
-        }
+        record.memory, record.recycled = mem, poisoned or recycled
+        return record.to_dict()
 
     def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:
         """What the candidate left behind once released, and whether this worker should be recycled."""
@@ -303,8 +308,11 @@ class TuneWorker:
         after = memory.snapshot(self.device)
         margin = memory.margin_mb(self.spec.workers.recycle_margin_mb, self.device)
         reason = memory.recycle_reason(self._before, after, margin, oom)
-        left = after.allocated - self._before.allocated
-        return {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}, reason
+        left, outside = memory.left_behind(self._before, after)
+        figures = {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}
+        if after.device_used is not None:  # GPUs: what the caching allocator does not see counts too
+            figures.update(device_used_after=after.device_used, left_outside_allocator=outside)
+        return figures, reason
 
     def _release(self) -> None:
         if self._backend is not None:

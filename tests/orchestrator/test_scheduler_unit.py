@@ -43,7 +43,9 @@ class ScriptedPool(WorkerPool):
         elif behaviour == "raise":
             self.values[ref] = CallFailed("boom", "RuntimeError")
         elif method == "build":
-            self.values[ref] = {"status": R.OK, "phases": {"build": 0.01}}
+            built = R.result_for(job, R.OK)
+            built.phases = {"build": 0.01}
+            self.values[ref] = built.to_dict()
         else:
             record = R.result_for(job, R.OK)
             record.worker = WorkerInfo(handle, "node", "host", 1, "cpu", {}, DC, 1)
