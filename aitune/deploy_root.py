@@ -117,6 +117,33 @@ def input_shapes(args: tuple, kwargs: dict) -> list[list[int]]:
     return [list(t.shape) for t in tensors]
 
 
+def pack_reference(sample, outputs) -> bytes:
+    """``reference.pt``: a sample and its eager fp32 outputs (flattened), loadable with ``weights_only=True``.
+
+    The same format the orchestrator's workers send to the store.
+    """
+    from aitune.torch.tree import flatten_tensors
+
+    flat = flatten_tensors(outputs)
+    buf = io.BytesIO()
+    torch.save({"args": [a.cpu() if isinstance(a, torch.Tensor) else a for a in sample.args],
+                "kwargs": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()},
+                "paths": [p for p, _ in flat], "outputs": [t.cpu() for _, t in flat]}, buf)
+    return buf.getvalue()
+
+
+def install(root, checkpoint_dir: Path, reference: bytes, *, device: torch.device | str, model: str, batch_size: int,
+            tolerance: dict[str, float], factory: str | None, latency_s: float = 0.05, **origin: Any) -> tuple[Path, Verified]:
+    """Stage, verify on ``device`` and (when it passed) make current: the whole install, in one process."""
+    env = describe_environment(torch.device(device))
+    version_dir, new = stage(root, checkpoint_dir, reference, model=model, batch_size=batch_size,
+                             class_key=sha256_of(env.device_class()), device_class=env.device_class(),
+                             tolerance=tolerance, factory=factory, **origin)
+    verified = verify_version(version_dir, device, latency_s)
+    activate(version_dir, verified, new)
+    return version_dir, verified
+
+
 def batch_dir(root: Path, model: str, class_key: str, batch_size: int) -> Path:
     return root / model / class_dir_name(class_key) / f"b{int(batch_size)}"
 
