@@ -12,6 +12,7 @@ the others. ``rollback`` switches a target back to the version before, verified 
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ class DeployWorker:
         import ray
 
         return {"target": self.target, "device": str(self.device), "node_id": ray.get_runtime_context().get_node_id(),
+                "hostname": socket.gethostname(),
                 "device_class_key": self.device_class_key, "device_name": self.env.device_name}
 
     def deploy(

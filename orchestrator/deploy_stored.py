@@ -204,12 +204,14 @@ def live_deployments(store_root: str | Path) -> list[LiveRow]:
         latest: dict[tuple, DeployRecord] = {}
         for rec in store.installs():
             if rec.status == "deployed" and rec.version:
-                node = (rec.worker or {}).get("node_id", "?")
+                # the host, not Ray's node id: an embedded Ray gets a new node id every run
+                worker = rec.worker or {}
+                node = worker.get("hostname") or worker.get("node_id", "?")
                 latest[(node, rec.root, rec.model, rec.device_class_key, rec.batch_size)] = rec
     rows = []
     for (node, root, model, _, batch), rec in sorted(latest.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         worker = rec.worker or {}
-        rows.append(LiveRow(node[:12], root or "?", model, batch, worker.get("device_name") or worker.get("device", "?"),
+        rows.append(LiveRow(node, root or "?", model, batch, worker.get("device_name") or worker.get("device", "?"),
                             rec.version, rec.sweep_id or "?", (rec.winner_key or "?")[:12], rec.median_ms, rec.at or 0.0, rec.action))
     return rows
 
