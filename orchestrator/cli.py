@@ -100,8 +100,6 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
 
 def _deployments(args: argparse.Namespace, console: Console) -> int:
-    from rich.table import Table
-
     from orchestrator.deploy_stored import DeployInputError, format_when, live_deployments
     from orchestrator.store import StoreError
 
@@ -113,11 +111,10 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
     if not rows:
         _say(console, f"nothing deployed from {args.store} yet: run `python -m orchestrator deploy {args.store}`")
         return EXIT_OK
-    table = Table("node", "deploy root", "model", "batch", "device", "version", "sweep", "winner", "verified ms", "when", "by")
-    for r in rows:
-        table.add_row(r.node, r.root, r.model, str(r.batch_size), r.device, r.version, r.sweep_id, r.winner,
-                      f"{r.median_ms:.3f}" if r.median_ms is not None else "-", format_when(r.at), r.action)
-    console.print(table)
+    for r in rows:  # one line per place: easy to read and to grep
+        latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
+        _say(console, f"{r.model} b{r.batch_size} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
+                      f"winner {r.winner}, verified {latency}, {r.action} at {format_when(r.at)}")
     return EXIT_OK
 
 
