@@ -315,6 +315,16 @@ class DeploySpec(_Strict):
     #: after deploying, serve the winners with Ray Serve (``python -m orchestrator serve``)
     serve: bool = False
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, root):
+        # relative to where the driver runs (its targets get the same absolute path)
+        if root is None:
+            return None
+        if not root.strip():
+            raise ValueError("deploy.root must name a directory (it is empty); leave it out for ~/.cache/aitune/deploy")
+        return os.path.abspath(os.path.expanduser(root))
+
     @field_validator("targets")
     @classmethod
     def _forms(cls, targets):
