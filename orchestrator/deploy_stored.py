@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.records import DeployRecord
-from orchestrator.store import DB_NAME, ResultStore, SqliteStore, StoreError
+from orchestrator.store import DB_NAME, ResultStore, SqliteStore
 
 
 class DeployInputError(ValueError):

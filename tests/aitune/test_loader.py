@@ -145,7 +145,7 @@ def test_a_device_class_without_a_winner_is_refused_naming_the_classes_that_have
     with pytest.raises(aitune.TunedModelError) as info:
         aitune.load_tuned(root, "mlp", device="cpu")
     message = str(info.value)
-    assert f"was not tuned for device class" in message and "[" + layout.device_class_key("cpu")[:12] + "]" in message
+    assert "was not tuned for device class" in message and "[" + layout.device_class_key("cpu")[:12] + "]" in message
     assert message.endswith("tuned for: NVIDIA H200 [eeeeeeeeeeee]")
 
 

@@ -77,7 +77,6 @@ def test_a_new_version_rolls_over_during_a_stream_losing_no_request_and_answerin
     answers: list[list] = [[], []]
     failures: list = []
     stop = threading.Event()
-    new_seen = threading.Event()
 
     def stream(i: int) -> None:
         n = 0
