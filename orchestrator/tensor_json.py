@@ -5,7 +5,7 @@ flattened in row-major (C) order. A request is ``{"inputs": [TENSOR, ...]}`` (th
 positional inputs, in order); a response is
 ``{"model": NAME, "version": "v0002-...", "outputs": [{"path": "output", **TENSOR}, ...]}``, one
 entry per tensor in the model's output (``path`` names it inside tuples, dicts and dataclasses:
-``output``, ``output[0]``, ``output.logits``).
+``output``, ``output[0]``, ``output['logits']``).
 """
 
 from __future__ import annotations
