@@ -13,6 +13,10 @@ def __getattr__(name):  # keep `import aitune` light: torch backends load on fir
         from aitune import tuning as _tune_module
 
         return getattr(_tune_module, name)
+    if name in ("load_tuned", "TunedModel", "TunedModelError", "UntunedShape"):
+        from aitune import loader
+
+        return getattr(loader, name)
     if name == "Strategy":
         from aitune.strategy import Strategy
 
@@ -20,4 +24,5 @@ def __getattr__(name):  # keep `import aitune` light: torch backends load on fir
     raise AttributeError(f"module 'aitune' has no attribute {name!r}")
 
 
-__all__ = ["GraphSpec", "Sample", "TensorSpec", "attach_factory", "tune", "TuneResult", "CandidateResult", "Strategy"]
+__all__ = ["GraphSpec", "Sample", "TensorSpec", "attach_factory", "tune", "TuneResult", "CandidateResult", "Strategy",
+           "load_tuned", "TunedModel", "TunedModelError", "UntunedShape"]

@@ -1,4 +1,6 @@
-"""``python -m orchestrator``: ``tune SPEC`` runs a whole sweep, ``report STORE`` prints a past one.
+"""``python -m orchestrator``: ``tune SPEC`` runs a whole sweep, ``report STORE`` prints a past one;
+``deploy STORE`` installs stored winners on targets, ``rollback STORE`` switches them back one
+version, ``deployments STORE`` shows what is live where, ``serve STORE`` serves them with Ray Serve.
 
 Exit codes: 0 when everything asked for was done (tuned, selected, deployed); 2 for bad input
 (the spec, the store, the models, the arguments), refused before anything starts; 3 when the
@@ -61,7 +63,98 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     problems = outcome.problems
     for problem in problems:
         _say(console, f"not done: {problem}")
+    if spec.deploy.serve and not args.no_deploy and not problems:  # deploy: {serve: true}
+        serve_args = argparse.Namespace(store=str(outcome.store), sweep=outcome.sweep_id, model=None, target=None,
+                                        root=None, address=args.address, host="127.0.0.1", port=8000)
+        return _serve(serve_args, console)
     return EXIT_INCOMPLETE if problems else EXIT_OK
+
+
+def _targets(args: argparse.Namespace) -> list | None:
+    from orchestrator.deploy_stored import parse_target
+
+    return [parse_target(t) for t in args.target] if args.target else None
+
+
+def _deploy(args: argparse.Namespace, console: Console) -> int:
+    from aitune.deploy_root import DeployRootError
+    from orchestrator.deploy import NoWinnerForTarget
+    from orchestrator.deploy_stored import DeployInputError, deploy_stored, rollback_stored
+    from orchestrator.store import StoreError
+
+    run = deploy_stored if args.command == "deploy" else rollback_stored
+    try:
+        records = run(args.store, sweep_id=args.sweep, models=args.model, targets=_targets(args), address=args.address, root=args.root)
+    except (DeployInputError, NoWinnerForTarget, DeployRootError, StoreError) as exc:
+        _say(console, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    for r in records:
+        where = f"{r.target} ({(r.worker or {}).get('device_name', '?')})"
+        if r.status == "deployed":
+            latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
+            _say(console, f"{r.action}: {r.model} b{r.batch_size} on {where}: {r.version} current in {r.root} "
+                          f"(was {r.previous or 'none'}), verified, median {latency}")
+        else:
+            _say(console, f"not done: {r.model} b{r.batch_size} on {where}: {r.action} {r.status}: {r.reason}")
+    return EXIT_OK if records and all(r.status == "deployed" for r in records) else EXIT_INCOMPLETE
+
+
+def _deployments(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.deploy_stored import DeployInputError, format_when, live_deployments
+    from orchestrator.store import StoreError
+
+    try:
+        rows = live_deployments(args.store)
+    except (DeployInputError, StoreError) as exc:
+        _say(console, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    if not rows:
+        _say(console, f"nothing deployed from {args.store} yet: run `python -m orchestrator deploy {args.store}`")
+        return EXIT_OK
+    for r in rows:  # one line per place: easy to read and to grep
+        latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
+        _say(console, f"{r.model} b{r.batch_size} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
+                      f"winner {r.winner}, verified {latency}, {r.action} at {format_when(r.at)}")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    import time
+
+    from cluster import Inventory, connect, plan_deploy_targets
+    from orchestrator.deploy_stored import DeployInputError, choose, open_existing, with_targets
+    from orchestrator.serve import start_serving, stop_serving
+    from orchestrator.store import StoreError
+
+    try:
+        with open_existing(args.store) as store:
+            chosen = choose(store, args.sweep, args.model)
+        spec = with_targets(chosen.spec, _targets(args), args.root)
+    except (DeployInputError, StoreError) as exc:
+        _say(console, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    models = sorted({s.model for s in chosen.selections})
+    handle = connect(args.address)
+    try:
+        try:
+            slots = plan_deploy_targets(Inventory.from_ray(), spec.deploy.targets)
+        except ValueError as exc:
+            _say(console, f"error: deploy targets: {exc}")
+            return EXIT_BAD_INPUT
+        try:
+            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=args.port)
+        except Exception as exc:  # a replica that can't load what is installed
+            _say(console, f"not done: serving {', '.join(models)} failed: {type(exc).__name__}: {exc}; "
+                          f"deploy first: python -m orchestrator deploy {args.store}")
+            return EXIT_INCOMPLETE
+        _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/MODEL; Ctrl-C stops")
+        while True:
+            time.sleep(3600)
+    finally:
+        try:
+            stop_serving()
+        finally:
+            handle.shutdown()
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
@@ -98,13 +191,31 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("store", help="store directory")
     report.add_argument("--sweep", default=None, help="sweep id (default: the latest)")
     report.add_argument("--out", default=None, help="where to write the reports (default: STORE/reports/SWEEP)")
+    for name, text in (("deploy", "install a stored sweep's winners on the targets, verified there (no tuning)"),
+                       ("rollback", "switch the targets back to the version installed before, verified"),
+                       ("serve", "serve the installed winners with Ray Serve on HTTP (127.0.0.1 by default)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("store", help="store directory")
+        cmd.add_argument("--sweep", default=None, help="sweep id (default: the latest finished one with a winner)")
+        cmd.add_argument("--model", action="append", default=None, help="a model to act on (repeat; default: all)")
+        cmd.add_argument("--target", action="append", default=None,
+                         help="all_gpus, gpus=N, cpu_slots=N or accelerator_type=NAME (repeat; default: the sweep's)")
+        cmd.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+        cmd.add_argument("--root", default=None, help="deploy root on the targets (default: the spec's deploy.root, else ~/.cache/aitune/deploy)")
+        if name == "serve":
+            cmd.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback only)")
+            cmd.add_argument("--port", type=int, default=8000)
+    live = sub.add_parser("deployments", help="what is live where: the last verified install per node, model, device and batch")
+    live.add_argument("store", help="store directory")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Reports are tables: keep them readable when output goes to a file or a CI log.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
-        return _tune(args, console) if args.command == "tune" else _report(args, console)
+        commands = {"tune": _tune, "report": _report, "deploy": _deploy, "rollback": _deploy,
+                    "deployments": _deployments, "serve": _serve}
+        return commands[args.command](args, console)
     except KeyboardInterrupt:
         _say(console, "interrupted")
         return EXIT_INTERRUPTED

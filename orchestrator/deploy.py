@@ -1,20 +1,26 @@
-"""Deploy: put each winner's checkpoint on every target device and verify it there.
+"""Deploy: put each winner's checkpoint on every target device, verify it there and install it.
 
 A deploy actor pinned to the target loads the checkpoint with ``from_dict`` (every checksum
 verified, device-bound artifacts checked against the device), calls ``deploy(device)``, checks the
-outputs against the stored eager fp32 reference and runs a short latency check. A target that
-refuses one checkpoint goes on with the others.
+outputs against the stored eager fp32 reference and runs a short latency check. With an install
+(``deploy_winners`` always asks for one) the checkpoint is first put in a new version folder of
+the node's deploy root (:mod:`aitune.deploy_root`), verified where it lies, and only then made
+``current``; a version that fails stays out. A target that refuses one checkpoint goes on with
+the others. ``rollback`` switches a target back to the version before, verified the same way.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aitune import deploy_root as layout
 from aitune.canonical import sha256_of
 from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
@@ -44,6 +50,7 @@ class DeployWorker:
         import ray
 
         return {"target": self.target, "device": str(self.device), "node_id": ray.get_runtime_context().get_node_id(),
+                "hostname": socket.gethostname(),
                 "device_class_key": self.device_class_key, "device_name": self.env.device_name}
 
     def deploy(
@@ -55,13 +62,16 @@ class DeployWorker:
         tolerances: dict[str, dict[str, float]],
         latency_s: float,
         trust: dict[str, Any] | None = None,
+        install: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """``trust``: the manifest's SHA-256 recorded by the store, and the factories and backends
-        the sweep's spec names; nothing else in the checkpoint is imported."""
+        the sweep's spec names; nothing else in the checkpoint is imported. ``install``: ``root``
+        (None: the default on this node) and ``sweep_id``; the verified checkpoint becomes current there."""
         trust = trust or {}
         record = DeployRecord(
             model=selection["model"], batch_size=selection["batch_size"], target=self.target, status=REFUSED,
-            winner_key=selection.get("winner_key"), worker=self.info(),
+            winner_key=selection.get("winner_key"), worker=self.info(), device_class_key=self.device_class_key,
+            at=time.time(),
         )
         if selection["device_class_key"] != self.device_class_key:
             record.reason = (
@@ -72,6 +82,8 @@ class DeployWorker:
         if reference is None:
             record.reason = "no stored reference outputs to verify against"
             return record.to_dict()
+        if install is not None:
+            return self._install(checkpoint, reference, selection, precision, tolerances, latency_s, trust, install, record)
         root = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
             path = unpack_to(checkpoint, root / "checkpoint")
@@ -102,16 +114,80 @@ class DeployWorker:
             shutil.rmtree(root, ignore_errors=True)
         return record.to_dict()
 
+    def _install(self, checkpoint, reference, selection, precision, tolerances, latency_s, trust, install, record):
+        from aitune.checkpoint import verify_checkpoint
 
-def deploy_winners(spec, store, sweep_id: str, selections, results, inventory) -> list[DeployRecord]:
-    """One deploy actor per target; each winner's checkpoint (checked by the store first) to every target."""
+        root = layout.resolve_root(install.get("root"))
+        record.root, record.sweep_id = str(root), install.get("sweep_id")
+        tmp = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
+        try:
+            path = unpack_to(checkpoint, tmp / "checkpoint")
+            verify_checkpoint(path, trust.get("manifest_sha256"))
+            factories = trust.get("factories") or []
+            version_dir, new = layout.stage(
+                root, path, reference, model=record.model, batch_size=record.batch_size, class_key=self.device_class_key,
+                device_class=self.env.device_class(), tolerance=tolerance_for(precision, tolerances).to_dict(),
+                factory=factories[0] if factories else None, sweep_id=record.sweep_id, winner_key=record.winner_key,
+                candidate=selection.get("winner"),
+            )
+            folder = version_dir.parent
+            record.previous = layout.current_version(folder)
+            verified = layout.verify_version(version_dir, self.device, latency_s, self.threads)
+            layout.activate(version_dir, verified, new)
+            record.max_abs_err, record.median_ms = verified.max_abs_err, verified.median_ms
+            if verified.ok:
+                record.status, record.version = DEPLOYED, version_dir.name
+            else:
+                record.reason, record.median_ms = verified.reason, None
+        except layout.DeployRootError as exc:
+            record.reason = str(exc)
+        except CheckpointError as exc:
+            record.reason = f"checkpoint refused: {exc}"
+        except Exception as exc:  # a deploy that fails on this target must not stop the others
+            record.reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return record.to_dict()
+
+    def check_root(self, root: str | None) -> str | None:
+        """Why this node can't install under ``root`` (None: it can)."""
+        try:
+            layout.check_writable(root)
+        except layout.DeployRootError as exc:
+            return str(exc)
+        return None
+
+    def rollback(self, root: str | None, model: str, batch_size: int, latency_s: float, sweep_id: str | None) -> dict[str, Any]:
+        """Switch this node's ``current`` for (model, this device class, batch) to the version before, verified."""
+        record = DeployRecord(model=model, batch_size=batch_size, target=self.target, status=REFUSED, winner_key=None,
+                              worker=self.info(), action="rollback", device_class_key=self.device_class_key, at=time.time(),
+                              root=str(layout.resolve_root(root)), sweep_id=sweep_id)
+        try:
+            was, to, verified = layout.rollback(root, model, self.device_class_key, batch_size, self.device, latency_s, self.threads)
+        except layout.DeployRootError as exc:
+            record.reason = str(exc)
+            return record.to_dict()
+        record.previous, record.max_abs_err, record.median_ms = was, verified.max_abs_err, verified.median_ms
+        if verified.ok:
+            install = layout.read_install(layout.batch_dir(layout.resolve_root(root), model, self.device_class_key, batch_size) / to)
+            record.status, record.version, record.winner_key = DEPLOYED, to, install.winner_key
+            record.sweep_id = install.sweep_id or sweep_id
+        else:
+            record.reason, record.median_ms = f"rollback of {model} b{batch_size} from {was}: {verified.reason}", None
+        return record.to_dict()
+
+
+class NoWinnerForTarget(ValueError):
+    """A target's device class has no winner for a model being deployed."""
+
+
+def start_targets(inventory, targets) -> list:
+    """One deploy actor per target slot: [(slot, actor)]."""
     import ray
 
     from cluster import plan_deploy_targets
-    from orchestrator.store import DamagedCheckpoint
 
-    slots = plan_deploy_targets(inventory, spec.deploy.targets)
-    by_key = {r.key: r for r in results}
+    slots = plan_deploy_targets(inventory, targets)
     actor_class = ray.remote(max_restarts=0)(DeployWorker)
     actors = []
     for slot in slots:
@@ -119,15 +195,72 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory) -
         if slot.env():
             options["runtime_env"] = {"env_vars": slot.env()}
         actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
+    return actors
+
+
+def stop_targets(actors) -> None:
+    import ray
+
+    for _, actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+def target_infos(actors, timeout_s: float = 300) -> list[dict[str, Any]]:
+    import ray
+
+    return ray.get([actor.info.remote() for _, actor in actors], timeout=timeout_s)
+
+
+def check_winners_for_targets(actors, selections, results) -> None:
+    """Refuse (before anything is installed) a target whose device class has no winner for a model."""
+    names = {r.device_class_key: (r.worker.device_class.get("device_name") if r.worker else None) for r in results}
+    for (slot, _), info in zip(actors, target_infos(actors)):
+        for model in sorted({s.model for s in selections}):
+            have = {s.device_class_key for s in selections if s.model == model and s.winner_key}
+            if info["device_class_key"] not in have:
+                listed = ", ".join(sorted(f"{names.get(k) or '?'} [{k[:12]}]" for k in have)) or "none"
+                raise NoWinnerForTarget(
+                    f"target {slot.label} ({info['device_name']} [{info['device_class_key'][:12]}]) has no winner for "
+                    f"{model}; device classes with one: {listed}")
+
+
+def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *,
+                   in_sweep: bool = True, require_winners: bool = False) -> list[DeployRecord]:
+    """One deploy actor per target; each winner's checkpoint (checked by the store first) to every
+    target, installed in its deploy root (``spec.deploy.root``) and recorded in the store's installs.
+
+    ``in_sweep``: also record them as this sweep's deployments (``tune``; a later ``deploy`` of
+    past winners leaves that sweep's report as it was). ``require_winners``: raise
+    :class:`NoWinnerForTarget` before installing anything when a target's device class has no winner.
+    """
+    import ray
+
+    from orchestrator.store import DamagedCheckpoint
+
+    by_key = {r.key: r for r in results}
+    actors = start_targets(inventory, spec.deploy.targets)
     records: list[DeployRecord] = []
+    install = {"root": spec.deploy.root, "sweep_id": sweep_id}
+
+    def keep(rec: DeployRecord) -> None:
+        rec.sweep_id = rec.sweep_id or sweep_id
+        rec.at = rec.at or time.time()
+        if in_sweep:
+            store.put_deploy(sweep_id, rec)
+        store.put_install(rec)
+        records.append(rec)
 
     def refuse_all(sel, reason: str) -> None:
         for slot, _ in actors:
-            rec = DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=reason)
-            store.put_deploy(sweep_id, rec)
-            records.append(rec)
+            keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=reason))
 
     try:
+        if require_winners:
+            check_winners_for_targets(actors, selections, results)
+            problems = ray.get([a.check_root.remote(spec.deploy.root) for _, a in actors], timeout=120)
+            for (slot, _), problem in zip(actors, problems):
+                if problem:
+                    raise layout.DeployRootError(f"target {slot.label}: {problem}")
         calls = []
         for sel in selections:
             if sel.winner_key is None:
@@ -148,15 +281,13 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory) -
             for slot, actor in actors:
                 calls.append((sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
-                    spec.tolerance_overrides(), spec.deploy.latency_check_s, trust)))
+                    spec.tolerance_overrides(), spec.deploy.latency_check_s, trust, install)))
         for sel, slot, ref in calls:
             try:
                 rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
             except Exception as exc:
                 rec = DeployRecord(sel.model, sel.batch_size, slot.label, "failed", sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
-            store.put_deploy(sweep_id, rec)
-            records.append(rec)
+            keep(rec)
     finally:
-        for _, actor in actors:
-            ray.kill(actor, no_restart=True)
+        stop_targets(actors)
     return records

@@ -229,3 +229,11 @@ class DeployRecord(_Record):
     max_abs_err: float | None = None
     median_ms: float | None = None
     worker: dict[str, Any] | None = None
+    #: what was installed where (aitune.deploy_root): None for a deploy that installs nothing
+    action: str = "deploy"  # "deploy" | "rollback"
+    sweep_id: str | None = None
+    device_class_key: str | None = None
+    root: str | None = None
+    version: str | None = None
+    previous: str | None = None
+    at: float | None = None

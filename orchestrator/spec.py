@@ -309,6 +309,21 @@ class DeploySpec(_Strict):
     targets: list[str | dict[str, Any]] = Field(default_factory=list)
     #: seconds of latency measurement on each target
     latency_check_s: PositiveFloat = 0.3
+    #: where each target node installs the verified winners (aitune.deploy_root); None: the
+    #: user's cache directory on that node ($XDG_CACHE_HOME/aitune/deploy, ~/.cache/aitune/deploy)
+    root: str | None = None
+    #: after deploying, serve the winners with Ray Serve (``python -m orchestrator serve``)
+    serve: bool = False
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, root):
+        # relative to where the driver runs (its targets get the same absolute path)
+        if root is None:
+            return None
+        if not root.strip():
+            raise ValueError("deploy.root must name a directory (it is empty); leave it out for ~/.cache/aitune/deploy")
+        return os.path.abspath(os.path.expanduser(root))
 
     @field_validator("targets")
     @classmethod

@@ -149,6 +149,18 @@ class ResultStore(ABC):
     @abstractmethod
     def deployments(self, sweep_id: str) -> list[DeployRecord]: ...
 
+    @abstractmethod
+    def put_install(self, deploy: DeployRecord) -> None:
+        """Record one install or rollback on a target (``deploy.sweep_id`` names the winners' sweep).
+
+        Kept apart from a sweep's own ``deployments`` so that deploying past winners later never
+        changes that sweep's report; every install is appended, never rewritten.
+        """
+
+    @abstractmethod
+    def installs(self) -> list[DeployRecord]:
+        """Every install and rollback, oldest first: the last one per place is what is live there."""
+
     # -- files ----------------------------------------------------------------------------------
     @abstractmethod
     def put_reference(self, ref_key: str, data: bytes) -> None: ...

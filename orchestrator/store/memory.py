@@ -38,6 +38,7 @@ class MemoryStore(ResultStore):
         self._selections: dict[str, list[SelectionRecord]] = {}
         self._deploys: dict[str, list[DeployRecord]] = {}
         self._refs: dict[str, bytes] = {}
+        self._installs: list[DeployRecord] = []
         self._blobs: dict[str, bytes] = {}  # sha256 -> bytes (checkpoints by manifest sha, outputs by their own)
 
     def _sweep(self, sweep_id: str) -> _Sweep:
@@ -205,6 +206,17 @@ class MemoryStore(ResultStore):
         with self._lock:
             self._sweep(sweep_id)
             return [DeployRecord.from_dict(d.to_dict()) for d in self._deploys.get(sweep_id, [])]
+
+    def put_install(self, deploy) -> None:
+        if not isinstance(deploy, DeployRecord) or not deploy.sweep_id:
+            raise TypeError("put_install expects a DeployRecord naming its sweep_id")
+        with self._lock:
+            self._sweep(deploy.sweep_id)
+            self._installs.append(DeployRecord.from_dict(deploy.to_dict()))
+
+    def installs(self):
+        with self._lock:
+            return [DeployRecord.from_dict(d.to_dict()) for d in self._installs]
 
     def put_reference(self, ref_key: str, data: bytes) -> None:
         check_key(ref_key, "reference key")

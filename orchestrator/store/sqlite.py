@@ -88,6 +88,12 @@ CREATE TABLE IF NOT EXISTS deployments (
     record_json TEXT NOT NULL,
     PRIMARY KEY (sweep_id, seq)
 );
+CREATE TABLE IF NOT EXISTS installs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    at REAL NOT NULL,
+    record_json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS "references" (
     key TEXT PRIMARY KEY,
     path TEXT NOT NULL,
@@ -462,6 +468,19 @@ class SqliteStore(ResultStore):
         with self._lock:
             self._require_sweep(self._conn, sweep_id)
         rows = self._query("SELECT record_json FROM deployments WHERE sweep_id = ? ORDER BY seq", (sweep_id,))
+        return [DeployRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+
+    def put_install(self, deploy: DeployRecord) -> None:
+        if not isinstance(deploy, DeployRecord) or not deploy.sweep_id:
+            raise TypeError("put_install expects a DeployRecord naming its sweep_id")
+        blob = _dumps(deploy.to_dict(), what="install record")
+        with self._tx() as db:
+            self._require_sweep(db, deploy.sweep_id)
+            db.execute("INSERT INTO installs (sweep_id, at, record_json) VALUES (?, ?, ?)",
+                       (deploy.sweep_id, deploy.at or time.time(), blob))
+
+    def installs(self) -> list[DeployRecord]:
+        rows = self._query("SELECT record_json FROM installs ORDER BY id")
         return [DeployRecord.from_dict(json.loads(blob)) for (blob,) in rows]
 
     # -- files --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -25,6 +26,9 @@ def tiny_spec(store, candidates: list[dict[str, Any]], **changes) -> SweepSpec:
         "store": str(store),
     }
     data.update(changes)
+    if isinstance(data.get("deploy"), dict) and "root" not in data["deploy"]:
+        # installs stay in the test's folder, never in the user's cache directory
+        data["deploy"] = {**data["deploy"], "root": str(Path(store).parent / "deploy-root")}
     return parse_spec(data)
 
 

@@ -1037,3 +1037,27 @@ def test_the_database_is_in_wal_mode_with_foreign_keys(sqlite_store):
     finally:
         db.close()
     assert sqlite_store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+# == installs: every deployment and rollback, across sweeps ===============================================
+
+def test_installs_are_appended_in_order_apart_from_the_sweeps_own_deployments(store):
+    first, later = store.begin_sweep("first", {}), store.begin_sweep("later", {})
+    made = [DeployRecord(model="mlp", batch_size=1, target="cpu0", status="deployed", winner_key="a", sweep_id=first,
+                         version="v0001-aaaaaaaaaaaa", root="/r", at=1.0),
+            DeployRecord(model="mlp", batch_size=1, target="cpu0", status="deployed", winner_key="b", sweep_id=later,
+                         version="v0002-bbbbbbbbbbbb", root="/r", at=2.0),
+            DeployRecord(model="mlp", batch_size=1, target="cpu0", status="deployed", winner_key="a", sweep_id=first,
+                         version="v0001-aaaaaaaaaaaa", previous="v0002-bbbbbbbbbbbb", action="rollback", root="/r", at=3.0)]
+    for d in made:
+        store.put_install(d)
+    assert store.installs() == made
+    assert store.deployments(first) == [] and store.deployments(later) == []  # the sweeps' reports are unchanged
+
+
+def test_an_install_must_name_a_known_sweep(store):
+    with pytest.raises(TypeError, match="naming its sweep_id"):
+        store.put_install(DeployRecord(model="mlp", batch_size=1, target="cpu0", status="deployed", winner_key="a"))
+    with pytest.raises(KeyError):
+        store.put_install(DeployRecord(model="mlp", batch_size=1, target="cpu0", status="deployed", winner_key="a", sweep_id="nope"))
+    assert store.installs() == []

@@ -1,0 +1,76 @@
+"""Helpers for the deploy-root and Serve tests: a tuned store, the other candidate's checkpoint, HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from aitune import deploy_root as layout
+from aitune.check import tolerance_for
+from aitune.examples import mlp
+from orchestrator import tensor_json
+from orchestrator.store import Store
+from orchestrator.sweep import run_sweep
+from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
+
+#: the eager fp32 model the sweep tunes (aitune.examples.mlp is seeded: same weights everywhere)
+REFERENCE = mlp(width=16, depth=2)
+
+
+def tuned_store(tmp: Path, root: Path):
+    """A sweep of eager fp32 and bf16 on the tiny MLP, its winner installed in ``root`` on one CPU slot."""
+    spec = tiny_spec(tmp / "store", [EAGER, EAGER_BF16],
+                     deploy={"targets": [{"cpu_slots": 1}], "latency_check_s": 0.05, "root": str(root)})
+    outcome = run_sweep(spec, console=quiet(), write_report=False)
+    assert [d.status for d in outcome.deployments] == ["deployed"], outcome.deployments
+    return spec, outcome
+
+
+def install_runner_up(spec, outcome, root: Path) -> Path:
+    """Install the candidate that did not win as a new version (what a later deploy would do)."""
+    (selection,) = outcome.selections
+    other = next(r for r in outcome.results if r.key != selection.winner_key and r.status == "ok")
+    with Store(spec.store) as store:
+        folder, reference = store.checkpoint_path(other), store.reference_bytes(other.reference_key)
+    precision = other.config.get("precision", "float32")
+    version, verified = layout.install(root, folder, reference, device="cpu", model="mlp", batch_size=2,
+                                       tolerance=tolerance_for(precision, {}).to_dict(), factory="aitune.examples:mlp",
+                                       sweep_id=outcome.sweep_id, winner_key=other.key)
+    assert verified.ok, verified.reason
+    return version
+
+
+def batch_folder(root: Path) -> Path:
+    return layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body, timeout: float = 30.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def check_answer(root: Path, x: torch.Tensor, answer: dict) -> None:
+    """The answer matches eager fp32 within the tolerance of the version that gave it."""
+    install = layout.read_install(batch_folder(root) / answer["version"])
+    (out,) = tensor_json.decode_outputs(answer)
+    torch.testing.assert_close(out.float(), REFERENCE(x).detach(), atol=install.tolerance["atol"], rtol=install.tolerance["rtol"])
+
+
+def request(x: torch.Tensor) -> dict:
+    return tensor_json.request(x)

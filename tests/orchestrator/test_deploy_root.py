@@ -1,0 +1,169 @@
+"""Deployments that last, on a real local Ray: tune installs, deploy/rollback/deployments, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aitune import deploy_root as layout
+from orchestrator.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, main
+from orchestrator.records import SelectionRecord
+from orchestrator.store import Store
+from serve_helpers import batch_folder, install_runner_up, tuned_store
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy-root")
+    root = tmp / "deploy-root"
+    spec, outcome = tuned_store(tmp, root)
+    return {"spec": spec, "outcome": outcome, "root": root, "store": Path(spec.store), "tmp": tmp}
+
+
+def cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def installs(tuned) -> list:
+    with Store(tuned["store"]) as store:
+        return store.installs()
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under a deploy root with its bytes: what "nothing live touched" compares."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+
+
+def test_tune_installs_the_verified_winner_and_the_store_records_it(tuned):
+    (selection,) = tuned["outcome"].selections
+    folder = batch_folder(tuned["root"])
+    current = layout.current_version(folder)
+    install = layout.read_install(folder / current)
+    assert install.winner_key == selection.winner_key and install.sweep_id == tuned["outcome"].sweep_id
+    (record,) = installs(tuned)
+    assert (record.status, record.version, record.root, record.sweep_id) == ("deployed", current, str(tuned["root"]), tuned["outcome"].sweep_id)
+    assert record.median_ms is not None and record.median_ms > 0 and record.at is not None
+    assert record.worker["hostname"]
+
+
+def test_deploy_installs_stored_winners_without_tuning(tuned, capsys):
+    other_root = tuned["tmp"] / "second-root"
+    with Store(tuned["store"]) as store:
+        sweeps_before = len(store.list_sweeps())
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--root", str(other_root), "--target", "cpu_slots=1")
+    assert code == EXIT_OK, lines
+    (line,) = lines
+    assert line.startswith("deploy: mlp b2 on cpu0") and "verified" in line
+    (selection,) = tuned["outcome"].selections
+    (entry,) = layout.live(other_root, "mlp")
+    assert layout.read_install(entry.folder).winner_key == selection.winner_key
+    with Store(tuned["store"]) as store:
+        assert len(store.list_sweeps()) == sweeps_before  # nothing was tuned
+        assert store.deployments(tuned["outcome"].sweep_id) == tuned["outcome"].deployments  # its report is unchanged
+    code, lines = cli(capsys, "deployments", str(tuned["store"]))
+    assert code == EXIT_OK
+    assert any(str(other_root) in line and entry.version in line for line in lines)
+
+
+def test_rollback_switches_back_to_the_previous_version_verified(tuned, capsys):
+    folder = batch_folder(tuned["root"])
+    first = layout.current_version(folder)
+    second = install_runner_up(tuned["spec"], tuned["outcome"], tuned["root"]).name
+    assert layout.current_version(folder) == second
+    code, lines = cli(capsys, "rollback", str(tuned["store"]), "--root", str(tuned["root"]))
+    assert code == EXIT_OK, lines
+    assert layout.current_version(folder) == first
+    assert layout.versions(folder) == [first, second]  # the newer version is kept
+    last = installs(tuned)[-1]
+    assert (last.action, last.status, last.version, last.previous) == ("rollback", "deployed", first, second)
+    assert last.median_ms is not None
+    code, lines = cli(capsys, "rollback", str(tuned["store"]), "--root", str(tuned["root"]))
+    assert code == EXIT_INCOMPLETE
+    assert lines == [l for l in lines if l.startswith("not done:")] and f"no version before {first}" in lines[0]
+    assert layout.current_version(folder) == first
+
+
+def test_rollback_to_a_version_edited_after_install_is_refused_and_current_stays(tuned, capsys):
+    folder = batch_folder(tuned["root"])
+    first, second = layout.versions(folder)[:2]
+    layout._switch(folder, second)
+    weights = folder / first / "checkpoint" / "artifacts" / "weights.pt"
+    original = weights.read_bytes()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0xFF
+    weights.write_bytes(bytes(edited))
+    try:
+        code, lines = cli(capsys, "rollback", str(tuned["store"]), "--root", str(tuned["root"]))
+        assert code == EXIT_INCOMPLETE
+        (line,) = lines
+        assert line.startswith("not done: mlp b2 on cpu0") and "weights.pt fails its SHA-256 check" in line
+        assert layout.current_version(folder) == second
+    finally:
+        weights.write_bytes(original)
+        layout._switch(folder, first)
+
+
+# -- bad input: one line each, exit 2, nothing live touched ----------------------------------------
+
+
+def test_a_store_with_no_sweeps_is_refused(tmp_path):
+    Store(tmp_path / "empty").close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT_DIR), "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "deploy", str(tmp_path / "empty")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == EXIT_BAD_INPUT
+    assert out.stdout.splitlines() == [f"error: store {tmp_path / 'empty'} has no sweeps: run `python -m orchestrator tune SPEC` first"]
+
+
+def test_an_unknown_model_is_refused(tuned, capsys):
+    before, records = snapshot(tuned["root"]), len(installs(tuned))
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--model", "resnet")
+    assert code == EXIT_BAD_INPUT
+    assert lines == [f"error: unknown model 'resnet': sweep {tuned['outcome'].sweep_id} tuned mlp"]
+    assert snapshot(tuned["root"]) == before and len(installs(tuned)) == records
+
+
+def test_a_target_whose_device_class_has_no_winner_is_refused_listing_the_classes_that_have_one(tuned, capsys):
+    (selection,) = tuned["outcome"].selections
+    with Store(tuned["store"]) as store:  # a sweep that tuned only for another device class
+        sweep = store.begin_sweep("elsewhere", tuned["spec"].model_dump(mode="json"))
+        store.put_selection(sweep, SelectionRecord("mlp", 2, "f" * 64, selection.winner_key, selection.winner, "fastest"))
+        store.finish_sweep(sweep, "done")
+    before, records = snapshot(tuned["root"]), len(installs(tuned))
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", sweep)
+    assert code == EXIT_BAD_INPUT
+    (line,) = lines
+    assert line.startswith("error: target cpu0 (") and "has no winner for mlp; device classes with one: ? [ffffffffffff]" in line
+    assert snapshot(tuned["root"]) == before and len(installs(tuned)) == records
+
+
+def test_a_deploy_root_that_cannot_be_written_is_refused(tuned, capsys):
+    blocker = tuned["tmp"] / "a-file"
+    blocker.write_text("")
+    before, records = snapshot(tuned["root"]), len(installs(tuned))
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(blocker / "deploy"))
+    assert code == EXIT_BAD_INPUT
+    assert lines == [f"error: target cpu0: deploy root {blocker / 'deploy'} can't be written: Not a directory"]
+    assert snapshot(tuned["root"]) == before and len(installs(tuned)) == records
+
+
+def test_a_bad_target_is_refused(tuned, capsys):
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--target", "tpus=2")
+    assert code == EXIT_BAD_INPUT
+    assert lines == ["error: --target 'tpus=2': give one of all_gpus, gpus=N, cpu_slots=N or accelerator_type=NAME"]
+
+
+def test_deployments_of_a_store_with_no_sweeps_is_refused(tmp_path, capsys):
+    Store(tmp_path / "empty").close()
+    code, lines = cli(capsys, "deployments", str(tmp_path / "empty"))
+    assert code == EXIT_BAD_INPUT and len(lines) == 1 and "has no sweeps" in lines[0]
