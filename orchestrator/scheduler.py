@@ -79,6 +79,7 @@ class Task:
     deadline: float
     started: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    job_dict: dict[str, Any] | None = None  # what the worker was sent (the finish call sends it again)
 
 
 @dataclass(eq=False)
@@ -239,10 +240,12 @@ class Scheduler:
         want_reference: Callable[[Job], bool] = lambda job: False,
         gate: JobGate | None = None,
         payload: Payload | None = None,
+        estimate: Callable[[Job], float] | None = None,
     ) -> list[ResultRecord]:
+        """Run ``jobs``; ``estimate`` (a job's expected seconds, if known) sends the longest first."""
         gate = gate or JobGate()
         clock = self.clock
-        self._queues.clear()
+        self._queues = collections.defaultdict(lambda: ModelQueues(estimate))
         for w in self.workers.values():
             for model in w.models if w.info is not None else ():
                 self._queues[w.info.device_class_key].hold(model)
@@ -334,19 +337,21 @@ class Scheduler:
                 w.last_model = job.model
                 self.events.started(w.worker_id, job)
 
-    def _submit(self, w: WorkerHandle, job: Job, phase: str, phases: dict | None = None) -> None:
+    def _submit(self, w: WorkerHandle, job: Job, phase: str, phases: dict | None = None,
+                job_dict: dict | None = None) -> None:
+        job_dict = job_dict or job.to_dict()
         if phase == "build":
-            ref = self.pool.call(w.actor, "build", job.to_dict())
+            ref = self.pool.call(w.actor, "build", job_dict)
             timeout = self.limits.build_timeout_s
         elif phase == "finish":
-            ref = self.pool.call(w.actor, "finish", job.to_dict(), self._want_reference(job))
+            ref = self.pool.call(w.actor, "finish", job_dict, self._want_reference(job))
             timeout = self.limits.measure_timeout_s
         else:
             checkpoint, prior = self._payload(job)  # raises when the stored artifact is gone since planning
-            ref = self.pool.call(w.actor, "evaluate", job.to_dict(), checkpoint, prior, self._want_reference(job))
+            ref = self.pool.call(w.actor, "evaluate", job_dict, checkpoint, prior, self._want_reference(job))
             timeout = self.limits.measure_timeout_s
         now = self.clock.now()
-        task = Task(job, w, phase, ref, now + timeout, started=now, phases=dict(phases or {}))
+        task = Task(job, w, phase, ref, now + timeout, started=now, phases=dict(phases or {}), job_dict=job_dict)
         self._set_task(w, task)
         self._tasks[ref] = task
         heapq.heappush(self._deadlines, (task.deadline, next(self._seq), task))
@@ -379,7 +384,7 @@ class Scheduler:
             return
         if task.phase == "build":
             if value["status"] == R.OK:
-                self._submit(w, task.job, "finish", value.get("phases"))
+                self._submit(w, task.job, "finish", value.get("phases"), task.job_dict)
                 self.events.phase(w.worker_id, task.job, "measure")
                 return
             record = result_for(task.job, value["status"], value.get("error"), value.get("error_class"), w.info)
