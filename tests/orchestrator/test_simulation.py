@@ -83,3 +83,26 @@ def test_with_estimates_the_longest_jobs_go_first_else_first_in_first_out():
     lengths = {f"j{i}": float(s) for i, s in enumerate([1, 5, 3, 4, 2])}
     assert _one_worker_order(lengths, lambda j: lengths[j.key]) == ["j1", "j3", "j2", "j4", "j0"]
     assert _one_worker_order(lengths, None) == list(lengths)
+
+
+def test_other_workers_go_on_while_a_crash_waits_out_its_grace():
+    # Worker A's candidate crashes within 1 s; whether its node is gone is known only after the
+    # grace (2 s). Worker B's six 0.6 s jobs must not wait for that: in simulated time B is done
+    # at 3.6 s, not 2 s later.
+    clock = SimClock()
+    timings = {"crash": Timing(1.0, 0.1), **{f"ok{i}": Timing(0.5, 0.1) for i in range(6)}}
+    pool = SimulatedPool(clock, [SimNode("n0", "dc", 2)], timings, crash_keys={"crash"}, charge_driver=False, load_s=0.0,
+                         start_s=0.5)
+    sched = Scheduler(gpu_slots(2), {}, Limits(100, 100), on_result=lambda r, *a: r, pool=pool, clock=clock)
+    sched.start_workers()
+    pool.start_s = 100.0  # A's replacement comes too late to help: B runs every ok job alone
+    t0 = clock.now()
+    jobs = [Job(key=k, model=k, batch_size=1, backend="Sim", config={}, candidate=k, device_class_key="dc",
+                model_fingerprint="f") for k in timings]
+    finished_at = {}
+    sched.events.result = lambda record: finished_at.setdefault(record.key, clock.now() - t0)
+    results = sched.run(jobs)
+    assert {r.key: r.status for r in results}["crash"] == R.CRASH
+    assert finished_at["crash"] >= 2.0  # classified only after the grace
+    ok_done = max(t for k, t in finished_at.items() if k != "crash")
+    assert ok_done == pytest.approx(3.6)
