@@ -8,7 +8,8 @@ import collections
 import pytest
 
 from orchestrator import records as R
-from orchestrator.simulation import SimClock, SimNode, SimulatedPool, Timing, gpu_slots, run_simulation
+from orchestrator.simulated_sweep import gpu_slots, run_simulation
+from orchestrator.simulation import SimClock, SimNode, SimulatedPool, Timing
 from orchestrator.records import Job
 from orchestrator.scheduler import Limits, Scheduler
 
