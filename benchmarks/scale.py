@@ -10,7 +10,11 @@ workers' time the driver keeps busy. Ray is started with 16 pretend GPUs (``num_
 ``tune_s`` runs from the first dispatch to the last result (Ray and worker start-up excluded).
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--candidates 400] [--workers 16]
-      [--seconds 0.25] [--profile]
+      [--seconds 0.25] [--nodes 1] [--profile]
+
+``--nodes N`` (N > 1) spreads the workers over N nodes of a ``ray.cluster_utils.Cluster``
+(several raylets on this machine, each with workers/N pretend GPUs; the driver on a head node
+with no resources), e.g. ``--nodes 4 --workers 32``.
 
 ``--what-if gc-freeze,sqlite-normal`` measures two changes without editing the orchestrator:
 ``gc-freeze`` runs the workers as a subclass of ``TuneWorker`` that calls ``gc.freeze()`` once
@@ -200,11 +204,34 @@ def report_profile(timers: DriverTimers, outcome, tune_s: float, workers: int) -
           f"lost {lost:.1f} ({1000 * lost / len(outcome.results):.0f} ms/candidate)")
 
 
+def start_cluster(nodes: int, workers: int):
+    """A ``Cluster`` of ``nodes`` raylets sharing ``workers`` pretend GPUs; returns (cluster, handle)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster import connect, loopback_only
+
+    if workers % nodes:
+        raise SystemExit(f"--workers {workers} does not split evenly over --nodes {nodes}")
+    per_node = workers // nodes
+    ray._private.utils.write_ray_address = lambda *a, **k: None  # keep this cluster to this script
+    with loopback_only():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False})
+        for _ in range(nodes):
+            # logical CPUs: one per GPU worker, as plan_worker_slots asks for; the machine has 2
+            cluster.add_node(num_cpus=per_node, num_gpus=per_node, object_store_memory=100 * 1024**2)
+        cluster.wait_for_nodes()
+        handle = connect(cluster.address)
+    return cluster, handle
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=400)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=0.25)
+    parser.add_argument("--nodes", type=int, default=1, help="spread the workers over this many Cluster nodes")
     parser.add_argument("--profile", action="store_true", help="time the driver's calls and cProfile it")
     parser.add_argument("--what-if", default="", help="comma-separated: gc-freeze, sqlite-normal (see the docstring)")
     parser.add_argument("--verbose", action="store_true", help="show the sweep's own progress lines")
@@ -219,7 +246,11 @@ def main() -> int:
     install_what_ifs(what_ifs)
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start"
           + (f"; what-if: {', '.join(what_ifs)}" if what_ifs else ""))
-    handle = connect(num_cpus=2, num_gpus=args.workers, object_store_memory=300 * 1024**2)
+    cluster = None
+    if args.nodes > 1:
+        cluster, handle = start_cluster(args.nodes, args.workers)
+    else:
+        handle = connect(num_cpus=2, num_gpus=args.workers, object_store_memory=300 * 1024**2)
     timers = DriverTimers()
     profiler = cProfile.Profile() if args.profile else None
     try:
@@ -239,6 +270,8 @@ def main() -> int:
         handle.shutdown()
         if ray.is_initialized():
             ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
     statuses = collections.Counter(r.status for r in outcome.results)
     work = sum(sum(r.phases.values()) for r in outcome.results)
@@ -246,7 +279,7 @@ def main() -> int:
     ideal = work / workers
     efficiency = ideal / outcome.tune_s if outcome.tune_s else 0.0
     sleep_bound = args.candidates * args.seconds / workers
-    print(f"workers:                 {workers} (pretend GPUs, running on the CPU)")
+    print(f"workers:                 {workers} (pretend GPUs, running on the CPU) on {args.nodes} node(s)")
     print(f"candidates:              {len(outcome.results)} ({dict(statuses)}; ran {outcome.ran}, reused {outcome.reused})")
     print(f"work (sum of phases):    {work:.2f} s")
     print(f"ideal = work / workers:  {ideal:.2f} s")

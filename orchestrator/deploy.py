@@ -27,6 +27,7 @@ from aitune.checkpoint import CheckpointError, load_checkpoint
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.torch.tree import flatten_tensors
+from orchestrator.pretend_gpus import pretend_device
 from orchestrator.records import DeployRecord
 from orchestrator.transfer import unpack_to
 from orchestrator.worker import load_reference, pick_device, quiet_libraries
@@ -42,7 +43,7 @@ class DeployWorker:
         torch.set_num_threads(self.threads)
         self.device = pick_device(slot.get("kind", "cpu"))
         self.target = target
-        self.env = describe_environment(self.device)
+        self.env = pretend_device(describe_environment(self.device), slot.get("kind"))  # test-only name
         self.device_class_key = sha256_of(self.env.device_class())
         self._served: list[Any] = []  # deployed backends stay loaded, ready to serve
 

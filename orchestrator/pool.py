@@ -1,13 +1,14 @@
 """The workers a scheduler drives, behind one small interface.
 
 ``RayPool`` runs each worker as a Ray actor pinned to its slot. A test or a simulation can drive
-the same scheduler with another pool: the scheduler never calls Ray itself.
+the same scheduler with another pool (``orchestrator.simulation.SimulatedPool``: no Ray, a
+simulated clock): the scheduler never calls Ray itself.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Collection
 
 from cluster.placement import Slot
 
@@ -34,8 +35,12 @@ class WorkerPool(ABC):
         """Start ``method(*args)`` on the worker; returns a ref to wait on."""
 
     @abstractmethod
-    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
-        """The refs among ``refs`` that are done (at least one unless ``timeout`` passes first)."""
+    def wait(self, refs: Collection[Any], timeout: float) -> list[Any]:
+        """The refs among ``refs`` that are done (at least one unless ``timeout`` passes first).
+
+        ``refs`` is a live view of what the scheduler waits on (it supports ``in``, ``len`` and
+        iteration); a pool that can answer without looking at every ref need not copy it.
+        """
 
     @abstractmethod
     def get(self, ref: Any) -> Any:
@@ -74,10 +79,10 @@ class RayPool(WorkerPool):
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
 
-    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+    def wait(self, refs: Collection[Any], timeout: float) -> list[Any]:
         if not refs:
             return []
-        ready, _ = self._ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+        ready, _ = self._ray.wait(list(refs), num_returns=1, timeout=max(0.0, timeout))
         return ready
 
     def get(self, ref: Any) -> Any:

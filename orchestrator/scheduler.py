@@ -3,18 +3,25 @@
 A ``build`` job runs as two calls (``build``, then ``finish``); an ``evaluate`` job (a stored
 artifact judged again) as one. The loop waits on whichever call or worker start-up finishes first,
 so that no worker idles while another runs a slow candidate. A worker that hangs past its
-phase's deadline is killed; one that dies is replaced. A death is a ``crash`` when the worker's
-node is still alive (the candidate killed it) and ``infra`` when the node went away, in which
-case the job is retried on another worker, at most twice.
+phase's deadline is killed; one that dies is replaced at once. A death is a ``crash`` when the
+worker's node is still alive a short grace later (the candidate killed it) and ``infra`` when the
+node went away, in which case the job is retried on another worker, at most twice. Other workers
+go on meanwhile: the grace is a deadline of the loop, not a pause.
 
-The scheduler drives a :class:`~orchestrator.pool.WorkerPool` and never calls Ray itself. A
-:class:`JobGate` decides, job by job, whether this driver builds it now (another driver sharing
-the store may be building the same artifact) and resolves the jobs it deferred.
+The scheduler drives a :class:`~orchestrator.pool.WorkerPool` and never calls Ray itself, and
+reads time from a :class:`Clock` (a simulation passes its own). A :class:`JobGate` decides, job by
+job, whether this driver builds it now (another driver sharing the store may be building the
+same artifact) and resolves the jobs it deferred.
+
+Each event costs O(1) whatever the number of workers: free workers are kept per device class,
+deadlines in a heap, and jobs wait per device class and model (:mod:`orchestrator.queues`), so
+that a worker is given jobs of the models it already holds.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import time
@@ -25,6 +32,7 @@ from cluster.placement import Slot
 from orchestrator import records as R
 from orchestrator.events import SweepEvents
 from orchestrator.pool import CallFailed, WorkerDied, WorkerPool
+from orchestrator.queues import ModelQueues
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 
 log = logging.getLogger(__name__)
@@ -32,28 +40,55 @@ log = logging.getLogger(__name__)
 MAX_INFRA_RETRIES = 2
 #: how often deferred jobs are looked up again while another driver builds them
 POLL_S = 0.5
+#: how long a worker's node may take to be seen gone before its death counts as a crash
+DEATH_GRACE_S = 2.0
+DEATH_POLL_S = 0.25
 
 
-@dataclass
+class Clock:
+    """Real time; a simulation gives the scheduler its own clock."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass(eq=False)
 class WorkerHandle:
     slot: Slot
     worker_id: str
     actor: Any
     info: WorkerInfo | None = None
     start_ref: Any = None
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
     task: "Task | None" = None
+    #: models this worker has loaded (it loads one on its first job of that model)
+    models: set[str] = field(default_factory=set)
+    last_model: str | None = None
+    gone: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Task:
     job: Job
     worker: WorkerHandle
     phase: str  # "build" | "finish" | "evaluate"
     ref: Any
     deadline: float
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    job_dict: dict[str, Any] | None = None  # what the worker was sent (the finish call sends it again)
+
+
+@dataclass(eq=False)
+class Death:
+    """A worker died during ``task``; crash or infra is decided once its node's fate is known."""
+
+    task: Task
+    error: BaseException
+    decide_at: float
 
 
 @dataclass
@@ -91,35 +126,49 @@ class Scheduler:
         on_result: ResultSink,
         events: SweepEvents | None = None,
         pool: WorkerPool | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if pool is None:
             from orchestrator.pool import RayPool
 
             pool = RayPool()
         self.pool = pool
+        self.clock = clock or Clock()
         self.slots = slots
         self.spec_dict = spec_dict
         self.limits = limits
         self.on_result = on_result
         self.events = events or SweepEvents()
         self._ids = itertools.count()
-        self.workers: list[WorkerHandle] = []
+        self.workers: dict[str, WorkerHandle] = {}
         self._want_reference: Callable[[Job], bool] = lambda job: False
         self._payload: Payload | None = None
+        self._tasks: dict[Any, Task] = {}
+        self._starting: dict[Any, WorkerHandle] = {}
+        self._waiting = collections.ChainMap(self._tasks, self._starting)  # a live view, never copied
+        self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)
+        self._live: collections.Counter[str] = collections.Counter()  # started workers per device class
+        self._queues: dict[str, ModelQueues] = collections.defaultdict(ModelQueues)
+        self._deadlines: list[tuple[float, int, Task]] = []
+        self._deaths: list[Death] = []
+        self._next_death_check = 0.0
+        self._seq = itertools.count()
+        self._emit: Callable[..., None] = lambda *a: None
 
     # -- workers ------------------------------------------------------------------------------------
     def start_workers(self) -> list[WorkerInfo]:
         for slot in self.slots:
             self._spawn(slot)
-        deadline = time.monotonic() + self.limits.start_timeout_s
-        pending = {w.start_ref: w for w in self.workers}
-        while pending and time.monotonic() < deadline:
-            for ref in self.pool.wait(list(pending), max(0.1, deadline - time.monotonic())):
-                self._on_started(pending.pop(ref), ref)
-        for w in pending.values():
+        deadline = self.clock.now() + self.limits.start_timeout_s
+        while self._starting and self.clock.now() < deadline:
+            for ref in self.pool.wait(self._starting, max(0.1, deadline - self.clock.now())):
+                w = self._starting.pop(ref, None)
+                if w is not None:
+                    self._on_started(w, ref)
+        for w in list(self._starting.values()):
             log.warning("worker %s did not start within %.0f s; giving up on its slot", w.worker_id, self.limits.start_timeout_s)
             self._drop(w)
-        live = [w.info for w in self.workers if w.info is not None]
+        live = [w.info for w in self.workers.values() if w.info is not None]
         if not live:
             raise RuntimeError("no worker could be started: check the cluster's resources (see the log above)")
         return live
@@ -127,11 +176,13 @@ class Scheduler:
     def _spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = f"{slot.label}-{next(self._ids)}"
         actor, start_ref = self.pool.spawn(slot, worker_id, self.spec_dict)
-        handle = WorkerHandle(slot, worker_id, actor, start_ref=start_ref)
-        self.workers.append(handle)
+        handle = WorkerHandle(slot, worker_id, actor, start_ref=start_ref, started_at=self.clock.now())
+        self.workers[worker_id] = handle
+        self._starting[start_ref] = handle
         return handle
 
     def _on_started(self, w: WorkerHandle, ref) -> bool:
+        """``w`` answered its start-up call (already taken out of ``_starting``)."""
         try:
             w.info = WorkerInfo.from_dict(self.pool.get(ref))
         except Exception as exc:  # the actor failed in __init__
@@ -139,13 +190,35 @@ class Scheduler:
             self._drop(w)
             return False
         w.start_ref = None
+        self._live[w.info.device_class_key] += 1
+        self._set_task(w, None)
         self.events.worker_ready(w.worker_id, w.info.device, w.info.node_id)
         return True
 
+    def _set_task(self, w: WorkerHandle, task: "Task | None") -> None:
+        w.task = task
+        if w.info is None or w.gone:
+            return
+        idle = self._idle[w.info.device_class_key]
+        if task is None:
+            idle[w.worker_id] = w
+        else:
+            idle.pop(w.worker_id, None)
+
     def _drop(self, w: WorkerHandle) -> None:
         self.pool.kill(w.actor)
-        if w in self.workers:
-            self.workers.remove(w)
+        if w.gone:
+            return
+        w.gone = True
+        self.workers.pop(w.worker_id, None)
+        if w.start_ref is not None:
+            self._starting.pop(w.start_ref, None)
+        if w.info is not None:
+            dc = w.info.device_class_key
+            self._live[dc] -= 1
+            self._idle[dc].pop(w.worker_id, None)
+            for model in w.models:
+                self._queues[dc].release(model)
 
     def _replace(self, w: WorkerHandle, why: str) -> None:
         self._drop(w)
@@ -153,14 +226,12 @@ class Scheduler:
         self.events.worker_lost(w.worker_id, new.worker_id, why)
 
     def shutdown(self) -> None:
-        for w in list(self.workers):
+        for w in list(self.workers.values()):
             self._drop(w)
 
     def live_worker(self, device_class_key: str) -> WorkerHandle | None:
-        for w in self.workers:
-            if w.info is not None and w.info.device_class_key == device_class_key and w.task is None:
-                return w
-        return None
+        """A started worker of that device class with nothing to do, if any."""
+        return next(iter(self._idle.get(device_class_key, {}).values()), None)
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(
@@ -169,17 +240,22 @@ class Scheduler:
         want_reference: Callable[[Job], bool] = lambda job: False,
         gate: JobGate | None = None,
         payload: Payload | None = None,
+        estimate: Callable[[Job], float] | None = None,
     ) -> list[ResultRecord]:
+        """Run ``jobs``; ``estimate`` (a job's expected seconds, if known) sends the longest first."""
         gate = gate or JobGate()
-        queues: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
+        clock = self.clock
+        self._queues = collections.defaultdict(lambda: ModelQueues(estimate))
+        for w in self.workers.values():
+            for model in w.models if w.info is not None else ():
+                self._queues[w.info.device_class_key].hold(model)
         for job in jobs:
-            queues[job.device_class_key].append(job)
+            self._queues[job.device_class_key].append(job)
         self._want_reference, self._payload = want_reference, payload
         results: list[ResultRecord] = []
-        tasks: dict[Any, Task] = {}
         deferred: list[Job] = []
-        started = time.monotonic()
-        last_poll = 0.0
+        started = clock.now()
+        last_poll = float("-inf")
 
         def emit(record: ResultRecord, checkpoint: bytes | None = None, outputs: bytes | None = None,
                  reference: bytes | None = None) -> None:
@@ -187,18 +263,21 @@ class Scheduler:
             results.append(stored if stored is not None else record)
             self.events.result(results[-1])
 
-        while any(queues.values()) or tasks or deferred:
-            out_of_time = self.limits.total_s is not None and time.monotonic() - started > self.limits.total_s
+        self._emit = emit
+        while self._queued() or self._tasks or deferred or self._deaths:
+            out_of_time = self.limits.total_s is not None and clock.now() - started > self.limits.total_s
             if out_of_time:
-                for job in [*itertools.chain.from_iterable(queues.values()), *deferred]:
+                for q in self._queues.values():
+                    for job in q.drain():
+                        emit(result_for(job, R.SKIPPED, "the sweep's total time budget ran out", "Budget"))
+                for job in deferred:
                     emit(result_for(job, R.SKIPPED, "the sweep's total time budget ran out", "Budget"))
-                queues.clear()
                 deferred.clear()
             else:
-                self._assign(queues, tasks, gate, deferred)
-                self._fail_orphans(queues, emit)
-            if deferred and time.monotonic() - last_poll >= POLL_S:
-                last_poll = time.monotonic()
+                self._assign(gate, deferred)
+                self._fail_orphans()
+            if deferred and clock.now() - last_poll >= POLL_S:
+                last_poll = clock.now()
                 done, runnable = gate.poll(deferred)
                 for record in done:
                     results.append(record)
@@ -206,141 +285,171 @@ class Scheduler:
                 settled = {r.key for r in done} | {j.key for j in runnable}
                 deferred[:] = [j for j in deferred if j.key not in settled]
                 for job in runnable:
-                    queues[job.device_class_key].appendleft(job)
+                    self._queues[job.device_class_key].append(job, front=True)
                 if runnable:
                     continue
-            if not tasks and not any(queues.values()) and not deferred:
+            self._settle_deaths()
+            if not self._tasks and not self._queued() and not deferred and not self._deaths:
                 break
-            waitables = list(tasks) + [w.start_ref for w in self.workers if w.start_ref is not None]
-            now = time.monotonic()
-            if not waitables:
+            if not self._tasks and not self._starting and not self._deaths:
                 if not deferred:
                     break
-                time.sleep(POLL_S)  # only other drivers' work is left: wait for it
+                clock.sleep(POLL_S)  # only other drivers' work is left: wait for it
                 continue
-            next_deadline = min((t.deadline for t in tasks.values()), default=now + 1.0)
-            timeout = max(0.0, min(next_deadline - now, POLL_S if deferred else 1.0))
-            for ref in self.pool.wait(waitables, timeout):
-                if ref in tasks:
-                    self._on_task_done(tasks.pop(ref), ref, queues, tasks, emit)
-                else:
-                    starting = next((w for w in self.workers if w.start_ref == ref), None)
-                    if starting is not None:  # None: dropped meanwhile (it took too long to start)
-                        self._on_started(starting, ref)
-            self._enforce_deadlines(tasks, emit)
+            now = clock.now()
+            next_deadline = self._next_deadline()
+            timeout = min(next_deadline - now if next_deadline is not None else 1.0, POLL_S if deferred else 1.0)
+            if self._deaths:
+                timeout = min(timeout, self._next_death_check - now)
+            for ref in self.pool.wait(self._waiting, max(0.0, timeout)):
+                task = self._tasks.pop(ref, None)
+                if task is not None:
+                    self._on_task_done(task, ref)
+                    continue
+                starting = self._starting.pop(ref, None)
+                if starting is not None:  # None: dropped meanwhile (it took too long to start)
+                    self._on_started(starting, ref)
+            self._enforce_deadlines()
         return results
 
-    def _assign(self, queues, tasks, gate: JobGate, deferred: list[Job]) -> None:
-        for w in self.workers:
-            if w.info is None or w.task is not None:
-                continue
-            queue = queues.get(w.info.device_class_key)
-            while queue:
-                job = queue.popleft()
+    def _queued(self) -> bool:
+        return any(self._queues.values())
+
+    def _assign(self, gate: JobGate, deferred: list[Job]) -> None:
+        for dc, idle in list(self._idle.items()):
+            queue = self._queues.get(dc)
+            while idle and queue:
+                w = next(iter(idle.values()))
+                job = queue.pop_for(w.models, w.last_model)
                 if job.mode == "build" and not gate.admit(job):
                     deferred.append(job)  # another driver is building it: do other work first
                     continue
                 try:
-                    self._submit(w, job, "evaluate" if job.mode == "evaluate" else "build", tasks)
+                    self._submit(w, job, "evaluate" if job.mode == "evaluate" else "build")
                 except Exception as exc:  # its stored artifact can't be sent: build it instead
                     log.warning("%s: %s; building it again", job.candidate, exc)
                     job.mode, job.redo = "build", []
-                    queue.appendleft(job)
+                    queue.append(job, front=True)
                     continue
+                if job.model not in w.models:  # the worker loads it on this job
+                    w.models.add(job.model)
+                    queue.hold(job.model)
+                w.last_model = job.model
                 self.events.started(w.worker_id, job)
-                break
 
-    def _submit(self, w: WorkerHandle, job: Job, phase: str, tasks, phases: dict | None = None) -> None:
+    def _submit(self, w: WorkerHandle, job: Job, phase: str, phases: dict | None = None,
+                job_dict: dict | None = None) -> None:
+        job_dict = job_dict or job.to_dict()
         if phase == "build":
-            ref = self.pool.call(w.actor, "build", job.to_dict())
+            ref = self.pool.call(w.actor, "build", job_dict)
             timeout = self.limits.build_timeout_s
         elif phase == "finish":
-            ref = self.pool.call(w.actor, "finish", job.to_dict(), self._want_reference(job))
+            ref = self.pool.call(w.actor, "finish", job_dict, self._want_reference(job))
             timeout = self.limits.measure_timeout_s
         else:
             checkpoint, prior = self._payload(job)  # raises when the stored artifact is gone since planning
-            ref = self.pool.call(w.actor, "evaluate", job.to_dict(), checkpoint, prior, self._want_reference(job))
+            ref = self.pool.call(w.actor, "evaluate", job_dict, checkpoint, prior, self._want_reference(job))
             timeout = self.limits.measure_timeout_s
-        task = Task(job, w, phase, ref, time.monotonic() + timeout, phases=dict(phases or {}))
-        w.task = task
-        tasks[ref] = task
+        now = self.clock.now()
+        task = Task(job, w, phase, ref, now + timeout, started=now, phases=dict(phases or {}), job_dict=job_dict)
+        self._set_task(w, task)
+        self._tasks[ref] = task
+        heapq.heappush(self._deadlines, (task.deadline, next(self._seq), task))
 
-    def _fail_orphans(self, queues, emit) -> None:
+    def _next_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and self._tasks.get(heap[0][2].ref) is not heap[0][2]:
+            heapq.heappop(heap)  # that task is done already
+        return heap[0][0] if heap else None
+
+    def _fail_orphans(self) -> None:
         """Jobs whose device class has no worker left (live or starting) can never run: infra."""
-        classes = {w.info.device_class_key if w.info else None for w in self.workers}
-        starting = any(w.info is None for w in self.workers)
-        for dc, q in queues.items():
-            if q and dc not in classes and not starting:
-                while q:
-                    emit(result_for(q.popleft(), R.INFRA, f"no worker of device class {dc[:12]} is left", "NoWorker"))
+        if self._starting:
+            return
+        for dc, q in self._queues.items():
+            if q and self._live[dc] <= 0:
+                for job in q.drain():
+                    self._emit(result_for(job, R.INFRA, f"no worker of device class {dc[:12]} is left", "NoWorker"))
 
-    def _on_task_done(self, task: Task, ref, queues, tasks, emit) -> None:
+    def _on_task_done(self, task: Task, ref) -> None:
         w = task.worker
-        w.task = None
+        self._set_task(w, None)
         try:
             value = self.pool.get(ref)
         except WorkerDied as exc:
-            self._on_worker_death(task, exc, queues, emit)
+            self._on_worker_death(task, exc)
             return
         except CallFailed as exc:
-            emit(result_for(task.job, R.ERROR, str(exc), exc.cause, w.info))
+            self._emit(result_for(task.job, R.ERROR, str(exc), exc.cause, w.info))
             return
         if task.phase == "build":
             record = ResultRecord.from_dict(value)
             if record.status == R.OK:
-                self._submit(w, task.job, "finish", tasks, record.phases)
+                self._submit(w, task.job, "finish", record.phases, task.job_dict)
                 self.events.phase(w.worker_id, task.job, "measure")
                 return
-            emit(record)
+            self._emit(record)
         else:
             record_dict, checkpoint, outputs, reference = value
             record = ResultRecord.from_dict(record_dict)
             record.phases = {**task.phases, **record.phases}
-            emit(record, checkpoint, outputs, reference)
+            self._emit(record, checkpoint, outputs, reference)
         if record.recycled:
             # A fresh process is the only sure way to give back what a candidate leaked.
             self._replace(w, f"recycled: {record.recycled}")
 
-    def _on_worker_death(self, task: Task, exc: BaseException, queues, emit) -> None:
+    def _on_worker_death(self, task: Task, exc: BaseException) -> None:
+        """Replace the worker now; whether it crashed or lost its node is settled in the loop."""
         w = task.worker
-        if w.info is not None and self._node_alive(w.info.node_id):
-            # The node is fine, so the candidate took its worker down (os._exit, segfault, OOM kill).
-            emit(result_for(task.job, R.CRASH, f"worker {w.worker_id} died during {task.phase}: {exc}", type(exc).__name__, w.info))
-            self._replace(w, f"crashed during {task.job.candidate}")
+        node_gone = w.info is None or not self.pool.node_alive(w.info.node_id)
+        self._replace(w, "its node went away" if node_gone else f"died during {task.job.candidate}")
+        now = self.clock.now()
+        self._deaths.append(Death(task, exc, now if node_gone else now + DEATH_GRACE_S))
+        self._next_death_check = now
+        self._settle_deaths()
+
+    def _settle_deaths(self) -> None:
+        """A death whose node went away is infra (retried); one whose node outlived the grace is a crash."""
+        now = self.clock.now()
+        if not self._deaths or now < self._next_death_check:
             return
-        self._replace(w, "its node went away")
-        job = task.job
+        self._next_death_check = now + DEATH_POLL_S
+        pending = []
+        for death in self._deaths:
+            info = death.task.worker.info
+            if info is None or not self.pool.node_alive(info.node_id):
+                self._lost_with_node(death.task)
+            elif now >= death.decide_at:
+                # The node is fine, so the candidate took its worker down (os._exit, segfault, OOM kill).
+                task, w = death.task, death.task.worker
+                self._emit(result_for(task.job, R.CRASH, f"worker {w.worker_id} died during {task.phase}: {death.error}",
+                                      type(death.error).__name__, w.info))
+            else:
+                pending.append(death)
+        self._deaths[:] = pending
+
+    def _lost_with_node(self, task: Task) -> None:
+        job, w = task.job, task.worker
         if job.attempt < MAX_INFRA_RETRIES:
             job.attempt += 1
-            queues[job.device_class_key].appendleft(job)
+            self._queues[job.device_class_key].append(job, front=True)
             self.events.retry(job, "node lost")
         else:
-            emit(result_for(job, R.INFRA, f"worker {w.worker_id} lost with its node, {job.attempt + 1} attempts", "NodeLost", w.info))
+            self._emit(result_for(job, R.INFRA, f"worker {w.worker_id} lost with its node, {job.attempt + 1} attempts",
+                                  "NodeLost", w.info))
 
-    def _node_alive(self, node_id: str, grace_s: float = 2.0) -> bool:
-        """Whether the node still lives; a lost node can take the cluster a moment to notice."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            if not self.pool.node_alive(node_id):
-                return False
-            if time.monotonic() >= deadline:
-                return True
-            time.sleep(0.25)
-
-    def _enforce_deadlines(self, tasks, emit) -> None:
-        now = time.monotonic()
-        for w in list(self.workers):
-            if w.start_ref is not None and now - w.started_at > self.limits.start_timeout_s:
-                log.warning("replacement worker %s never started; giving up on its slot", w.worker_id)
-                self._drop(w)
-        for ref, task in list(tasks.items()):
-            if now < task.deadline:
-                continue
-            tasks.pop(ref)
-            task.worker.task = None
+    def _enforce_deadlines(self) -> None:
+        now = self.clock.now()
+        for w in [w for w in self._starting.values() if now - w.started_at > self.limits.start_timeout_s]:
+            log.warning("replacement worker %s never started; giving up on its slot", w.worker_id)
+            self._drop(w)
+        while (deadline := self._next_deadline()) is not None and now >= deadline:
+            task = heapq.heappop(self._deadlines)[2]
+            self._tasks.pop(task.ref)
+            self._set_task(task.worker, None)
             limit = self.limits.build_timeout_s if task.phase == "build" else self.limits.measure_timeout_s
             record = result_for(task.job, R.TIMEOUT, f"{task.phase} phase passed its {limit:.0f} s timeout", "Timeout",
                                 task.worker.info)
             record.phases = {**task.phases, task.phase: now - task.started}
-            emit(record)
+            self._emit(record)
             self._replace(task.worker, f"timed out in {task.phase}")

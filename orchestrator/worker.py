@@ -36,6 +36,7 @@ from orchestrator import memory
 from orchestrator import records as R
 from orchestrator.candidates import load_model, make_sample
 from orchestrator.plan import outputs_bytes
+from orchestrator.pretend_gpus import pretend_device
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.transfer import pack_dir, unpack_to
@@ -90,7 +91,7 @@ class TuneWorker:
             torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be real fp32
             torch.backends.cudnn.allow_tf32 = False
         self.spec: SweepSpec = parse_spec(spec)
-        self.env = describe_environment(self.device)
+        self.env = pretend_device(describe_environment(self.device), slot.get("kind"))  # test-only name
         self._models: dict[str, torch.nn.Module] = {}
         self._refs: dict[tuple[str, int], tuple[Sample, Any]] = {}
         self._backend: Backend | None = None

@@ -25,6 +25,7 @@ class ScriptedPool(WorkerPool):
         self.values: dict[int, object] = {}
         self.spawned: list[str] = []
         self.killed: list[str] = []
+        self.loads: set[tuple[str, str]] = set()  # (worker, model): a worker loads a model on its first job of it
 
     def spawn(self, slot, worker_id, spec):
         self.spawned.append(worker_id)
@@ -36,6 +37,7 @@ class ScriptedPool(WorkerPool):
         ref = next(self.refs)
         job = Job.from_dict(args[0])
         behaviour = job.candidate
+        self.loads.add((handle, job.model))
         if behaviour == "hang" or (behaviour == "hang-finish" and method == "finish"):
             self.values[ref] = PENDING
         elif behaviour == "die":
@@ -71,8 +73,8 @@ class ScriptedPool(WorkerPool):
         return True
 
 
-def job(name: str) -> Job:
-    return Job(key=f"k-{name}", model="m", batch_size=1, backend="B", config={}, candidate=name,
+def job(name: str, model: str = "m") -> Job:
+    return Job(key=f"k-{name}", model=model, batch_size=1, backend="B", config={}, candidate=name,
                device_class_key=DC, model_fingerprint="f")
 
 
@@ -160,3 +162,19 @@ def test_no_job_is_lost_whatever_the_number_of_workers(slots):
     names = [f"ok{i}" for i in range(10)] + ["die", "raise"]
     results, committed, _ = run(names, slots=slots)
     assert sorted(r.key for r in results) == sorted(f"k-{n}" for n in names)
+
+
+def test_workers_keep_to_the_models_they_hold():
+    # 3 models x 5 candidates, queued model by model as the plan makes them, on 2 workers.
+    pool = ScriptedPool()
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5),
+                      on_result=lambda record, *rest: record, pool=pool)
+    sched.start_workers()
+    jobs = [job(f"ok-{m}-{c}", model=m) for m in ("a", "b", "c") for c in range(5)]
+    results = sched.run(jobs)
+    assert sorted(r.key for r in results) == sorted(j.key for j in jobs)
+    # First in, first out would hand the 2 workers alternate jobs: each would load all 3 models
+    # (6 loads). Two busy workers over 3 models need at least 4: one model each, and one shared.
+    assert len(pool.loads) == 4
+    per_worker = {w: {m for ww, m in pool.loads if ww == w} for w, _ in pool.loads}
+    assert sorted(len(models) for models in per_worker.values()) == [2, 2]
