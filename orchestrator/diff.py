@@ -124,7 +124,7 @@ def diff_sweeps(store: ResultStore, sweep_id: str, previous: str | None = None) 
         return [r for r in records if (r.model, r.batch_size, _name(dcs.get(r.device_class_key, {}))) == group]
 
     old_sel, new_sel = by_group(store.selections(previous), old_dc), by_group(store.selections(sweep_id), new_dc)
-    by_key = {r.key: r for r in old_results} | {r.key: r for r in new_results}
+    old_by_key, new_by_key = {r.key: r for r in old_results}, {r.key: r for r in new_results}
     seen_names = {_name(d) for d in old_dc.values()}
     groups: list[GroupDiff] = []
     for group in sorted(set(old_sel) | set(new_sel), key=str):
@@ -139,7 +139,7 @@ def diff_sweeps(store: ResultStore, sweep_id: str, previous: str | None = None) 
             g.old_winner = old.winner
             if old.winner_key != new.winner_key and old.winner != new.winner:
                 g.status = "winner changed"
-            old_r, new_r = by_key.get(old.winner_key), by_key.get(new.winner_key)
+            old_r, new_r = old_by_key.get(old.winner_key), new_by_key.get(new.winner_key)
             g.old_ms = old_r.median_ms if old_r else None
             g.new_ms = new_r.median_ms if new_r else None
             if g.old_ms and g.new_ms:

@@ -120,15 +120,16 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
     stored = store.results_for(j.key for j in jobs)
     decisions = [decide(j, stored.get(j.key, []), Policy(), store.checkpoint_problem) for j in jobs]
     waves = Waves.split(spec, decisions)
-    # Followers run only their family's top-k; the plan can't know which k, so it counts k of each group's.
+    # Followers run only their family's top-k: known from the store where it holds the head's
+    # results; otherwise the plan can't know which k, and counts the first k of each group.
+    head_results = [d.prior for d in waves.first if d.action == REUSE and d.prior is not None]
     kept = list(waves.first)
     per_group: Counter = Counter()
-    for held in waves.held.values():
-        for d in held:
-            group = (d.job.model, d.job.batch_size, d.job.device_class_key)
-            if per_group[group] < spec.reuse_top_k:
-                per_group[group] += 1
-                kept.append(d)
+    for d in waves.second(head_results):
+        group = (d.job.model, d.job.batch_size, d.job.device_class_key)
+        if group in waves.sources or per_group[group] < spec.reuse_top_k:
+            per_group[group] += 1
+            kept.append(d)
     history = phase_history(store)
     slots = local_slots(spec)[0] if source == "local" else max(1, len(classes))
     fc = Forecast(classes, source, slots, narrowed=len(decisions) - len(kept))
