@@ -75,3 +75,15 @@ def test_a_file_included_twice_is_read_once(tmp_path):
     write(tmp_path / "x.yaml", {"include": ["base.yaml"], "models": [model("x")]})
     top = write(tmp_path / "top.yaml", {"include": ["base.yaml", "x.yaml"], "models": [model("top")]})
     assert [m.name for m in load_spec(top).models] == ["base", "x", "top"]
+
+
+@pytest.mark.parametrize("command", ["tune", "plan"])
+def test_the_cli_refuses_conflicting_specs_before_anything_starts(tmp_path, capsys, command):
+    from orchestrator.cli import EXIT_BAD_INPUT, main
+
+    a = write(tmp_path / "a.yaml", {"models": [model("a")], "batch_sizes": [1], "store": str(tmp_path / "s1")})
+    b = write(tmp_path / "b.yaml", {"models": [model("b")], "batch_sizes": [1], "store": str(tmp_path / "s2")})
+    assert main([command, str(a), str(b)]) == EXIT_BAD_INPUT
+    out = capsys.readouterr().out
+    assert "store:" in out and "s1" in out and "s2" in out
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
