@@ -71,16 +71,18 @@ class Forecast:
         return "\n".join(lines) + "\n"
 
 
-def _stored_device_classes(store: ResultStore) -> tuple[dict[str, dict], dict[str, int]]:
+def _stored_device_classes(store: ResultStore) -> tuple[dict[str, dict], dict[str, int], int]:
+    """The device classes, threads and worker slots of the latest sweep that ran on workers."""
     for sweep in reversed(store.list_sweeps()):
-        classes, threads = {}, {}
+        classes, threads, slots = {}, {}, set()
         for r in store.sweep_results(sweep.id):
             if r.worker is not None and r.worker.device_class:
                 classes[r.device_class_key] = dict(r.worker.device_class)
                 threads[r.device_class_key] = r.worker.threads
+                slots.add(r.worker.worker_id.rsplit("-", 1)[0])  # a replacement keeps its slot's label
         if classes:
-            return classes, threads
-    return {}, {}
+            return classes, threads, len(slots)
+    return {}, {}, 0
 
 
 def local_slots(spec: SweepSpec) -> tuple[int, int]:
@@ -111,7 +113,7 @@ def phase_history(store: ResultStore) -> dict[str, dict[str, float]]:
 
 def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Forecast:
     identities = identify_models(spec)
-    classes, threads = ({}, {}) if local else _stored_device_classes(store)
+    classes, threads, stored_slots = ({}, {}, 0) if local else _stored_device_classes(store)
     source = "store"
     if not classes:
         classes, threads, source = *_local_device_class(spec), "local"
@@ -131,7 +133,7 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
             per_group[group] += 1
             kept.append(d)
     history = phase_history(store)
-    slots = local_slots(spec)[0] if source == "local" else max(1, len(classes))
+    slots = local_slots(spec)[0] if source == "local" else max(1, stored_slots)
     fc = Forecast(classes, source, slots, narrowed=len(decisions) - len(kept))
     totals: Counter = Counter()
     serial = 0.0

@@ -240,7 +240,6 @@ class TuneWorker:
 
     def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
                redo: list[str], previous_check) -> bytes:
-        start = time.perf_counter()
         m = self.spec.measure
         config = MeasureConfig(
             warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
@@ -248,7 +247,7 @@ class TuneWorker:
         )
         tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
         with self._quiet_node("measure" in redo):
-            start = time.perf_counter()
+            start = time.perf_counter()  # after the wait for the node's lock: that is measure_wait
             verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
                             config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
