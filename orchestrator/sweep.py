@@ -9,6 +9,7 @@ Every step is a function below; ``run_sweep`` only strings them together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -185,8 +186,13 @@ def run_sweep(
                 results = _run(spec, store, sweep_id, scheduler, waves.first, progress, asks)
                 for wave in (waves.second, waves.fallback):  # reuse: decisions; empty otherwise
                     more = wave(results)
+                    if not more:
+                        continue
                     progress.total += len(more)
-                    results += _run(spec, store, sweep_id, scheduler, more, progress, asks) if more else []
+                    if spec.budgets.total_s is not None:  # the waves share the sweep's one budget
+                        left = max(spec.budgets.total_s - (time.monotonic() - start), 1e-3)
+                        scheduler.limits = dataclasses.replace(scheduler.limits, total_s=left)
+                    results += _run(spec, store, sweep_id, scheduler, more, progress, asks)
                 tune_s = time.monotonic() - start
             selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(scheduler, store, spec),
                                         previous=None if force else _previous_selection(store, spec, sweep_id))
@@ -201,7 +207,10 @@ def run_sweep(
         how = Counter(r.how for r in results)
         outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s,
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0), how=dict(how))
-        outcome.diff = diff_sweeps(store, sweep_id)
+        try:
+            outcome.diff = diff_sweeps(store, sweep_id)
+        except Exception as exc:  # the diff is a view on the history: the sweep itself stands
+            log.warning("no diff against the previous sweep: %s", exc)
         if write_report:
             swept = store.sweep_results(sweep_id)
             render(console, swept, selections, deployments)
