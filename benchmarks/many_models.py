@@ -1,9 +1,9 @@
 """Many-model benchmark: at least 30 small models through 2 workers; is each worker's memory flat?
 
-``--models`` (default 32) MLPs from one factory, each of its own width (so no two share
-weights or shapes: 256 + 16 i, depth 3, batch 1), on 2 CPU workers, with only the eager fp32
+``--models`` (default 32) MLPs from one factory, each with its own weights (width 512, depth 3,
+seed i: about 3 MB each; batch 1), on 2 CPU workers, with only the eager fp32
 candidate and a minimal measurement, so that the sweep is all model loading. The workers' model
-cache is bounded (``workers.model_cache_mb``, default here 16 MB, about 4 of these models).
+cache is bounded (``workers.model_cache_mb``, default here 16 MB, about 5 of these models).
 After each batch of models has been swept (on one store, the batches one after another, the
 same 2 workers throughout), it prints each worker's resident memory, its peak, and what its
 cache holds.
@@ -17,7 +17,6 @@ Run:  PYTHONPATH=. .venv/bin/python benchmarks/many_models.py [--models 32] [--b
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -38,7 +37,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
-    from rich.console import Console
 
     from cluster import Inventory, connect, plan_worker_slots
     from cluster.node_share import start_node_shares
@@ -48,8 +46,8 @@ def main() -> int:
     from orchestrator.records import WorkerInfo
     from orchestrator.spec import parse_spec
 
-    models = [{"name": f"m{i:02d}", "factory": "aitune.examples:mlp", "kwargs": {"width": 256 + 16 * i, "depth": 3, "seed": i},
-               "inputs": [{"name": "x", "shape": [256 + 16 * i]}]} for i in range(args.models)]
+    models = [{"name": f"m{i:02d}", "factory": "aitune.examples:mlp", "kwargs": {"width": 512, "depth": 3, "seed": i},
+               "inputs": [{"name": "x", "shape": [512]}]} for i in range(args.models)]
     spec = parse_spec({"models": models, "batch_sizes": [1], "candidates": [{"backend": "TorchEagerBackend"}],
                        "measure": {"budget_s": 0.01, "min_iters": 3, "warmup_iters": 1},
                        "workers": {"cpu_slots": 2, "threads_per_slot": 1, "use_gpus": False, "model_cache_mb": args.cache_mb},
@@ -76,13 +74,14 @@ def main() -> int:
         for step in range(0, len(jobs), args.batch):
             chunk = jobs[step:step + args.batch]
             refs = []
-            for i, job in enumerate(chunk):
+            for i, job in enumerate(chunk):  # an actor runs its calls in order: build, finish, build...
                 actor = actors[i % len(actors)]
-                refs.append((actor, job, actor.build.remote(job.to_dict())))
-            for actor, job, ref in refs:
-                built = ray.get(ref)
-                assert built["status"] == "ok", built.get("error")
-                ray.get(actor.finish.remote(job.to_dict()))
+                refs.append((actor.build.remote(job.to_dict()), actor.finish.remote(job.to_dict())))
+            for built, finished in refs:
+                answer = ray.get(built)
+                assert answer["status"] == "ok", answer.get("error")
+                record = ray.get(finished)[0]
+                assert record["status"] == "ok", record.get("error")
             line = [f"after {step + len(chunk):3d} models:"]
             for w, actor in enumerate(actors):
                 info = ray.get(actor.cache_info.remote())
@@ -99,7 +98,6 @@ def main() -> int:
             growth = p[-1] / p[0] - 1
             print(f"worker {w}: peak resident memory {p[0]:.1f} MB after the first {args.batch} models, {p[-1]:.1f} MB "
                   f"after all {args.models}: {growth * 100:+.1f}% (goal: within 10%) -> {'MET' if abs(growth) <= 0.10 else 'NOT MET'}")
-    del Console, io
     return 0
 
 
