@@ -7,6 +7,12 @@ dispatch to last result, Ray and worker start-up excluded) compares 1 busy core 
 
     speed-up = tune_s(cpu_slots=1) / tune_s(cpu_slots=2)                       goal: >= 1.6
 
+It also prints the measure phase's seconds and each candidate's median latency with 1 and with
+2 workers: workers pinned to their own cores (and, with ``--exclusive``, measuring one per node
+at a time) should measure the same candidates alike.
+
+    median(2 workers) / median(1 worker), per candidate, median of those       goal: within 10 %
+
 A run warms torch's on-disk compile caches (/tmp/torchinductor_*) for the runs after it, so the
 runs go in the order 1, 2, 2, 1 (``--order``) and the speed-up is reported for each pair: the
 first pair favours the 2-worker run, the second the 1-worker run. ``--warmup`` adds one
@@ -38,11 +44,13 @@ from rich.console import Console  # noqa: E402
 GOAL = 1.6
 
 
-def run_once(spec_path: Path, slots: int, verbose: bool):
+def run_once(spec_path: Path, slots: int, verbose: bool, exclusive: bool = False, medians: dict | None = None):
     from orchestrator.spec import load_spec
     from orchestrator.sweep import run_sweep
 
     spec = load_spec(spec_path)
+    if exclusive:
+        spec.measure.exclusive = "node"
     spec.workers.cpu_slots = slots
     spec.workers.threads_per_slot = 1
     with tempfile.TemporaryDirectory(prefix="aitune-parallel-") as store:
@@ -55,6 +63,8 @@ def run_once(spec_path: Path, slots: int, verbose: bool):
     for r in outcome.results:
         for phase, seconds in r.phases.items():
             by_phase[(_kind(r), phase)] += seconds
+        if medians is not None and r.median_ms is not None:
+            medians.setdefault((r.model, r.batch_size, r.candidate), {}).setdefault(slots, []).append(r.median_ms)
     return outcome.tune_s, len(outcome.results), dict(statuses), work, by_phase
 
 
@@ -83,13 +93,38 @@ def print_phase_table(per_slots: dict[int, list[dict]]) -> None:
         print(f"  {key[0]:22s} {key[1]:8s} {one:9.2f} {two:9.2f} {two / one if one else float('nan'):6.2f}")
 
 
+def print_measure_comparison(phases: dict[int, list[dict]], medians: dict) -> None:
+    """Measure-phase seconds, and each candidate's median with 1 and with 2 workers."""
+    def measure_s(runs: list[dict]) -> float:
+        return sum(sum(v for (_, phase), v in r.items() if "measure" in phase and phase != "measure_wait") for r in runs) / max(len(runs), 1)
+
+    if phases.get(1) and phases.get(2):
+        one, two = measure_s(phases[1]), measure_s(phases[2])
+        print(f"\nmeasure phase seconds per run: 1 worker {one:.2f} s, 2 workers {two:.2f} s: ratio {two / one:.2f}")
+    ratios = []
+    print("\nmedian latency of the same candidates (mean over runs), 1 worker vs 2 workers:")
+    for key in sorted(medians):
+        by = medians[key]
+        if not (by.get(1) and by.get(2)):
+            continue
+        one, two = sum(by[1]) / len(by[1]), sum(by[2]) / len(by[2])
+        ratios.append(two / one)
+        print(f"  {key[0]:12s} b{key[1]:<3d} {key[2]:48s} {one:8.4f} ms {two:8.4f} ms  x{two / one:.2f}")
+    if ratios:
+        mid = sorted(ratios)[len(ratios) // 2]
+        print(f"median of the per-candidate ratios: {mid:.3f} (goal: within 10% of 1) -> "
+              f"{'MET' if abs(mid - 1) <= 0.10 else 'NOT MET'}; worst {max(ratios, key=lambda r: abs(r - 1)):.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "examples" / "sweep.yaml"))
     parser.add_argument("--order", default="1,2,2,1", help="worker counts, in run order (1 or 2 each)")
     parser.add_argument("--warmup", action="store_true", help="an untimed 2-worker sweep first")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--exclusive", action="store_true", help="measure: {exclusive: node}")
     args = parser.parse_args()
+    medians: dict = {}
     order = [int(x) for x in args.order.split(",")]
 
     import ray
@@ -108,7 +143,7 @@ def main() -> int:
                   f"{time.monotonic() - t0:.0f} s in all")
         for i, slots in enumerate(order, 1):
             t0 = time.monotonic()
-            tune_s, n, statuses, work, by_phase = run_once(Path(args.spec), slots, args.verbose)
+            tune_s, n, statuses, work, by_phase = run_once(Path(args.spec), slots, args.verbose, args.exclusive, medians)
             runs.append((slots, tune_s))
             phases[slots].append(by_phase)
             print(f"run {i}: cpu_slots={slots} threads_per_slot=1: tune_s {tune_s:6.1f} s  "
@@ -139,6 +174,7 @@ def main() -> int:
             geo = math.prod(ratios) ** (1 / len(ratios))
             print(f"geometric mean of the pairs' speed-ups: {geo:.2f}x")
     print_phase_table(phases)
+    print_measure_comparison(phases, medians)
     return 0
 
 

@@ -27,6 +27,8 @@ class Slot:
     label: str
     #: custom resources to ask for, e.g. {"accelerator_type:H200": 0.001} to land on such a node
     resources: tuple[tuple[str, float], ...] = ()
+    #: cores the worker pins itself to (its share of its node); 0: don't pin
+    cores: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("gpu", "cpu"):
@@ -48,6 +50,10 @@ class Slot:
         node would otherwise see every GPU. Ray also sets OMP_NUM_THREADS=1 in workers.
         """
         env = {"OMP_NUM_THREADS": str(self.threads)}
+        if self.cores:
+            # Inductor's compile workers (and g++ below them) inherit the affinity; bound their count too.
+            env["AITUNE_SLOT_CORES"] = str(self.cores)
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(self.cores)
         if self.kind == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env
@@ -84,6 +90,21 @@ def plan_worker_slots(
         threads_per_slot = max(1, total // cpu_slots)
     _check_cpu_fit(inventory, cpu_slots, threads_per_slot)
     return _cpu_slots(cpu_slots, threads_per_slot)
+
+
+def core_block(available: list[int], index: int, count: int) -> list[int]:
+    """The ``index``-th block of ``count`` cores among a node's ``available`` cores.
+
+    Blocks do not overlap while they fit; past that they wrap around (a node asked for more
+    slots than it has cores shares them, as it would unpinned).
+    """
+    if count <= 0 or not available:
+        return []
+    cores = sorted(available)
+    count = min(count, len(cores))
+    blocks = max(1, len(cores) // count)
+    start = (index % blocks) * count
+    return cores[start:start + count]
 
 
 def plan_deploy_targets(inventory: Inventory, targets: list[str | dict]) -> list[Slot]:
@@ -155,8 +176,10 @@ def _gpu_slots(inventory: Inventory, count: int) -> list[Slot]:
     # One CPU per GPU worker, unless some GPU node has fewer CPUs than GPUs: reserving a CPU
     # there would leave GPUs whose worker can never be scheduled.
     cpus_each = 1.0 if all(n.cpus >= n.gpus for n in inventory.gpu_nodes) else 0.0
+    # Each GPU worker's share of its node's cores: it compiles there, and launches from there.
+    share = min((int(n.cpus // n.gpus) for n in inventory.gpu_nodes if n.gpus >= 1), default=0)
     return [
-        Slot(index=i, kind="gpu", num_cpus=cpus_each, num_gpus=1.0, threads=1, label=f"gpu{i}")
+        Slot(index=i, kind="gpu", num_cpus=cpus_each, num_gpus=1.0, threads=1, label=f"gpu{i}", cores=max(share, 1))
         for i in range(count)
     ]
 
@@ -180,6 +203,6 @@ def _check_cpu_fit(inventory: Inventory, count: int, threads: int) -> None:
 
 def _cpu_slots(count: int, threads: int) -> list[Slot]:
     return [
-        Slot(index=i, kind="cpu", num_cpus=float(threads), num_gpus=0.0, threads=threads, label=f"cpu{i}")
+        Slot(index=i, kind="cpu", num_cpus=float(threads), num_gpus=0.0, threads=threads, label=f"cpu{i}", cores=threads)
         for i in range(count)
     ]

@@ -78,6 +78,16 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def structure_key(module: torch.nn.Module) -> str:
+    """The model's class and its parameter and buffer names, shapes and dtypes, not their values:
+    fine-tunes of one base share it, and with the graph spec and device class it names a family."""
+    klass = type(module)
+    return sha256_of({
+        "class": f"{klass.__module__}:{klass.__qualname__}",
+        "state": [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in sorted(module.state_dict().items())],
+    })
+
+
 def candidate_specs(spec: SweepSpec, device_type: str) -> list[CandidateSpec]:
     """The spec's candidates, or the device type's default set; the eager fp32 baseline always."""
     if spec.candidates is not None:
@@ -101,16 +111,42 @@ class ModelLoadError(ValueError):
     """A model's factory failed or returned something that is not a module; names the spec field."""
 
 
-def fingerprint_models(spec: SweepSpec) -> dict[str, str]:
-    """Each model's weights fingerprint, one model in memory at a time, before any worker starts."""
-    found: dict[str, str] = {}
-    for i, model in enumerate(spec.models):
+def not_deterministic(name: str, factory: str) -> str:
+    return (f"model {name!r}: factory {factory!r} is not deterministic: it made different weights in two builds, "
+            "so each worker would tune a different model under one key; seed it, or load its weights")
+
+
+def _build(i: int, model: ModelSpec, seed: int) -> torch.nn.Module:
+    # Under a different global seed each time: a factory that leans on torch's global RNG (an
+    # unseeded nn.Linear) then shows it here, before any worker starts.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         try:
-            module = load_model(model)
+            return load_model(model)
         except TypeError as exc:
             raise ModelLoadError(f"models[{i}].factory: {exc}") from None
         except Exception as exc:  # the user's factory raised: say which model and what
             raise ModelLoadError(f"models[{i}].factory: {model.factory!r} raised {type(exc).__name__}: {exc}") from None
-        found[model.name] = model_fingerprint(module)
+
+
+def identify_models(spec: SweepSpec, check_deterministic: bool = True) -> dict[str, tuple[str, str]]:
+    """Each model's (weights fingerprint, structure key), one model in memory at a time, before
+    any worker starts. Each is built twice (``check_deterministic``) and refused if the two differ."""
+    found: dict[str, tuple[str, str]] = {}
+    for i, model in enumerate(spec.models):
+        module = _build(i, model, 0x5EED)
+        fingerprint, structure = model_fingerprint(module), structure_key(module)
         del module
+        if check_deterministic:
+            again = _build(i, model, 0xD1CE)
+            same = model_fingerprint(again) == fingerprint
+            del again
+            if not same:
+                raise ModelLoadError(f"models[{i}]: {not_deterministic(model.name, model.factory)}")
+        found[model.name] = (fingerprint, structure)
     return found
+
+
+def fingerprint_models(spec: SweepSpec) -> dict[str, str]:
+    """Each model's weights fingerprint (see :func:`identify_models`)."""
+    return {name: fp for name, (fp, _) in identify_models(spec).items()}

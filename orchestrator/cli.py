@@ -1,6 +1,8 @@
-"""``python -m orchestrator``: ``tune SPEC`` runs a whole sweep, ``report STORE`` prints a past one;
-``deploy STORE`` installs stored winners on targets, ``rollback STORE`` switches them back one
-version, ``deployments STORE`` shows what is live where, ``serve STORE`` serves them with Ray Serve.
+"""``python -m orchestrator``: ``tune SPEC...`` runs a whole sweep, ``plan SPEC...`` says what it would
+do and cost (running nothing), ``report STORE`` prints a past one; ``deploy STORE`` installs stored
+winners on targets, ``rollback STORE`` switches them back one version, ``deployments STORE`` shows
+what is live where, ``serve STORE`` serves them with Ray Serve. Several specs make one sweep: models
+concatenated, other settings given once or alike (see orchestrator/spec_merge.py).
 
 Exit codes: 0 when everything asked for was done (tuned, selected, deployed); 2 for bad input
 (the spec, the store, the models, the arguments), refused before anything starts; 3 when the
@@ -27,12 +29,13 @@ def _say(console: Console, text: str) -> None:
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.candidates import ModelLoadError
-    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.spec import SpecError
+    from orchestrator.spec_merge import load_specs
     from orchestrator.store import StoreError
     from orchestrator.sweep import run_sweep
 
     try:
-        spec = load_spec(args.spec)
+        spec = load_specs(args.spec)
     except SpecError as exc:
         _say(console, str(exc))
         return EXIT_BAD_INPUT
@@ -157,6 +160,36 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
             handle.shutdown()
 
 
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from orchestrator.candidates import ModelLoadError
+    from orchestrator.forecast import forecast, write_plan
+    from orchestrator.spec import SpecError
+    from orchestrator.spec_merge import load_specs
+    from orchestrator.store import DB_NAME, MemoryStore, SqliteStore, StoreError
+
+    try:
+        spec = load_specs(args.spec)
+    except SpecError as exc:
+        _say(console, str(exc))
+        return EXIT_BAD_INPUT
+    root = Path(args.store or spec.store)
+    try:  # a plan never creates or changes a store: read-only, or an empty one in memory
+        store = SqliteStore(root, readonly=True) if (root / DB_NAME).is_file() else MemoryStore()
+        with store:
+            fc = forecast(spec, store, local=args.local)
+    except (StoreError, ModelLoadError) as exc:
+        _say(console, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    for line in fc.lines():
+        _say(console, line)
+    if args.out:
+        paths = write_plan(fc, args.out)
+        _say(console, "plan: " + ", ".join(str(p) for p in paths.values()))
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.report import report_store
     from orchestrator.store import StoreError
@@ -179,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tune = sub.add_parser("tune", help="run a sweep: tune, select, deploy, report")
-    tune.add_argument("spec", help="sweep spec (YAML or JSON)")
+    tune.add_argument("spec", nargs="+", help="sweep spec(s) (YAML or JSON), merged into one sweep")
     tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--store", default=None, help="store directory (default: the spec's 'store')")
     tune.add_argument("--force", action="store_true", help="build every candidate again, ignoring stored results")
@@ -187,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--no-deploy", action="store_true", help="skip deploying the winners")
     tune.add_argument("--cpu-slots", type=int, default=None, help="CPU worker slots where there is no GPU")
     tune.add_argument("--threads", type=int, default=None, help="torch threads per CPU slot")
+    plan = sub.add_parser("plan", help="what a sweep would run and cost, from the store; runs nothing")
+    plan.add_argument("spec", nargs="+", help="sweep spec(s) (YAML or JSON), merged as tune does")
+    plan.add_argument("--store", default=None, help="store directory (default: the spec's 'store')")
+    plan.add_argument("--local", action="store_true", help="plan for this machine's CPU, not the store's device classes")
+    plan.add_argument("--out", default=None, help="also write plan.json and plan.md here")
     report = sub.add_parser("report", help="print a past sweep again and write its JSON/CSV/Markdown/PNG reports")
     report.add_argument("store", help="store directory")
     report.add_argument("--sweep", default=None, help="sweep id (default: the latest)")
@@ -213,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # Reports are tables: keep them readable when output goes to a file or a CI log.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
-        commands = {"tune": _tune, "report": _report, "deploy": _deploy, "rollback": _deploy,
+        commands = {"tune": _tune, "plan": _plan, "report": _report, "deploy": _deploy, "rollback": _deploy,
                     "deployments": _deployments, "serve": _serve}
         return commands[args.command](args, console)
     except KeyboardInterrupt:

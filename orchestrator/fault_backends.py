@@ -104,3 +104,11 @@ class FaultBackend(ModuleBackend):
 
             out = map_tensors(out, lambda t: t + 1.0 if t.is_floating_point() else t)
         return out
+
+
+def process_seeded_mlp(width: int = 16, depth: int = 2) -> torch.nn.Module:
+    """A model factory that is deterministic within a process but not across processes: it seeds
+    itself from the process id, as a factory seeded from the clock or a hash of an object would."""
+    from aitune.examples import mlp
+
+    return mlp(width=width, depth=depth, seed=os.getpid())

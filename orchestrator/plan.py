@@ -53,7 +53,7 @@ def evaluation_of(spec: SweepSpec, precision: str, samples: str, threads: int) -
     tolerance = tolerance_for(precision, spec.tolerance_overrides())
     return {
         "check": {"tolerance": tolerance.to_dict(), "samples": samples},
-        "measure": {"threads": int(threads), **spec.measure.model_dump(mode="json")},
+        "measure": {"threads": int(threads), **spec.measure.model_dump(mode="json", exclude={"exclusive"})},
         "limits": {"build_timeout_s": spec.budgets.build_timeout_s, "measure_timeout_s": spec.budgets.measure_timeout_s},
     }
 
@@ -67,8 +67,12 @@ def expand(
     fingerprints: dict[str, str],
     device_classes: dict[str, dict[str, Any]],
     threads: dict[str, int] | None = None,
+    structures: dict[str, str] | None = None,
 ) -> list[Job]:
-    """Every (device class, model, batch size, candidate), with its keys; equal artifact keys appear once."""
+    """Every (device class, model, batch size, candidate), with its keys; equal artifact keys appear once.
+
+    ``structures`` (model name -> structure key) names each job's family; it is not in any key.
+    """
     jobs: dict[str, Job] = {}
     for dc_key, device_class in device_classes.items():
         candidates = candidate_specs(spec, device_class["device_type"])
@@ -89,6 +93,7 @@ def expand(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
                         candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
                         graph_spec=graph, samples_key=samples, evaluation=evaluation, eval_key=evaluation_key(evaluation),
+                        structure_key=(structures or {}).get(model.name, ""),
                     )
     return list(jobs.values())
 

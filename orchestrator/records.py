@@ -83,6 +83,19 @@ class Job(_Record):
     mode: str = "build"
     redo: list[str] = field(default_factory=list)  # for mode "evaluate": "check", "measure"
     attempt: int = 0
+    #: the model's architecture (class, parameter names, shapes, dtypes), not its weights
+    structure_key: str = ""
+
+    @property
+    def family_key(self) -> str:
+        """Models whose decisions can stand for each other: one architecture, graph spec, device class."""
+        return sha256_of({"structure": self.structure_key or self.model_fingerprint, "graph": self.graph_spec,
+                          "device_class": self.device_class_key})
+
+    @property
+    def candidate_key(self) -> str:
+        """The candidate itself, whatever model it is built for."""
+        return sha256_of({"backend": self.backend, "config": self.config})
 
     @property
     def reference_key(self) -> str:
@@ -129,6 +142,9 @@ class ResultRecord(_Record):
     how: str = BUILT
     #: for a result this sweep did not build: the stored result it came from ({"sweep", "result"})
     source: dict[str, Any] | None = None
+    #: the weights and architecture it was built from (for diffs: why a key changed)
+    model_fingerprint: str | None = None
+    structure_key: str | None = None
     #: the store's row id and sweep of this very record (set by the store, never written into it)
     result_id: int | None = None
     sweep_id: str | None = None
@@ -196,6 +212,7 @@ def result_for(job: Job, status: str, error: str | None = None, error_class: str
         candidate=job.candidate, status=status, device_class_key=job.device_class_key, eval_key=job.eval_key,
         evaluation=job.evaluation, error=error, error_class=error_class, worker=worker,
         attempts=job.attempt + 1, created_at=time.time(), reference_key=job.reference_key,
+        model_fingerprint=job.model_fingerprint or None, structure_key=job.structure_key or None,
     )
 
 
@@ -214,6 +231,9 @@ class SelectionRecord(_Record):
     speedup: float | None = None
     #: the sweep that made this decision, when this one took it over unchanged
     decided_in: str | None = None
+    #: ``reuse: decisions``: the family member whose full tuning chose the candidates tried here
+    #: ({"model", "candidates"}); None when this group was tuned fully
+    decisions_from: dict[str, Any] | None = None
 
 
 @dataclass

@@ -191,7 +191,27 @@ def render(
 
 
 def _reason(s: SelectionRecord) -> str:
-    return f"{s.reason} (decided in sweep {s.decided_in})" if s.decided_in else s.reason
+    reason = f"{s.reason} (decided in sweep {s.decided_in})" if s.decided_in else s.reason
+    if s.decisions_from:
+        tried = ", ".join(s.decisions_from.get("candidates", []))
+        reason += f"; decisions reused from {s.decisions_from.get('model')} (tried its top {tried})"
+    return reason
+
+
+def _markdown_diff(diff: dict | None) -> str:
+    if not diff:
+        return ""
+    lines = ["", f"## Changes since sweep {diff['previous_sweep']}", ""]
+    rows = [g for g in diff["groups"] if g["status"] != "same" or g["trend"] or g["why"]]
+    if not rows:
+        return "\n".join(lines + ["Nothing changed.", ""])
+    lines += _md_table(
+        ("model", "batch", "device", "change", "winner before", "winner now", "latency ratio", "why"),
+        ((g["model"], g["batch_size"], g["device"], g["status"], g["old_winner"] or "-", g["new_winner"] or "-",
+          f"x{g['ratio']:.2f} {g['trend']}".strip() if g["ratio"] is not None else "-", ", ".join(g["why"]))
+         for g in rows),
+    )  # fmt: skip
+    return "\n".join(lines)
 
 
 def incomplete_note(sweep_info: dict) -> str | None:
@@ -225,7 +245,9 @@ def write_reports(
     results: Iterable[ResultRecord],
     selections: Iterable[SelectionRecord],
     deployments: Iterable[DeployRecord],
+    diff: dict | None = None,
 ) -> dict[str, Path]:
+    """``diff``: :meth:`orchestrator.diff.SweepDiff.to_dict` against the previous sweep, if any."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, selections, deployments = list(results), list(selections), list(deployments)
@@ -238,6 +260,7 @@ def write_reports(
         "selections": [s.to_dict() for s in selections],
         "deployments": [d.to_dict() for d in deployments],
         "results": [r.to_dict() for r in results],
+        "diff": diff,
     }
     paths["report.json"].write_text(json.dumps(_strict_json(everything), indent=2, default=str) + "\n")
 
@@ -246,7 +269,7 @@ def write_reports(
         writer.writeheader()
         writer.writerows(rows)
 
-    paths["report.md"].write_text(_markdown(sweep_info, rows, selections, deployments))
+    paths["report.md"].write_text(_markdown(sweep_info, rows, selections, deployments) + _markdown_diff(diff))
     try:
         plot_latency(rows, paths["latency.png"])
     except ImportError as exc:  # matplotlib is a plotting nicety: the reports above still stand
@@ -300,7 +323,7 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
         lines += ["## Winners", ""]
         lines += _md_table(
             ("model", "batch", "winner", "speedup", "reason", "ties"),
-            ((s.model, s.batch_size, s.winner or "-", _speedup(sp), s.reason, ", ".join(s.ties))
+            ((s.model, s.batch_size, s.winner or "-", _speedup(sp), _reason(s), ", ".join(s.ties))
              for s, sp in _winner_speedups(selections, rows)),
         )  # fmt: skip
     if deployments:

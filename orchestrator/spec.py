@@ -141,6 +141,9 @@ class ModelSpec(_Strict):
     seed: int = 0
     #: this model's batch sizes, instead of the sweep's
     batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
+    #: "decisions": tune only the family's top-k candidates when another member was tuned
+    #: fully (same architecture, graph spec and device class); None: the sweep's setting
+    reuse: Literal["none", "decisions"] | None = None
 
     @field_validator("factory")
     @classmethod
@@ -278,6 +281,9 @@ class MeasureSpec(_Strict):
     target_rel_ci: float = Field(default=0.02, gt=0, lt=1)
     warmup_iters: int = Field(default=5, ge=0)
     min_iters: PositiveInt = 10
+    #: "node": one worker per node measures at a time while the others build (not part of the
+    #: evaluation key: it changes how quietly a measurement is taken, not what is measured)
+    exclusive: Literal["node"] | None = None
 
     @field_validator("warmup_iters")
     @classmethod
@@ -302,6 +308,9 @@ class WorkersSpec(_Strict):
     #: recycle a worker (fresh process) when a candidate leaves more than this behind;
     #: default: 256 MB of GPU memory on GPUs, off on CPUs (resident memory there is noisy)
     recycle_margin_mb: PositiveFloat | None = None
+    #: bytes of models and references each worker keeps loaded (least recently used go first);
+    #: default: a quarter of host memory shared by the slots on CPUs, half the device's memory on GPUs
+    model_cache_mb: PositiveFloat | None = None
 
 
 class DeploySpec(_Strict):
@@ -375,6 +384,10 @@ class SweepSpec(_Strict):
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     store: Annotated[str, BeforeValidator(_store_path), AfterValidator(_store)] = "store"
     deploy: DeploySpec = Field(default_factory=DeploySpec)
+    #: "decisions": models of one family (architecture, graph spec, device class) after the first
+    #: build only the family's top ``reuse_top_k`` candidates; a model's own ``reuse`` wins
+    reuse: Literal["none", "decisions"] = "none"
+    reuse_top_k: PositiveInt = 3
 
     @field_validator("tolerances")
     @classmethod
@@ -432,6 +445,9 @@ class SweepSpec(_Strict):
     def batches_of(self, model: ModelSpec) -> list[int]:
         return list(model.batch_sizes or self.batch_sizes)
 
+    def reuse_of(self, model: ModelSpec) -> str:
+        return model.reuse or self.reuse
+
     def model(self, name: str) -> ModelSpec:
         for m in self.models:
             if m.name == name:
@@ -475,7 +491,18 @@ def parse_spec(data: Any, source: str = "<dict>") -> SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read a YAML or JSON spec; relative store paths stay relative to the working directory."""
+    """Read a YAML or JSON spec; relative store paths stay relative to the working directory.
+
+    ``include: [other.yaml]`` (paths relative to the including file) merges other specs in, by
+    the rules of :mod:`orchestrator.spec_merge`.
+    """
+    from orchestrator.spec_merge import load_specs
+
+    return load_specs([path])
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """One spec file's plain data, refusing what YAML or JSON would silently accept."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"sweep spec {path} does not exist")
@@ -487,4 +514,4 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(f"sweep spec {path} is {exc}") from None
     except SpecStructureError as exc:
         raise SpecError("\n".join([f"invalid sweep spec {path}:"] + [f"  {_path(loc)}: {m}" for loc, m in exc.problems])) from None
-    return parse_spec(data, str(path))
+    return data

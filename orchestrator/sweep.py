@@ -9,6 +9,7 @@ Every step is a function below; ``run_sweep`` only strings them together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,8 +22,10 @@ from rich.console import Console
 
 from aitune.measure import Measurement
 from orchestrator import records as R
-from orchestrator.candidates import fingerprint_models
+from orchestrator.candidates import identify_models
 from orchestrator.deploy import deploy_winners
+from orchestrator.diff import SweepDiff, diff_sweeps
+from orchestrator.families import Waves
 from orchestrator.plan import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
@@ -49,6 +52,8 @@ class SweepOutcome:
     ran: int = 0
     #: how each result came about: built, reused, re-checked, re-measured
     how: dict[str, int] = field(default_factory=dict)
+    #: against the previous sweep of the same models (None: there was none)
+    diff: SweepDiff | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -156,7 +161,7 @@ def run_sweep(
     own_store = store is None
     store = store or open_store(store_root or spec.store)
     try:
-        fingerprints = fingerprint_models(spec)
+        identities = identify_models(spec)
         handle = connect(address, **(ray_init or {}))
     except BaseException:
         if own_store:
@@ -173,6 +178,10 @@ def run_sweep(
                 plan_deploy_targets(inventory, spec.deploy.targets)
             except ValueError as exc:
                 raise ValueError(f"deploy.targets: {exc}") from None
+        from cluster.node_share import start_node_shares
+
+        # Owned by the driver: they hand out core blocks and the measure lock for the whole sweep.
+        node_shares = start_node_shares([n.node_id for n in inventory.alive_nodes])  # noqa: F841
         sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"))
         console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); "
                       f"store {store.root or 'in memory'}", markup=False, highlight=False)
@@ -183,16 +192,27 @@ def run_sweep(
                                   on_result=_committer(store, sweep_id, asks), events=progress)
             workers = Workers(scheduler, slots, local=handle.embedded)
             with progress:
-                jobs = _plan(spec, fingerprints, workers.classes())
+                jobs = _plan(spec, identities, workers.classes())
                 priors = _priors(store, jobs)
                 decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem) for j, p in priors]
-                progress.total = len(jobs)
-                start = time.monotonic()
                 known = {j.key: {r.result_id for r in p} for j, p in priors}
-                results = _run(spec, store, sweep_id, workers, decisions, progress, asks, known)
+                waves = Waves.split(spec, decisions)
+                progress.total = len(waves.first)
+                start = time.monotonic()
+                results = _run(spec, store, sweep_id, workers, waves.first, progress, asks, known)
+                for wave in (waves.second, waves.fallback):  # reuse: decisions; empty otherwise
+                    more = wave(results)
+                    if not more:
+                        continue
+                    progress.total += len(more)
+                    if spec.budgets.total_s is not None:  # the waves share the sweep's one budget
+                        left = max(spec.budgets.total_s - (time.monotonic() - start), 1e-3)
+                        scheduler.limits = dataclasses.replace(scheduler.limits, total_s=left)
+                    results += _run(spec, store, sweep_id, workers, more, progress, asks, known)
                 tune_s = time.monotonic() - start
             selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(workers, store, spec),
                                         previous=None if force else _previous_selection(store, spec, sweep_id))
+            waves.annotate(selections)
             for s in selections:
                 store.put_selection(sweep_id, s)
             scheduler.shutdown()
@@ -203,12 +223,19 @@ def run_sweep(
         how = Counter(r.how for r in results)
         outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s,
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0), how=dict(how))
+        try:
+            outcome.diff = diff_sweeps(store, sweep_id)
+        except Exception as exc:  # the diff is a view on the history: the sweep itself stands
+            log.warning("no diff against the previous sweep: %s", exc)
         if write_report:
             swept = store.sweep_results(sweep_id)
             render(console, swept, selections, deployments)
+            for line in outcome.diff.lines() if outcome.diff else []:
+                console.print(line, markup=False, highlight=False)
             if store.root is not None:
                 out = store.root / "reports" / sweep_id
-                outcome.reports = write_reports(out, store.sweep_info(sweep_id).to_dict(), swept, selections, deployments)
+                outcome.reports = write_reports(out, store.sweep_info(sweep_id).to_dict(), swept, selections, deployments,
+                                                diff=outcome.diff.to_dict() if outcome.diff else None)
                 console.print(f"reports: {', '.join(str(p) for p in outcome.reports.values())}", markup=False, highlight=False)
         return outcome
     except BaseException as exc:
@@ -269,10 +296,11 @@ def _limits(spec: SweepSpec) -> Limits:
     return Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
 
 
-def _plan(spec: SweepSpec, fingerprints: dict[str, str], infos) -> list[Job]:
+def _plan(spec: SweepSpec, identities: dict[str, tuple[str, str]], infos) -> list[Job]:
     device_classes = {i.device_class_key: i.device_class for i in infos}
     threads = {i.device_class_key: i.threads for i in infos}
-    return expand(spec, fingerprints, device_classes, threads)
+    return expand(spec, {n: fp for n, (fp, _) in identities.items()}, device_classes, threads,
+                  structures={n: st for n, (_, st) in identities.items()})
 
 
 def _priors(store: ResultStore, jobs: list[Job]):

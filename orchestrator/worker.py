@@ -7,6 +7,7 @@ phase to its own timeout and kill the actor when one hangs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -34,7 +35,8 @@ from aitune.torch.backend.registry import make_backend
 from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
-from orchestrator.candidates import load_model, make_sample
+from orchestrator.candidates import load_model, make_sample, model_fingerprint, not_deterministic
+from orchestrator.model_cache import ModelCache, default_limit_bytes
 from orchestrator.plan import outputs_bytes
 from orchestrator.pretend_gpus import pretend_device
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
@@ -92,8 +94,9 @@ class TuneWorker:
             torch.backends.cudnn.allow_tf32 = False
         self.spec: SweepSpec = parse_spec(spec)
         self.env = pretend_device(describe_environment(self.device), slot.get("kind"))  # test-only name
-        self._models: dict[str, torch.nn.Module] = {}
-        self._refs: dict[tuple[str, int], tuple[Sample, Any]] = {}
+        slots_here = max(1, (os.cpu_count() or 1) // max(self.threads, 1))
+        self._cache = ModelCache(default_limit_bytes(self.spec.workers.model_cache_mb, self.device, slots_here))
+        self.cores = _pin_to_share(slot, worker_id)
         self._backend: Backend | None = None
         self._phases: dict[str, float] = {}
         self._before: memory.MemorySnapshot | None = None
@@ -117,19 +120,37 @@ class TuneWorker:
         ).to_dict()
 
     # -- model, sample, reference -----------------------------------------------------------------
-    def _reference(self, model_name: str, batch: int) -> tuple[torch.nn.Module, Sample, Any]:
+    def _reference(self, model_name: str, batch: int, fingerprint: str = "") -> tuple[torch.nn.Module, Sample, Any]:
+        """The model (from the cache, else loaded and checked against the driver's fingerprint)
+        and its eager fp32 reference at ``batch``."""
         start = time.perf_counter()
-        if model_name not in self._models:
-            self._models[model_name] = load_model(self.spec.model(model_name)).to(self.device)
+        module = self._cache.module(model_name)
+        if module is None:
+            model_spec = self.spec.model(model_name)
+            module = load_model(model_spec)
+            if fingerprint and model_fingerprint(module) != fingerprint:
+                raise NotDeterministicModel(not_deterministic(model_name, model_spec.factory)
+                                            + " (this worker's weights differ from the driver's)")
+            module = module.to(self.device)
+            self._cache.add_module(model_name, module)
+            gc.collect()  # what the cache let go of goes now, before the heap is frozen again
             _freeze_heap()
-        module = self._models[model_name]
-        if (model_name, batch) not in self._refs:
+        ref = self._cache.reference(model_name, batch)
+        if ref is None:
             sample = make_sample(self.spec.model(model_name), batch).to(self.device)
             with torch.inference_mode():
                 out = map_tensors(sample(module), lambda t: t.detach().clone())
-            self._refs[(model_name, batch)] = (sample, out)
+            self._cache.add_reference(model_name, batch, sample, out)
+            ref = (sample, out)
         self._phases["load"] = time.perf_counter() - start
-        return module, *self._refs[(model_name, batch)]
+        return module, *ref
+
+    def cache_info(self) -> dict[str, Any]:
+        """What this worker holds: models (least recently used first), bytes, loads, evictions, RSS, cores."""
+        return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
+                "loads": self._cache.loads, "evictions": self._cache.evictions,
+                "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
+                "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
     def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +163,12 @@ class TuneWorker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            module, sample, _ = self._reference(job.model, job.batch_size)
+            module, sample, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
             backend = make_backend(job.backend, job.config)
+        except NotDeterministicModel as exc:
+            failure = self._failure(R.ERROR, exc)
+            failure["error"] = str(exc)
+            return failure
         except Exception as exc:
             return self._failure(job, R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
@@ -172,7 +197,7 @@ class TuneWorker:
         job = Job.from_dict(job_dict)
         if self._backend is None:
             raise RuntimeError(f"worker {self.worker_id}: finish({job.candidate}) without a successful build")
-        _, sample, reference = self._reference(job.model, job.batch_size)
+        _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
         record = self._record(job, R.OK)
         checkpoint = outputs = None
         try:
@@ -205,7 +230,7 @@ class TuneWorker:
         record.check, record.measurement, record.phases = prior.check, prior.measurement, dict(prior.phases)
         outputs = None
         try:
-            _, sample, reference = self._reference(job.model, job.batch_size)
+            _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
             self._before = memory.snapshot(self.device)
             start = time.perf_counter()
             self._backend = self._load_stored(job, prior.manifest_sha256, checkpoint)
@@ -219,15 +244,16 @@ class TuneWorker:
 
     def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
                redo: list[str], previous_check) -> bytes:
-        start = time.perf_counter()
         m = self.spec.measure
         config = MeasureConfig(
             warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
             budget_s=m.budget_s, threads=self.threads,
         )
         tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
-        verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
-                        config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
+        with self._quiet_node("measure" in redo):
+            start = time.perf_counter()  # after the wait for the node's lock: that is measure_wait
+            verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
+                            config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
         record.check = verdict.check
         if "measure" in redo or verdict.status != R.OK:
@@ -277,13 +303,31 @@ class TuneWorker:
                       device_class_key="", model_fingerprint="")
             backends[key] = self._load_stored(job, manifest_sha, data)
         config = MeasureConfig(budget_s=budget_s, threads=self.threads, target_rel_ci=self.spec.measure.target_rel_ci)
-        results = interleaved({k: b.infer for k, b in backends.items()}, sample, self.device, config)
+        with self._quiet_node(True):
+            results = interleaved({k: b.infer for k, b in backends.items()}, sample, self.device, config)
         for b in backends.values():
             del b
         return {k: v.to_dict() for k, v in results.items()}
 
     def ping(self) -> str:
         return self.worker_id
+
+    @contextlib.contextmanager
+    def _quiet_node(self, measuring: bool):
+        """With ``measure.exclusive: node``, hold the node's measurement lock while measuring."""
+        if not measuring or self.spec.measure.exclusive != "node":
+            yield
+            return
+        import ray
+
+        from cluster.node_share import node_share
+
+        share = node_share(ray.get_runtime_context().get_node_id())
+        self._phases["measure_wait"] = ray.get(share.acquire.remote(self.worker_id, self.spec.budgets.measure_timeout_s))
+        try:
+            yield
+        finally:
+            share.release.remote(self.worker_id)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _record(self, job: Job, status: str) -> ResultRecord:
@@ -324,6 +368,43 @@ class TuneWorker:
             self._backend = None
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._scratch.mkdir(parents=True, exist_ok=True)
+
+
+class NotDeterministicModel(RuntimeError):
+    """The model this worker built is not the one the driver fingerprinted."""
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kilobytes
+
+
+def _pin_to_share(slot: dict[str, Any], worker_id: str) -> list[int]:
+    """Pin this process (and so its compilers' child processes) to its slot's block of the
+    node's cores; the node's NodeShare hands the blocks out. Unpinned if anything is missing."""
+    count = int(os.environ.get("AITUNE_SLOT_CORES", "0") or 0)
+    if count <= 0 or not hasattr(os, "sched_setaffinity"):
+        return []
+    try:
+        import ray
+
+        from cluster.node_share import node_share
+
+        available = sorted(os.sched_getaffinity(0))
+        share = node_share(ray.get_runtime_context().get_node_id())
+        cores = ray.get(share.cores.remote(str(slot.get("label", worker_id)), count, available), timeout=30)
+        os.sched_setaffinity(0, cores)
+    except Exception as exc:  # pinning is for quiet measurements; a worker still works without it
+        logging.getLogger(__name__).warning("worker %s not pinned to cores: %s", worker_id, exc)
+        return []
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = min(inductor_config.compile_threads or count, count)
+    except Exception:  # an older torch without the setting: the environment variable still holds
+        pass
+    return list(cores)
 
 
 def _freeze_heap() -> None:

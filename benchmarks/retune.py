@@ -1,0 +1,113 @@
+"""Retune benchmark: 10 fine-tunes of one architecture, with ``reuse: decisions`` against a full sweep.
+
+Ten models from one factory with different seeds (``aitune.examples:mlp``, width 64, depth 4,
+``seed`` 0..9 through kwargs: one architecture, ten sets of weights), batch 1, 2 CPU workers
+with one thread each, deploy off, each run on a fresh temporary store. The full sweep tunes
+every model on every candidate; the retune (``reuse: decisions``, ``reuse_top_k`` = k) tunes
+the first fully and the other nine on its top k only.
+
+    ratio = tune_s(retune) / tune_s(full)                                        goal: <= 0.3
+    winners: the retune's winner of each model is the full sweep's, or one of its declared ties
+
+Candidates: the default CPU set without AOTInductor (eager fp32 and bf16, torch.compile, ONNX
+Runtime) so that it fits a 2-core machine in a few minutes; ``--all`` uses the whole default
+set. The full sweep goes first, so the retune meets warm compile caches, as a real retune of
+fine-tunes would after the base was tuned; ``--order retune,full`` swaps them.
+
+Run:  PYTHONPATH=. .venv/bin/python benchmarks/retune.py [--models 10] [--top-k 3] [--all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+
+GOAL = 0.3
+
+
+def spec_for(models: int, reuse: str, top_k: int, all_candidates: bool, store: str):
+    from aitune.defaults import candidates_for
+    from orchestrator.spec import parse_spec
+
+    candidates = [{"backend": b, "config": c} for b, c in candidates_for("cpu")
+                  if all_candidates or b != "TorchInductorAotBackend"]
+    return parse_spec({
+        "name": f"retune-{reuse}",
+        "models": [{"name": f"ft{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 64, "depth": 4, "seed": i},
+                    "inputs": [{"name": "x", "shape": [64]}]} for i in range(models)],
+        "batch_sizes": [1], "candidates": candidates,
+        "measure": {"budget_s": 0.3},
+        "workers": {"cpu_slots": 2, "threads_per_slot": 1, "use_gpus": False},
+        "budgets": {"build_timeout_s": 600, "measure_timeout_s": 120},
+        "reuse": reuse, "reuse_top_k": top_k, "store": store,
+    })
+
+
+def run(models: int, reuse: str, top_k: int, all_candidates: bool):
+    from orchestrator.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory(prefix="aitune-retune-") as store:
+        spec = spec_for(models, reuse, top_k, all_candidates, store)
+        start = time.monotonic()
+        outcome = run_sweep(spec, deploy=False, write_report=False, console=Console(file=io.StringIO()), live=False)
+        return outcome, time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--all", action="store_true", help="the whole default CPU candidate set (with AOTInductor)")
+    parser.add_argument("--order", default="full,retune")
+    args = parser.parse_args()
+
+    from cluster import connect
+
+    print(f"machine: {os.cpu_count()} CPU cores, no GPU; load average {os.getloadavg()[0]:.2f} at start")
+    handle = connect(num_cpus=2, object_store_memory=300 * 1024**2)
+    outcomes = {}
+    try:
+        for which in args.order.split(","):
+            outcome, whole = run(args.models, "decisions" if which == "retune" else "none", args.top_k, args.all)
+            outcomes[which] = outcome
+            print(f"{which:6s}: {len(outcome.results)} jobs {dict(collections.Counter(r.status for r in outcome.results))}, "
+                  f"tune_s {outcome.tune_s:.1f} s ({whole:.0f} s with start-up); load {os.getloadavg()[0]:.2f}")
+    finally:
+        handle.shutdown()
+    full, retune = outcomes["full"], outcomes["retune"]
+    ratio = retune.tune_s / full.tune_s
+    print(f"\nratio tune_s(retune) / tune_s(full) = {ratio:.2f} (goal <= {GOAL}) -> {'MET' if ratio <= GOAL else 'NOT MET'}")
+    full_sel = {s.model: s for s in full.selections}
+    same = tied = differ = 0
+    for s in sorted(retune.selections, key=lambda s: s.model):
+        ref = full_sel[s.model]
+        if s.winner == ref.winner:
+            same += 1
+            verdict = "same"
+        elif s.winner in ref.ties or ref.winner in s.ties:
+            tied += 1
+            verdict = "within the full sweep's ties"
+        else:
+            differ += 1
+            verdict = "DIFFERENT"
+        src = (s.decisions_from or {}).get("model", "-")
+        print(f"  {s.model}: full {ref.winner} (ties {', '.join(ref.ties) or '-'}); retune {s.winner} "
+              f"(decisions from {src}): {verdict}")
+    print(f"winners: {same} same, {tied} within ties, {differ} different of {len(retune.selections)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

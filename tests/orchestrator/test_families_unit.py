@@ -1,0 +1,58 @@
+"""Waves of reuse: decisions, without Ray: who is held, the top-k by the head's results, and the fallback."""
+
+from __future__ import annotations
+
+from orchestrator import records as R
+from orchestrator.families import Waves
+from orchestrator.plan import BUILD, Decision, expand
+from orchestrator.spec import parse_spec
+from sweep_helpers import measurement
+
+CANDS = [{"backend": "TorchEagerBackend"}, {"backend": "TorchEagerBackend", "config": {"precision": "bfloat16", "autocast": True}},
+         {"backend": "TorchEagerBackend", "config": {"channels_last": True}}]
+
+
+def decisions(reuse_second: str | None = "decisions", k: int = 1):
+    models = [{"name": f"m{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 8, "depth": 1, "seed": i},
+               "inputs": [{"shape": [8]}], **({"reuse": reuse_second} if i == 1 and reuse_second else {})} for i in range(2)]
+    models.append({"name": "other", "factory": "aitune.examples:mlp", "kwargs": {"width": 4, "depth": 1}, "inputs": [{"shape": [4]}]})
+    spec = parse_spec({"models": models, "batch_sizes": [1], "candidates": CANDS, "reuse_top_k": k})
+    jobs = expand(spec, {"m0": "a" * 64, "m1": "b" * 64, "other": "c" * 64}, {"d" * 64: {"device_type": "cpu"}},
+                  structures={"m0": "s" * 64, "m1": "s" * 64, "other": "t" * 64})
+    return spec, [Decision(j, BUILD) for j in jobs]
+
+
+def result(d: Decision, ms: float | None, status: str = R.OK) -> R.ResultRecord:
+    r = R.result_for(d.job, status)
+    r.measurement = measurement(ms) if ms is not None else None
+    return r
+
+
+def test_only_members_that_ask_for_reuse_wait_for_their_family_head():
+    spec, ds = decisions()
+    waves = Waves.split(spec, ds)
+    assert {d.job.model for d in waves.first} == {"m0", "other"}  # another architecture: its own family
+    assert sum(len(h) for h in waves.held.values()) == len(CANDS)
+    spec, ds = decisions(reuse_second=None)
+    assert len(Waves.split(spec, ds).first) == len(ds)  # reuse: none (the default): everything runs
+
+
+def test_a_follower_runs_the_heads_fastest_correct_candidates():
+    spec, ds = decisions(k=1)
+    waves = Waves.split(spec, ds)
+    head = [d for d in waves.first if d.job.model == "m0"]
+    # the fastest is incorrect: the top-1 is the fastest correct one
+    results = [result(head[0], 3.0), result(head[1], 1.0, R.INCORRECT), result(head[2], 2.0)]
+    (chosen,) = waves.second(results)
+    assert chosen.job.model == "m1" and chosen.job.candidate == head[2].job.candidate
+    assert waves.sources[("m1", 1, "d" * 64)]["model"] == "m0"
+
+
+def test_a_follower_none_of_whose_top_k_is_correct_runs_the_rest():
+    spec, ds = decisions(k=1)
+    waves = Waves.split(spec, ds)
+    head = [d for d in waves.first if d.job.model == "m0"]
+    (chosen,) = waves.second([result(head[0], 1.0)])
+    rest = waves.fallback([result(chosen, None, R.INCORRECT)])
+    assert len(rest) == len(CANDS) - 1 and all(d.job.model == "m1" for d in rest)
+    assert ("m1", 1, "d" * 64) not in waves.sources  # its winner no longer comes from the head's decisions

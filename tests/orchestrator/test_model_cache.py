@@ -1,0 +1,100 @@
+"""Each worker's models and references are bounded by bytes, least recently used first out; a
+factory whose weights differ between builds is refused, by the driver and by the worker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator import records as R
+from orchestrator.candidates import ModelLoadError, identify_models, structure_key
+from orchestrator.plan import expand
+from orchestrator.model_cache import ModelCache, tensor_bytes
+from orchestrator.spec import parse_spec
+
+
+def linear(n: int) -> torch.nn.Module:
+    return torch.nn.Linear(n, n)
+
+
+def test_the_cache_evicts_the_least_recently_used_model_beyond_its_bytes():
+    size = tensor_bytes(linear(16))
+    cache = ModelCache(limit_bytes=2 * size)
+    for name in ("a", "b"):
+        cache.add_module(name, linear(16))
+    cache.module("a")  # a is used again: b is now the oldest
+    cache.add_module("c", linear(16))
+    assert cache.names == ["a", "c"]
+    assert cache.evictions == 1
+    assert cache.nbytes <= 2 * size
+
+
+def test_the_model_in_use_stays_even_when_it_alone_is_over_the_bound():
+    cache = ModelCache(limit_bytes=1)
+    cache.add_module("a", linear(8))
+    cache.add_module("b", linear(8))
+    assert cache.names == ["b"]
+
+
+def test_references_count_towards_the_bound():
+    module = linear(64)
+    cache = ModelCache(limit_bytes=tensor_bytes(module) * 2)
+    cache.add_module("a", module)
+    cache.add_module("b", linear(64))
+    # a's reference outputs push the total over: b, the least recently used, goes
+    cache.add_reference("a", 1, torch.zeros(1, 64), torch.zeros(4096, 64))
+    assert cache.names == ["a"]
+    assert cache.reference("a", 1) is not None
+
+
+def _spec(**model):
+    base = {"name": "m", "factory": "aitune.examples:mlp", "kwargs": {"width": 8, "depth": 1}, "inputs": [{"shape": [8]}]}
+    return parse_spec({"models": [{**base, **model}], "batch_sizes": [1]})
+
+
+def test_an_unseeded_factory_is_refused_naming_the_model():
+    spec = _spec(name="lin", factory="torch.nn:Linear", kwargs={"in_features": 4, "out_features": 4}, inputs=[{"shape": [4]}])
+    with pytest.raises(ModelLoadError) as err:
+        identify_models(spec)
+    text = str(err.value)
+    assert "'lin'" in text and "torch.nn:Linear" in text and "not deterministic" in text and "seed it" in text
+
+
+def test_a_seeded_factory_passes_and_its_structure_ignores_the_weights():
+    a = identify_models(_spec(kwargs={"width": 8, "depth": 1, "seed": 1}))["m"]
+    b = identify_models(_spec(kwargs={"width": 8, "depth": 1, "seed": 2}))["m"]
+    assert a[0] != b[0]  # other weights, other fingerprint
+    assert a[1] == b[1]  # one architecture
+    assert structure_key(linear(4)) != structure_key(linear(5))
+
+
+def test_the_worker_fails_a_job_whose_model_is_not_the_drivers(monkeypatch):
+    from orchestrator.worker import TuneWorker
+
+    spec = _spec(factory="orchestrator.fault_backends:process_seeded_mlp", kwargs={"width": 8, "depth": 1})
+    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
+    job = R.Job(key="k" * 64, model="m", batch_size=1, backend="TorchEagerBackend", config={}, candidate="eager",
+                device_class_key="d" * 64, model_fingerprint="0" * 64)  # as the driver saw it in another process
+    answer = worker.build(job.to_dict())
+    assert answer["status"] == R.ERROR
+    assert "'m'" in answer["error"] and "not deterministic" in answer["error"] and "differ from the driver" in answer["error"]
+
+
+def test_a_worker_keeps_at_most_its_cache_bound_of_models():
+    from orchestrator.worker import TuneWorker
+
+    models = [{"name": f"m{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 32, "depth": 2, "seed": i},
+               "inputs": [{"shape": [32]}]} for i in range(4)]
+    spec = parse_spec({"models": models, "batch_sizes": [1], "workers": {"model_cache_mb": 0.02},
+                       "candidates": [{"backend": "TorchEagerBackend"}]})
+    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
+    fingerprints = {name: fp for name, (fp, _) in identify_models(spec).items()}
+    jobs = expand(spec, fingerprints, {"d" * 64: {"device_type": "cpu"}})
+    assert [j.model for j in jobs] == ["m0", "m1", "m2", "m3"]
+    for job in jobs:
+        answer = worker.build(job.to_dict())
+        assert answer["status"] == R.OK, answer.get("error")
+    info = worker.cache_info()
+    assert info["bytes"] <= info["limit_bytes"] or len(info["models"]) == 1
+    assert info["models"][-1] == "m3"
+    assert info["loads"] == 4 and info["evictions"] >= 2

@@ -1,0 +1,71 @@
+"""Workers on one node don't disturb each other: each slot pinned to its own cores, and with
+measure: {exclusive: node} one measurement per node at a time (real Ray)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from cluster import Inventory, plan_worker_slots
+from cluster.node_share import node_share, start_node_shares
+from cluster.placement import core_block
+from orchestrator import records as R
+from orchestrator.pool import RayPool
+from orchestrator.sweep import run_sweep
+from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_core_blocks_do_not_overlap_while_they_fit():
+    assert [core_block([0, 1, 2, 3], i, 2) for i in range(3)] == [[0, 1], [2, 3], [0, 1]]
+    assert core_block([4, 5], 0, 3) == [4, 5]
+
+
+def test_each_worker_slot_is_pinned_to_its_own_cores(ray_session, tmp_path):
+    spec = tiny_spec(tmp_path / "store", [EAGER])
+    inventory = Inventory.from_ray()
+    shares = start_node_shares([n.node_id for n in inventory.alive_nodes])  # noqa: F841
+    slots = plan_worker_slots(inventory, cpu_slots=2, threads_per_slot=1, use_gpus=False)
+    pool = RayPool()
+    actors = []
+    try:
+        for slot in slots:
+            actor, started = pool.spawn(slot, f"{slot.label}-0", spec.model_dump(mode="json"))
+            ray.get(started)
+            actors.append(actor)
+        infos = [ray.get(a.cache_info.remote()) for a in actors]
+    finally:
+        for a in actors:
+            pool.kill(a)
+    cores = [set(i["cores"]) for i in infos]
+    assert all(len(c) == 1 for c in cores)
+    assert cores[0].isdisjoint(cores[1])
+    assert all(i["threads"] == 1 for i in infos)
+
+
+def test_a_node_measures_one_worker_at_a_time_and_a_dead_holder_expires(ray_session):
+    share = node_share(ray.get_runtime_context().get_node_id())
+    ray.get(share.acquire.remote("a", 60.0))
+    waiting = share.acquire.remote("b", 60.0)
+    assert not ray.wait([waiting], timeout=0.5)[0]  # a measures: b waits
+    ray.get(share.release.remote("a"))
+    assert ray.wait([waiting], timeout=5)[0]
+    # b never releases (killed mid-measurement): its lease runs out and c goes ahead
+    start = time.monotonic()
+    ray.get(share.acquire.remote("c", 0.5), timeout=10)
+    assert time.monotonic() - start >= 0.4
+    ray.get(share.release.remote("c"))
+
+
+def test_a_sweep_with_exclusive_measurement_records_its_waits(ray_session, tmp_path):
+    spec = tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16], measure={"budget_s": 0.05, "min_iters": 5, "warmup_iters": 2,
+                                                                        "exclusive": "node"})
+    outcome = run_sweep(spec, console=quiet(), deploy=False, write_report=False)
+    assert all(r.status == R.OK for r in outcome.results)
+    assert all("measure_wait" in r.phases for r in outcome.results)
+    # not part of what is measured: the same results are reused by a sweep without it
+    again = run_sweep(tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16]), console=quiet(), deploy=False, write_report=False)
+    assert again.ran == 0
