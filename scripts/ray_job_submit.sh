@@ -124,8 +124,9 @@ if [[ -z "$ready" ]]; then
 fi
 echo "== head up (pid $HEAD_PID)"
 
-# Ray also skips what .gitignore lists; the excludes make the upload's limits explicit.
-RUNTIME_ENV='{"excludes": [".venv", "venv", ".git", "runs", "store", "/.whl", ".pytest_cache", "**/__pycache__", "*.egg-info"]}'
+# Ray also skips what .gitignore lists; the excludes make the upload's limits explicit. Top-level
+# folders are anchored with "/": a bare "store" would also drop orchestrator/store/ from the upload.
+RUNTIME_ENV='{"excludes": ["/.venv", "/venv", ".git", "/runs", "/store", "/.whl", ".pytest_cache", "**/__pycache__", "*.egg-info"]}'
 JOBS="${AITUNE_JOBS:-1}"
 
 job_succeeded() {

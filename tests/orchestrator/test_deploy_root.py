@@ -167,3 +167,11 @@ def test_deployments_of_a_store_with_no_sweeps_is_refused(tmp_path, capsys):
     Store(tmp_path / "empty").close()
     code, lines = cli(capsys, "deployments", str(tmp_path / "empty"))
     assert code == EXIT_BAD_INPUT and len(lines) == 1 and "has no sweeps" in lines[0]
+
+
+def test_serve_and_rollback_refuse_a_store_with_no_sweeps_before_ray(tmp_path, capsys):
+    Store(tmp_path / "empty").close()
+    for command in ("serve", "rollback"):
+        code, lines = cli(capsys, command, str(tmp_path / "empty"))
+        assert code == EXIT_BAD_INPUT
+        assert lines == [f"error: store {tmp_path / 'empty'} has no sweeps: run `python -m orchestrator tune SPEC` first"]
