@@ -256,6 +256,7 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
             keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=reason))
 
     try:
+        classes = [info["device_class_key"] for info in target_infos(actors)]
         if require_winners:
             check_winners_for_targets(actors, selections, results)
             problems = ray.get([a.check_root.remote(spec.deploy.root) for _, a in actors], timeout=120)
@@ -279,10 +280,23 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
                 "backends": [winner.backend] if ":" in winner.backend else [],
             }
             ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
-            for slot, actor in actors:
+            for (slot, actor), device_class in zip(actors, classes):
+                if device_class != sel.device_class_key:
+                    continue  # a winner goes to the targets of its own device class only
                 calls.append((sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
                     spec.tolerance_overrides(), spec.deploy.latency_check_s, trust, install)))
+        # A target whose device class has no winner for a (model, batch) another class has one for
+        # was asked for and gets nothing: say so, naming the classes that have one.
+        names = {r.device_class_key: r.device_name for r in results}
+        for (model, batch) in sorted({(s.model, s.batch_size) for s in selections if s.winner_key}):
+            have = {s.device_class_key for s in selections if (s.model, s.batch_size) == (model, batch) and s.winner_key}
+            for (slot, _), device_class in zip(actors, classes):
+                if device_class not in have:
+                    listed = ", ".join(sorted(f"{names.get(k) or '?'} [{k[:12]}]" for k in have))
+                    keep(DeployRecord(model, batch, slot.label, REFUSED, None,
+                                      reason=f"no winner for this target's device class [{device_class[:12]}]; "
+                                             f"device classes with one: {listed}"))
         for sel, slot, ref in calls:
             try:
                 rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
