@@ -7,6 +7,9 @@ whose ``reuse`` is ``decisions`` builds only the head's ``reuse_top_k`` best cor
 with its own weights, each checked against its own reference and measured; its winner is chosen
 among those. A member none of whose top-k candidates turns out correct with its weights runs the
 rest of the candidates after all: reuse narrows the search, never leaves a model without a winner.
+
+In a sweep, :class:`FamilyGate` does this inside one scheduler run: each follower waits only
+for its own family head. :meth:`Waves.second` does it all at once (the plan command).
 """
 
 from __future__ import annotations
