@@ -7,6 +7,9 @@ whose ``reuse`` is ``decisions`` builds only the head's ``reuse_top_k`` best cor
 with its own weights, each checked against its own reference and measured; its winner is chosen
 among those. A member none of whose top-k candidates turns out correct with its weights runs the
 rest of the candidates after all: reuse narrows the search, never leaves a model without a winner.
+
+In a sweep, :class:`FamilyGate` does this inside one scheduler run: each follower waits only
+for its own family head. :meth:`Waves.second` does it all at once (the plan command).
 """
 
 from __future__ import annotations
@@ -50,36 +53,41 @@ class Waves:
                 waves.first.append(d)
         return waves
 
+    def release(self, fam: str, results: list[ResultRecord]) -> list[Decision]:
+        """The family's followers' top-k decisions, from its head's results; the rest kept for
+        :meth:`fallback`. All of them when the head has no correct candidate."""
+        held = self.held.get(fam, [])
+        head = self.heads[fam]
+        ranked = sorted((r for r in results if r.model == head and r.eligible and _family_of(r, held) == fam),
+                        key=lambda r: _rank_value(r, self.spec.objective))
+        top_keys = {_candidate_key(r) for r in ranked[:self.spec.reuse_top_k]}
+        if not top_keys:  # the head has no correct candidate: nothing to narrow by
+            return list(held)
+        chosen = []
+        for d in held:
+            group = (d.job.model, d.job.batch_size, d.job.device_class_key)
+            self.sources[group] = {"model": head, "candidates": [r.candidate for r in ranked[:self.spec.reuse_top_k]]}
+            if d.job.candidate_key in top_keys:
+                chosen.append(d)
+            else:
+                self.rest.setdefault(group, []).append(d)
+        return chosen
+
     def second(self, results: list[ResultRecord]) -> list[Decision]:
-        """The followers' top-k decisions, from the heads' results."""
-        k = self.spec.reuse_top_k
-        objective = self.spec.objective
-        out: list[Decision] = []
-        for fam, held in self.held.items():
-            head = self.heads[fam]
-            ranked = sorted((r for r in results if r.model == head and r.eligible
-                             and _family_of(r, held) == fam), key=lambda r: _rank_value(r, objective))
-            top = ranked[:k]
-            top_keys = {_candidate_key(r) for r in top}
-            if not top:  # the head has no correct candidate: nothing to narrow by
-                out += held
-                continue
-            for d in held:
-                group = (d.job.model, d.job.batch_size, d.job.device_class_key)
-                self.sources[group] = {"model": head, "candidates": [r.candidate for r in top]}
-                if d.job.candidate_key in top_keys:
-                    out.append(d)
-                else:
-                    self.rest.setdefault(group, []).append(d)
-        return out
+        """Every family's followers' top-k decisions, from the heads' results."""
+        return [d for fam in self.held for d in self.release(fam, results)]
+
+    def followers(self) -> list[Decision]:
+        return [d for held in self.held.values() for d in held]
 
     def fallback(self, results: list[ResultRecord]) -> list[Decision]:
         """The other candidates of follower groups none of whose top-k turned out correct."""
         winners = {(r.model, r.batch_size, r.device_class_key) for r in results if r.eligible}
+        have = {r.key for r in results}
         out: list[Decision] = []
         for group, rest in self.rest.items():
             if group not in winners:
-                out += rest
+                out += [d for d in rest if d.job.key not in have]
                 self.sources.pop(group, None)
         return out
 
@@ -103,3 +111,69 @@ def _family_of(record: ResultRecord, held: list[Decision]) -> str | None:
         if d.job.batch_size == record.batch_size and d.job.device_class_key == record.device_class_key:
             return d.job.family_key
     return None
+
+
+#: the error class of a follower's job left out because it is not among its family's top-k
+NARROWED = "NotInTopK"
+
+
+class FamilyGate:
+    """Holds each follower's build jobs until its own family head is done, then lets the top-k
+    through and leaves the rest out: one scheduler run, no wave waiting for another family.
+
+    Wraps the sweep's store gate (claims) for every job it lets through. A left-out job comes
+    back from :meth:`poll` as a result with error class :data:`NARROWED`, which the sweep drops
+    (it is never stored); the job is kept in ``waves.rest`` for the fallback.
+    """
+
+    def __init__(self, inner, waves: Waves, store, sweep_id: str, to_run: list, settled: list[ResultRecord]) -> None:
+        self.inner, self.waves, self.store, self.sweep_id = inner, waves, store, sweep_id
+        self.family_of = {d.job.key: fam for fam, held in waves.held.items() for d in held}
+        self.results = list(settled)
+        running = {j.key for j in to_run}
+        self.pending: dict[str, set[str]] = {
+            fam: {d.job.key for d in waves.first if d.job.model == waves.heads[fam] and d.job.family_key == fam
+                  and d.job.key in running}
+            for fam in waves.held
+        }
+        self.top: dict[str, set[str]] = {}
+        self._release_done()
+
+    def _release_done(self) -> None:
+        waiting = {k for fam, keys in self.pending.items() if fam not in self.top for k in keys}
+        if waiting:
+            stored = self.store.results_for(waiting)
+            for key in list(waiting):
+                mine = [r for r in stored.get(key, []) if r.sweep_id == self.sweep_id]
+                if mine:
+                    self.results.append(mine[0])
+                    for keys in self.pending.values():
+                        keys.discard(key)
+        for fam, keys in self.pending.items():
+            if fam not in self.top and not keys:
+                self.top[fam] = {d.job.candidate_key for d in self.waves.release(fam, self.results)}
+
+    def admit(self, job) -> bool:
+        fam = self.family_of.get(job.key)
+        if fam is None:
+            return self.inner.admit(job)
+        if fam not in self.top or job.candidate_key not in self.top[fam]:
+            return False  # its head is still tuning, or it is not among the top-k: poll settles it
+        return self.inner.admit(job)
+
+    def poll(self, deferred: list) -> tuple[list[ResultRecord], list]:
+        from orchestrator import records as R
+
+        self._release_done()
+        mine = [j for j in deferred if j.key in self.family_of]
+        others = [j for j in deferred if j.key not in self.family_of]
+        done, runnable = self.inner.poll(others) if others else ([], [])
+        for job in mine:
+            fam = self.family_of[job.key]
+            if fam not in self.top:
+                continue
+            if job.candidate_key in self.top[fam]:
+                runnable.append(job)
+            else:
+                done.append(R.result_for(job, R.SKIPPED, "not among its family's top-k", NARROWED))
+        return done, runnable

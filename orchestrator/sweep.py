@@ -25,7 +25,7 @@ from orchestrator import records as R
 from orchestrator.candidates import identify_models
 from orchestrator.deploy import deploy_winners
 from orchestrator.diff import SweepDiff, diff_sweeps
-from orchestrator.families import Waves
+from orchestrator.families import NARROWED, FamilyGate, Waves
 from orchestrator.plan import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
@@ -197,15 +197,13 @@ def run_sweep(
                 decisions = [decide(j, p, Policy(force, retry_failed), store.checkpoint_problem) for j, p in priors]
                 known = {j.key: {r.result_id for r in p} for j, p in priors}
                 waves = Waves.split(spec, decisions)
-                progress.total = len(waves.first)
+                progress.total = len(decisions)
                 start = time.monotonic()
-                results = _run(spec, store, sweep_id, workers, waves.first, progress, asks, known)
-                for wave in (waves.second, waves.fallback):  # reuse: decisions; empty otherwise
-                    more = wave(results)
-                    if not more:
-                        continue
-                    progress.total += len(more)
-                    if spec.budgets.total_s is not None:  # the waves share the sweep's one budget
+                # One run: followers (reuse: decisions) wait, in the gate, for their own family head.
+                results = _run(spec, store, sweep_id, workers, waves.first + waves.followers(), progress, asks, known, waves)
+                more = waves.fallback(results)  # followers none of whose top-k was correct
+                if more:
+                    if spec.budgets.total_s is not None:  # the fallback shares the sweep's one budget
                         left = max(spec.budgets.total_s - (time.monotonic() - start), 1e-3)
                         scheduler.limits = dataclasses.replace(scheduler.limits, total_s=left)
                     results += _run(spec, store, sweep_id, workers, more, progress, asks, known)
@@ -347,7 +345,7 @@ def _committer(store: ResultStore, sweep_id: str, asks: ReferenceAsks):
 
 
 def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers", decisions: list[Decision],
-         progress: Progress, asks: ReferenceAsks, known: dict[str, set]) -> list[ResultRecord]:
+         progress: Progress, asks: ReferenceAsks, known: dict[str, set], waves: Waves | None = None) -> list[ResultRecord]:
     """Reuse and re-check what the store holds; evaluate and build the rest on the workers."""
     results: list[ResultRecord] = []
     to_run: list[Job] = []
@@ -384,9 +382,12 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
         return store.checkpoint_bytes(prior), prior.to_dict()
 
     gate = StoreGate(store, sweep_id, resolve, known, progress)
+    if waves is not None and waves.held:
+        gate = FamilyGate(gate, waves, store, sweep_id, to_run, results)
     if not to_run:
         return results  # everything came from the store: no worker needs to start
-    return results + workers.started().run(to_run, asks.want, gate=gate, payload=payload)
+    ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload)
+    return results + [r for r in ran if r.error_class != NARROWED]
 
 
 def _remeasurer(workers: "Workers", store: ResultStore, spec: SweepSpec):
