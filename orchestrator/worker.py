@@ -166,8 +166,8 @@ class TuneWorker:
             module, sample, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
             backend = make_backend(job.backend, job.config)
         except NotDeterministicModel as exc:
-            failure = self._failure(R.ERROR, exc)
-            failure["error"] = str(exc)
+            failure = self._failure(job, R.ERROR, exc)
+            failure["error"] = str(exc)  # the message says it all; no traceback
             return failure
         except Exception as exc:
             return self._failure(job, R.ERROR, exc)
