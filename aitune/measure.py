@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from statistics import NormalDist
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -202,7 +202,10 @@ class Measurement:
         return self.batch_size * 1000.0 / self.median_ms if self.median_ms > 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields: a plain copy is enough, and far cheaper than asdict's deep copy of every time.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["times_ms"] = list(self.times_ms)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Measurement":

@@ -12,7 +12,6 @@ Every write is one transaction, committed before the method returns.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -144,6 +143,9 @@ class SqliteStore(ResultStore):
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves, a transaction is one method.
                 conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL: a commit survives the process being killed (what a driver fears); only a
+                # power cut may drop the last commits, never corrupt the store. FULL would fsync each.
+                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 return conn
             uri = self.db_path.resolve().as_uri()
@@ -319,37 +321,40 @@ class SqliteStore(ResultStore):
         self._require_writable()  # fail before writing any file
         with self._lock:
             self._require_sweep(self._conn, sweep_id)
-        stored = copy.deepcopy(record)  # shares no dict or list with the caller's record
-        stored.created_at = record.created_at or time.time()
-        stored.result_id, stored.sweep_id = None, sweep_id
+        # Only top-level keys of this dict are replaced: the caller's record is never changed, and the
+        # record returned is rebuilt from the JSON written, so it shares nothing with the caller's.
+        d = record.to_dict()
+        d.update(created_at=record.created_at or time.time(), result_id=None, sweep_id=sweep_id)
         if checkpoint is not None:
-            stored.checkpoint, stored.manifest_sha256 = self._put_checkpoint(bytes(checkpoint))
+            d["checkpoint"], d["manifest_sha256"] = self._put_checkpoint(bytes(checkpoint))
         elif record.source is None:
-            stored.checkpoint = stored.manifest_sha256 = None
+            d["checkpoint"] = d["manifest_sha256"] = None
         if outputs is not None:
-            stored.outputs = self._put_blob("outputs", bytes(outputs))
+            d["outputs"] = self._put_blob("outputs", bytes(outputs))
         source_id = (record.source or {}).get("result")
         with self._tx() as db:
             self._require_sweep(db, sweep_id)
-            self._require_new(db, sweep_id, stored.key)
+            self._require_new(db, sweep_id, record.key)
             if record.source is not None:
-                origin = self._origin(db, source_id, stored.key)
+                origin = self._origin(db, source_id, record.key)
                 if origin is None:
-                    raise KeyError(f"result {stored.key[:12]} names source result {source_id}, which the store does not hold")
+                    raise KeyError(f"result {record.key[:12]} names source result {source_id}, which the store does not hold")
                 source_id, source_sweep, source_blob = origin
-                stored.source = {"sweep": source_sweep, "result": source_id}
+                d["source"] = {"sweep": source_sweep, "result": source_id}
                 if checkpoint is None:  # it judged the source's artifact again: it keeps that checkpoint
                     kept = json.loads(source_blob)
-                    stored.checkpoint, stored.manifest_sha256 = kept.get("checkpoint"), kept.get("manifest_sha256")
-            blob = _dumps(stored.to_dict(), what=f"result record {record.key}")
+                    d["checkpoint"], d["manifest_sha256"] = kept.get("checkpoint"), kept.get("manifest_sha256")
+            blob = _dumps(d, what=f"result record {record.key}")
             cur = db.execute(
                 "INSERT INTO results (sweep_id, key, eval_key, how, source_id, status, model, batch_size, candidate, "
                 "record_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sweep_id, stored.key, stored.eval_key, stored.how, source_id, stored.status, stored.model,
-                 stored.batch_size, stored.candidate, blob, stored.created_at),
+                (sweep_id, record.key, record.eval_key, record.how, source_id, record.status, record.model,
+                 record.batch_size, record.candidate, blob, d["created_at"]),
             )
-            stored.result_id = cur.lastrowid
-            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (stored.key, sweep_id))
+            rid = cur.lastrowid
+            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (record.key, sweep_id))
+        stored = ResultRecord.from_dict(json.loads(blob))
+        stored.result_id, stored.sweep_id = rid, sweep_id
         return stored
 
     def add_reuse(self, sweep_id: str, source: ResultRecord) -> ResultRecord:
