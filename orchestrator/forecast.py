@@ -100,10 +100,12 @@ def _local_device_class(spec: SweepSpec) -> tuple[dict[str, dict], dict[str, int
     return {key: dc}, {key: local_slots(spec)[1]}
 
 
-def phase_history(store: ResultStore) -> dict[str, dict[str, float]]:
-    """Per backend, the median seconds of each phase over the results the store built."""
+def phase_history(store: ResultStore, last: int | None = None) -> dict[str, dict[str, float]]:
+    """Per backend, the median seconds of each phase over the results the store built
+    (in its ``last`` sweeps only, when given)."""
     seen: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for sweep in store.list_sweeps():
+    sweeps = store.list_sweeps()
+    for sweep in sweeps[-last:] if last else sweeps:
         for r in store.sweep_results(sweep.id):
             for phase, seconds in (r.phases or {}).items():
                 if isinstance(seconds, (int, float)) and (r.how == R.BUILT or phase == "load_checkpoint"):
@@ -167,3 +169,21 @@ def write_plan(fc: Forecast, out_dir: str | Path) -> dict[str, Path]:
     paths["plan.json"].write_text(json.dumps(fc.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     paths["plan.md"].write_text(fc.markdown())
     return paths
+
+
+def job_estimator(store: ResultStore, last: int = 20):
+    """A job's expected seconds from the store's recent phase history, for longest-first dispatch;
+    None when the store has no history yet (then jobs go first in, first out)."""
+    history = phase_history(store, last)
+    totals = {b: sum(h.get(p, 0.0) for p in ("build", "check+measure", "save")) for b, h in history.items()}
+    if not totals:
+        return None
+    typical = statistics.median(totals.values())
+
+    def estimate(job) -> float:
+        h = history.get(job.backend)
+        if h is not None and job.mode == "evaluate":
+            return h.get("load_checkpoint", 0.0) + h.get("check+measure", 0.0)
+        return totals.get(job.backend, typical)
+
+    return estimate

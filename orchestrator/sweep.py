@@ -386,7 +386,10 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
         gate = FamilyGate(gate, waves, store, sweep_id, to_run, results)
     if not to_run:
         return results  # everything came from the store: no worker needs to start
-    ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload)
+    from orchestrator.forecast import job_estimator
+
+    # Longest first, by the store's phase history: a long build that starts last holds up the end.
+    ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload, estimate=job_estimator(store))
     return results + [r for r in ran if r.error_class != NARROWED]
 
 
