@@ -52,9 +52,6 @@ class WorkerPool(ABC):
     @abstractmethod
     def node_alive(self, node_id: str) -> bool: ...
 
-    def share(self, value: Any) -> Any:
-        """A value several calls receive (large bytes go to an object store once)."""
-        return value
 
 
 class RayPool(WorkerPool):
@@ -106,5 +103,3 @@ class RayPool(WorkerPool):
 
         return Inventory.is_alive(node_id)
 
-    def share(self, value: Any) -> Any:
-        return self._ray.put(value)
