@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 
+@lru_cache(maxsize=None)  # what is installed does not change under a running process
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)

@@ -16,11 +16,6 @@ Run:  PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--candidates 400] [--wo
 (several raylets on this machine, each with workers/N pretend GPUs; the driver on a head node
 with no resources), e.g. ``--nodes 4 --workers 32``.
 
-``--what-if gc-freeze,sqlite-normal`` measures two changes without editing the orchestrator:
-``gc-freeze`` runs the workers as a subclass of ``TuneWorker`` that calls ``gc.freeze()`` once
-its imports are done (each ``gc.collect()`` in ``finish`` then scans only new objects), and
-``sqlite-normal`` opens the store with ``PRAGMA synchronous=NORMAL`` (no fsync per commit in WAL).
-
 ``--profile`` also times what the driver does between results (ray.wait, the per-result
 store commit, progress output, the reference check) and each job's dispatch-to-result latency
 against its worker-side phase seconds, and prints the top of a cProfile of the driver.
@@ -67,40 +62,6 @@ def make_spec(store: str, candidates: int, seconds: float):
     })
 
 
-def install_what_ifs(names: list[str]) -> None:
-    """Benchmark-only changes, patched in from here (see the module docstring)."""
-    unknown = set(names) - {"gc-freeze", "sqlite-normal"}
-    if unknown:
-        raise SystemExit(f"unknown --what-if: {sorted(unknown)}")
-    if "gc-freeze" in names:
-        from orchestrator import scheduler
-        from orchestrator.worker import TuneWorker
-
-        class FrozenGcWorker(TuneWorker):
-            """A local class: Ray (cloudpickle) ships it to the workers by value."""
-
-            def __init__(self, *args, **kwargs) -> None:
-                import gc
-                import importlib
-
-                importlib.import_module("torch.fx.experimental.symbolic_shapes")  # the first check imports it
-                super().__init__(*args, **kwargs)
-                gc.collect()
-                gc.freeze()
-
-        scheduler.TuneWorker = FrozenGcWorker
-    if "sqlite-normal" in names:
-        from orchestrator.store import Store
-
-        original_init = Store.__init__
-
-        def init(self, root) -> None:
-            original_init(self, root)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-
-        Store.__init__ = init
-
-
 class DriverTimers:
     """Wall time the driver spends in each of a few calls, by monkeypatching them (no code edits)."""
 
@@ -126,32 +87,36 @@ class DriverTimers:
 
     def install(self) -> None:
         from orchestrator import scheduler
+        from orchestrator.pool import RayPool
         from orchestrator.progress import Progress
-        from orchestrator.store import Store
+        from orchestrator.store.sqlite import SqliteStore
 
-        self.wrap(scheduler.ray, "wait", "ray.wait (blocked on workers)")
-        self.wrap(scheduler.ray, "get", "ray.get (results in hand)")
-        self.wrap(Store, "put_result", "store.put_result (commit)")
-        self.wrap(Store, "put_reference", "store.put_reference")
-        self.wrap(Store, "reference_path", "store.reference_path (want_reference)")
-        self.wrap(Progress, "event", "progress.event (console)")
-        self.wrap(scheduler.Scheduler, "_submit", "scheduler._submit (actor call)")
+        self.wrap(RayPool, "wait", "pool.wait (blocked on workers)")
+        self.wrap(RayPool, "get", "pool.get (results in hand)")
+        self.wrap(SqliteStore, "add_result", "store.add_result (commit)")
+        self.wrap(SqliteStore, "claim", "store.claim (admit)")
+        self.wrap(SqliteStore, "put_reference", "store.put_reference")
+        self.wrap(SqliteStore, "has_reference", "store.has_reference (want_reference)")
+        self.wrap(Progress, "started", "progress.started (console)")
+        self.wrap(Progress, "result", "progress.result (console)")
+        self.wrap(scheduler.Scheduler, "_send", "scheduler._send (actor calls)")
         self.wrap(scheduler.Scheduler, "_fail_orphans", "scheduler._fail_orphans")
         self.wrap(scheduler.Scheduler, "_enforce_deadlines", "scheduler._enforce_deadlines")
         self.wrap(scheduler.ResultRecord, "from_dict", "ResultRecord.from_dict")
-        original_event = Progress.event  # already timed above
+        original_started, original_result = Progress.started, Progress.result  # already timed above
         events = self.events
 
-        def event(self_, kind, payload):
-            if kind == "started":
-                events.append((time.monotonic(), kind, payload["worker"], payload["job"].key))
-            elif kind == "result":
-                rec = payload["record"]
-                events.append((time.monotonic(), kind, (rec.worker or {}).get("worker_id", "?"), rec.key))
-            return original_event(self_, kind, payload)
+        def started(self_, worker, job):
+            events.append((time.monotonic(), "started", worker, job.key))
+            return original_started(self_, worker, job)
 
-        Progress.event = event
-        self._undo.append((Progress, "event", original_event))
+        def result(self_, record):
+            worker = record.worker.worker_id if record.worker is not None else "?"
+            events.append((time.monotonic(), "result", worker, record.key))
+            return original_result(self_, record)
+
+        Progress.started, Progress.result = started, result
+        self._undo += [(Progress, "started", original_started), (Progress, "result", original_result)]
 
     def uninstall(self) -> None:
         for owner, attr, original in reversed(self._undo):
@@ -233,7 +198,6 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.25)
     parser.add_argument("--nodes", type=int, default=1, help="spread the workers over this many Cluster nodes")
     parser.add_argument("--profile", action="store_true", help="time the driver's calls and cProfile it")
-    parser.add_argument("--what-if", default="", help="comma-separated: gc-freeze, sqlite-normal (see the docstring)")
     parser.add_argument("--verbose", action="store_true", help="show the sweep's own progress lines")
     args = parser.parse_args()
 
@@ -242,10 +206,7 @@ def main() -> int:
     from cluster import connect
     from orchestrator.sweep import run_sweep
 
-    what_ifs = [w for w in args.what_if.split(",") if w]
-    install_what_ifs(what_ifs)
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start"
-          + (f"; what-if: {', '.join(what_ifs)}" if what_ifs else ""))
+    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
     cluster = None
     if args.nodes > 1:
         cluster, handle = start_cluster(args.nodes, args.workers)

@@ -79,7 +79,11 @@ class RayPool(WorkerPool):
     def wait(self, refs: Collection[Any], timeout: float) -> list[Any]:
         if not refs:
             return []
-        ready, _ = self._ray.wait(list(refs), num_returns=1, timeout=max(0.0, timeout))
+        refs = list(refs)
+        ready, rest = self._ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+        if ready and rest:  # whatever else is done already comes back in the same turn
+            more, _ = self._ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
         return ready
 
     def get(self, ref: Any) -> Any:

@@ -2,7 +2,15 @@
 
 A ``build`` job runs as two calls (``build``, then ``finish``); an ``evaluate`` job (a stored
 artifact judged again) as one. The loop waits on whichever call or worker start-up finishes first,
-so that no worker idles while another runs a slow candidate. A worker that hangs past its
+so that no worker idles while another runs a slow candidate. Calls are pipelined: a build job's
+``finish`` is sent with its ``build`` (the worker runs its calls in order and skips the finish of a
+failed build), and while more jobs wait than there are workers, each worker is sent its next job
+once its current one is measuring (``prefetch``; never behind a build, which may take minutes),
+so that it never waits on the driver's round trip or on the commit of its last result. Only the call a worker is running has a deadline; the next
+starts its clock when the one before it answers. A worker that dies with calls queued behind the
+one it ran can't say which killed it (the answer of a call that had just ended may die with the
+process): every job it held runs again *alone* (no call before or after it on its worker), and
+only a job that kills its worker alone is a crash. A worker that hangs past its
 phase's deadline is killed; one that dies is replaced at once. A death is a ``crash`` when the
 worker's node is still alive a short grace later (the candidate killed it) and ``infra`` when the
 node went away, in which case the job is retried on another worker, at most twice. Other workers
@@ -63,11 +71,19 @@ class WorkerHandle:
     info: WorkerInfo | None = None
     start_ref: Any = None
     started_at: float = 0.0
-    task: "Task | None" = None
+    #: the call it runs now (the one the loop waits on, with a deadline)
+    running: "Task | None" = None
+    #: calls sent after it, in the order the worker runs them
+    queued: collections.deque = field(default_factory=collections.deque)
     #: models this worker has loaded (it loads one on its first job of that model)
     models: set[str] = field(default_factory=set)
     last_model: str | None = None
     gone: bool = False
+
+    @property
+    def jobs(self) -> int:
+        """How many jobs it has been sent and not answered yet."""
+        return (self.running is not None) + sum(t.first for t in self.queued)
 
 
 @dataclass(eq=False)
@@ -76,10 +92,12 @@ class Task:
     worker: WorkerHandle
     phase: str  # "build" | "finish" | "evaluate"
     ref: Any
-    deadline: float
+    timeout: float
+    deadline: float = float("inf")  # set when the worker starts it (it is then ``running``)
     started: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
-    job_dict: dict[str, Any] | None = None  # what the worker was sent (the finish call sends it again)
+    #: the job's first call (a build or an evaluate); a finish follows its build
+    first: bool = True
 
 
 @dataclass(eq=False)
@@ -89,6 +107,8 @@ class Death:
     task: Task
     error: BaseException
     decide_at: float
+    #: calls were queued behind the one it ran: which of them killed it is not known
+    ambiguous: bool = False
 
 
 @dataclass
@@ -127,6 +147,7 @@ class Scheduler:
         events: SweepEvents | None = None,
         pool: WorkerPool | None = None,
         clock: Clock | None = None,
+        prefetch: int = 1,
     ) -> None:
         if pool is None:
             from orchestrator.pool import RayPool
@@ -134,6 +155,9 @@ class Scheduler:
             pool = RayPool()
         self.pool = pool
         self.clock = clock or Clock()
+        #: jobs sent to a busy worker ahead of time, at most, while more jobs wait than workers;
+        #: 0: no call is ever queued on a worker (a build's finish waits for its answer too)
+        self.prefetch = prefetch
         self.slots = slots
         self.spec_dict = spec_dict
         self.limits = limits
@@ -146,11 +170,13 @@ class Scheduler:
         self._tasks: dict[Any, Task] = {}
         self._starting: dict[Any, WorkerHandle] = {}
         self._waiting = collections.ChainMap(self._tasks, self._starting)  # a live view, never copied
-        self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)
+        self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
+        self._open: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # busy, room for the next job
         self._live: collections.Counter[str] = collections.Counter()  # started workers per device class
         self._queues: dict[str, ModelQueues] = collections.defaultdict(ModelQueues)
         self._deadlines: list[tuple[float, int, Task]] = []
         self._deaths: list[Death] = []
+        self._alone: set[str] = set()  # keys of jobs that run with no call before or after them
         self._next_death_check = 0.0
         self._seq = itertools.count()
         self._emit: Callable[..., None] = lambda *a: None
@@ -191,19 +217,29 @@ class Scheduler:
             return False
         w.start_ref = None
         self._live[w.info.device_class_key] += 1
-        self._set_task(w, None)
+        self._refresh(w)
         self.events.worker_ready(w.worker_id, w.info.device, w.info.node_id)
         return True
 
-    def _set_task(self, w: WorkerHandle, task: "Task | None") -> None:
-        w.task = task
+    def _refresh(self, w: WorkerHandle) -> None:
+        """File ``w`` as idle, open to one more job, or full."""
         if w.info is None or w.gone:
             return
-        idle = self._idle[w.info.device_class_key]
-        if task is None:
+        dc = w.info.device_class_key
+        idle, open_ = self._idle[dc], self._open[dc]
+        jobs = w.jobs
+        if jobs == 0:
             idle[w.worker_id] = w
         else:
             idle.pop(w.worker_id, None)
+        # Its next job is sent only once it measures: a build may take minutes (or hang), and a
+        # job queued behind it would wait all that time while another worker goes idle.
+        measuring = w.running is not None and w.running.phase != "build"
+        alone = w.running is not None and w.running.job.key in self._alone
+        if 0 < jobs <= self.prefetch and measuring and not alone:
+            open_[w.worker_id] = w
+        else:
+            open_.pop(w.worker_id, None)
 
     def _drop(self, w: WorkerHandle) -> None:
         self.pool.kill(w.actor)
@@ -217,8 +253,15 @@ class Scheduler:
             dc = w.info.device_class_key
             self._live[dc] -= 1
             self._idle[dc].pop(w.worker_id, None)
+            self._open[dc].pop(w.worker_id, None)
             for model in w.models:
                 self._queues[dc].release(model)
+        # Jobs sent ahead that it never started go back to the front, not counted as attempts; the
+        # finish of the job it was running goes with it (that job's fate is the caller's to say).
+        for task in w.queued:
+            if task.first:
+                self._queues[task.job.device_class_key].append(task.job, front=True)
+        w.queued.clear()
 
     def _replace(self, w: WorkerHandle, why: str) -> None:
         self._drop(w)
@@ -292,6 +335,8 @@ class Scheduler:
             if not self._tasks and not self._queued() and not deferred and not self._deaths:
                 break
             if not self._tasks and not self._starting and not self._deaths:
+                if self._queued():
+                    continue  # a death just put its job back (a retry): the next turn sends it
                 if not deferred:
                     break
                 clock.sleep(POLL_S)  # only other drivers' work is left: wait for it
@@ -319,42 +364,66 @@ class Scheduler:
         for dc, idle in list(self._idle.items()):
             queue = self._queues.get(dc)
             while idle and queue:
-                w = next(iter(idle.values()))
-                job = queue.pop_for(w.models, w.last_model)
-                if job.mode == "build" and not gate.admit(job):
-                    deferred.append(job)  # another driver is building it: do other work first
-                    continue
-                try:
-                    self._submit(w, job, "evaluate" if job.mode == "evaluate" else "build")
-                except Exception as exc:  # its stored artifact can't be sent: build it instead
-                    log.warning("%s: %s; building it again", job.candidate, exc)
-                    job.mode, job.redo = "build", []
-                    queue.append(job, front=True)
-                    continue
-                if job.model not in w.models:  # the worker loads it on this job
-                    w.models.add(job.model)
-                    queue.hold(job.model)
-                w.last_model = job.model
-                self.events.started(w.worker_id, job)
+                self._give(next(iter(idle.values())), queue, gate, deferred)
+            # Send busy workers their next job while there is more waiting than workers to take
+            # it; near the end, jobs wait for whichever worker frees first instead.
+            open_ = self._open[dc]
+            while open_ and queue and len(queue) > self._live[dc]:
+                if not self._give(next(iter(open_.values())), queue, gate, deferred, ahead=True):
+                    break
 
-    def _submit(self, w: WorkerHandle, job: Job, phase: str, phases: dict | None = None,
-                job_dict: dict | None = None) -> None:
-        job_dict = job_dict or job.to_dict()
-        if phase == "build":
-            ref = self.pool.call(w.actor, "build", job_dict)
-            timeout = self.limits.build_timeout_s
-        elif phase == "finish":
-            ref = self.pool.call(w.actor, "finish", job_dict, self._want_reference(job))
-            timeout = self.limits.measure_timeout_s
-        else:
+    def _give(self, w: WorkerHandle, queue: ModelQueues, gate: JobGate, deferred: list[Job], ahead: bool = False) -> bool:
+        """Send ``w`` its next job from ``queue``; False when the job must wait for an idle worker."""
+        job = queue.pop_for(w.models, w.last_model)
+        if ahead and job.key in self._alone:
+            queue.append(job, front=True)  # it runs alone: only an idle worker may take it
+            return False
+        if job.mode == "build" and not gate.admit(job):
+            deferred.append(job)  # another driver is building it: do other work first
+            return True
+        try:
+            self._send(w, job)
+        except Exception as exc:  # its stored artifact can't be sent: build it instead
+            log.warning("%s: %s; building it again", job.candidate, exc)
+            job.mode, job.redo = "build", []
+            queue.append(job, front=True)
+            return True
+        if job.model not in w.models:  # the worker loads it on this job
+            w.models.add(job.model)
+            queue.hold(job.model)
+        w.last_model = job.model
+        return True
+
+    def _send(self, w: WorkerHandle, job: Job) -> None:
+        """Send ``job``'s calls to ``w``: they run after whatever it was sent before."""
+        job_dict = job.to_dict()
+        if job.mode == "evaluate":
             checkpoint, prior = self._payload(job)  # raises when the stored artifact is gone since planning
             ref = self.pool.call(w.actor, "evaluate", job_dict, checkpoint, prior, self._want_reference(job))
-            timeout = self.limits.measure_timeout_s
-        now = self.clock.now()
-        task = Task(job, w, phase, ref, now + timeout, started=now, phases=dict(phases or {}), job_dict=job_dict)
-        self._set_task(w, task)
-        self._tasks[ref] = task
-        heapq.heappush(self._deadlines, (task.deadline, next(self._seq), task))
+            w.queued.append(Task(job, w, "evaluate", ref, self.limits.measure_timeout_s))
+        else:
+            build = self.pool.call(w.actor, "build", job_dict)
+            w.queued.append(Task(job, w, "build", build, self.limits.build_timeout_s))
+            if self.prefetch and job.key not in self._alone:  # else its finish goes once its build has answered
+                w.queued.append(self._finish(w, job))
+        self._advance(w)
+
+    def _finish(self, w: WorkerHandle, job: Job) -> Task:
+        ref = self.pool.call(w.actor, "finish", job.to_dict(), self._want_reference(job))
+        return Task(job, w, "finish", ref, self.limits.measure_timeout_s, first=False)
+
+    def _advance(self, w: WorkerHandle) -> None:
+        """If ``w`` runs nothing the loop knows of, its next call is running now: start its clock."""
+        if w.running is None and w.queued and not w.gone:
+            task = w.queued.popleft()
+            now = self.clock.now()
+            task.started, task.deadline = now, now + task.timeout
+            w.running = task
+            self._tasks[task.ref] = task
+            heapq.heappush(self._deadlines, (task.deadline, next(self._seq), task))
+            if task.first:
+                self.events.started(w.worker_id, task.job)
+        self._refresh(w)
 
     def _next_deadline(self) -> float | None:
         heap = self._deadlines
@@ -373,38 +442,59 @@ class Scheduler:
 
     def _on_task_done(self, task: Task, ref) -> None:
         w = task.worker
-        self._set_task(w, None)
+        w.running = None
         try:
             value = self.pool.get(ref)
         except WorkerDied as exc:
             self._on_worker_death(task, exc)
             return
         except CallFailed as exc:
+            if task.phase == "build":
+                self._skip_finish(w, task)
+            self._advance(w)
             self._emit(result_for(task.job, R.ERROR, str(exc), exc.cause, w.info))
             return
         if task.phase == "build":
             record = ResultRecord.from_dict(value)
             if record.status == R.OK:
-                self._submit(w, task.job, "finish", record.phases, task.job_dict)
+                if not (w.queued and not w.queued[0].first and w.queued[0].job.key == task.job.key):
+                    w.queued.appendleft(self._finish(w, task.job))  # it runs alone: send its finish now
+                w.queued[0].phases = dict(record.phases)  # its finish: running now
+                self._advance(w)
                 self.events.phase(w.worker_id, task.job, "measure")
                 return
+            self._skip_finish(w, task)
+            if not record.recycled:
+                self._advance(w)
             self._emit(record)
         else:
             record_dict, checkpoint, outputs, reference = value
             record = ResultRecord.from_dict(record_dict)
             record.phases = {**task.phases, **record.phases}
+            if not record.recycled:
+                self._advance(w)  # the worker is on its next call already: start its clock first
             self._emit(record, checkpoint, outputs, reference)
         if record.recycled:
-            # A fresh process is the only sure way to give back what a candidate leaked.
+            # A fresh process is the only sure way to give back what a candidate leaked; what
+            # was sent to it after this job goes back to the queue.
             self._replace(w, f"recycled: {record.recycled}")
+
+    @staticmethod
+    def _skip_finish(w: WorkerHandle, build: Task) -> None:
+        """The build failed: its finish (sent with it) only says so; nobody waits on it."""
+        if w.queued and not w.queued[0].first and w.queued[0].job.key == build.job.key:
+            w.queued.popleft()
 
     def _on_worker_death(self, task: Task, exc: BaseException) -> None:
         """Replace the worker now; whether it crashed or lost its node is settled in the loop."""
         w = task.worker
         node_gone = w.info is None or not self.pool.node_alive(w.info.node_id)
+        ambiguous = bool(w.queued) and not node_gone
+        if ambiguous:  # any of the jobs it was sent may have killed it: each runs again alone
+            self._alone.update(t.job.key for t in w.queued if t.first)
         self._replace(w, "its node went away" if node_gone else f"died during {task.job.candidate}")
         now = self.clock.now()
-        self._deaths.append(Death(task, exc, now if node_gone else now + DEATH_GRACE_S))
+        self._deaths.append(Death(task, exc, now if node_gone else now + DEATH_GRACE_S, ambiguous))
         self._next_death_check = now
         self._settle_deaths()
 
@@ -419,6 +509,12 @@ class Scheduler:
             info = death.task.worker.info
             if info is None or not self.pool.node_alive(info.node_id):
                 self._lost_with_node(death.task)
+            elif now >= death.decide_at and death.ambiguous and death.task.job.key not in self._alone:
+                # The node is fine, but calls were queued behind this one: it may be innocent.
+                job = death.task.job
+                self._alone.add(job.key)
+                self._queues[job.device_class_key].append(job, front=True)
+                self.events.retry(job, "its worker died with calls queued behind it: running it alone")
             elif now >= death.decide_at:
                 # The node is fine, so the candidate took its worker down (os._exit, segfault, OOM kill).
                 task, w = death.task, death.task.worker
@@ -446,7 +542,7 @@ class Scheduler:
         while (deadline := self._next_deadline()) is not None and now >= deadline:
             task = heapq.heappop(self._deadlines)[2]
             self._tasks.pop(task.ref)
-            self._set_task(task.worker, None)
+            task.worker.running = None
             limit = self.limits.build_timeout_s if task.phase == "build" else self.limits.measure_timeout_s
             record = result_for(task.job, R.TIMEOUT, f"{task.phase} phase passed its {limit:.0f} s timeout", "Timeout",
                                 task.worker.info)

@@ -15,6 +15,8 @@ scale no test machine has.
   calls fail with :class:`~orchestrator.pool.WorkerDied` and ``node_alive`` turns false. A fresh
   node of the same class joins ``node_return_s`` later (as an autoscaler would bring one).
 - A worker takes ``start_s`` to start; a worker that finds no free device waits for one.
+- A worker runs its calls one after another, in the order they were made, as a Ray actor does: a
+  call made while it is busy starts when the one before it ends.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class SimWorker:
     slot: Slot
     alive: bool = True
     models: set[str] = field(default_factory=set)
-    call: Any = None  # the ref of its call in flight
+    calls: list = field(default_factory=list)  # the refs of its calls not yet answered, in order
+    busy_until: float = 0.0  # when its last call made ends
+    dies_at: float | None = None  # a call it runs kills it then: later calls fail with it
 
 
 @dataclass
@@ -70,6 +74,7 @@ class _Call:
     done_at: float
     value: Any
     key: str | None = None  # the job's, for a build or finish call
+    start: float = 0.0  # when the worker starts it (later than it was made, if it was busy)
 
 
 @dataclass
@@ -113,7 +118,7 @@ class SimulatedPool(WorkerPool):
         self.loads = 0
         self.pairs: set[tuple[str, str]] = set()  # (worker, model) loads
         self.crashed: list[str] = []  # job keys whose worker crashed
-        self.lost: dict[str, list[str]] = {}  # node id -> job keys in flight when it went
+        self.lost: dict[str, list[str]] = {}  # node id -> job keys running when it went
         self.pool_s = 0.0  # real seconds spent inside the pool (not the driver's)
         self.driver_s = 0.0  # real seconds the driver spent between waits
         self._since = None  # real time of the last return to the driver
@@ -130,7 +135,8 @@ class SimulatedPool(WorkerPool):
         self._workers[worker_id] = worker
         ref = next(self._refs)
         self._calls[ref] = _Call(worker, math.inf, None)
-        worker.call = ref
+        worker.calls.append(ref)
+        worker.busy_until = math.inf
         self._waiting_for_device.append((worker, ref))
         self._place_waiting()
         self._spent(t0)
@@ -141,7 +147,7 @@ class SimulatedPool(WorkerPool):
         ref = next(self._refs)
         job = args[0]
         timing = self.timings[job["key"]]
-        now = self.clock.now()
+        now = max(self.clock.now(), handle.busy_until)  # it starts once the calls before it are done
         if method == "build":
             load = 0.0
             if job["model"] not in handle.models:
@@ -153,6 +159,7 @@ class SimulatedPool(WorkerPool):
                 call = _Call(handle, now + load + timing.build_s * self.rng.random(), WorkerDied("simulated crash"),
                              job["key"])
                 self.crashed.append(job["key"])
+                handle.dies_at = call.done_at if handle.dies_at is None else handle.dies_at
             else:
                 call = _Call(handle, now + load + timing.build_s, ("build", job, {"load": load, "build": timing.build_s}),
                              job["key"])
@@ -160,10 +167,14 @@ class SimulatedPool(WorkerPool):
             call = _Call(handle, now + timing.measure_s, ("finish", job), job["key"])
         else:
             raise NotImplementedError(f"the simulated pool does not run {method!r}")
+        call.start = now
         if not handle.alive:
-            call.value, call.done_at = WorkerDied("the worker is gone"), now
+            call.value, call.done_at = WorkerDied("the worker is gone"), self.clock.now()
+        elif handle.dies_at is not None and handle.dies_at < call.done_at:
+            call.value, call.done_at = WorkerDied("the worker died during an earlier call"), max(handle.dies_at, self.clock.now())
         self._calls[ref] = call
-        handle.call = ref
+        handle.calls.append(ref)
+        handle.busy_until = max(handle.busy_until, call.done_at)
         heapq.heappush(self._events, (call.done_at, next(self._seq), "call", ref))
         self._spent(t0)
         return ref
@@ -225,8 +236,8 @@ class SimulatedPool(WorkerPool):
 
     def _get(self, ref: Any) -> Any:
         call = self._calls.pop(ref)
-        if call.worker is not None and call.worker.call == ref:
-            call.worker.call = None
+        if call.worker is not None and ref in call.worker.calls:
+            call.worker.calls.remove(ref)
         value = call.value
         if isinstance(value, Exception):
             raise value
@@ -252,10 +263,10 @@ class SimulatedPool(WorkerPool):
         if not handle.alive:
             return
         handle.alive = False
-        if handle.call is not None:
-            self._calls.pop(handle.call, None)
-            self._ready.discard(handle.call)
-            handle.call = None
+        for ref in handle.calls:
+            self._calls.pop(ref, None)
+            self._ready.discard(ref)
+        handle.calls.clear()
         self._waiting_for_device = [(w, r) for w, r in self._waiting_for_device if w is not handle]
         if handle.node is not None:
             handle.node.workers.discard(handle.worker_id)
@@ -282,7 +293,7 @@ class SimulatedPool(WorkerPool):
             node.workers.add(worker.worker_id)
             done_at = self.clock.now() + self.start_s
             self._calls[ref] = _Call(worker, done_at, self._info(worker).to_dict())
-            worker.call = ref
+            worker.busy_until = done_at
             heapq.heappush(self._events, (done_at, next(self._seq), "call", ref))
         self._waiting_for_device = still
 
@@ -294,12 +305,14 @@ class SimulatedPool(WorkerPool):
         in_flight = self.lost.setdefault(node.node_id, [])
         for worker_id in list(node.workers):
             worker = self._workers[worker_id]
-            if worker.call is not None and worker.call in self._calls:
-                call = self._calls[worker.call]
-                if call.key is not None:
-                    in_flight.append(call.key)
+            for ref in worker.calls:
+                call = self._calls.get(ref)
+                if call is None:
+                    continue
+                if call.key is not None and call.start <= now and call.key not in in_flight:
+                    in_flight.append(call.key)  # running: a job sent ahead and not started is not lost
                 call.value, call.done_at = WorkerDied(f"node {node.node_id} went away"), now
-                heapq.heappush(self._events, (now, next(self._seq), "call", worker.call))
+                heapq.heappush(self._events, (now, next(self._seq), "call", ref))
         heapq.heappush(self._events, (now + self.node_return_s, next(self._seq), "return", node.device_class_key))
 
     def _add_node(self, device_class_key: str) -> None:

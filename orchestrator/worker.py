@@ -97,7 +97,9 @@ class TuneWorker:
         slots_here = max(1, (os.cpu_count() or 1) // max(self.threads, 1))
         self._cache = ModelCache(default_limit_bytes(self.spec.workers.model_cache_mb, self.device, slots_here))
         self.cores = _pin_to_share(slot, worker_id)
+        self._info: dict[str, Any] | None = None
         self._backend: Backend | None = None
+        self._built_key: str | None = None  # the job whose build ``_backend`` holds
         self._phases: dict[str, float] = {}
         self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
@@ -105,6 +107,11 @@ class TuneWorker:
 
     # -- identity -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        if self._info is None:  # fixed for the life of the process: worked out once
+            self._info = self._describe()
+        return dict(self._info)
+
+    def _describe(self) -> dict[str, Any]:
         import ray
 
         device_class = self.env.device_class()
@@ -158,6 +165,7 @@ class TuneWorker:
         or the failure), as a dict: the same typed record as ``finish``, at the Ray edge."""
         job = Job.from_dict(job_dict)
         self._release()
+        self._built_key = None
         self._phases = {}
         self._before = None
         if self.device.type == "cuda":
@@ -183,7 +191,7 @@ class TuneWorker:
             return self._failure(job, R.BUILD_ERROR, exc)
         finally:
             self._phases["build"] = time.perf_counter() - start
-        self._backend = backend
+        self._backend, self._built_key = backend, job.key
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)
         return record.to_dict()
@@ -193,10 +201,13 @@ class TuneWorker:
 
         The checkpoint of an incorrect candidate is kept too: a later sweep with another tolerance
         judges it again without building it.
+
+        The scheduler sends a job's ``finish`` together with its ``build``; after a build that
+        failed (whose result already said why) it answers ``(None, None, None, None)`` at once.
         """
         job = Job.from_dict(job_dict)
-        if self._backend is None:
-            raise RuntimeError(f"worker {self.worker_id}: finish({job.candidate}) without a successful build")
+        if self._backend is None or self._built_key != job.key:
+            return None, None, None, None
         _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
         record = self._record(job, R.OK)
         checkpoint = outputs = None
@@ -219,6 +230,7 @@ class TuneWorker:
         job = Job.from_dict(job_dict)
         prior = ResultRecord.from_dict(prior_dict)
         self._release()
+        self._built_key = None
         self._phases = {}
         self._before = None
         if self.device.type == "cuda":
@@ -331,7 +343,7 @@ class TuneWorker:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _record(self, job: Job, status: str) -> ResultRecord:
-        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))
+        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))  # a fresh copy each
 
     def _failure(self, job: Job, status: str, exc: BaseException) -> dict[str, Any]:
         """A build that failed: its result record, with what it left in memory."""
@@ -366,8 +378,9 @@ class TuneWorker:
             except RuntimeError:
                 pass
             self._backend = None
-        shutil.rmtree(self._scratch, ignore_errors=True)
-        self._scratch.mkdir(parents=True, exist_ok=True)
+        if not self._scratch.is_dir() or any(self._scratch.iterdir()):
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch.mkdir(parents=True, exist_ok=True)
 
 
 class NotDeterministicModel(RuntimeError):

@@ -18,7 +18,7 @@ PENDING = object()
 
 
 class ScriptedPool(WorkerPool):
-    """Each job's candidate name says how its worker behaves: ok, raise, die, hang."""
+    """Each job's candidate name says how its worker behaves: ok, raise, die, hang (-finish: in that call only)."""
 
     def __init__(self) -> None:
         self.refs = itertools.count()
@@ -40,7 +40,7 @@ class ScriptedPool(WorkerPool):
         self.loads.add((handle, job.model))
         if behaviour == "hang" or (behaviour == "hang-finish" and method == "finish"):
             self.values[ref] = PENDING
-        elif behaviour == "die":
+        elif behaviour == "die" or (behaviour == "die-finish" and method == "finish"):
             self.values[ref] = WorkerDied("worker process exited")
         elif behaviour == "raise":
             self.values[ref] = CallFailed("boom", "RuntimeError")
@@ -103,7 +103,9 @@ def test_every_job_gets_exactly_one_committed_result():
 def test_a_dead_worker_is_replaced_and_the_rest_still_runs():
     results, _, pool = run(["die", "ok", "ok2", "ok3"], slots=1)
     assert [r.status for r in results].count(R.OK) == 3
-    assert len(pool.spawned) == 2 and len(pool.killed) >= 1
+    # "die" kills its worker twice: once with calls queued behind it (which call killed it is not
+    # known), once alone (a crash); each time the worker is replaced.
+    assert len(pool.spawned) == 3 and len(pool.killed) >= 2
 
 
 def test_a_hung_phase_times_out_and_its_worker_is_killed():
@@ -178,3 +180,89 @@ def test_workers_keep_to_the_models_they_hold():
     assert len(pool.loads) == 4
     per_worker = {w: {m for ww, m in pool.loads if ww == w} for w, _ in pool.loads}
     assert sorted(len(models) for models in per_worker.values()) == [2, 2]
+
+
+class RecordingPool(ScriptedPool):
+    """A scripted pool that also keeps the order of calls sent and answers taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str, str, str]] = []  # (what, worker, method, job key)
+        self.calls: dict[int, tuple[str, str, str]] = {}
+
+    def call(self, handle, method, *args):
+        ref = super().call(handle, method, *args)
+        self.calls[ref] = (handle, method, args[0]["key"])
+        self.log.append(("call", handle, method, args[0]["key"]))
+        return ref
+
+    def get(self, ref):
+        if ref in self.calls:
+            self.log.append(("get", *self.calls[ref]))
+        return super().get(ref)
+
+
+def run_recorded(names, slots=1, limits=None):
+    pool = RecordingPool()
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(slots)], {}, limits or Limits(5, 5),
+                      on_result=lambda record, *rest: record, pool=pool)
+    sched.start_workers()
+    return sched.run([job(n) for n in names]), pool
+
+
+def test_a_busy_worker_is_sent_its_next_job_before_its_current_one_answers():
+    results, pool = run_recorded(["ok1", "ok2", "ok3"])
+    assert [r.status for r in results] == [R.OK] * 3
+    log = pool.log
+    # A build job's finish goes with its build, and job 2's build before job 1's finish is taken.
+    assert log.index(("call", "cpu0-0", "finish", "k-ok1")) < log.index(("get", "cpu0-0", "build", "k-ok1"))
+    assert log.index(("call", "cpu0-0", "build", "k-ok2")) < log.index(("get", "cpu0-0", "finish", "k-ok1"))
+    # Only while more jobs wait than there are workers: the last one waits for a free worker.
+    assert log.index(("call", "cpu0-0", "build", "k-ok3")) > log.index(("get", "cpu0-0", "finish", "k-ok1"))
+
+
+def test_no_job_is_sent_ahead_with_prefetch_off():
+    pool = RecordingPool()
+    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5), on_result=lambda r, *a: r, pool=pool,
+                      prefetch=0)
+    sched.start_workers()
+    sched.run([job(n) for n in ("ok1", "ok2", "ok3")])
+    log = pool.log
+    assert log.index(("call", "cpu0-0", "build", "k-ok2")) > log.index(("get", "cpu0-0", "finish", "k-ok1"))
+
+
+def test_a_job_sent_ahead_to_a_worker_that_dies_runs_again_elsewhere_not_as_a_crash():
+    results, pool = run_recorded(["die-finish", "ok1", "ok2"])
+    by_name = {r.candidate: r for r in results}
+    assert by_name["die-finish"].status == R.CRASH and "during finish" in by_name["die-finish"].error
+    assert by_name["ok1"].status == by_name["ok2"].status == R.OK
+    sent = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
+    # ok1 went to the first worker while the dying job measured, then again to a replacement.
+    assert ("cpu0-0", "k-ok1") in sent and sum(key == "k-ok1" for _, key in sent) == 2
+    assert by_name["ok1"].attempts == by_name["ok2"].attempts  # a job that never started is not retried
+
+
+def test_no_job_is_sent_ahead_of_a_running_build():
+    # A build may take minutes: a job queued behind it would wait while another worker idles.
+    results, pool = run_recorded(["hang", "ok1", "ok2"], limits=Limits(0.3, 5))
+    sent = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
+    assert [key for w, key in sent if w == "cpu0-0"] == ["k-hang"]
+
+
+def test_the_finish_of_a_failed_build_is_never_waited_on():
+    results, pool = run_recorded(["raise", "ok1", "ok2"])
+    assert {r.candidate: r.status for r in results} == {"raise": R.ERROR, "ok1": R.OK, "ok2": R.OK}
+    # The build raised: its finish was sent with it, but its answer is never taken.
+    assert ("call", "cpu0-0", "finish", "k-raise") in pool.log
+    assert ("get", "cpu0-0", "finish", "k-raise") not in pool.log
+    assert len(pool.spawned) == 1  # a failed call is not a dead worker
+
+
+def test_a_job_sent_ahead_of_a_hung_measurement_runs_on_the_replacement():
+    results, pool = run_recorded(["hang-finish", "ok1", "ok2"], limits=Limits(5, 0.3))
+    by_name = {r.candidate: r for r in results}
+    assert by_name["hang-finish"].status == R.TIMEOUT and "finish phase passed" in by_name["hang-finish"].error
+    assert by_name["ok1"].status == by_name["ok2"].status == R.OK
+    sent = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
+    assert ("cpu0-0", "k-ok1") in sent and ("cpu0-1", "k-ok1") in sent  # sent ahead, then run elsewhere
+    assert pool.killed == ["cpu0-0"]

@@ -94,7 +94,9 @@ def test_other_workers_go_on_while_a_crash_waits_out_its_grace():
     timings = {"crash": Timing(1.0, 0.1), **{f"ok{i}": Timing(0.5, 0.1) for i in range(6)}}
     pool = SimulatedPool(clock, [SimNode("n0", "dc", 2)], timings, crash_keys={"crash"}, charge_driver=False, load_s=0.0,
                          start_s=0.5)
-    sched = Scheduler(gpu_slots(2), {}, Limits(100, 100), on_result=lambda r, *a: r, pool=pool, clock=clock)
+    # prefetch 0: nothing queued behind the crash, so it is judged at once, not run again alone
+    sched = Scheduler(gpu_slots(2), {}, Limits(100, 100), on_result=lambda r, *a: r, pool=pool, clock=clock,
+                      prefetch=0)
     sched.start_workers()
     pool.start_s = 100.0  # A's replacement comes too late to help: B runs every ok job alone
     t0 = clock.now()
@@ -107,3 +109,40 @@ def test_other_workers_go_on_while_a_crash_waits_out_its_grace():
     assert finished_at["crash"] >= 2.0  # classified only after the grace
     ok_done = max(t for k, t in finished_at.items() if k != "crash")
     assert ok_done == pytest.approx(3.6)
+
+
+def test_a_simulated_worker_runs_its_calls_one_after_another():
+    # As a Ray actor does: a call made while the worker is busy starts when the one before ends.
+    clock = SimClock()
+    pool = SimulatedPool(clock, [SimNode("n0", "dc", 1)], {"a": Timing(1.0, 0.5), "b": Timing(2.0, 0.5)},
+                         charge_driver=False, load_s=0.0, start_s=0.0)
+    worker, start = pool.spawn(gpu_slots(1)[0], "w0", {})
+    assert pool.wait([start], 1.0) == [start]
+    pool.get(start)
+    job_a = {"key": "a", "model": "m"}
+    job_b = {"key": "b", "model": "m"}
+    refs = [pool.call(worker, "build", job_a), pool.call(worker, "finish", job_a), pool.call(worker, "build", job_b)]
+    done_at = []
+    for ref in refs:
+        assert pool.wait([ref], 10.0) == [ref]
+        done_at.append(clock.now())
+    assert done_at == pytest.approx([1.0, 1.5, 3.5])
+
+
+def test_a_crash_with_calls_queued_behind_it_is_judged_only_once_it_ran_alone():
+    # With calls queued on a worker, the answer of one that had just ended can die with the
+    # process: the dying call may be innocent. Every job the worker held runs again alone; only a
+    # job that kills its worker alone is a crash, and the others are not blamed.
+    clock = SimClock()
+    timings = {"crash": Timing(1.0, 0.1), **{f"ok{i}": Timing(0.5, 0.1) for i in range(6)}}
+    pool = SimulatedPool(clock, [SimNode("n0", "dc", 1)], timings, crash_keys={"crash"}, charge_driver=False, load_s=0.0,
+                         start_s=0.5, seed=5)
+    sched = Scheduler(gpu_slots(1), {}, Limits(100, 100), on_result=lambda r, *a: r, pool=pool, clock=clock)
+    sched.start_workers()
+    jobs = [Job(key=k, model="m", batch_size=1, backend="Sim", config={}, candidate=k, device_class_key="dc",
+                model_fingerprint="f") for k in timings]
+    results = sched.run(jobs)
+    status = {r.key: r.status for r in results}
+    assert sorted(status) == sorted(timings)
+    assert status.pop("crash") == R.CRASH and set(status.values()) == {R.OK}
+    assert pool.crashed == ["crash", "crash"]  # once with its finish and the next job queued, once alone
