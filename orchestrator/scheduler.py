@@ -457,7 +457,7 @@ class Scheduler:
         if task.phase == "build":
             record = ResultRecord.from_dict(value)
             if record.status == R.OK:
-                if not (w.queued and not w.queued[0].first and w.queued[0].job.key == task.job.key):
+                if not self._has_finish(w, task):
                     w.queued.appendleft(self._finish(w, task.job))  # it runs alone: send its finish now
                 w.queued[0].phases = dict(record.phases)  # its finish: running now
                 self._advance(w)
@@ -480,9 +480,13 @@ class Scheduler:
             self._replace(w, f"recycled: {record.recycled}")
 
     @staticmethod
-    def _skip_finish(w: WorkerHandle, build: Task) -> None:
+    def _has_finish(w: WorkerHandle, build: Task) -> bool:
+        """Whether ``build``'s finish was sent with it (it is then next on ``w``)."""
+        return bool(w.queued) and not w.queued[0].first and w.queued[0].job.key == build.job.key
+
+    def _skip_finish(self, w: WorkerHandle, build: Task) -> None:
         """The build failed: its finish (sent with it) only says so; nobody waits on it."""
-        if w.queued and not w.queued[0].first and w.queued[0].job.key == build.job.key:
+        if self._has_finish(w, build):
             w.queued.popleft()
 
     def _on_worker_death(self, task: Task, exc: BaseException) -> None:

@@ -165,7 +165,6 @@ class TuneWorker:
         or the failure), as a dict: the same typed record as ``finish``, at the Ray edge."""
         job = Job.from_dict(job_dict)
         self._release()
-        self._built_key = None
         self._phases = {}
         self._before = None
         if self.device.type == "cuda":
@@ -230,7 +229,6 @@ class TuneWorker:
         job = Job.from_dict(job_dict)
         prior = ResultRecord.from_dict(prior_dict)
         self._release()
-        self._built_key = None
         self._phases = {}
         self._before = None
         if self.device.type == "cuda":
@@ -343,7 +341,7 @@ class TuneWorker:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _record(self, job: Job, status: str) -> ResultRecord:
-        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))  # a fresh copy each
+        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))
 
     def _failure(self, job: Job, status: str, exc: BaseException) -> dict[str, Any]:
         """A build that failed: its result record, with what it left in memory."""
@@ -378,6 +376,7 @@ class TuneWorker:
             except RuntimeError:
                 pass
             self._backend = None
+        self._built_key = None
         if not self._scratch.is_dir() or any(self._scratch.iterdir()):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch.mkdir(parents=True, exist_ok=True)
