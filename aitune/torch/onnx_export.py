@@ -1,7 +1,17 @@
-"""ONNX export with the dynamo exporter, shared by the ONNX Runtime and TensorRT backends."""
+"""ONNX export with the dynamo exporter, shared by the ONNX Runtime and TensorRT backends.
+
+``torch.onnx.export(dynamo=True)`` builds its table of ATen-to-ONNX functions from torchlib at
+every call: half a second or more of translating onnxscript sources, more than the export of a
+small model itself, paid again by every ONNX Runtime and TensorRT candidate. :func:`export_onnx`
+builds that table once per opset and process and hands it to the exporter's core (what
+``torch.onnx.export`` calls after building it). The table is only read while exporting. Where
+this torch lacks those internals, exports go through ``torch.onnx.export`` as before.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +65,13 @@ def export_onnx(
 
 def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None) -> OnnxExport:
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
+    args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
+    dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
     with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            tuple(sample.args),
-            kwargs=dict(sample.kwargs) or None,
-            dynamo=True,
-            verbose=False,
-            external_data=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes_for(module, graph_spec, sample),
-        )
+        program = _export_with_registry(module, args, kwargs, dynamic_shapes, opset)
+        if program is None:
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False, external_data=True,
+                                        opset_version=opset, dynamic_shapes=dynamic_shapes)
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")
     return OnnxExport(
@@ -73,3 +79,45 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         external_data=data_file if data_file.exists() else None,
         out_spec=pytree.treespec_dumps(program.exported_program.call_spec.out_spec),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _exporter_core():
+    """``(core, registration, dynamic_shapes, default opset, torchlib opset)`` from this torch's
+    exporter, or None where they are not what :func:`_export_with_registry` expects."""
+    try:
+        from torch.onnx import _constants as onnx_constants
+        from torch.onnx._internal.exporter import _constants, _core, _dynamic_shapes, _registration
+
+        takes = set(inspect.signature(_core.export).parameters)
+        if not {"registry", "dynamic_shapes", "opset_version", "verbose"} <= takes:
+            return None
+        if not (hasattr(_dynamic_shapes, "convert_str_to_export_dim") and hasattr(_registration.ONNXRegistry, "from_torchlib")):
+            return None
+        return _core, _registration, _dynamic_shapes, onnx_constants.ONNX_DEFAULT_OPSET, _constants.TORCHLIB_OPSET
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _registry(opset: int):
+    """The exporter's ATen-to-ONNX table for ``opset``, built once per process (read-only after)."""
+    return _exporter_core()[1].ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | None):
+    """What ``torch.onnx.export(dynamo=True)`` does for a module, with the table built once;
+    None where this torch's exporter is not laid out as expected (the caller then calls it)."""
+    parts = _exporter_core()
+    if parts is None:
+        return None
+    core, _, shapes, default_opset, torchlib_opset = parts
+    opset = default_opset if opset is None else opset
+    # Below torchlib's own opset the exporter works at torchlib's and converts the model after.
+    table = _registry(max(opset, torchlib_opset))
+    converted, renamed = shapes.convert_str_to_export_dim(dynamic_shapes)
+    program = core.export(module, args, kwargs, registry=table, dynamic_shapes=converted, verbose=False,
+                          opset_version=opset)
+    if renamed and dynamic_shapes is not None:
+        program._rename_dynamic_axes(dynamic_shapes)
+    return program

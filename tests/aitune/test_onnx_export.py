@@ -1,0 +1,93 @@
+"""ONNX export with the exporter's ATen-to-ONNX table built once per process and opset.
+
+The fast path hands a cached table to the exporter's core; these tests hold it to the same
+model ``torch.onnx.export`` writes, on a dynamic batch and with keyword inputs, and check the
+table is built once and not once per export.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aitune.specs import GraphSpec, Sample
+from aitune.torch import onnx_export
+from aitune.torch.onnx_export import export_onnx
+
+from aitune_helpers import needs_onnx_export, tiny_mlp
+
+
+class _Keywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, scale=None):
+        y = self.lin(x)
+        return {"masked": y * mask, "scaled": (y + scale,)}
+
+
+def _cases():
+    mlp_sample = Sample((torch.randn(2, 16),), {})
+    kw_sample = Sample((torch.randn(2, 8),), {"scale": torch.randn(2, 4), "mask": torch.ones(2, 4)})
+    return [
+        ("mlp, dynamic batch", tiny_mlp(), GraphSpec.from_sample(mlp_sample, dynamic_batch=(1, 8)), mlp_sample, None),
+        ("mlp, static, opset 17", tiny_mlp(), GraphSpec.from_sample(mlp_sample), mlp_sample, 17),
+        ("keywords, dynamic batch", _Keywords().eval(), GraphSpec.from_sample(kw_sample, dynamic_batch=(1, 16)), kw_sample, None),
+    ]
+
+
+def _path(root, name):
+    (root / name).mkdir()
+    return root / name / "model.onnx"
+
+
+def _graph(path):
+    import onnx
+
+    model = onnx.load(str(path))
+    return model.graph, [(o.domain, o.version) for o in model.opset_import]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(3), ids=[c[0] for c in _cases()])
+def test_the_fast_path_writes_what_torch_onnx_export_writes(case, tmp_path, monkeypatch):
+    needs_onnx_export()
+    if onnx_export._exporter_core() is None:
+        pytest.skip("this torch's exporter has no core that takes a registry: every export is the public one")
+    _, module, spec, sample, opset = _cases()[case]
+    fast = export_onnx(module, spec, sample, _path(tmp_path, "fast"), opset)
+    # The public path, as on a torch whose exporter internals are laid out otherwise.
+    monkeypatch.setattr(onnx_export, "_exporter_core", lambda: None)
+    public = export_onnx(module, spec, sample, _path(tmp_path, "public"), opset)
+    assert _graph(fast.model) == _graph(public.model)
+    assert fast.out_spec == public.out_spec
+
+
+@pytest.mark.slow
+def test_the_table_is_built_once_per_opset_not_per_export(tmp_path, monkeypatch):
+    needs_onnx_export()
+    parts = onnx_export._exporter_core()
+    if parts is None:
+        pytest.skip("this torch's exporter has no core that takes a registry: every export builds its own table")
+    registration = parts[1]
+    built = []
+    real = registration.ONNXRegistry.from_torchlib
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("opset_version"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registration.ONNXRegistry, "from_torchlib", counting)
+    onnx_export._registry.cache_clear()
+    sample = Sample((torch.randn(1, 16),), {})
+    spec = GraphSpec.from_sample(sample)
+    for i in range(3):
+        export_onnx(tiny_mlp(seed=i), spec, sample, _path(tmp_path, f"m{i}"))
+    assert len(built) == 1
+    # opset 17 is below torchlib's own: the exporter works at torchlib's and converts after
+    export_onnx(tiny_mlp(), spec, sample, _path(tmp_path, "opset"), opset=17)
+    assert built == [parts[3], max(17, parts[4])]
+    onnx_export._registry.cache_clear()  # leave no table built from the counting wrapper behind
