@@ -65,14 +65,23 @@ def candidate_set(which: str) -> list[tuple[str, dict]]:
     return [(b, c) for b, c in candidates_for("cpu") if b != "TorchInductorAotBackend"]
 
 
-def spec_for(models: int, reuse: str, top_k: int, which: str, store: str):
+#: the architecture the fine-tunes share: factory, its kwargs (``seed`` added per model), inputs
+ARCHITECTURES = {
+    "encoder": ("aitune.examples:small_encoder", {"dim": 128, "layers": 2},
+                [{"name": "tokens", "shape": [64], "dtype": "int64", "int_range": [0, 1000]}]),
+    "mlp": ("aitune.examples:mlp", {"width": 64, "depth": 4}, [{"name": "x", "shape": [64]}]),
+}
+
+
+def spec_for(models: int, reuse: str, top_k: int, which: str, store: str, architecture: str = "encoder"):
     from orchestrator.spec import parse_spec
 
     candidates = [{"backend": b, "config": c} for b, c in candidate_set(which)]
+    factory, kwargs, inputs = ARCHITECTURES[architecture]
     return parse_spec({
         "name": f"retune-{reuse}",
-        "models": [{"name": f"ft{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 64, "depth": 4, "seed": i},
-                    "inputs": [{"name": "x", "shape": [64]}]} for i in range(models)],
+        "models": [{"name": f"ft{i}", "factory": factory, "kwargs": {**kwargs, "seed": i}, "inputs": inputs}
+                   for i in range(models)],
         "batch_sizes": [1], "candidates": candidates,
         "measure": {"budget_s": 0.3},
         "workers": {"cpu_slots": 2, "threads_per_slot": 1, "use_gpus": False},
@@ -81,11 +90,11 @@ def spec_for(models: int, reuse: str, top_k: int, which: str, store: str):
     })
 
 
-def run(models: int, reuse: str, top_k: int, which: str):
+def run(models: int, reuse: str, top_k: int, which: str, architecture: str = "encoder"):
     from orchestrator.sweep import run_sweep
 
     with tempfile.TemporaryDirectory(prefix="aitune-retune-") as store:
-        spec = spec_for(models, reuse, top_k, which, store)
+        spec = spec_for(models, reuse, top_k, which, store, architecture)
         start = time.monotonic()
         outcome = run_sweep(spec, deploy=False, write_report=False, console=Console(file=io.StringIO()), live=False)
         return outcome, time.monotonic() - start
@@ -96,6 +105,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=10)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--candidates", choices=["wide", "default"], default="wide")
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="encoder")
     parser.add_argument("--order", default="full,retune")
     args = parser.parse_args()
 
@@ -106,7 +116,8 @@ def main() -> int:
     outcomes = {}
     try:
         for which in args.order.split(","):
-            outcome, whole = run(args.models, "decisions" if which == "retune" else "none", args.top_k, args.candidates)
+            outcome, whole = run(args.models, "decisions" if which == "retune" else "none", args.top_k, args.candidates,
+                                 args.model)
             outcomes[which] = outcome
             print(f"{which:6s}: {len(outcome.results)} jobs {dict(collections.Counter(r.status for r in outcome.results))}, "
                   f"tune_s {outcome.tune_s:.1f} s ({whole:.0f} s with start-up); load {os.getloadavg()[0]:.2f}")

@@ -18,6 +18,11 @@ Remeasure = Callable[[Group, list[ResultRecord]], dict[str, Measurement]]
 Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
 
 TOP_K = 3
+#: a runner-up this close to the best (relative score) is measured again side by side with it,
+#: even where the first intervals do not overlap: they were measured at different times, maybe
+#: on different workers, and a few percent of drift between two windows is common (each
+#: window's own interval does not see it)
+CLOSE = 0.05
 
 
 @dataclass
@@ -63,6 +68,14 @@ def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], s
     return select(cands, baseline, strategy), cands, baseline
 
 
+def _close(ranked: list[_Candidate], strategy: Strategy) -> bool:
+    """Whether the runner-up's score is within :data:`CLOSE` of the best one's."""
+    if len(ranked) < 2:
+        return False
+    best, second = (abs(strategy.score(c.measurement)) for c in ranked[:2])
+    return abs(best - second) <= CLOSE * max(best, second)
+
+
 def choose_winners(
     results: Iterable[ResultRecord],
     strategy: Strategy,
@@ -83,7 +96,8 @@ def choose_winners(
             (c for c in cands if c.eligible and c.measurement is not None and strategy.fits(c.measurement)),
             key=lambda c: strategy.score(c.measurement), reverse=True,
         )
-        near_tie = bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
+        near_tie = (bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
+                    or _close(ranked, strategy))
         if remeasure is not None and near_tie:
             # Too close to call: measure the top few again side by side on one worker.
             top = [c.record for c in ranked[:TOP_K]]

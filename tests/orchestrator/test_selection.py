@@ -231,3 +231,24 @@ def test_max_throughput_picks_most_samples_per_second():
     assert sel.winner_key == "b"
     assert "max_throughput" in sel.reason
     assert sel.speedup == pytest.approx(4.0, rel=1e-6)
+
+
+def test_runner_up_within_a_few_percent_is_remeasured_though_the_intervals_do_not_overlap():
+    # 3% apart with tight intervals: "beyond noise" by each window's own statistics, but two
+    # windows measured at different times drift by that much; side by side they are a tie.
+    results = [eager(median=10.0), result("a", 5.15, m=measurement(5.15, spread=0.001)),
+               result("b", 5.0, m=measurement(5.0, spread=0.001))]
+    first = only(choose_winners(results, MIN_LATENCY))
+    assert first.winner_key == "b" and first.ties == []  # what the first numbers alone say
+    remeasure = Recorder({"a": measurement(5.0), "b": measurement(5.01), "eager": measurement(10.0)})
+    sel = only(choose_winners(results, MIN_LATENCY, remeasure))
+    assert [sorted(keys) for _, keys in remeasure.calls] == [["a", "b", "eager"]]
+    assert sel.remeasured is True and sel.winner_key == "a" and sel.ties == ["b"]
+
+
+def test_runner_up_well_behind_is_not_remeasured():
+    remeasure = Recorder()
+    sel = only(choose_winners([eager(median=10.0), result("a", 5.5, m=measurement(5.5, spread=0.001)),
+                               result("b", 5.0, m=measurement(5.0, spread=0.001))],
+                              MIN_LATENCY, remeasure))
+    assert sel.winner_key == "b" and remeasure.calls == [] and sel.remeasured is False
