@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -410,13 +411,19 @@ def _pin_to_share(slot: dict[str, Any], worker_id: str) -> list[int]:
     except Exception as exc:  # pinning is for quiet measurements; a worker still works without it
         logging.getLogger(__name__).warning("worker %s not pinned to cores: %s", worker_id, exc)
         return []
-    try:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = min(inductor_config.compile_threads or count, count)
-    except Exception:  # an older torch without the setting: the environment variable still holds
-        pass
+    _bound_compile_threads(count)
     return list(cores)
+
+
+def _bound_compile_threads(count: int) -> None:
+    """At most ``count`` Inductor compile threads. Inductor reads TORCHINDUCTOR_COMPILE_THREADS
+    when its config is first imported; importing it here only to set it would add a second or
+    more to every worker's start, so that is done only where something imported it already."""
+    current = int(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "0") or 0)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(min(current, count) if current > 0 else count)
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None and hasattr(config, "compile_threads"):
+        config.compile_threads = min(config.compile_threads or count, count)
 
 
 def _freeze_heap() -> None:

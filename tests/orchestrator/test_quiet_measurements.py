@@ -69,3 +69,25 @@ def test_a_sweep_with_exclusive_measurement_records_its_waits(ray_session, tmp_p
     # not part of what is measured: the same results are reused by a sweep without it
     again = run_sweep(tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16]), console=quiet(), deploy=False, write_report=False)
     assert again.ran == 0
+
+
+@pytest.mark.parametrize("inherited, expected", [(None, 2), ("8", 2), ("1", 1)])
+def test_inductor_compile_threads_are_bounded_to_the_share_without_importing_inductor_at_start(inherited, expected):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from orchestrator.worker import _bound_compile_threads\n"
+        "_bound_compile_threads(2)\n"
+        "assert 'torch._inductor.config' not in sys.modules, 'inductor imported at worker start'\n"
+        "import torch._inductor.config as c\n"
+        "print(c.compile_threads)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    if inherited is not None:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = inherited
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(expected)
