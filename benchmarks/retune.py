@@ -100,6 +100,23 @@ def run(models: int, reuse: str, top_k: int, which: str, architecture: str = "en
         return outcome, time.monotonic() - start
 
 
+def _job_seconds(results) -> float:
+    return sum(sum(r.phases.values()) for r in results)
+
+
+def _time_bound(full, retune, models: int) -> float:
+    """(all candidates + (models - 1) x the followers' top-k) / (models x all candidates), each
+    candidate weighted by its mean job seconds in the full sweep: what reuse could save at best."""
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    for r in full:
+        per[r.candidate].append(sum(r.phases.values()))
+    mean = {c: sum(v) / len(v) for c, v in per.items()}
+    followers = {s.model for s in retune.selections if s.decisions_from}
+    top = {r.candidate for r in retune.results if r.model in followers}
+    total = sum(mean.values())
+    return (total + (models - 1) * sum(mean.get(c, 0.0) for c in top)) / (models * total) if total else float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=10)
@@ -129,6 +146,10 @@ def main() -> int:
     print(f"\n{n} candidates, {m} models, k = {k}: builds {(n + (m - 1) * k)} of {n * m}, "
           f"a bound of {(n + (m - 1) * k) / (n * m):.2f} on the ratio")
     print(f"ratio tune_s(retune) / tune_s(full) = {ratio:.2f} (goal <= {GOAL}) -> {'MET' if ratio <= GOAL else 'NOT MET'}")
+    work_full, work_retune = _job_seconds(full.results), _job_seconds(retune.results)
+    print(f"worker job-seconds (build, check, measure, save): retune {work_retune:.1f} of full {work_full:.1f} = "
+          f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "
+          f"{_time_bound(full.results, retune, m):.2f} (the top-k cost more than the average candidate)")
     full_sel = {s.model: s for s in full.selections}
     same = tied = differ = 0
     for s in sorted(retune.selections, key=lambda s: s.model):

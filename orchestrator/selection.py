@@ -22,7 +22,7 @@ TOP_K = 3
 #: even where the first intervals do not overlap: they were measured at different times, maybe
 #: on different workers, and a few percent of drift between two windows is common (each
 #: window's own interval does not see it)
-CLOSE = 0.05
+CLOSE = 0.10
 
 
 @dataclass
