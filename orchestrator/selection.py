@@ -76,6 +76,21 @@ def _close(ranked: list[_Candidate], strategy: Strategy) -> bool:
     return abs(best - second) <= CLOSE * max(best, second)
 
 
+def _unsettled(winner: _Candidate, remeasured: list[_Candidate], first: dict[str, Measurement], strategy: Strategy,
+               ties: tuple[str, ...]) -> tuple[str, ...]:
+    """Re-measured candidates that beat the winner beyond noise in the first window: two windows
+    that each separate a pair, in opposite orders, have not settled it, so they stay ties (a first
+    window that could not separate them is settled by the second)."""
+    mine = first.get(winner.record.key)
+    if mine is None:
+        return ()
+    return tuple(
+        c.name for c in remeasured
+        if c is not winner and c.eligible and c.name not in ties and c.record.key in first
+        and strategy.beats(first[c.record.key], mine)
+    )
+
+
 def choose_winners(
     results: Iterable[ResultRecord],
     strategy: Strategy,
@@ -105,10 +120,14 @@ def choose_winners(
                 top.append(baseline.record)
             fresh = remeasure(group, top) if len(top) > 1 else {}
             if fresh:
+                first = dict(measurements)
                 measurements.update(fresh)
                 choice, cands, baseline = _decide(records, measurements, strategy)
                 remeasured = True
                 choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
+                if choice.winner is not None and choice.winner is not baseline:
+                    choice.ties = choice.ties + _unsettled(choice.winner, [c for c in cands if c.record.key in fresh],
+                                                           first, strategy, choice.ties)
         winner = choice.winner.record if choice.winner is not None else None
         gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
         selections.append(
