@@ -298,7 +298,7 @@ class Scheduler:
         results: list[ResultRecord] = []
         deferred: list[Job] = []
         started = clock.now()
-        last_poll = float("-inf")
+        last_poll, polled_at = float("-inf"), 0
 
         def emit(record: ResultRecord, checkpoint: bytes | None = None, outputs: bytes | None = None,
                  reference: bytes | None = None) -> None:
@@ -319,8 +319,11 @@ class Scheduler:
             else:
                 self._assign(gate, deferred)
                 self._fail_orphans()
-            if deferred and clock.now() - last_poll >= POLL_S:
-                last_poll = clock.now()
+            # Deferred jobs are looked up every POLL_S, and at once when a result came in while
+            # a worker idles: a job held for another's result (a family head's) starts then.
+            if deferred and (clock.now() - last_poll >= POLL_S
+                             or (len(results) > polled_at and any(self._idle.values()))):
+                last_poll, polled_at = clock.now(), len(results)
                 done, runnable = gate.poll(deferred)
                 for record in done:
                     results.append(record)

@@ -266,3 +266,37 @@ def test_a_job_sent_ahead_of_a_hung_measurement_runs_on_the_replacement():
     sent = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
     assert ("cpu0-0", "k-ok1") in sent and ("cpu0-1", "k-ok1") in sent  # sent ahead, then run elsewhere
     assert pool.killed == ["cpu0-0"]
+
+
+class Follows(JobGate):
+    """Holds ``k-follow`` until ``k-head``'s result is committed, as a family gate holds a follower."""
+
+    def __init__(self, committed: list) -> None:
+        self.committed, self.polls = committed, 0
+
+    def admit(self, j):
+        return j.key != "k-follow" or self._head_done()
+
+    def _head_done(self):
+        return any(r.key == "k-head" for r in self.committed)
+
+    def poll(self, deferred):
+        self.polls += 1
+        return [], [j for j in deferred if self._head_done()]
+
+
+def test_a_job_held_for_another_result_starts_when_that_result_comes_not_at_the_next_poll(monkeypatch):
+    import orchestrator.scheduler as S
+
+    monkeypatch.setattr(S, "POLL_S", 60.0)  # were it only polled on the clock, it would wait a minute
+    committed: list[ResultRecord] = []
+    pool = ScriptedPool()
+    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5),
+                      on_result=lambda record, *rest: committed.append(record) or record, pool=pool)
+    sched.start_workers()
+    gate = Follows(committed)
+    start = time.monotonic()
+    results = sched.run([job("follow"), job("head")], gate=gate)
+    assert sorted(r.key for r in results) == ["k-follow", "k-head"] and all(r.status == R.OK for r in results)
+    assert time.monotonic() - start < 30  # not held for the poll interval
+    assert gate.polls >= 1
