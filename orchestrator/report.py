@@ -175,9 +175,15 @@ def render(
         for header in ("model", "batch", "winner", "speedup", "reason", "ties"):
             table.add_column(header)
         for s, gain in _winner_speedups(selections, rows):
-            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(gain), _reason(s), ", ".join(s.ties))
+            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(gain), _reason(s, reuse=False),
+                     ", ".join(s.ties))
             table.add_row(*(escape(c) for c in cells))
         console.print(table)
+        # Where decisions came from, one unwrapped line each: a table cell would wrap it anywhere.
+        for s in selections:
+            if s.decisions_from:
+                console.print(f"  {escape(s.model)} (batch {s.batch_size}): {escape(_reused(s))}",
+                              soft_wrap=True, highlight=False)
 
     if deployments:
         table = Table(title="deployments", title_justify="left")
@@ -190,12 +196,16 @@ def render(
         console.print(table)
 
 
-def _reason(s: SelectionRecord) -> str:
+def _reason(s: SelectionRecord, reuse: bool = True) -> str:
     reason = f"{s.reason} (decided in sweep {s.decided_in})" if s.decided_in else s.reason
-    if s.decisions_from:
-        tried = ", ".join(s.decisions_from.get("candidates", []))
-        reason += f"; decisions reused from {s.decisions_from.get('model')} (tried its top {tried})"
+    if s.decisions_from and reuse:
+        reason += f"; {_reused(s)}"
     return reason
+
+
+def _reused(s: SelectionRecord) -> str:
+    tried = ", ".join((s.decisions_from or {}).get("candidates", []))
+    return f"decisions reused from {(s.decisions_from or {}).get('model')} (tried its top {tried})"
 
 
 def _markdown_diff(diff: dict | None) -> str:

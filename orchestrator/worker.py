@@ -386,7 +386,12 @@ class TuneWorker:
         0.25 s per full collection, two per candidate: most of a small candidate's time. Every
         THAW_EVERY candidates (and before a suspected leak is judged) the heap is thawed and
         collected whole, so objects that turned into garbage after being frozen are not kept.
+
+        Only on CPU workers: on a GPU, garbage kept frozen may hold device memory, which the next
+        candidate needs and the leak check (measured from each candidate's start) would not see.
         """
+        if self.device.type != "cpu":
+            return
         self._settled += 1
         if self._settled % THAW_EVERY == 0:
             gc.unfreeze()

@@ -58,7 +58,9 @@ def test_the_report_says_which_decisions_were_reused_and_from_where(family_sweep
         source = selections[follower].decisions_from
         assert source["model"] == "ft0" and len(source["candidates"]) == 2
         assert selections[follower].winner in source["candidates"]
-    assert "decisions reused from ft0" in printed
+    for follower in ("ft1", "ft2"):  # one unwrapped line each, whatever the width of the reasons
+        tried = ", ".join(selections[follower].decisions_from["candidates"])
+        assert f"{follower} (batch 2): decisions reused from ft0 (tried its top {tried})" in printed
     assert "decisions reused from ft0" in outcome.reports["report.md"].read_text()
     stored = json.loads(outcome.reports["report.json"].read_text())["selections"]
     assert {s["model"]: (s["decisions_from"] or {}).get("model") for s in stored} == {"ft0": None, "ft1": "ft0", "ft2": "ft0"}

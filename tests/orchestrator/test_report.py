@@ -221,3 +221,17 @@ def test_reports_without_matplotlib_skip_only_the_plot(sweep, tmp_path, monkeypa
     assert set(paths) == {"report.json", "report.csv", "report.md"}
     assert not (tmp_path / "latency.png").exists()
     assert "no latency plot" in caplog.text
+
+
+def test_where_decisions_came_from_prints_whole_however_long_the_reason(sweep):
+    results, selections, deployments = sweep
+    follower = SelectionRecord(
+        model="mlp", batch_size=1, device_class_key=DEVICE, winner_key="k-mlp", winner="eager fp32",
+        reason="beats the baseline beyond noise by min_latency (after re-measuring 4 candidates interleaved)" * 2,
+        ties=["OnnxRuntimeBackend(graph_optimization_level=basic)", "OnnxRuntimeBackend(io_binding=False)"],
+        decisions_from={"model": "base", "candidates": ["eager fp32", "compile max-autotune"]},
+    )
+    console = Console(record=True, width=100)
+    render(console, results, [selections[0], follower], deployments)
+    lines = console.export_text().splitlines()
+    assert "  mlp (batch 1): decisions reused from base (tried its top eager fp32, compile max-autotune)" in lines
