@@ -52,7 +52,7 @@ def _graph(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(3), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("case", range(3), ids=["mlp, dynamic batch", "mlp, static, opset 17", "keywords, dynamic batch"])
 def test_the_fast_path_writes_what_torch_onnx_export_writes(case, tmp_path, monkeypatch):
     needs_onnx_export()
     if onnx_export._exporter_core() is None:

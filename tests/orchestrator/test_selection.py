@@ -254,20 +254,14 @@ def test_runner_up_well_behind_is_not_remeasured():
     assert sel.winner_key == "b" and remeasure.calls == [] and sel.remeasured is False
 
 
-def test_two_windows_that_disagree_on_the_order_leave_a_tie():
-    # The sweep's window says a beats b beyond noise; side by side, b beats a: not settled.
-    results = [eager(median=10.0), result("a", 5.0, m=measurement(5.0, spread=0.001)),
-               result("b", 5.3, m=measurement(5.3, spread=0.001))]
+@pytest.mark.parametrize("first_a, first_b, ties", [
+    (5.0, 5.3, ["a"]),  # the sweep's window says a beats b beyond noise, side by side b beats a: not settled
+    (5.3, 5.0, []),     # both windows say b beats a: settled
+], ids=["windows disagree: a tie", "windows agree: settled"])
+def test_two_windows_that_order_a_pair_oppositely_leave_a_tie(first_a, first_b, ties):
+    results = [eager(median=10.0), result("a", first_a, m=measurement(first_a, spread=0.001)),
+               result("b", first_b, m=measurement(first_b, spread=0.001))]
     remeasure = Recorder({"a": measurement(4.5, spread=0.001), "b": measurement(4.0, spread=0.001),
                           "eager": measurement(10.0)})
     sel = only(choose_winners(results, MIN_LATENCY, remeasure))
-    assert sel.remeasured is True and sel.winner_key == "b" and sel.ties == ["a"]
-
-
-def test_two_windows_that_agree_on_the_order_settle_it():
-    results = [eager(median=10.0), result("a", 5.3, m=measurement(5.3, spread=0.001)),
-               result("b", 5.0, m=measurement(5.0, spread=0.001))]
-    remeasure = Recorder({"a": measurement(4.5, spread=0.001), "b": measurement(4.0, spread=0.001),
-                          "eager": measurement(10.0)})
-    sel = only(choose_winners(results, MIN_LATENCY, remeasure))
-    assert sel.remeasured is True and sel.winner_key == "b" and sel.ties == []
+    assert sel.remeasured is True and sel.winner_key == "b" and sel.ties == ties
