@@ -301,9 +301,10 @@ class TuneWorker:
             record.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
         record.phases = {**record.phases, **self._phases}
         self._release()
-        if self._before is not None:
+        collected = self._before is not None
+        if collected:
             record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
-        self._settle_heap()
+        self._settle_heap(collected)
         ref = reference_bytes(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, outputs, ref
 
@@ -378,8 +379,9 @@ class TuneWorker:
             figures.update(device_used_after=after.device_used, left_outside_allocator=outside)
         return figures, reason
 
-    def _settle_heap(self) -> None:
-        """Freeze what outlived the candidate just released, so later collections skip it.
+    def _settle_heap(self, collected: bool) -> None:
+        """Freeze what outlived the candidate just released (``collected``: the memory check has
+        just collected the heap), so later collections skip it.
 
         What survives a release is long-lived: the models, and libraries' caches (Inductor's,
         the ONNX exporter's). Once a worker has compiled and exported, that is ~400k objects and
@@ -395,7 +397,10 @@ class TuneWorker:
         self._settled += 1
         if self._settled % THAW_EVERY == 0:
             gc.unfreeze()
-        _freeze_heap()
+            collected = False
+        if not collected:
+            gc.collect()
+        gc.freeze()
 
     def _release(self) -> None:
         if self._backend is not None:
