@@ -71,6 +71,7 @@ def main() -> int:
         jobs = expand(spec, {n: fp for n, (fp, _) in ids.items()}, {infos[0].device_class_key: infos[0].device_class},
                       {infos[0].device_class_key: 1})
         peaks: list[list[float]] = [[] for _ in actors]
+        anon: list[list[float]] = [[] for _ in actors]  # RssAnon: without the object store's shared pages
         for step in range(0, len(jobs), args.batch):
             chunk = jobs[step:step + args.batch]
             refs = []
@@ -86,7 +87,9 @@ def main() -> int:
             for w, actor in enumerate(actors):
                 info = ray.get(actor.cache_info.remote())
                 peaks[w].append(info["peak_rss_bytes"] / MB)
-                line.append(f"worker {w}: rss {info['rss_bytes'] / MB:6.1f} MB, peak {info['peak_rss_bytes'] / MB:6.1f} MB, "
+                anon[w].append((info.get("anon_rss_bytes") or 0) / MB)
+                line.append(f"worker {w}: rss {info['rss_bytes'] / MB:6.1f} MB (own {anon[w][-1]:6.1f}), "
+                            f"peak {info['peak_rss_bytes'] / MB:6.1f} MB, "
                             f"cache {len(info['models'])} models {info['bytes'] / MB:5.1f} MB, {info['evictions']} evicted;")
             print("  ".join(line))
     finally:
@@ -98,6 +101,10 @@ def main() -> int:
             growth = p[-1] / p[0] - 1
             print(f"worker {w}: peak resident memory {p[0]:.1f} MB after the first {args.batch} models, {p[-1]:.1f} MB "
                   f"after all {args.models}: {growth * 100:+.1f}% (goal: within 10%) -> {'MET' if abs(growth) <= 0.10 else 'NOT MET'}")
+    for w, a in enumerate(anon):
+        if len(a) >= 2 and a[0]:
+            print(f"worker {w}: its own memory (RssAnon, without the object store's shared pages) {a[0]:.1f} MB "
+                  f"after the first {args.batch} models, {a[-1]:.1f} MB after all {args.models}: {(a[-1] / a[0] - 1) * 100:+.1f}%")
     return 0
 
 

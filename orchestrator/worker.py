@@ -159,6 +159,7 @@ class TuneWorker:
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
                 "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
+                "anon_rss_bytes": _anon_rss_bytes(),
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
@@ -417,6 +418,20 @@ class TuneWorker:
 
 class NotDeterministicModel(RuntimeError):
     """The model this worker built is not the one the driver fingerprinted."""
+
+
+def _anon_rss_bytes() -> int | None:
+    """Resident memory of this process's own (anonymous) pages: RSS without the shared memory
+    it maps (Ray's object store, whose pages count in RSS once the worker has written results
+    there) and without mapped files (libraries). None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _peak_rss_bytes() -> int:

@@ -98,3 +98,5 @@ def test_a_worker_keeps_at_most_its_cache_bound_of_models():
     assert info["bytes"] <= info["limit_bytes"] or len(info["models"]) == 1
     assert info["models"][-1] == "m3"
     assert info["loads"] == 4 and info["evictions"] >= 2
+    # its own pages (no shared memory, no mapped files): part of its resident memory
+    assert 0 < info["anon_rss_bytes"] < info["rss_bytes"]
