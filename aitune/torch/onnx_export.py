@@ -72,6 +72,12 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         if program is None:
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False, external_data=True,
                                         opset_version=opset, dynamic_shapes=dynamic_shapes)
+        wrote = _default_opset(program)
+        if opset is not None and wrote is not None and wrote != opset:
+            # The exporter works at its own opset and converts down after; when that fails it
+            # keeps its own and only logs it: a candidate asking for an opset must get that one.
+            raise ValueError(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
+                             f"convert this model down (its log says why); use opset {wrote} or leave it unset")
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")
     return OnnxExport(
@@ -121,3 +127,12 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
     if renamed and dynamic_shapes is not None:
         program._rename_dynamic_axes(dynamic_shapes)
     return program
+
+
+def _default_opset(program) -> int | None:
+    """The default-domain opset of an exported program's model, None where it does not say."""
+    imports = getattr(getattr(program, "model", None), "opset_imports", None)
+    try:
+        return int(imports[""]) if imports is not None and "" in imports else None
+    except (TypeError, ValueError):
+        return None
