@@ -204,8 +204,9 @@ def _reason(s: SelectionRecord, reuse: bool = True) -> str:
 
 
 def _reused(s: SelectionRecord) -> str:
-    tried = ", ".join((s.decisions_from or {}).get("candidates", []))
-    return f"decisions reused from {(s.decisions_from or {}).get('model')} (tried its top {tried})"
+    """Where a follower's decisions came from (``s.decisions_from`` is set)."""
+    source = s.decisions_from or {}
+    return f"decisions reused from {source.get('model')} (tried its top {', '.join(source.get('candidates', []))})"
 
 
 def _markdown_diff(diff: dict | None) -> str:

@@ -6,8 +6,8 @@ so that no worker idles while another runs a slow candidate. Calls are pipelined
 ``finish`` is sent with its ``build`` (the worker runs its calls in order and skips the finish of a
 failed build), and while more jobs wait than there are workers, each worker is sent its next job
 once its current one is measuring (``prefetch``; never behind a build, which may take minutes),
-so that it never waits on the driver's round trip or on the commit of its last result. Only the call a worker is running has a deadline; the next
-starts its clock when the one before it answers. A worker that dies with calls queued behind the
+so that it never waits on the driver's round trip or on the commit of its last result. Only the
+call a worker is running has a deadline; the next starts its clock when the one before it answers. A worker that dies with calls queued behind the
 one it ran can't say which killed it (the answer of a call that had just ended may die with the
 process): every job it held runs again *alone* (no call before or after it on its worker), and
 only a job that kills its worker alone is a crash. A worker that hangs past its

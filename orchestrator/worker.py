@@ -385,8 +385,8 @@ class TuneWorker:
         just collected the heap), so later collections skip it.
 
         What survives a release is long-lived: the models, and libraries' caches (Inductor's,
-        the ONNX exporter's). Once a worker has compiled and exported, that is ~400k objects and
-        0.25 s per full collection, two per candidate: most of a small candidate's time. Every
+        the ONNX exporter's). Once a worker has compiled and exported, that is ~400k objects, and
+        walking them cost 0.25 s per full collection: most of a small candidate's time. Every
         THAW_EVERY candidates (and before a suspected leak is judged) the heap is thawed and
         collected whole, so objects that turned into garbage after being frozen are not kept.
 
@@ -399,9 +399,10 @@ class TuneWorker:
         if self._settled % THAW_EVERY == 0:
             gc.unfreeze()
             collected = False
-        if not collected:
-            gc.collect()
-        gc.freeze()
+        if collected:
+            gc.freeze()
+        else:
+            _freeze_heap()
 
     def _release(self) -> None:
         if self._backend is not None:
