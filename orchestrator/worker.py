@@ -159,7 +159,7 @@ class TuneWorker:
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
                 "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
-                "anon_rss_bytes": _anon_rss_bytes(),
+                **{f"{kind}_rss_bytes": n for kind, n in _rss_parts().items()},
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
@@ -421,18 +421,21 @@ class NotDeterministicModel(RuntimeError):
     """The model this worker built is not the one the driver fingerprinted."""
 
 
-def _anon_rss_bytes() -> int | None:
-    """Resident memory of this process's own (anonymous) pages: RSS without the shared memory
-    it maps (Ray's object store, whose pages count in RSS once the worker has written results
-    there) and without mapped files (libraries). None where /proc does not say."""
+def _rss_parts() -> dict[str, int]:
+    """This process's resident memory by kind, from /proc (empty where it does not say): its own
+    pages (``anon``), mapped files (``file``: libraries), and shared memory (``shmem``: Ray's
+    object store, whose pages count in RSS once the worker has written results there)."""
+    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    parts: dict[str, int] = {}
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                name = fields.get(line.partition(":")[0])
+                if name:
+                    parts[name] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    return parts
 
 
 def _peak_rss_bytes() -> int:

@@ -100,3 +100,5 @@ def test_a_worker_keeps_at_most_its_cache_bound_of_models():
     assert info["loads"] == 4 and info["evictions"] >= 2
     # its own pages (no shared memory, no mapped files): part of its resident memory
     assert 0 < info["anon_rss_bytes"] < info["rss_bytes"]
+    assert 0 < info["file_rss_bytes"] < info["rss_bytes"]  # its libraries
+    assert info["anon_rss_bytes"] + info["file_rss_bytes"] + info["shmem_rss_bytes"] <= info["rss_bytes"] * 1.05
