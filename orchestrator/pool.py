@@ -49,6 +49,10 @@ class WorkerPool(ABC):
     @abstractmethod
     def kill(self, handle: Any) -> None: ...
 
+    def cancel(self, ref: Any) -> None:
+        """Take back a call its worker has not started (nobody waits on it after this); a pool
+        that cannot does nothing, and the call runs when its turn comes."""
+
     @abstractmethod
     def node_alive(self, node_id: str) -> bool: ...
 
@@ -95,6 +99,12 @@ class RayPool(WorkerPool):
             raise WorkerDied(str(exc)) from exc
         except RayTaskError as exc:  # the method itself raised: the candidate, not the worker
             raise CallFailed(str(exc), type(exc.cause).__name__ if exc.cause else "RayTaskError") from exc
+
+    def cancel(self, ref: Any) -> None:
+        try:  # a queued actor call is dropped; one that has just started runs to its end
+            self._ray.cancel(ref)
+        except Exception:
+            pass
 
     def kill(self, handle: Any) -> None:
         try:

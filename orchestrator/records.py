@@ -24,6 +24,7 @@ CRASH = "crash"
 INFRA = "infra"
 ERROR = "error"  # anything else that went wrong in a phase (infer raised, measure raised)
 SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
+BUDGET_RAN_OUT = "the sweep's total time budget ran out"  # a skipped result's error
 STATUSES = (OK, BUILD_ERROR, INCORRECT, UNSUPPORTED, TIMEOUT, CRASH, INFRA, ERROR, SKIPPED)
 
 #: How a sweep came by a result: it built it, took it from the store as it was, or took the
@@ -85,6 +86,9 @@ class Job(_Record):
     attempt: int = 0
     #: the model's architecture (class, parameter names, shapes, dtypes), not its weights
     structure_key: str = ""
+    #: wall-clock time (``time.time()``) after which the worker skips it rather than start it:
+    #: set when it is sent, from the sweep's total budget (None: no budget)
+    start_by: float | None = None
 
     @property
     def family_key(self) -> str:

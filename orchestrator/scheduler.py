@@ -188,6 +188,7 @@ class Scheduler:
         self._next_death_check = 0.0
         self._seq = itertools.count()
         self._emit: Callable[..., None] = lambda *a: None
+        self._ends_at: float | None = None  # when the total budget runs out, on self.clock
 
     # -- workers ------------------------------------------------------------------------------------
     def start_workers(self) -> list[WorkerInfo]:
@@ -250,6 +251,18 @@ class Scheduler:
             open_[w.worker_id] = w
         else:
             open_.pop(w.worker_id, None)
+
+    def _take_back(self, w: WorkerHandle) -> list[Job]:
+        """Cancel the jobs sent to ``w`` ahead of the one it runs; returns them."""
+        running = w.running.job.key if w.running is not None else None
+        back = [t for t in w.queued if t.job.key != running]
+        if not back:
+            return []
+        for task in back:
+            self.pool.cancel(task.ref)
+        w.queued = collections.deque(t for t in w.queued if t.job.key == running)  # its own finish stays
+        self._refresh(w)
+        return [t.job for t in back if t.first]
 
     def _quick(self, job: Job) -> bool:
         """Whether ``job``'s build is expected to be quick: see QUICK_BUILD_S."""
@@ -321,6 +334,7 @@ class Scheduler:
         results: list[ResultRecord] = []
         deferred: list[Job] = []
         started = clock.now()
+        self._ends_at = started + self.limits.total_s if self.limits.total_s is not None else None
         last_poll, polled_at = float("-inf"), 0
 
         def emit(record: ResultRecord, checkpoint: bytes | None = None, outputs: bytes | None = None,
@@ -333,11 +347,10 @@ class Scheduler:
         while self._queued() or self._tasks or deferred or self._deaths:
             out_of_time = self.limits.total_s is not None and clock.now() - started > self.limits.total_s
             if out_of_time:
-                for q in self._queues.values():
-                    for job in q.drain():
-                        emit(result_for(job, R.SKIPPED, "the sweep's total time budget ran out", "Budget"))
-                for job in deferred:
-                    emit(result_for(job, R.SKIPPED, "the sweep's total time budget ran out", "Budget"))
+                # What has not started is skipped: queued, deferred, and sent ahead to a worker.
+                sent_ahead = [job for w in list(self.workers.values()) for job in self._take_back(w)]
+                for job in [j for q in self._queues.values() for j in q.drain()] + sent_ahead + deferred:
+                    emit(result_for(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget"))
                 deferred.clear()
             else:
                 self._assign(gate, deferred)
@@ -423,6 +436,8 @@ class Scheduler:
     def _send(self, w: WorkerHandle, job: Job) -> None:
         """Send ``job``'s calls to ``w``: they run after whatever it was sent before."""
         job_dict = job.to_dict()
+        if self._ends_at is not None:  # a job sent ahead must not start past the budget either
+            job_dict["start_by"] = time.time() + (self._ends_at - self.clock.now())
         if job.mode == "evaluate":
             checkpoint, prior = self._payload(job)  # raises when the stored artifact is gone since planning
             ref = self.pool.call(w.actor, "evaluate", job_dict, checkpoint, prior, self._want_reference(job))

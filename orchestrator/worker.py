@@ -170,6 +170,8 @@ class TuneWorker:
         self._release()
         self._phases = {}
         self._before = None
+        if _past_start_by(job):
+            return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget").to_dict()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -234,6 +236,8 @@ class TuneWorker:
         self._release()
         self._phases = {}
         self._before = None
+        if _past_start_by(job):
+            return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget").to_dict(), None, None, None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         record = self._record(job, R.OK)
@@ -345,8 +349,8 @@ class TuneWorker:
             share.release.remote(self.worker_id)
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _record(self, job: Job, status: str) -> ResultRecord:
-        return result_for(job, status, worker=WorkerInfo.from_dict(self.info()))
+    def _record(self, job: Job, status: str, error: str | None = None, error_class: str | None = None) -> ResultRecord:
+        return result_for(job, status, error, error_class, worker=WorkerInfo.from_dict(self.info()))
 
     def _failure(self, job: Job, status: str, exc: BaseException) -> dict[str, Any]:
         """A build that failed: its result record, with what it left in memory."""
@@ -415,6 +419,11 @@ class TuneWorker:
         if not self._scratch.is_dir() or any(self._scratch.iterdir()):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch.mkdir(parents=True, exist_ok=True)
+
+
+def _past_start_by(job: Job) -> bool:
+    """The sweep's total budget ran out before this job (sent ahead) came to start."""
+    return job.start_by is not None and time.time() > job.start_by
 
 
 class NotDeterministicModel(RuntimeError):

@@ -18,11 +18,14 @@ PENDING = object()
 
 
 class ScriptedPool(WorkerPool):
-    """Each job's candidate name says how its worker behaves: ok, raise, die, hang (-finish: in that call only)."""
+    """Each job's candidate name says how its worker behaves: ok, raise, die, hang (-finish: in that call only),
+    late-finish (its finish answers 0.5 s after it was sent)."""
 
     def __init__(self) -> None:
         self.refs = itertools.count()
         self.values: dict[int, object] = {}
+        self.ready_at: dict[int, float] = {}
+        self.cancelled: list[int] = []
         self.spawned: list[str] = []
         self.killed: list[str] = []
         self.loads: set[tuple[str, str]] = set()  # (worker, model): a worker loads a model on its first job of it
@@ -52,10 +55,16 @@ class ScriptedPool(WorkerPool):
             record = R.result_for(job, R.OK)
             record.worker = WorkerInfo(handle, "node", "host", 1, "cpu", {}, DC, 1)
             self.values[ref] = (record.to_dict(), b"ckpt", None, None)
+            if behaviour == "late-finish":
+                self.ready_at[ref] = time.monotonic() + 0.5
         return ref
 
+    def cancel(self, ref):
+        self.cancelled.append(ref)
+
     def wait(self, refs, timeout):
-        ready = [r for r in refs if self.values.get(r) is not PENDING]
+        now = time.monotonic()
+        ready = [r for r in refs if self.values.get(r) is not PENDING and self.ready_at.get(r, 0) <= now]
         if not ready:
             time.sleep(min(timeout, 0.05))
         return ready[:1]
@@ -118,6 +127,25 @@ def test_a_hung_phase_times_out_and_its_worker_is_killed():
 def test_the_total_budget_skips_what_has_not_started():
     results, _, _ = run(["hang", "a", "b"], limits=Limits(0.5, 5, total_s=0.2), slots=1)
     assert {r.candidate: r.status for r in results} == {"hang": R.TIMEOUT, "a": R.SKIPPED, "b": R.SKIPPED}
+
+
+def test_a_job_sent_ahead_but_not_started_when_the_total_budget_runs_out_is_taken_back_and_skipped():
+    # "a" is sent ahead while late-finish measures; the budget runs out before late-finish answers.
+    pool = RecordingPool()
+    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5, total_s=0.2),
+                      on_result=lambda r, *a: r, pool=pool)
+    sched.start_workers()
+    sent: list[dict] = []
+    call = pool.call
+    pool.call = lambda handle, method, *args: (method == "build" and sent.append(args[0])) or call(handle, method, *args)
+    began = time.time()
+    results = sched.run([job(n) for n in ("late-finish", "a", "b")])
+    assert {r.candidate: r.status for r in results} == {"late-finish": R.OK, "a": R.SKIPPED, "b": R.SKIPPED}
+    sent_a = [ref for ref, (_, method, key) in pool.calls.items() if key == "k-a"]
+    assert len(sent_a) == 2 and sorted(pool.cancelled) == sorted(sent_a)  # its build and its finish
+    assert ("get", "cpu0-0", "build", "k-a") not in pool.log
+    # Where a pool can't cancel (a call already on its way), the worker skips its build by this deadline.
+    assert sent and all(began < d["start_by"] <= time.time() + 0.2 for d in sent)
 
 
 class OtherDriver(JobGate):
