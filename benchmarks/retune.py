@@ -117,6 +117,15 @@ def _time_bound(full, retune, models: int) -> float:
     return (total + (models - 1) * sum(mean.get(c, 0.0) for c in top)) / (models * total) if total else float("nan")
 
 
+def _span(results) -> tuple[float, float]:
+    """(first start, last end) of these results, in wall-clock seconds, from each record's
+    creation (when its finish began) and its phase seconds."""
+    before = ("load", "build")
+    starts = [r.created_at - sum(v for k, v in r.phases.items() if k in before) for r in results]
+    ends = [r.created_at + sum(v for k, v in r.phases.items() if k not in before) for r in results]
+    return min(starts), max(ends)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=10)
@@ -150,6 +159,14 @@ def main() -> int:
     print(f"worker job-seconds (build, check, measure, save): retune {work_retune:.1f} of full {work_full:.1f} = "
           f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "
           f"{_time_bound(full.results, retune, m):.2f} (the top-k cost more than the average candidate)")
+    heads = {s.model for s in retune.selections if not s.decisions_from}
+    head_results = [r for r in retune.results if r.model in heads]
+    if head_results and len(head_results) < len(retune.results):
+        t0, head_end = _span(head_results)
+        _, end = _span(retune.results)
+        print(f"retune timeline: the head{'s' if len(heads) > 1 else ''} ({', '.join(sorted(heads))}) took "
+              f"{head_end - t0:.1f} s on fresh workers (each worker's first torch.compile and ONNX export "
+              f"included), the followers {end - head_end:.1f} s after")
     full_sel = {s.model: s for s in full.selections}
     same = tied = differ = 0
     for s in sorted(retune.selections, key=lambda s: s.model):
