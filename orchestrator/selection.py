@@ -18,11 +18,15 @@ Remeasure = Callable[[Group, list[ResultRecord]], dict[str, Measurement]]
 Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
 
 TOP_K = 3
-#: a runner-up this close to the best (relative score) is measured again side by side with it,
-#: even where the first intervals do not overlap: they were measured at different times, maybe
-#: on different workers, and a few percent of drift between two windows is common (each
-#: window's own interval does not see it)
-CLOSE = 0.10
+#: a candidate this close to the best (relative score) is a contender, measured again side by side
+#: with it even where the first intervals do not overlap: they were measured at different times,
+#: maybe on different workers, and each window's own interval does not see the drift between
+#: windows. On a shared 2-core VM the same ONNX Runtime session measured 18 us in one window and
+#: 23 to 40 us in others (other processes, the neighbour worker's builds), so a candidate that
+#: wins side by side could rank fourth or fifth by the first numbers.
+CLOSE = 0.40
+#: at most this many contenders are measured again (the top TOP_K always, when any are), and the baseline
+MOST_REMEASURED = 6
 
 
 @dataclass
@@ -68,12 +72,21 @@ def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], s
     return select(cands, baseline, strategy), cands, baseline
 
 
+def _near(a: _Candidate, b: _Candidate, strategy: Strategy) -> bool:
+    """Whether the two scores are within :data:`CLOSE` of each other (relative to the larger)."""
+    x, y = abs(strategy.score(a.measurement)), abs(strategy.score(b.measurement))
+    return abs(x - y) <= CLOSE * max(x, y)
+
+
 def _close(ranked: list[_Candidate], strategy: Strategy) -> bool:
     """Whether the runner-up's score is within :data:`CLOSE` of the best one's."""
-    if len(ranked) < 2:
-        return False
-    best, second = (abs(strategy.score(c.measurement)) for c in ranked[:2])
-    return abs(best - second) <= CLOSE * max(best, second)
+    return len(ranked) >= 2 and _near(ranked[0], ranked[1], strategy)
+
+
+def _contenders(ranked: list[_Candidate], strategy: Strategy) -> list[ResultRecord]:
+    """The top TOP_K, then those within CLOSE of the best, MOST_REMEASURED at most."""
+    more = [c for c in ranked[TOP_K:MOST_REMEASURED] if _near(ranked[0], c, strategy)]
+    return [c.record for c in ranked[:TOP_K] + more]
 
 
 def _unsettled(winner: _Candidate, remeasured: list[_Candidate], first: dict[str, Measurement], strategy: Strategy,
@@ -114,8 +127,8 @@ def choose_winners(
         near_tie = (bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
                     or _close(ranked, strategy))
         if remeasure is not None and near_tie:
-            # Too close to call: measure the top few again side by side on one worker.
-            top = [c.record for c in ranked[:TOP_K]]
+            # Too close to call: measure the contenders again side by side on one worker.
+            top = _contenders(ranked, strategy)
             if baseline is not None and baseline.eligible and baseline.record not in top:
                 top.append(baseline.record)
             fresh = remeasure(group, top) if len(top) > 1 else {}
