@@ -5,10 +5,8 @@ artifact judged again) as one. The loop waits on whichever call or worker start-
 so that no worker idles while another runs a slow candidate. Calls are pipelined: a build job's
 ``finish`` is sent with its ``build`` (the worker runs its calls in order and skips the finish of a
 failed build), and while more jobs wait than there are workers, each worker is sent its next job
-once its current one is measuring (``prefetch``), so that it never waits on the driver's round trip
-or on the commit of its last result. Never behind a build, which may take minutes, unless every
-build of that backend on that device class so far in this run was quick (``QUICK_BUILD_S``): a job
-of many short builds would otherwise wait on the round trip at each one. Only the
+once its current one is measuring (``prefetch``; never behind a build, which may take minutes),
+so that it never waits on the driver's round trip or on the commit of its last result. Only the
 call a worker is running has a deadline; the next starts its clock when the one before it answers. A worker that dies with calls queued behind the
 one it ran can't say which killed it (the answer of a call that had just ended may die with the
 process): every job it held runs again *alone* (no call before or after it on its worker), and
@@ -53,10 +51,6 @@ POLL_S = 0.5
 #: how long a worker's node may take to be seen gone before its death counts as a crash
 DEATH_GRACE_S = 2.0
 DEATH_POLL_S = 0.25
-#: a worker building a job may be sent its next one when at least QUICK_BUILDS builds of that
-#: backend on that device class have run in this sweep, none of them longer than QUICK_BUILD_S
-QUICK_BUILD_S = 1.0
-QUICK_BUILDS = 3
 
 
 class Clock:
@@ -183,8 +177,6 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, Task]] = []
         self._deaths: list[Death] = []
         self._alone: set[str] = set()  # keys of jobs that run with no call before or after them
-        #: (device class, backend) -> (builds seen, longest seconds): see QUICK_BUILD_S
-        self._builds: dict[tuple[str, str], tuple[int, float]] = {}
         self._next_death_check = 0.0
         self._seq = itertools.count()
         self._emit: Callable[..., None] = lambda *a: None
@@ -242,12 +234,10 @@ class Scheduler:
         else:
             idle.pop(w.worker_id, None)
         # Its next job is sent only once it measures: a build may take minutes (or hang), and a
-        # job queued behind it would wait all that time while another worker goes idle. Unless
-        # builds like this one have all been quick so far.
-        running = w.running
-        ready = running is not None and (running.phase != "build" or self._quick(running.job))
-        alone = running is not None and running.job.key in self._alone
-        if 0 < jobs <= self.prefetch and ready and not alone:
+        # job queued behind it would wait all that time while another worker goes idle.
+        measuring = w.running is not None and w.running.phase != "build"
+        alone = w.running is not None and w.running.job.key in self._alone
+        if 0 < jobs <= self.prefetch and measuring and not alone:
             open_[w.worker_id] = w
         else:
             open_.pop(w.worker_id, None)
@@ -263,19 +253,6 @@ class Scheduler:
         w.queued = collections.deque(t for t in w.queued if t.job.key == running)  # its own finish stays
         self._refresh(w)
         return [t.job for t in back if t.first]
-
-    def _quick(self, job: Job) -> bool:
-        """Whether ``job``'s build is expected to be quick: see QUICK_BUILD_S."""
-        seen, longest = self._builds.get((job.device_class_key, job.backend), (0, 0.0))
-        return seen >= QUICK_BUILDS and longest <= QUICK_BUILD_S
-
-    def _saw_build(self, task: Task, worker_s: float = 0.0) -> None:
-        """Note how long ``task`` (a build that has just ended) took: the longer of the worker's
-        own figure and the driver's (from when it saw the call start: it includes the answer's
-        way back, and is all there is of a build that failed, hung or killed its worker)."""
-        key = (task.job.device_class_key, task.job.backend)
-        seen, longest = self._builds.get(key, (0, 0.0))
-        self._builds[key] = (seen + 1, max(longest, worker_s, self.clock.now() - task.started))
 
     def _drop(self, w: WorkerHandle) -> None:
         self.pool.kill(w.actor)
@@ -487,20 +464,16 @@ class Scheduler:
         try:
             value = self.pool.get(ref)
         except WorkerDied as exc:
-            if task.phase == "build":
-                self._saw_build(task)
             self._on_worker_death(task, exc)
             return
         except CallFailed as exc:
             if task.phase == "build":
-                self._saw_build(task)
                 self._skip_finish(w, task)
             self._advance(w)
             self._emit(result_for(task.job, R.ERROR, str(exc), exc.cause, w.info))
             return
         if task.phase == "build":
             record = ResultRecord.from_dict(value)
-            self._saw_build(task, record.phases.get("build", 0.0))
             if record.status == R.OK:
                 if not self._has_finish(w, task):
                     w.queued.appendleft(self._finish(w, task.job))  # it runs alone: send its finish now
@@ -592,8 +565,6 @@ class Scheduler:
             task = heapq.heappop(self._deadlines)[2]
             self._tasks.pop(task.ref)
             task.worker.running = None
-            if task.phase == "build":
-                self._saw_build(task)
             limit = self.limits.build_timeout_s if task.phase == "build" else self.limits.measure_timeout_s
             record = result_for(task.job, R.TIMEOUT, f"{task.phase} phase passed its {limit:.0f} s timeout", "Timeout",
                                 task.worker.info)

@@ -49,7 +49,7 @@ class ScriptedPool(WorkerPool):
             self.values[ref] = CallFailed("boom", "RuntimeError")
         elif method == "build":
             built = R.result_for(job, R.OK)
-            built.phases = {"build": 5.0 if behaviour == "slow" else 0.01}
+            built.phases = {"build": 0.01}
             self.values[ref] = built.to_dict()
         else:
             record = R.result_for(job, R.OK)
@@ -275,41 +275,6 @@ def test_no_job_is_sent_ahead_of_a_running_build():
     results, pool = run_recorded(["hang", "ok1", "ok2"], limits=Limits(0.3, 5))
     sent = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
     assert [key for w, key in sent if w == "cpu0-0"] == ["k-hang"]
-
-
-def _sent_while_building(log, worker="cpu0-0"):
-    """Keys of the jobs whose build was sent to ``worker`` while another build of it had not answered."""
-    out, open_builds = [], set()
-    for what, w, method, key in log:
-        if w != worker or method != "build":
-            continue
-        if what == "call":
-            if open_builds:
-                out.append(key)
-            open_builds.add(key)
-        else:
-            open_builds.discard(key)
-    return out
-
-
-def test_a_worker_whose_builds_have_been_quick_is_sent_its_next_job_while_it_builds():
-    from orchestrator.scheduler import QUICK_BUILDS
-
-    names = [f"ok{i}" for i in range(10)]
-    results, pool = run_recorded(names)
-    assert [r.status for r in results] == [R.OK] * 10
-    ahead = _sent_while_building(pool.log)
-    # Until QUICK_BUILDS builds of the backend were seen (all quick), none went ahead of a build;
-    # then they did, while more jobs waited than there are workers (the last one did not).
-    assert ahead and all(names.index(key[2:]) > QUICK_BUILDS for key in ahead)
-    assert "k-ok9" not in ahead
-
-
-def test_one_slow_build_of_a_backend_stops_jobs_going_ahead_of_its_builds():
-    names = ["slow"] + [f"ok{i}" for i in range(9)]
-    results, pool = run_recorded(names)
-    assert [r.status for r in results] == [R.OK] * 10
-    assert _sent_while_building(pool.log) == []
 
 
 def test_the_finish_of_a_failed_build_is_never_waited_on():
