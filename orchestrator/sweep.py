@@ -62,6 +62,10 @@ class SweepOutcome:
                for d in self.deployments if d.status != "deployed"]
         out += [f"{s.model} b{s.batch_size}: no correct candidate, nothing to deploy"
                 for s in self.selections if s.winner_key is None]
+        skipped = [r for r in self.results if r.status == R.SKIPPED]
+        if skipped:  # the winners were chosen without them
+            out.append(f"{len(skipped)} candidate(s) skipped: {R.BUDGET_RAN_OUT} (budgets.total_s) before they "
+                       "started; the same command again runs them and reuses what finished")
         return out
 
 

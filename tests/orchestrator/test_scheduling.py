@@ -42,10 +42,15 @@ def test_total_budget_skips_what_has_not_started_and_a_later_sweep_runs_it(tmp_p
         assert skipped, "with 2 s for 7 candidates of up to 3 s on 2 workers, some never start"
         assert all("total time budget" in r.error for r in skipped)
         assert any(r.status == R.OK for r in first.results)  # those started before the budget ran out finish
+        # not everything asked for happened: the CLI exits non-zero on this, and says how to go on
+        assert [p for p in first.problems if "skipped" in p] == [
+            f"{len(skipped)} candidate(s) skipped: the sweep's total time budget ran out (budgets.total_s) before "
+            "they started; the same command again runs them and reuses what finished"]
         # skipped says nothing about the candidate: the next sweep runs them instead of reusing
         spec_again = tiny_spec(tmp_path / "store", candidates)
         again = run_sweep(spec_again, console=Console(file=open("/dev/null", "w")), deploy=False, write_report=False)
     finally:
         handle.shutdown()
     assert again.ran == len(skipped)
+    assert not [p for p in again.problems if "skipped" in p]
     assert all(r.status == R.OK for r in again.results)
