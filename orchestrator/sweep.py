@@ -222,7 +222,7 @@ def run_sweep(
             deployments = (deploy_winners(spec, store, sweep_id, selections, results, inventory)
                            if deploy and spec.deploy.targets else [])
         store.finish_sweep(sweep_id, "done")
-        how = Counter(r.how for r in results)
+        how = Counter(r.how for r in results if r.status != R.SKIPPED)  # skipped: neither built nor reused
         outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s,
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0), how=dict(how))
         try:

@@ -42,6 +42,7 @@ def test_total_budget_skips_what_has_not_started_and_a_later_sweep_runs_it(tmp_p
         assert skipped, "with 2 s for 7 candidates of up to 3 s on 2 workers, some never start"
         assert all("total time budget" in r.error for r in skipped)
         assert any(r.status == R.OK for r in first.results)  # those started before the budget ran out finish
+        assert first.ran + first.reused == len(first.results) - len(skipped)  # skipped: not counted as built
         # not everything asked for happened: the CLI exits non-zero on this, and says how to go on
         assert [p for p in first.problems if "skipped" in p] == [
             f"{len(skipped)} candidate(s) skipped: the sweep's total time budget ran out (budgets.total_s) before "
