@@ -310,8 +310,7 @@ class Scheduler:
         self._want_reference, self._payload = want_reference, payload
         results: list[ResultRecord] = []
         deferred: list[Job] = []
-        started = clock.now()
-        self._ends_at = started + self.limits.total_s if self.limits.total_s is not None else None
+        self._ends_at = clock.now() + self.limits.total_s if self.limits.total_s is not None else None
         last_poll, polled_at = float("-inf"), 0
 
         def emit(record: ResultRecord, checkpoint: bytes | None = None, outputs: bytes | None = None,
@@ -322,7 +321,7 @@ class Scheduler:
 
         self._emit = emit
         while self._queued() or self._tasks or deferred or self._deaths:
-            out_of_time = self.limits.total_s is not None and clock.now() - started > self.limits.total_s
+            out_of_time = self._ends_at is not None and clock.now() > self._ends_at
             if out_of_time:
                 # What has not started is skipped: queued, deferred, and sent ahead to a worker.
                 sent_ahead = [job for w in list(self.workers.values()) for job in self._take_back(w)]

@@ -167,13 +167,9 @@ class TuneWorker:
         """Load the model (cached) and build the candidate; returns its result record (``ok`` so far,
         or the failure), as a dict: the same typed record as ``finish``, at the Ray edge."""
         job = Job.from_dict(job_dict)
-        self._release()
-        self._phases = {}
-        self._before = None
-        if _past_start_by(job):
-            return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget").to_dict()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        skipped = self._begin(job)
+        if skipped is not None:
+            return skipped.to_dict()
         try:
             module, sample, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
             backend = make_backend(job.backend, job.config)
@@ -199,6 +195,19 @@ class TuneWorker:
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)
         return record.to_dict()
+
+    def _begin(self, job: Job) -> ResultRecord | None:
+        """Start a job's first call afresh: the last candidate released, phases and memory figures
+        reset; a ``skipped`` record instead when the sweep's budget ran out before it came to start
+        (``job.start_by``: it was sent ahead)."""
+        self._release()
+        self._phases = {}
+        self._before = None
+        if job.start_by is not None and time.time() > job.start_by:
+            return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return None
 
     def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
         """Check, measure (if correct), save the checkpoint; returns (record, checkpoint, outputs, reference).
@@ -233,13 +242,9 @@ class TuneWorker:
         """Load a stored artifact and judge it again (``job.redo``: check and/or measure): no rebuild."""
         job = Job.from_dict(job_dict)
         prior = ResultRecord.from_dict(prior_dict)
-        self._release()
-        self._phases = {}
-        self._before = None
-        if _past_start_by(job):
-            return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget").to_dict(), None, None, None
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        skipped = self._begin(job)
+        if skipped is not None:
+            return skipped.to_dict(), None, None, None
         record = self._record(job, R.OK)
         record.how = "+".join(R.RECHECKED if r == "check" else R.REMEASURED for r in job.redo) or R.REUSED
         record.source = {"sweep": prior.sweep_id, "result": prior.result_id}
@@ -419,11 +424,6 @@ class TuneWorker:
         if not self._scratch.is_dir() or any(self._scratch.iterdir()):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch.mkdir(parents=True, exist_ok=True)
-
-
-def _past_start_by(job: Job) -> bool:
-    """The sweep's total budget ran out before this job (sent ahead) came to start."""
-    return job.start_by is not None and time.time() > job.start_by
 
 
 class NotDeterministicModel(RuntimeError):
