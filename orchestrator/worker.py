@@ -102,10 +102,10 @@ class TuneWorker:
         self._backend: Backend | None = None
         self._built_key: str | None = None  # the job whose build ``_backend`` holds
         self._phases: dict[str, float] = {}
-        self._settled = 0  # candidates closed: see _settle_heap
+        self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
         self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
-        _freeze_heap()
+        self._full_collection()
 
     # -- identity -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class TuneWorker:
             module = module.to(self.device)
             self._cache.add_module(model_name, module)
             gc.collect()  # what the cache let go of goes now, before the heap is frozen again
-            _freeze_heap()
+            self._full_collection()
         ref = self._cache.reference(model_name, batch)
         if ref is None:
             sample = make_sample(self.spec.model(model_name), batch).to(self.device)
@@ -395,23 +395,31 @@ class TuneWorker:
 
         What survives a release is long-lived: the models, and libraries' caches (Inductor's,
         the ONNX exporter's). Once a worker has compiled and exported, that is ~400k objects, and
-        walking them cost 0.25 s per full collection: most of a small candidate's time. Every
-        THAW_EVERY candidates (and before a suspected leak is judged) the heap is thawed and
-        collected whole, so objects that turned into garbage after being frozen are not kept.
+        walking them cost 0.25 s per full collection: most of a small candidate's time. The heap
+        is thawed and collected whole once the time since the last full collection is enough for
+        that collection's cost to be at most THAW_SHARE of it (and before a suspected leak is
+        judged), so objects that turned into garbage after being frozen are not kept for long, and
+        a stream of tiny candidates does not pay a full collection every few of them.
 
         Only on CPU workers: on a GPU, garbage kept frozen may hold device memory, which the next
         candidate needs and the leak check (measured from each candidate's start) would not see.
         """
         if self.device.type != "cpu":
             return
-        self._settled += 1
-        if self._settled % THAW_EVERY == 0:
+        if time.monotonic() >= self._thaw_at:
             gc.unfreeze()
-            collected = False
-        if collected:
+            self._full_collection()
+        elif collected:
             gc.freeze()
         else:
             _freeze_heap()
+
+    def _full_collection(self) -> None:
+        """Collect and freeze the heap, and set when the next thaw is due from what this one cost."""
+        start = time.monotonic()
+        _freeze_heap()
+        now = time.monotonic()
+        self._thaw_at = now + (now - start) / THAW_SHARE
 
     def _release(self) -> None:
         if self._backend is not None:
@@ -486,8 +494,9 @@ def _bound_compile_threads(count: int) -> None:
         config.compile_threads = min(config.compile_threads or count, count)
 
 
-#: every this many candidates, a worker thaws its heap and collects it whole (see _settle_heap)
-THAW_EVERY = 25
+#: the most of a CPU worker's time that thawing its heap and collecting it whole may take: after a
+#: full collection that took t seconds, the next is due t / THAW_SHARE seconds later (see _settle_heap)
+THAW_SHARE = 0.02
 
 
 def _freeze_heap() -> None:

@@ -1,5 +1,6 @@
 """A worker freezes what outlives each candidate, so that later collections skip it, and still
-collects garbage among frozen objects: every THAW_EVERY candidates, and before judging a leak."""
+collects garbage among frozen objects: when a full collection would take at most THAW_SHARE of
+the time since the last one, and before judging a leak."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 
 CHILD = r'''
-import gc, json, tempfile, weakref
+import gc, json, tempfile, time, weakref
 from cluster.placement import Slot
 from orchestrator import sweep as S
 from orchestrator import worker as W
@@ -22,6 +23,13 @@ spec = parse_spec({"name": "heap", "models": [{"name": "m", "factory": "aitune.e
                    "store": tempfile.mkdtemp()})
 slots = [Slot(index=0, kind="cpu", num_cpus=1, num_gpus=0, threads=1, label="t")]
 [job] = S._plan(spec, S.identify_models(spec), S.Workers(None, slots, local=True).classes())
+full = []                  # (seconds) of each full collection the worker makes
+freeze_heap = W._freeze_heap
+def timed_freeze():
+    start = time.monotonic()
+    freeze_heap()
+    full.append(time.monotonic() - start)
+W._freeze_heap = timed_freeze
 worker = W.TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
 
 def candidate():
@@ -41,10 +49,14 @@ tracked = len(gc.get_objects())
 cache.clear()              # dropped later: cyclic garbage, but frozen
 gc.collect()
 kept_while_frozen = entry() is not None
-for _ in range(W.THAW_EVERY - 1):
+del full[:]
+start, candidates = time.monotonic(), 0
+while entry() is not None and time.monotonic() - start < 120:
     candidate()
+    candidates += 1
 print(json.dumps({"frozen": frozen, "tracked": tracked, "kept_while_frozen": kept_while_frozen,
-                  "freed_at_thaw": entry() is None}))
+                  "freed_at_thaw": entry() is None, "candidates": candidates, "full": full,
+                  "elapsed": time.monotonic() - start, "share": W.THAW_SHARE}))
 '''
 
 
@@ -57,3 +69,8 @@ def test_what_outlives_a_candidate_is_frozen_and_garbage_among_it_is_freed_at_th
     assert seen["tracked"] < 10_000          # what a collection still walks after a candidate
     assert seen["kept_while_frozen"] is True  # frozen garbage waits...
     assert seen["freed_at_thaw"] is True      # ...for the next thaw, not for ever
+    # Tiny candidates (milliseconds each) do not pay a full collection every few of them: one
+    # thaw came after hundreds of candidates, once the time since the last was ~1/THAW_SHARE its
+    # cost (a full collection here: ~0.1 s, a candidate ~20 ms, so ~250 candidates).
+    assert seen["candidates"] > 100 and len(seen["full"]) == 1
+    assert seen["elapsed"] >= 0.5 * (seen["full"][0] / seen["share"])
