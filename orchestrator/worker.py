@@ -142,8 +142,7 @@ class TuneWorker:
                                             + " (this worker's weights differ from the driver's)")
             module = module.to(self.device)
             self._cache.add_module(model_name, module)
-            gc.collect()  # what the cache let go of goes now, before the heap is frozen again
-            self._full_collection()
+            self._full_collection()  # what the cache let go of goes now, before the heap is frozen again
         ref = self._cache.reference(model_name, batch)
         if ref is None:
             sample = make_sample(self.spec.model(model_name), batch).to(self.device)
