@@ -20,7 +20,8 @@ from aitune.judge import judge
 from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
-from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
+from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
+from aitune.torch.export_cache import ExportCache
 from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
 from aitune.torch.backend import registry
@@ -142,15 +143,19 @@ def tune(
         backends.insert(0, TorchEagerBackend())
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="aitune-tune-"))
 
+    # the ONNX Runtime and TensorRT candidates export the module once between them
+    exports = ExportCache(root / "exports")
     results = []
     for i, backend in enumerate(backends):
-        result = evaluate(backend, module, graph_spec, samples, reference, device, root / f"{i:02d}", measure_config, tolerances)
+        result = evaluate(backend, module, graph_spec, samples, reference, device, root / f"{i:02d}", measure_config, tolerances,
+                          exports=exports)
         if not keep_backends and result.backend is not None:
             result.backend.deactivate()
             result.backend = None
         results.append(result)
         log.info("%s: %s", result.name, result.status)
 
+    exports.clear()  # each candidate kept its own link to the files it was given
     baseline = next(r for r, b in zip(results, backends) if _is_baseline(b))
     for r in results:
         r.speedup = speedup(baseline.measurement, r.measurement) if r.eligible else None
@@ -172,14 +177,17 @@ def evaluate(
     cache_dir: Path,
     measure_config: MeasureConfig,
     tolerances: dict | None = None,
+    *,
+    exports: ExportCache | None = None,
 ) -> CandidateResult:
-    """Build, check, then measure one candidate; every failure becomes a classified result."""
+    """Build, check, then measure one candidate; every failure becomes a classified result.
+    ``exports``: the ONNX exports this candidate may share with others (see ``Backend.build``)."""
     result = CandidateResult(
         name=registry.display_name(backend), backend_class=backend.name, config=registry.config_fields(backend), key=backend.key(), status="ok"
     )
     start = time.perf_counter()
     try:
-        backend.build(module, graph_spec, samples, device, cache_dir)
+        build_sharing(backend, module, graph_spec, samples, device, cache_dir, exports)
     except UnsupportedDeviceError as exc:
         result.status, result.error = "unsupported", str(exc)
         return result

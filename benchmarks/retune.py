@@ -117,6 +117,21 @@ def _time_bound(full, retune, models: int) -> float:
     return (total + (models - 1) * sum(mean.get(c, 0.0) for c in top)) / (models * total) if total else float("nan")
 
 
+def _print_phases(full, retune) -> None:
+    """Each candidate's mean phase seconds over the full sweep's models, the followers' top-k marked."""
+    followers = {s.model for s in retune.selections if s.decisions_from}
+    top = {r.candidate for r in retune.results if r.model in followers}
+    per: dict[str, list] = collections.defaultdict(list)
+    for r in full:
+        per[r.candidate].append(r.phases)
+    print("the full sweep's mean seconds per job, by candidate and phase (* = a follower's top-k):")
+    for cand, phases in sorted(per.items(), key=lambda kv: -sum(sum(p.values()) for p in kv[1])):
+        names = sorted({k for p in phases for k in p})
+        mean = {k: sum(p.get(k, 0.0) for p in phases) / len(phases) for k in names}
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in mean.items())
+        print(f"  {'*' if cand in top else ' '} {sum(mean.values()):6.2f} s  {cand}: {parts}")
+
+
 def _span(results) -> tuple[float, float]:
     """(first start, last end) of these results, in wall-clock seconds, from each record's
     creation (when its finish began) and its phase seconds."""
@@ -159,6 +174,7 @@ def main() -> int:
     print(f"worker job-seconds (build, check, measure, save): retune {work_retune:.1f} of full {work_full:.1f} = "
           f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "
           f"{_time_bound(full.results, retune, m):.2f} (the top-k cost more than the average candidate)")
+    _print_phases(full.results, retune)
     heads = {s.model for s in retune.selections if not s.decisions_from}
     head_results = [r for r in retune.results if r.model in heads]
     if head_results and len(head_results) < len(retune.results):

@@ -19,6 +19,7 @@ import tempfile
 import time
 import traceback
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, interleaved
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, UnsupportedDeviceError
+from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
 from aitune.torch.backend.registry import make_backend
+from aitune.torch.export_cache import ExportCache
 from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
@@ -105,6 +107,10 @@ class TuneWorker:
         self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
         self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
+        # the ONNX Runtime and TensorRT candidates of one model export it once between them
+        self._exports = ExportCache(Path(tempfile.mkdtemp(prefix=f"aitune-exports-{worker_id}-")))
+        for path in (self._scratch, self._exports.root):  # gone with the process when it exits cleanly
+            weakref.finalize(self, shutil.rmtree, path, True)
         self._full_collection()
 
     # -- identity -------------------------------------------------------------------------------
@@ -154,12 +160,15 @@ class TuneWorker:
         return module, *ref
 
     def cache_info(self) -> dict[str, Any]:
-        """What this worker holds: models (least recently used first), bytes, loads, evictions, RSS, cores."""
+        """What this worker holds: models (least recently used first), bytes, loads, evictions, RSS,
+        cores, and its ONNX exports (kept, their bytes, made, and handed to a later candidate)."""
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
                 "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
                 **{f"{kind}_rss_bytes": n for kind, n in _rss_parts().items()},
-                "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+                "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                "exports": {"entries": len(self._exports), "bytes": self._exports.nbytes,
+                            "made": self._exports.misses, "shared": self._exports.hits}}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
     def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +192,7 @@ class TuneWorker:
         start = time.perf_counter()
         cache = self._scratch / job.key[:16]
         try:
-            backend.build(module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache)
+            build_sharing(backend, module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache, self._exports)
         except UnsupportedDeviceError as exc:
             return self._failure(job, R.UNSUPPORTED, exc)
         except Exception as exc:
@@ -428,6 +437,7 @@ class TuneWorker:
                 pass
             self._backend = None
         self._built_key = None
+        self._exports.prune()  # the exports of models the cache let go of
         if not self._scratch.is_dir() or any(self._scratch.iterdir()):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch.mkdir(parents=True, exist_ok=True)

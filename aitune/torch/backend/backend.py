@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import enum
 import gc
+import inspect
 import json
 import logging
 import tempfile
@@ -195,8 +196,15 @@ class Backend(abc.ABC):
         data: Sequence[Sample],
         device: torch.device | str,
         cache_dir: str | Path | None = None,
+        *,
+        exports: Any = None,
     ) -> "Backend":
-        """Build for ``device`` from ``module``, calling each sample in ``data`` at most once."""
+        """Build for ``device`` from ``module``, calling each sample in ``data`` at most once.
+
+        ``exports``, an :class:`aitune.torch.export_cache.ExportCache` the caller owns, lets
+        backends that export the module (ONNX Runtime, TensorRT) take an export another
+        candidate of this process made of the same module, sample and graph spec; backends
+        that do not export ignore it."""
         if self.state != BackendState.INIT:
             raise RuntimeError(f"Backend {self.name} build should be called only once")
         device = torch.device(device) if device is not None else None
@@ -206,12 +214,15 @@ class Backend(abc.ABC):
             self._graph_spec = graph_spec
             self._work_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="aitune-"))
             self._work_dir.mkdir(parents=True, exist_ok=True)
+            self._exports = exports
             try:
                 self._build(module, graph_spec, list(data), self._work_dir)
             except Exception:
                 log.exception("Backend %s failed to build on %s", self.name, device)
                 self._device = self._graph_spec = None  # still INIT: built for nothing
                 raise
+            finally:
+                self._exports = None
             self.state = BackendState.ACTIVE
         return self
 
@@ -355,6 +366,15 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{self.describe()} state={self.state.name} device={self._device}>"
+
+
+def build_sharing(backend: Backend, module: torch.nn.Module, graph_spec: GraphSpec, data: Sequence[Sample],
+                  device: torch.device | str, cache_dir: str | Path | None, exports: Any) -> Backend:
+    """``backend.build``, handed ``exports`` unless the backend overrides ``build`` with the
+    published signature, which has no room for it."""
+    if exports is not None and "exports" in inspect.signature(backend.build).parameters:
+        return backend.build(module, graph_spec, data, device, cache_dir, exports=exports)
+    return backend.build(module, graph_spec, data, device, cache_dir)
 
 
 class ArtifactBackend(Backend):

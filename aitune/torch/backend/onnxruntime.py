@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
-from aitune.torch.onnx_export import export_onnx
+from aitune.torch.export_cache import shared_onnx_export
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -95,9 +95,12 @@ class OnnxRuntimeBackend(ArtifactBackend):
     def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
-        module = prepare_module(module, self.config.precision, False, False, torch.device("cpu"))
-        sample = cast_sample(data[0].to("cpu"), self._dtype())
-        exported = export_onnx(module, graph_spec, sample, cache_dir / "model.onnx", self.config.opset)
+        def prepare():
+            return (prepare_module(module, self.config.precision, False, False, torch.device("cpu")),
+                    cast_sample(data[0].to("cpu"), self._dtype()))
+
+        exported = shared_onnx_export(self._exports, module, data[0], graph_spec, cache_dir / "model.onnx",
+                                      self.config.opset, self.config.precision, prepare)
         self._model, self._data, self._out_spec = exported.model, exported.external_data, exported.out_spec
         self._load(self.device)
 

@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
-from aitune.torch.onnx_export import export_onnx, onnx_input_order
+from aitune.torch.export_cache import shared_onnx_export
+from aitune.torch.onnx_export import onnx_input_order
 from aitune.torch.precision import normalize_precision
 from aitune.torch.trt_profiles import ProfileShapes, network_profile
 
@@ -243,8 +244,11 @@ class TensorRTBackend(ArtifactBackend):
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         # fp32 ONNX: TensorRT lowers precision per layer from the builder flags
-        module = prepare_module(module, "float32", False, False, torch.device("cpu"))
-        exported = export_onnx(module, graph_spec, data[0].to("cpu"), cache_dir / "model.onnx", self.config.opset)
+        def prepare():
+            return prepare_module(module, "float32", False, False, torch.device("cpu")), data[0].to("cpu")
+
+        exported = shared_onnx_export(self._exports, module, data[0], graph_spec, cache_dir / "model.onnx",
+                                      self.config.opset, "float32", prepare)
         logger = _make_logger(trt)
         with torch.cuda.device(device):
             builder = trt.Builder(logger)

@@ -1,0 +1,195 @@
+"""ONNX exports that the candidates of one process share when they export the same model the same way.
+
+Every ONNX Runtime and TensorRT candidate starts by exporting the module to ONNX, and a sweep
+has several of them per model (optimisation levels, I/O binding, providers, TensorRT's
+precisions): the same export, seconds to minutes each, paid again by every one. An
+:class:`ExportCache` keeps each export once and gives the next candidate that asks for the same
+one hard links to its files (a copy where the file system has no links) in that candidate's own
+work directory. Its caller owns it (one per worker process, passed to ``Backend.build`` as
+``exports``): nothing is shared between candidates that the caller did not hand them.
+
+An export is the same when it is of the same module object (the caller's, before any copy the
+backend makes), called on the same sample object, with the same graph spec, opset and
+``variant`` (what the backend does to the module before exporting it, its precision). The module
+and the sample are told apart by identity, not by their values: a model loaded again is another
+module, and its exports are exported again. Entries whose module is gone are dropped, and the
+cache holds at most ``limit_bytes`` of files, least recently used first out; the newest export
+stays even when it alone is over the bound. A failed export is not kept: the next candidate
+tries again and fails with its own error.
+
+Each candidate still loads, checks and measures what it was given: a shared file that went
+wrong would show as wrong outputs in every candidate's check against its reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from aitune.canonical import sha256_of
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.onnx_export import OnnxExport, export_onnx
+
+GiB = 2**30
+DEFAULT_LIMIT_BYTES = 4 * GiB
+
+
+@dataclass
+class _Entry:
+    export: OnnxExport
+    module: weakref.ref
+    nbytes: int
+
+
+class ExportCache:
+    def __init__(self, root: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
+        self.root = Path(root)
+        self.limit_bytes = int(limit_bytes)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._tokens: dict[int, tuple[weakref.ref, str]] = {}
+        #: exports handed out again, and exports made
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def onnx(
+        self,
+        module: torch.nn.Module,
+        sample: Sample,
+        graph_spec: GraphSpec,
+        path: str | Path,
+        *,
+        opset: int | None,
+        variant: Any,
+        prepare: Callable[[], tuple[torch.nn.Module, Sample]],
+    ) -> OnnxExport:
+        """The export of ``module`` on ``sample`` placed at ``path``: made by exporting what
+        ``prepare()`` returns (the module and sample as the backend exports them), or the one
+        made before for the same module, sample, graph spec, opset and ``variant``."""
+        path = Path(path)
+        module_token, sample_token = self._token(module), self._token(sample)
+        if module_token is None or sample_token is None:  # not weakly referable: nothing to key by
+            prepared, prepared_sample = prepare()
+            return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
+        key = sha256_of({"module": module_token, "sample": sample_token, "graph_spec": graph_spec.to_dict(),
+                         "opset": opset, "variant": variant})
+        entry = self._entries.get(key)
+        if entry is not None and _files_exist(entry.export):
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return _place(entry.export, path)
+        self._drop(key)
+        prepared, prepared_sample = prepare()
+        where = self.root / key[:24]
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        try:
+            made = export_onnx(prepared, graph_spec, prepared_sample, where / path.name, opset)
+        except BaseException:
+            shutil.rmtree(where, ignore_errors=True)
+            raise
+        self.misses += 1
+        self._entries[key] = _Entry(made, weakref.ref(module), sum(_size(p) for p in _files(made)))
+        self._evict(keep=key)
+        return _place(made, path)
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key)
+
+    def prune(self) -> None:
+        """Drop the exports of modules that are gone (no one can ask for them again)."""
+        for key in [k for k, e in self._entries.items() if e.module() is None]:
+            self._drop(key)
+
+    # -- inside ---------------------------------------------------------------------------------
+    def _token(self, obj: Any) -> str | None:
+        held = self._tokens.get(id(obj))
+        if held is not None and held[0]() is obj:
+            return held[1]
+        try:
+            ref = weakref.ref(obj)
+        except TypeError:
+            return None
+        token = uuid.uuid4().hex
+        self._tokens[id(obj)] = (ref, token)
+        if len(self._tokens) > 2 * len(self._entries) + 64:  # ids of objects gone: forget them
+            self._tokens = {i: (r, t) for i, (r, t) in self._tokens.items() if r() is not None}
+        return token
+
+    def _evict(self, keep: str) -> None:
+        self.prune()
+        while self.nbytes > self.limit_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            if oldest == keep:
+                break
+            self._drop(oldest)
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            shutil.rmtree(entry.export.model.parent, ignore_errors=True)
+
+
+def shared_onnx_export(
+    exports: ExportCache | None,
+    module: torch.nn.Module,
+    sample: Sample,
+    graph_spec: GraphSpec,
+    path: str | Path,
+    opset: int | None,
+    variant: Any,
+    prepare: Callable[[], tuple[torch.nn.Module, Sample]],
+) -> OnnxExport:
+    """A backend's export: through ``exports`` where its caller gave one, else made here."""
+    if exports is None:
+        prepared, prepared_sample = prepare()
+        return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
+    return exports.onnx(module, sample, graph_spec, path, opset=opset, variant=variant, prepare=prepare)
+
+
+def _files(export: OnnxExport) -> list[Path]:
+    return [export.model] + ([export.external_data] if export.external_data is not None else [])
+
+
+def _files_exist(export: OnnxExport) -> bool:
+    return all(p.is_file() for p in _files(export))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _place(export: OnnxExport, path: Path) -> OnnxExport:
+    """The export's files linked (or copied) beside ``path``, under the names the model refers to."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    placed = {}
+    for src in _files(export):
+        # the model names its weights file relatively, by the name it was saved with
+        dst = path if src == export.model else path.parent / src.name
+        if dst.exists() or dst.is_symlink():
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        placed[src] = dst
+    data = placed[export.external_data] if export.external_data is not None else None
+    return replace(export, model=placed[export.model], external_data=data)
