@@ -57,13 +57,50 @@ def export_onnx(
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(max(level, logging.ERROR))
+    # The opset converter logs why it could not convert, with a traceback, and goes on: what it
+    # says goes into the error that refuses the candidate instead of into the worker's log.
+    converter = _ConverterLog()
     try:
-        return _export(module, graph_spec, sample, path, opset)
+        with converter:
+            return _export(module, graph_spec, sample, path, opset, converter)
     finally:
         onnx_log.setLevel(level)
 
 
-def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None) -> OnnxExport:
+class _ConverterLog(logging.Handler):
+    """Holds what onnxscript's opset converter logs while it is installed, and keeps it from the root logger."""
+
+    NAME = "onnxscript.version_converter"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_ConverterLog":
+        log = logging.getLogger(self.NAME)
+        self._propagate = log.propagate
+        log.addHandler(self)
+        log.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log = logging.getLogger(self.NAME)
+        log.removeHandler(self)
+        log.propagate = self._propagate
+
+    def why(self) -> str:
+        """The converter's last complaint: its exception where it logged one, else its message."""
+        for record in reversed(self.records):
+            if record.exc_info and record.exc_info[1] is not None:
+                return f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return self.records[-1].getMessage() if self.records else "it did not say why"
+
+
+def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None,
+            converter: _ConverterLog) -> OnnxExport:
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
     args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
     dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
@@ -77,7 +114,7 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
             # The exporter works at its own opset and converts down after; when that fails it
             # keeps its own and only logs it: a candidate asking for an opset must get that one.
             raise ValueError(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
-                             f"convert this model down (its log says why); use opset {wrote} or leave it unset")
+                             f"convert this model down ({converter.why()}); use opset {wrote} or leave it unset")
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")
     return OnnxExport(

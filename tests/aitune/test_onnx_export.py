@@ -7,6 +7,8 @@ table is built once and not once per export.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -101,6 +103,25 @@ def test_an_opset_the_exporter_could_not_convert_to_is_refused_not_passed_off(tm
     from aitune import examples
 
     module, sample = examples.small_encoder().eval(), examples.token_sample(1)
-    with pytest.raises(ValueError, match=r"wrote opset (\d+), not the 17 asked for"):
-        export_onnx(module, GraphSpec.from_sample(sample), sample, _path(tmp_path, "encoder"), opset=17)
+    root = logging.getLogger()
+    seen = _Records()
+    root.addHandler(seen)
+    try:
+        with pytest.raises(ValueError, match=r"wrote opset (\d+), not the 17 asked for") as raised:
+            export_onnx(module, GraphSpec.from_sample(sample), sample, _path(tmp_path, "encoder"), opset=17)
+    finally:
+        root.removeHandler(seen)
     assert not (tmp_path / "encoder" / "model.onnx").exists()  # nothing written for it
+    # the converter's reason is in the error, and its traceback not in the caller's log
+    assert "it did not say why" not in str(raised.value) and "Error" in str(raised.value).split("(", 1)[1]
+    assert not [r for r in seen.records if r.name.startswith("onnxscript.version_converter")]
+    assert logging.getLogger("onnxscript.version_converter").propagate  # put back as it was
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)

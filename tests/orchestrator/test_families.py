@@ -13,7 +13,7 @@ from orchestrator import records as R
 from orchestrator.cli import main
 from orchestrator.store import SqliteStore
 from orchestrator.sweep import run_sweep
-from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec
+from sweep_helpers import EAGER, EAGER_BF16, fault, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
 
