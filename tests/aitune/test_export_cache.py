@@ -129,10 +129,18 @@ def test_the_bound_and_dead_modules_let_entries_go_but_not_a_candidates_files(tm
     _ort(tmp_path, "d", third, sample, roomy)
     _ort(tmp_path, "e", first, sample, roomy)
     assert len(roomy) == 2
+    assert len(list((tmp_path / "roomy").iterdir())) == 2
     del third
     gc.collect()
+    roomy.prune()  # what a worker does when it lets a candidate go
+    assert len(roomy) == 1 and len(list((tmp_path / "roomy").iterdir())) == 1  # its files went with it
     _ort(tmp_path, "f", second, sample, roomy)
-    assert len(roomy) == 2  # the dead module's export went when the next one came
+    assert len(roomy) == 2
+    _ort(tmp_path, "g", tiny_mlp(seed=3), sample, roomy)  # a module gone by the next export
+    gc.collect()
+    _ort(tmp_path, "h", first, sample, roomy)  # a hit: nothing is dropped on a hit
+    _ort(tmp_path, "i", tiny_mlp(seed=4), sample, roomy)
+    assert len(roomy) == 3  # the seed-3 export went when the seed-4 one came; the new one stays
 
 
 def test_a_backend_that_overrides_build_with_the_published_signature_is_built_without_exports(tmp_path):
