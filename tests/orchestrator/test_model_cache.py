@@ -127,3 +127,30 @@ def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_i
     exports = worker.cache_info()["exports"]
     assert (exports["made"], exports["shared"]) == (2, 4)
     assert exports["entries"] == 2 and exports["bytes"] > 0
+
+
+def test_a_worker_that_exits_leaves_no_scratch_or_export_directories_behind(tmp_path):
+    # The exports outlive each candidate's scratch (they are shared between candidates): both
+    # directories go when the worker's process exits.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import json, sys\n"
+        "from orchestrator.spec import parse_spec\n"
+        "from orchestrator.worker import TuneWorker\n"
+        "spec = parse_spec({'models': [{'name': 'm', 'factory': 'aitune.examples:mlp', 'kwargs': {'width': 8, 'depth': 1},"
+        " 'inputs': [{'shape': [8]}]}], 'batch_sizes': [1]})\n"
+        "w = TuneWorker({'kind': 'cpu', 'threads': 1, 'label': 't'}, spec.model_dump(mode='json'), 't-0')\n"
+        "(w._scratch / 'x').write_text('x'); (w._exports.root / 'y').mkdir()\n"
+        "print(json.dumps([str(w._scratch), str(w._exports.root)]))\n"
+    )
+    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    dirs = [Path(p) for p in json.loads(done.stdout.strip().splitlines()[-1])]
+    assert all(str(d).startswith(str(tmp_path)) for d in dirs)
+    assert not [d for d in dirs if d.exists()]
