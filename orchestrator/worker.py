@@ -148,7 +148,10 @@ class TuneWorker:
                                             + " (this worker's weights differ from the driver's)")
             module = module.to(self.device)
             self._cache.add_module(model_name, module)
-            self._full_collection()  # what the cache let go of goes now, before the heap is frozen again
+            # What the cache let go of goes now, and the new model is frozen with the rest. Not a
+            # full collection (the heap stays frozen), so the clock of the next one stays as it is:
+            # timed from this cheap one, a thaw would fall due within a second, after every load.
+            _freeze_heap()
         ref = self._cache.reference(model_name, batch)
         if ref is None:
             sample = make_sample(self.spec.model(model_name), batch).to(self.device)
@@ -423,7 +426,8 @@ class TuneWorker:
             _freeze_heap()
 
     def _full_collection(self) -> None:
-        """Collect and freeze the heap, and set when the next thaw is due from what this one cost."""
+        """Collect and freeze the heap (thawed, or never frozen yet), and set when the next thaw
+        is due from what this one cost."""
         start = time.monotonic()
         _freeze_heap()
         now = time.monotonic()

@@ -154,3 +154,23 @@ def test_a_worker_that_exits_leaves_no_scratch_or_export_directories_behind(tmp_
     dirs = [Path(p) for p in json.loads(done.stdout.strip().splitlines()[-1])]
     assert all(str(d).startswith(str(tmp_path)) for d in dirs)
     assert not [d for d in dirs if d.exists()]
+
+
+def test_a_model_load_leaves_the_next_full_collection_where_it_was():
+    # A load collects what is not frozen and freezes the new model; timed from that cheap
+    # collection, the next full one (the heap thawed, ~0.25 s on a worker that has exported)
+    # fell due within a second, after nearly every model's first candidate.
+    import gc
+    import time
+
+    from orchestrator.worker import TuneWorker
+
+    spec = parse_spec({"models": [{"name": "m", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
+                                   "inputs": [{"shape": [16]}]}], "batch_sizes": [1]})
+    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
+    worker._thaw_at = due = time.monotonic() + 3600
+    frozen = gc.get_freeze_count()
+    module, _, _ = worker._reference("m", 1)
+    assert worker._thaw_at == due
+    assert gc.get_freeze_count() > frozen  # the new model is out of the collector's sight
+    assert worker.cache_info()["models"] == ["m"] and isinstance(module, torch.nn.Module)
