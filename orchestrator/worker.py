@@ -147,11 +147,18 @@ class TuneWorker:
                 raise NotDeterministicModel(not_deterministic(model_name, model_spec.factory)
                                             + " (this worker's weights differ from the driver's)")
             module = module.to(self.device)
+            evictions = self._cache.evictions
             self._cache.add_module(model_name, module)
-            # What the cache let go of goes now, and the new model is frozen with the rest. Not a
-            # full collection (the heap stays frozen), so the clock of the next one stays as it is:
-            # timed from this cheap one, a thaw would fall due within a second, after every load.
-            _freeze_heap()
+            if self._cache.evictions > evictions:
+                # What the cache let go of goes now, even where it is frozen garbage (a model in
+                # a reference cycle): a model's worth of memory is worth a full collection.
+                gc.unfreeze()
+                self._full_collection()
+            else:
+                # Only the new model is frozen with the rest. Not a full collection, so the clock
+                # of the next one stays as it is: timed from this cheap one, a thaw would fall
+                # due within a second, after nearly every model's first candidate.
+                _freeze_heap()
         ref = self._cache.reference(model_name, batch)
         if ref is None:
             sample = make_sample(self.spec.model(model_name), batch).to(self.device)

@@ -174,3 +174,27 @@ def test_a_model_load_leaves_the_next_full_collection_where_it_was():
     assert worker._thaw_at == due
     assert gc.get_freeze_count() > frozen  # the new model is out of the collector's sight
     assert worker.cache_info()["models"] == ["m"] and isinstance(module, torch.nn.Module)
+
+
+def test_a_model_load_that_evicts_one_collects_it_even_from_among_the_frozen():
+    import gc
+    import time
+    import weakref
+
+    from orchestrator.worker import TuneWorker
+
+    models = [{"name": n, "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
+               "inputs": [{"shape": [16]}]} for n in ("a", "b")]
+    spec = parse_spec({"models": models, "batch_sizes": [1], "workers": {"model_cache_mb": 0.001}})
+    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
+    first, _, _ = worker._reference("a", 1)
+    first.me = first  # a model in a reference cycle: only a collection of the thawed heap frees it
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is not None  # frozen: a collection of what is not frozen does not see it
+    worker._thaw_at = due = time.monotonic() + 3600
+    worker._reference("b", 1)
+    assert worker.cache_info()["models"] == ["b"] and worker.cache_info()["evictions"] == 1
+    assert gone() is None  # the evicted model went at once
+    assert worker._thaw_at != due  # that was a full collection, and the clock starts from it
