@@ -83,8 +83,7 @@ class ExportCache:
         path = Path(path)
         module_token, sample_token = self._token(module), self._token(sample)
         if module_token is None or sample_token is None:  # not weakly referable: nothing to key by
-            prepared, prepared_sample = prepare()
-            return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
+            return _export_prepared(prepare, graph_spec, path, opset)
         key = sha256_of({"module": module_token, "sample": sample_token, "graph_spec": graph_spec.to_dict(),
                          "opset": opset, "variant": variant})
         entry = self._entries.get(key)
@@ -93,12 +92,11 @@ class ExportCache:
             self.hits += 1
             return _place(entry.export, path)
         self._drop(key)
-        prepared, prepared_sample = prepare()
         where = self.root / key[:24]
         shutil.rmtree(where, ignore_errors=True)
         where.mkdir(parents=True)
         try:
-            made = export_onnx(prepared, graph_spec, prepared_sample, where / path.name, opset)
+            made = _export_prepared(prepare, graph_spec, where / path.name, opset)
         except BaseException:
             shutil.rmtree(where, ignore_errors=True)
             raise
@@ -157,9 +155,14 @@ def shared_onnx_export(
 ) -> OnnxExport:
     """A backend's export: through ``exports`` where its caller gave one, else made here."""
     if exports is None:
-        prepared, prepared_sample = prepare()
-        return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
+        return _export_prepared(prepare, graph_spec, path, opset)
     return exports.onnx(module, sample, graph_spec, path, opset=opset, variant=variant, prepare=prepare)
+
+
+def _export_prepared(prepare: Callable[[], tuple[torch.nn.Module, Sample]], graph_spec: GraphSpec, path: Path,
+                     opset: int | None) -> OnnxExport:
+    prepared, prepared_sample = prepare()
+    return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
 
 
 def _files(export: OnnxExport) -> list[Path]:
