@@ -9,6 +9,7 @@ import torch
 from aitune.canonical import sha256_of
 from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
 from orchestrator.spec import CandidateSpec, ModelSpec, SweepSpec
 
@@ -86,6 +87,24 @@ def structure_key(module: torch.nn.Module) -> str:
         "class": f"{klass.__module__}:{klass.__qualname__}",
         "state": [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in sorted(module.state_dict().items())],
     })
+
+
+class Toolchains:
+    """Each job's toolchain (``Backend.toolchain``), by backend name, looked up once per name;
+    None for a backend this process can't import (its jobs fail on their own, with their error)."""
+
+    def __init__(self) -> None:
+        self._by_backend: dict[str, str | None] = {}
+
+    def __call__(self, job) -> str | None:
+        name = job.backend
+        if name not in self._by_backend:
+            try:
+                chain = get_backend_class(name).toolchain
+            except Exception:
+                chain = None
+            self._by_backend[name] = chain if isinstance(chain, str) else None
+        return self._by_backend[name]
 
 
 def candidate_specs(spec: SweepSpec, device_type: str) -> list[CandidateSpec]:

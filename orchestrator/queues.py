@@ -9,11 +9,21 @@ takes, in this order:
 3. else a job of the model with the most work waiting per worker that holds it: a model is
    spread over more workers as its share of what is left grows, not before.
 
+Within that model, given ``toolchain`` (what a job's backend starts in a worker process on its
+first build: ``torch.compile``'s compiler, the ONNX exporter, seconds each), it takes a job of a
+toolchain it has started, else of one no live worker has started, else of one other workers
+started only while more than twice as many of its jobs wait (in all models) as workers that
+started it; else it
+tries the other models the same way, and else it waits. Each toolchain's start is paid by one
+worker while the others go on with the rest, and the last job of a toolchain is not taken, at
+the cost of that start, by a worker that frees a moment before the one that has it started.
+
 Within a model, jobs go first in, first out, unless the queue is given ``estimate`` (a job's
 expected seconds): then the longest go first, so that the sweep does not end waiting on one
 long build that started last (with estimates off by 2x either way, a 1,000-worker sweep of
 100,000 jobs loses about 0.6% of its time at the end, against 5% in arrival order). A job put
-back at the front (a retry, a job another driver gave up) goes before all of them.
+back at the front (a retry, a job another driver gave up) goes before all of them, whatever its
+toolchain.
 
 Every operation is O(log n) but the third choice, which looks over the models still waiting, and
 happens about once per (worker, model).
@@ -25,17 +35,26 @@ import collections
 import heapq
 import itertools
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 from orchestrator.records import Job
 
 
+#: what ``_chain_for`` answers when a worker should leave a model's jobs to others
+_WAIT = object()
+
+
 class ModelQueues:
-    def __init__(self, estimate: Callable[[Job], float] | None = None) -> None:
+    def __init__(self, estimate: Callable[[Job], float] | None = None,
+                 toolchain: Callable[[Job], str | None] | None = None) -> None:
         self._estimate = estimate
-        self._by_model: dict[str, list[tuple[float, int, Job]]] = {}  # model -> heap
+        self._toolchain = toolchain
+        # model -> toolchain -> heap of (priority, sequence, job)
+        self._by_model: dict[str, dict[str | None, list[tuple[float, int, Job]]]] = {}
         self._work: collections.Counter[str] = collections.Counter()  # model -> work waiting
         self._holders: collections.Counter[str] = collections.Counter()
+        self._started: collections.Counter[str] = collections.Counter()  # toolchain -> live workers that started it
+        self._waiting: collections.Counter[str | None] = collections.Counter()  # toolchain -> its jobs waiting
         self._seq = itertools.count()
         self._fronts = itertools.count(-1, -1)
         self._size = 0
@@ -50,26 +69,81 @@ class ModelQueues:
         """Queue ``job`` among its model's jobs, or ahead of them (a retry, a job now runnable)."""
         cost = self._estimate(job) if self._estimate is not None else 1.0
         key = (-math.inf, next(self._fronts)) if front else (-cost if self._estimate is not None else 0.0, next(self._seq))
-        heapq.heappush(self._by_model.setdefault(job.model, []), (*key, job))
+        chain = self.toolchain(job)
+        heapq.heappush(self._by_model.setdefault(job.model, {}).setdefault(chain, []), (*key, job))
+        self._waiting[chain] += 1
         self._work[job.model] += cost
         self._size += 1
 
-    def pop_for(self, held: Iterable[str], last: str | None = None) -> Job:
-        """The next job for a worker that holds ``held`` and ran ``last`` most recently."""
+    def toolchain(self, job: Job) -> str | None:
+        """What ``job``'s backend starts in a worker on its first build; None: nothing to speak of."""
+        return self._toolchain(job) if self._toolchain is not None else None
+
+    def pop_for(self, held: Iterable[str], last: str | None = None, started: Collection[str] = ()) -> Job | None:
+        """The next job for a worker that holds ``held``, ran ``last`` most recently and has
+        ``started`` these toolchains; None: what waits is better left to the workers that have
+        its toolchain started (it must wait)."""
         if not self._size:
             raise IndexError("pop from an empty queue")
         model = last if last in self._by_model else next((m for m in held if m in self._by_model), None)
         if model is None:
-            model = max(self._by_model, key=lambda m: self._work[m] / (self._holders[m] + 1))
-        queue = self._by_model[model]
+            model = max(self._by_model, key=self._share)
+        chain = self._chain_for(self._by_model[model], started)
+        if chain is _WAIT:  # the other models, in the same order of preference
+            rest = [m for m in held if m in self._by_model and m != model]
+            rest += sorted((m for m in self._by_model if m != model and m not in rest), key=self._share, reverse=True)
+            found = next(((m, c) for m in rest for c in (self._chain_for(self._by_model[m], started),) if c is not _WAIT), None)
+            if found is None:
+                return None
+            model, chain = found
+        chains = self._by_model[model]
+        queue = chains[chain]
         job = heapq.heappop(queue)[2]
-        if queue:
+        self._waiting[chain] -= 1
+        if not queue:
+            del chains[chain]
+        if chains:
             self._work[model] -= self._estimate(job) if self._estimate is not None else 1.0
         else:
             del self._by_model[model]
             del self._work[model]
         self._size -= 1
         return job
+
+    def _share(self, model: str) -> float:
+        return self._work[model] / (self._holders[model] + 1)
+
+    def _chain_for(self, chains: dict[str | None, list], started: Collection[str]) -> "str | None | object":
+        """The toolchain whose next job a worker that has ``started`` these takes from one
+        model's queues, or ``_WAIT``."""
+        if len(chains) == 1:
+            chain = next(iter(chains))
+            if chain is None or chain in started or self._takes(chain) or chains[chain][0][0] == -math.inf:
+                return chain
+            return _WAIT
+        first = {chain: queue[0][:2] for chain, queue in chains.items()}
+        fronts = [c for c, top in first.items() if top[0] == -math.inf]
+        for choice in (fronts, [c for c in chains if c is None or c in started],
+                       [c for c in chains if not self._started[c]], [c for c in chains if self._takes(c)]):
+            if choice:
+                return min(choice, key=first.__getitem__)
+        return _WAIT
+
+    def _takes(self, chain: str) -> bool:
+        """Whether a worker that has not started ``chain`` takes one of its jobs: when no live
+        worker has, or more than twice as many of its jobs wait as workers that have (fewer, and
+        they are likely done before this one's start is)."""
+        return self._waiting[chain] > 2 * self._started[chain]
+
+    def started(self, toolchain: str) -> None:
+        """A live worker of this class has started ``toolchain`` (it was sent a job of it)."""
+        self._started[toolchain] += 1
+
+    def stopped(self, toolchain: str) -> None:
+        """A worker that had started ``toolchain`` is gone."""
+        self._started[toolchain] -= 1
+        if self._started[toolchain] <= 0:
+            del self._started[toolchain]
 
     def hold(self, model: str) -> None:
         """A live worker of this class has loaded ``model``."""
@@ -85,6 +159,7 @@ class ModelQueues:
         """Every waiting job, model by model, in queue order; the queue is empty afterwards."""
         by_model, self._by_model, self._size = self._by_model, {}, 0
         self._work.clear()
-        for queue in by_model.values():
-            queue.sort()
+        self._waiting.clear()
+        for chains in by_model.values():
+            queue = sorted(entry for heap in chains.values() for entry in heap)
             yield from (job for *_, job in queue)

@@ -78,6 +78,8 @@ class WorkerHandle:
     #: models this worker has loaded (it loads one on its first job of that model)
     models: set[str] = field(default_factory=set)
     last_model: str | None = None
+    #: toolchains it has started (it was sent a job of each), see ModelQueues
+    toolchains: set[str] = field(default_factory=set)
     gone: bool = False
 
     @property
@@ -148,7 +150,10 @@ class Scheduler:
         pool: WorkerPool | None = None,
         clock: Clock | None = None,
         prefetch: int = 1,
+        toolchain: Callable[[Job], str | None] | None = None,
     ) -> None:
+        """``toolchain``: what a job's backend starts in a worker on its first build (see
+        :class:`ModelQueues`); None treats every job alike."""
         if pool is None:
             from orchestrator.pool import RayPool
 
@@ -158,6 +163,7 @@ class Scheduler:
         #: jobs sent to a busy worker ahead of time, at most, while more jobs wait than workers;
         #: 0: no call is ever queued on a worker (a build's finish waits for its answer too)
         self.prefetch = prefetch
+        self.toolchain = toolchain
         self.slots = slots
         self.spec_dict = spec_dict
         self.limits = limits
@@ -173,7 +179,7 @@ class Scheduler:
         self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
         self._open: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # busy, room for the next job
         self._live: collections.Counter[str] = collections.Counter()  # started workers per device class
-        self._queues: dict[str, ModelQueues] = collections.defaultdict(ModelQueues)
+        self._queues: dict[str, ModelQueues] = collections.defaultdict(self._new_queue)
         self._deadlines: list[tuple[float, int, Task]] = []
         self._deaths: list[Death] = []
         self._alone: set[str] = set()  # keys of jobs that run with no call before or after them
@@ -269,6 +275,8 @@ class Scheduler:
             self._open[dc].pop(w.worker_id, None)
             for model in w.models:
                 self._queues[dc].release(model)
+            for chain in w.toolchains:
+                self._queues[dc].stopped(chain)
         # Jobs sent ahead that it never started go back to the front, not counted as attempts; the
         # finish of the job it was running goes with it (that job's fate is the caller's to say).
         for task in w.queued:
@@ -301,10 +309,14 @@ class Scheduler:
         """Run ``jobs``; ``estimate`` (a job's expected seconds, if known) sends the longest first."""
         gate = gate or JobGate()
         clock = self.clock
-        self._queues = collections.defaultdict(lambda: ModelQueues(estimate))
+        self._queues = collections.defaultdict(lambda: self._new_queue(estimate))
         for w in self.workers.values():
-            for model in w.models if w.info is not None else ():
+            if w.info is None:
+                continue
+            for model in w.models:
                 self._queues[w.info.device_class_key].hold(model)
+            for chain in w.toolchains:
+                self._queues[w.info.device_class_key].started(chain)
         for job in jobs:
             self._queues[job.device_class_key].append(job)
         self._want_reference, self._payload = want_reference, payload
@@ -378,8 +390,12 @@ class Scheduler:
     def _assign(self, gate: JobGate, deferred: list[Job]) -> None:
         for dc, idle in list(self._idle.items()):
             queue = self._queues.get(dc)
-            while idle and queue:
-                self._give(next(iter(idle.values())), queue, gate, deferred)
+            for w in list(idle.values()):
+                # one worker may be given several jobs in turn (those another driver builds
+                # are set aside); one for which nothing is right (pop_for) waits
+                while queue and w.worker_id in idle:
+                    if not self._give(w, queue, gate, deferred):
+                        break
             # Send busy workers their next job while there is more waiting than workers to take
             # it; near the end, jobs wait for whichever worker frees first instead.
             open_ = self._open[dc]
@@ -388,8 +404,11 @@ class Scheduler:
                     break
 
     def _give(self, w: WorkerHandle, queue: ModelQueues, gate: JobGate, deferred: list[Job], ahead: bool = False) -> bool:
-        """Send ``w`` its next job from ``queue``; False when the job must wait for an idle worker."""
-        job = queue.pop_for(w.models, w.last_model)
+        """Send ``w`` its next job from ``queue``; False when nothing was taken: no job is right for
+        ``w`` now, or the job must wait for an idle worker."""
+        job = queue.pop_for(w.models, w.last_model, w.toolchains)
+        if job is None:
+            return False
         if ahead and job.key in self._alone:
             queue.append(job, front=True)  # it runs alone: only an idle worker may take it
             return False
@@ -406,8 +425,15 @@ class Scheduler:
         if job.model not in w.models:  # the worker loads it on this job
             w.models.add(job.model)
             queue.hold(job.model)
+        chain = queue.toolchain(job)
+        if chain is not None and chain not in w.toolchains:  # and starts this toolchain
+            w.toolchains.add(chain)
+            queue.started(chain)
         w.last_model = job.model
         return True
+
+    def _new_queue(self, estimate: Callable[[Job], float] | None = None) -> ModelQueues:
+        return ModelQueues(estimate, self.toolchain)
 
     def _send(self, w: WorkerHandle, job: Job) -> None:
         """Send ``job``'s calls to ``w``: they run after whatever it was sent before."""

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from aitune.measure import Measurement
 from orchestrator import records as R
-from orchestrator.candidates import identify_models
+from orchestrator.candidates import Toolchains, identify_models
 from orchestrator.deploy import deploy_winners
 from orchestrator.diff import SweepDiff, diff_sweeps
 from orchestrator.families import NARROWED, FamilyGate, Waves
@@ -193,7 +193,7 @@ def run_sweep(
         with Heartbeat(store, sweep_id):
             asks = ReferenceAsks(store)
             scheduler = Scheduler(slots, spec.model_dump(mode="json"), _limits(spec),
-                                  on_result=_committer(store, sweep_id, asks), events=progress)
+                                  on_result=_committer(store, sweep_id, asks), events=progress, toolchain=Toolchains())
             workers = Workers(scheduler, slots, local=handle.embedded)
             with progress:
                 jobs = _plan(spec, identities, workers.classes())

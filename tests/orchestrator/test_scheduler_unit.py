@@ -328,3 +328,24 @@ def test_a_job_held_for_another_result_starts_when_that_result_comes_not_at_the_
     assert sorted(r.key for r in results) == ["k-follow", "k-head"] and all(r.status == R.OK for r in results)
     assert time.monotonic() - start < 30  # not held for the poll interval
     assert gate.polls >= 1
+
+
+def test_two_workers_start_different_toolchains_first():
+    # One model: 2 eager jobs, then 3 torch.compile and 3 ONNX Runtime ones. In queue order both
+    # workers would start torch.compile (seconds each, once per process) and later both the
+    # exporter; with toolchains each starts one of them while the other starts the other.
+    chains = {"Eager": None, "Jit": "inductor", "Ort": "onnx"}
+    pool = RecordingPool()
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5),
+                      on_result=lambda record, *rest: record, pool=pool, toolchain=lambda j: chains[j.backend])
+    sched.start_workers()
+    jobs = [Job(key=f"k-{b}{i}", model="m", batch_size=1, backend=b, config={}, candidate=f"ok-{b}{i}",
+                device_class_key=DC, model_fingerprint="f") for b, n in (("Eager", 2), ("Jit", 3), ("Ort", 3)) for i in range(n)]
+    results = sched.run(jobs)
+    assert sorted(r.key for r in results) == sorted(j.key for j in jobs) and all(r.status == R.OK for r in results)
+    backend = {j.key: j.backend for j in jobs}
+    first = {}
+    for what, worker, method, key in pool.log:
+        if what == "call" and method == "build" and chains[backend[key]] is not None:
+            first.setdefault(worker, chains[backend[key]])
+    assert sorted(first.values()) == ["inductor", "onnx"]

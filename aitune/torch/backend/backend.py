@@ -140,6 +140,10 @@ class Backend(abc.ABC):
     #: bumped by a backend when what its build makes changes: part of every artifact key, so a
     #: stored artifact of an older implementation is never reused for a newer one
     implementation_version: ClassVar[str] = "1"
+    #: what its first build starts in a process and later builds of any backend naming the same
+    #: toolchain find started (``torch.compile``'s compiler, the ONNX exporter): seconds, once
+    #: per process. A scheduler keeps such builds together; None: nothing worth keeping together
+    toolchain: ClassVar[str | None] = None
 
     state: BackendState = BackendState.INIT
     _config: BackendConfig | None = None

@@ -39,6 +39,7 @@ class TorchInductorAotConfig(BackendConfig):
 
 class TorchInductorAotBackend(ArtifactBackend):
     config_class = TorchInductorAotConfig
+    toolchain = "inductor"
     portable = False  # the package holds machine code for one device type
 
     def __init__(self, config: TorchInductorAotConfig | None = None) -> None:

@@ -57,6 +57,7 @@ def _raise_recompile_limits() -> None:
 
 class TorchInductorJitBackend(ModuleBackend):
     config_class = TorchInductorJitConfig
+    toolchain = "inductor"
 
     def __init__(self, config: TorchInductorJitConfig | None = None) -> None:
         super().__init__(config)

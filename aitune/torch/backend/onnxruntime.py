@@ -63,6 +63,7 @@ class OnnxRuntimeConfig(BackendConfig):
 
 class OnnxRuntimeBackend(ArtifactBackend):
     config_class = OnnxRuntimeConfig
+    toolchain = "onnx"
 
     def __init__(self, config: OnnxRuntimeConfig | None = None) -> None:
         super().__init__(config)

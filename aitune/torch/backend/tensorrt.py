@@ -212,6 +212,7 @@ class TensorRTBackend(ArtifactBackend):
     """An engine built by TensorRT from the module's ONNX export; bound to the GPU class it was built on."""
 
     config_class = TensorRTConfig
+    toolchain = "onnx"
     supported_device_types = frozenset({"cuda"})
     portable = False
 
