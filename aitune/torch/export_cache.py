@@ -19,6 +19,10 @@ tries again and fails with its own error.
 
 Each candidate still loads, checks and measures what it was given: a shared file that went
 wrong would show as wrong outputs in every candidate's check against its reference.
+
+An export that is not the same but of the same graph with other weights (a fine-tune of a model
+exported before, in this process) is not translated again: the cache's ``templates``
+(:mod:`aitune.torch.onnx_refit`) fill the earlier translation with its weights.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from aitune.canonical import sha256_of
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.onnx_export import OnnxExport, export_onnx
+from aitune.torch.onnx_refit import ExportTemplates
 
 GiB = 2**30
 DEFAULT_LIMIT_BYTES = 4 * GiB
@@ -55,6 +60,8 @@ class ExportCache:
         self.limit_bytes = int(limit_bytes)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._tokens: dict[int, tuple[weakref.ref, str]] = {}
+        #: translations of the graphs exported so far, without their weights
+        self.templates = ExportTemplates()
         #: exports handed out again, and exports made
         self.hits = 0
         self.misses = 0
@@ -96,7 +103,7 @@ class ExportCache:
         shutil.rmtree(where, ignore_errors=True)
         where.mkdir(parents=True)
         try:
-            made = _export_prepared(prepare, graph_spec, where / path.name, opset)
+            made = _export_prepared(prepare, graph_spec, where / path.name, opset, self.templates)
         except BaseException:
             shutil.rmtree(where, ignore_errors=True)
             raise
@@ -108,6 +115,7 @@ class ExportCache:
     def clear(self) -> None:
         for key in list(self._entries):
             self._drop(key)
+        self.templates.clear()
 
     def prune(self) -> None:
         """Drop the exports of modules that are gone (no one can ask for them again)."""
@@ -160,9 +168,9 @@ def shared_onnx_export(
 
 
 def _export_prepared(prepare: Callable[[], tuple[torch.nn.Module, Sample]], graph_spec: GraphSpec, path: Path,
-                     opset: int | None) -> OnnxExport:
+                     opset: int | None, templates: ExportTemplates | None = None) -> OnnxExport:
     prepared, prepared_sample = prepare()
-    return export_onnx(prepared, graph_spec, prepared_sample, path, opset)
+    return export_onnx(prepared, graph_spec, prepared_sample, path, opset, templates)
 
 
 def _files(export: OnnxExport) -> list[Path]:

@@ -6,6 +6,10 @@ small model itself, paid again by every ONNX Runtime and TensorRT candidate. :fu
 builds that table once per opset and process and hands it to the exporter's core (what
 ``torch.onnx.export`` calls after building it). The table is only read while exporting. Where
 this torch lacks those internals, exports go through ``torch.onnx.export`` as before.
+
+Given :class:`~aitune.torch.onnx_refit.ExportTemplates`, an export of a program translated
+before but for its weights (a fine-tune of a model exported before) is filled in rather than
+translated again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample, TensorSpec
 from aitune.torch.export_utils import dynamic_shapes_for
+from aitune.torch.onnx_refit import ExportTemplates, program_form
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,14 @@ def onnx_input_order(graph_spec: GraphSpec) -> list[TensorSpec]:
 
 
 def export_onnx(
-    module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: str | Path, opset: int | None = None
+    module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: str | Path, opset: int | None = None,
+    templates: ExportTemplates | None = None,
 ) -> OnnxExport:
     """Export ``module`` called on ``sample`` to ``path`` with the spec's dynamic axes.
 
     The caller prepares ``module`` and ``sample`` (device, dtype): they are exported as given.
     Keyword arguments that are not graph inputs (flags such as ``return_dict=False``) are dropped.
+    ``templates``: translations kept from earlier exports, used and added to (see ``onnx_refit``).
     """
     path = Path(path)
     # The exporter warns once per missing optional library (torchvision ops) at every export.
@@ -62,7 +69,7 @@ def export_onnx(
     converter = _ConverterLog()
     try:
         with converter:
-            return _export(module, graph_spec, sample, path, opset, converter)
+            return _export(module, graph_spec, sample, path, opset, converter, templates)
     finally:
         onnx_log.setLevel(level)
 
@@ -100,12 +107,12 @@ class _ConverterLog(logging.Handler):
 
 
 def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None,
-            converter: _ConverterLog) -> OnnxExport:
+            converter: _ConverterLog, templates: ExportTemplates | None = None) -> OnnxExport:
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
     args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
     dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
     with torch.no_grad():
-        program = _export_with_registry(module, args, kwargs, dynamic_shapes, opset)
+        program = _export_with_registry(module, args, kwargs, dynamic_shapes, opset, templates)
         if program is None:
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False, external_data=True,
                                         opset_version=opset, dynamic_shapes=dynamic_shapes)
@@ -148,7 +155,8 @@ def _registry(opset: int):
     return _exporter_core()[1].ONNXRegistry.from_torchlib(opset_version=opset)
 
 
-def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | None):
+def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | None,
+                          templates: ExportTemplates | None = None):
     """What ``torch.onnx.export(dynamo=True)`` does for a module, with the table built once;
     None where this torch's exporter is not laid out as expected (the caller then calls it)."""
     parts = _exporter_core()
@@ -159,11 +167,37 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
     # Below torchlib's own opset the exporter works at torchlib's and converts the model after.
     table = _registry(max(opset, torchlib_opset))
     converted, renamed = shapes.convert_str_to_export_dim(dynamic_shapes)
-    program = core.export(module, args, kwargs, registry=table, dynamic_shapes=converted, verbose=False,
-                          opset_version=opset)
+    captured = _capture(module, args, kwargs, converted) if templates is not None else None
+    if captured is None:  # the exporter captures it, trying each of its ways
+        program = core.export(module, args, kwargs, registry=table, dynamic_shapes=converted, verbose=False,
+                              opset_version=opset)
+    else:
+        form = program_form(captured, opset, repr(converted))
+        model = templates.take(form, captured) if form is not None else None
+        if model is not None:
+            program = torch.onnx.ONNXProgram(model, captured)
+        else:
+            program = core.export(captured, registry=table, verbose=False, opset_version=opset, optimize=False)
+            if form is not None:
+                templates.keep(form, program.model, captured)
+        program.optimize()  # what the exporter does last, on this model's own weights
     if renamed and dynamic_shapes is not None:
         program._rename_dynamic_axes(dynamic_shapes)
     return program
+
+
+def _capture(module, args, kwargs, dynamic_shapes):
+    """The program the exporter's first way of capturing makes (``torch.export``, non-strict),
+    or None where that fails or this torch lays it out otherwise."""
+    try:
+        from torch.onnx._internal.exporter import _capture_strategies
+
+        strategy = _capture_strategies.TorchExportNonStrictStrategy(verbose=False)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    result = strategy(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+    program = getattr(result, "exported_program", None)
+    return program if isinstance(program, torch.export.ExportedProgram) else None
 
 
 def _default_opset(program) -> int | None:
