@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.plan import Decision
 from orchestrator.records import ResultRecord, SelectionRecord
+from orchestrator.scheduler import JobGate
 from orchestrator.spec import SweepSpec
 
 
@@ -117,7 +118,7 @@ def _family_of(record: ResultRecord, held: list[Decision]) -> str | None:
 NARROWED = "NotInTopK"
 
 
-class FamilyGate:
+class FamilyGate(JobGate):
     """Holds each follower's build jobs until its own family head is done, then lets the top-k
     through and leaves the rest out: one scheduler run, no wave waiting for another family.
 
@@ -152,6 +153,10 @@ class FamilyGate:
         for fam, keys in self.pending.items():
             if fam not in self.top and not keys:
                 self.top[fam] = {d.job.candidate_key for d in self.waves.release(fam, self.results)}
+
+    def holds(self, job) -> bool:
+        fam = self.family_of.get(job.key)
+        return fam is not None and fam not in self.top
 
     def admit(self, job) -> bool:
         fam = self.family_of.get(job.key)

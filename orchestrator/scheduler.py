@@ -127,6 +127,11 @@ class JobGate:
     def admit(self, job: Job) -> bool:
         return True
 
+    def holds(self, job: Job) -> bool:
+        """Whether a build job is held from the start (it would not be admitted before a
+        :meth:`poll` lets it run): it waits among the deferred, not in the queues."""
+        return False
+
     def poll(self, deferred: list[Job]) -> tuple[list[ResultRecord], list[Job]]:
         """(results now available for deferred jobs, deferred jobs this driver should now run)."""
         return [], list(deferred)
@@ -317,11 +322,14 @@ class Scheduler:
                 self._queues[w.info.device_class_key].hold(model)
             for chain in w.toolchains:
                 self._queues[w.info.device_class_key].started(chain)
+        deferred: list[Job] = []
         for job in jobs:
-            self._queues[job.device_class_key].append(job)
+            if job.mode == "build" and gate.holds(job):
+                deferred.append(job)  # not counted as work waiting until it may run
+            else:
+                self._queues[job.device_class_key].append(job)
         self._want_reference, self._payload = want_reference, payload
         results: list[ResultRecord] = []
-        deferred: list[Job] = []
         self._ends_at = clock.now() + self.limits.total_s if self.limits.total_s is not None else None
         last_poll, polled_at = float("-inf"), 0
 
@@ -406,7 +414,7 @@ class Scheduler:
     def _give(self, w: WorkerHandle, queue: ModelQueues, gate: JobGate, deferred: list[Job], ahead: bool = False) -> bool:
         """Send ``w`` its next job from ``queue``; False when nothing was taken: no job is right for
         ``w`` now, or the job must wait for an idle worker."""
-        job = queue.pop_for(w.models, w.last_model, w.toolchains)
+        job = queue.pop_for(w.models, w.last_model, w.toolchains, share=not ahead)
         if job is None:
             return False
         if ahead and job.key in self._alone:

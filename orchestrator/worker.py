@@ -171,14 +171,16 @@ class TuneWorker:
 
     def cache_info(self) -> dict[str, Any]:
         """What this worker holds: models (least recently used first), bytes, loads, evictions, RSS,
-        cores, and its ONNX exports (kept, their bytes, made, and handed to a later candidate)."""
+        cores, and its ONNX exports (kept, their bytes, made, handed to a later candidate, and of
+        those made how many were filled in from an earlier model's translation)."""
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
                 "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
                 **{f"{kind}_rss_bytes": n for kind, n in _rss_parts().items()},
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "exports": {"entries": len(self._exports), "bytes": self._exports.nbytes,
-                            "made": self._exports.misses, "shared": self._exports.hits}}
+                            "made": self._exports.misses, "shared": self._exports.hits,
+                            "filled": self._exports.templates.hits, "templates": len(self._exports.templates)}}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
     def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:

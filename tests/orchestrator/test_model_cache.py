@@ -105,6 +105,7 @@ def test_a_worker_keeps_at_most_its_cache_bound_of_models():
 
 
 def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_its_own_weights():
+    # ft1 is ft0's architecture with other weights: its export is ft0's translation filled in
     pytest.importorskip("onnxscript", reason="the ONNX exporter's packages (onnx, onnxscript) are not installed")
     from orchestrator.worker import TuneWorker
 
@@ -127,6 +128,7 @@ def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_i
     exports = worker.cache_info()["exports"]
     assert (exports["made"], exports["shared"]) == (2, 4)
     assert exports["entries"] == 2 and exports["bytes"] > 0
+    assert (exports["filled"], exports["templates"]) == (1, 1)
 
 
 def test_a_worker_that_exits_leaves_no_scratch_or_export_directories_behind(tmp_path):

@@ -120,3 +120,11 @@ def test_drain_gives_every_job_once_in_queue_order():
     q.append(job("Aot1"), front=True)
     assert [j.candidate for j in q.drain()] == ["Aot1"] + names
     assert not q and len(q) == 0
+
+
+def test_a_job_sent_ahead_to_a_busy_worker_is_never_of_a_toolchain_others_started():
+    q = queues(["Jit1", "Jit2", "Jit3", "Jit4", "Ort1"])
+    assert Worker(q).pop() == "Jit1"  # another worker started torch.compile; three of its jobs wait
+    assert q.pop_for({"m"}, "m", set(), share=False).candidate == "Ort1"  # a chain no one started: fine
+    assert q.pop_for({"m"}, "m", set(), share=False) is None
+    assert q.pop_for({"m"}, "m", set()).candidate == "Jit2"  # an idle worker shares them

@@ -349,3 +349,29 @@ def test_two_workers_start_different_toolchains_first():
         if what == "call" and method == "build" and chains[backend[key]] is not None:
             first.setdefault(worker, chains[backend[key]])
     assert sorted(first.values()) == ["inductor", "onnx"]
+
+
+def test_a_job_the_gate_holds_from_the_start_never_waits_in_the_queues():
+    class HoldsFollow(Follows):
+        """Follows, saying up front that it holds k-follow: it goes straight to the deferred."""
+
+        asked: list = []
+
+        def holds(self, j):
+            return j.key == "k-follow" and not self._head_done()
+
+        def admit(self, j):
+            self.asked.append((j.key, self._head_done()))
+            return super().admit(j)
+
+    committed: list[ResultRecord] = []
+    pool = RecordingPool()
+    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5),
+                      on_result=lambda record, *rest: committed.append(record) or record, pool=pool)
+    sched.start_workers()
+    gate = HoldsFollow(committed)
+    results = sched.run([job("follow"), job("head")], gate=gate)
+    assert sorted(r.key for r in results) == ["k-follow", "k-head"] and all(r.status == R.OK for r in results)
+    # asked about only once its head was in: it was never taken from a queue before
+    assert ("k-follow", True) in gate.asked and ("k-follow", False) not in gate.asked
+    assert [key for what, _, method, key in pool.log if what == "call" and method == "build"] == ["k-head", "k-follow"]
