@@ -178,7 +178,9 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
             program = torch.onnx.ONNXProgram(model, captured)
         else:
             program = core.export(captured, registry=table, verbose=False, opset_version=opset, optimize=False)
-            if form is not None:
+            # one the exporter could not convert to the opset asked for is refused by the
+            # caller: not kept, so that the next export of that form fails with its own reason
+            if form is not None and _default_opset(program) == opset:
                 templates.keep(form, program.model, captured)
         program.optimize()  # what the exporter does last, on this model's own weights
     if renamed and dynamic_shapes is not None:

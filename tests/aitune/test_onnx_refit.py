@@ -142,3 +142,19 @@ def test_the_export_cache_fills_fine_tunes_from_what_it_translated(tmp_path):
         torch.testing.assert_close(backend.infer(*s.args), module(*s.args), rtol=1e-4, atol=1e-5)
     exports.clear()
     assert len(exports.templates) == 0
+
+
+def test_an_export_refused_for_its_opset_is_not_kept_and_the_next_one_says_why_again(tmp_path):
+    from aitune.examples import small_encoder
+
+    x = torch.randint(0, 1000, (1, 64))
+    s = Sample((x,), {})
+    templates = ExportTemplates()
+    messages = []
+    for seed in range(2):  # the encoder's attention can't be converted down to opset 17
+        with pytest.raises(ValueError, match="not the 17 asked for") as err:
+            export_onnx(small_encoder(dim=32, layers=1, seed=seed), GraphSpec.from_sample(s), s,
+                        tmp_path / f"{seed}.onnx", 17, templates)
+        messages.append(str(err.value))
+    assert len(templates) == 0 and templates.hits == 0
+    assert all("did not say why" not in m for m in messages), messages
