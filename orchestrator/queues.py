@@ -13,8 +13,9 @@ Within that model, given ``toolchain`` (what a job's backend starts in a worker 
 first build: ``torch.compile``'s compiler, the ONNX exporter, seconds each), it takes a job of a
 toolchain it has started, else of one no live worker has started, else of one other workers
 started only while more than twice as many of its jobs wait (in all models) as workers that
-started it (and not for a job sent ahead to it while it is busy); else it tries the
-other models the same way, and else it waits. Each toolchain's start is paid by one
+started it, or while each of those has been in one build for a while (it may take
+minutes: a start of seconds is then worth it), and never for a job sent ahead to it while it is busy; else it
+tries the other models the same way, and else it waits. Each toolchain's start is paid by one
 worker while the others go on with the rest, and the last job of a toolchain is not taken, at
 the cost of that start, by a worker that frees a moment before the one that has it started.
 
@@ -80,12 +81,12 @@ class ModelQueues:
         return self._toolchain(job) if self._toolchain is not None else None
 
     def pop_for(self, held: Iterable[str], last: str | None = None, started: Collection[str] = (),
-                share: bool = True) -> Job | None:
+                share: bool | Callable[[str], bool] = True) -> Job | None:
         """The next job for a worker that holds ``held``, ran ``last`` most recently and has
         ``started`` these toolchains; None: what waits is better left to the workers that have
-        its toolchain started (it must wait). ``share`` False: not a toolchain other workers
-        started, however many of its jobs wait (for a job sent ahead to a busy worker, which
-        may free after they do)."""
+        its toolchain started (it must wait). ``share``: False, never a toolchain other workers
+        started (for a job sent ahead to a busy worker, which may free after they do); a
+        predicate, such a toolchain also when it says so (its workers are all in long builds)."""
         if not self._size:
             raise IndexError("pop from an empty queue")
         model = last if last in self._by_model else next((m for m in held if m in self._by_model), None)
@@ -116,28 +117,31 @@ class ModelQueues:
     def _share(self, model: str) -> float:
         return self._work[model] / (self._holders[model] + 1)
 
-    def _chain_for(self, chains: dict[str | None, list], started: Collection[str], share: bool = True) -> "str | None | object":
+    def _chain_for(self, chains: dict[str | None, list], started: Collection[str],
+                   share: bool | Callable[[str], bool] = True) -> "str | None | object":
         """The toolchain whose next job a worker that has ``started`` these takes from one
         model's queues, or ``_WAIT``."""
         if len(chains) == 1:
             chain = next(iter(chains))
-            if (chain is None or chain in started or not self._started[chain] or share and self._takes(chain)
+            if (chain is None or chain in started or not self._started[chain] or self._shares(chain, share)
                     or chains[chain][0][0] == -math.inf):
                 return chain
             return _WAIT
         first = {chain: queue[0][:2] for chain, queue in chains.items()}
         fronts = [c for c, top in first.items() if top[0] == -math.inf]
         for choice in (fronts, [c for c in chains if c is None or c in started],
-                       [c for c in chains if not self._started[c]], [c for c in chains if share and self._takes(c)]):
+                       [c for c in chains if not self._started[c]], [c for c in chains if self._shares(c, share)]):
             if choice:
                 return min(choice, key=first.__getitem__)
         return _WAIT
 
-    def _takes(self, chain: str) -> bool:
-        """Whether a worker that has not started ``chain`` takes one of its jobs: when no live
-        worker has, or more than twice as many of its jobs wait as workers that have (fewer, and
-        those are likely done with them before this one has started it)."""
-        return self._waiting[chain] > 2 * self._started[chain]
+    def _shares(self, chain: str, share: bool | Callable[[str], bool]) -> bool:
+        """Whether a worker takes a job of ``chain``, which other live workers started: when more
+        than twice as many of its jobs wait as workers that started it (fewer, and those are
+        likely done with them before this one has started it), or ``share`` says so."""
+        if share is False:
+            return False
+        return self._waiting[chain] > 2 * self._started[chain] or (callable(share) and bool(share(chain)))
 
     def started(self, toolchain: str) -> None:
         """A live worker of this class has started ``toolchain`` (it was sent a job of it)."""

@@ -145,6 +145,9 @@ Payload = Callable[[Job], tuple[bytes, dict[str, Any]]]
 
 
 class Scheduler:
+    #: a build running this long makes its toolchain worth starting on another worker (see ModelQueues)
+    LONG_BUILD_S = 5.0
+
     def __init__(
         self,
         slots: list[Slot],
@@ -414,7 +417,8 @@ class Scheduler:
     def _give(self, w: WorkerHandle, queue: ModelQueues, gate: JobGate, deferred: list[Job], ahead: bool = False) -> bool:
         """Send ``w`` its next job from ``queue``; False when nothing was taken: no job is right for
         ``w`` now, or the job must wait for an idle worker."""
-        job = queue.pop_for(w.models, w.last_model, w.toolchains, share=not ahead)
+        job = queue.pop_for(w.models, w.last_model, w.toolchains,
+                            share=False if ahead else (lambda chain: self._all_building(chain, w.info.device_class_key)))
         if job is None:
             return False
         if ahead and job.key in self._alone:
@@ -439,6 +443,15 @@ class Scheduler:
             queue.started(chain)
         w.last_model = job.model
         return True
+
+    def _all_building(self, chain: str, device_class_key: str) -> bool:
+        """Whether every live worker of that class that started ``chain`` has been running one
+        build for ``LONG_BUILD_S`` or more (one likely to go on a while yet)."""
+        since = self.clock.now() - self.LONG_BUILD_S
+        starters = [w for w in self.workers.values()
+                    if chain in w.toolchains and w.info is not None and w.info.device_class_key == device_class_key]
+        return bool(starters) and all(w.running is not None and w.running.phase == "build" and w.running.started <= since
+                                      for w in starters)
 
     def _new_queue(self, estimate: Callable[[Job], float] | None = None) -> ModelQueues:
         return ModelQueues(estimate, self.toolchain)

@@ -128,3 +128,10 @@ def test_a_job_sent_ahead_to_a_busy_worker_is_never_of_a_toolchain_others_starte
     assert q.pop_for({"m"}, "m", set(), share=False).candidate == "Ort1"  # a chain no one started: fine
     assert q.pop_for({"m"}, "m", set(), share=False) is None
     assert q.pop_for({"m"}, "m", set()).candidate == "Jit2"  # an idle worker shares them
+
+
+def test_a_toolchain_whose_workers_are_all_in_builds_is_shared_however_few_of_its_jobs_wait():
+    q = queues(["Ort1", "Ort2"])
+    assert Worker(q).pop() == "Ort1"  # that worker starts the exporter; one job of it is left
+    assert q.pop_for({"m"}, "m", set(), share=lambda chain: False) is None
+    assert q.pop_for({"m"}, "m", set(), share=lambda chain: chain == "onnx").candidate == "Ort2"

@@ -375,3 +375,44 @@ def test_a_job_the_gate_holds_from_the_start_never_waits_in_the_queues():
     # asked about only once its head was in: it was never taken from a queue before
     assert ("k-follow", True) in gate.asked and ("k-follow", False) not in gate.asked
     assert [key for what, _, method, key in pool.log if what == "call" and method == "build"] == ["k-head", "k-follow"]
+
+
+class SlowBuilds(RecordingPool):
+    """Builds of a ``slow`` candidate answer 1 s after they were sent (a TensorRT engine's minutes)."""
+
+    def call(self, handle, method, *args):
+        ref = super().call(handle, method, *args)
+        if method == "build" and args[0]["candidate"].startswith("ok-slow"):
+            self.ready_at[ref] = time.monotonic() + 1.0
+        return ref
+
+
+def _two_workers(pool, chains):
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5),
+                      on_result=lambda record, *rest: record, pool=pool, toolchain=lambda j: chains[j.backend])
+    sched.start_workers()
+    return sched
+
+
+def _jobs(*groups):
+    return [Job(key=f"k-{name}{i}", model="m", batch_size=1, backend=backend, config={}, candidate=f"ok-{name}{i}",
+                device_class_key=DC, model_fingerprint="f") for backend, name, n in groups for i in range(n)]
+
+
+def test_the_last_job_of_a_toolchain_waits_for_its_worker_unless_that_worker_is_in_a_long_build(monkeypatch):
+    monkeypatch.setattr(Scheduler, "LONG_BUILD_S", 0.3)
+    chains = {"Ort": "onnx", "Eager": None}
+    # two long builds of one toolchain: the second worker starts it too once the first has
+    # been building a while, rather than wait all of it
+    pool = SlowBuilds()
+    results = _two_workers(pool, chains).run(_jobs(("Ort", "slow", 2)))
+    assert all(r.status == R.OK for r in results)
+    builds = [(w, key) for what, w, method, key in pool.log if what == "call" and method == "build"]
+    assert {w for w, _ in builds} == {"cpu0-0", "cpu1-1"}
+    answered = pool.log.index(next(e for e in pool.log if e[0] == "get" and e[2] == "build"))
+    assert pool.log.index(("call", builds[1][0], "build", builds[1][1])) < answered  # in parallel
+    # short ones: the last is left to the worker that has the toolchain started
+    pool = RecordingPool()
+    results = _two_workers(pool, chains).run(_jobs(("Ort", "quick", 2)))
+    assert all(r.status == R.OK for r in results)
+    assert {w for what, w, method, _ in pool.log if what == "call" and method == "build"} == {"cpu0-0"}
