@@ -87,6 +87,12 @@ def job(name: str, model: str = "m") -> Job:
                device_class_key=DC, model_fingerprint="f")
 
 
+def _jobs(*groups):
+    """One model's jobs: ``n`` of each (backend, name), named ``ok-<name><i>`` (they succeed)."""
+    return [Job(key=f"k-{name}{i}", model="m", batch_size=1, backend=backend, config={}, candidate=f"ok-{name}{i}",
+                device_class_key=DC, model_fingerprint="f") for backend, name, n in groups for i in range(n)]
+
+
 def run(names, limits=None, gate=None, slots=2):
     pool = ScriptedPool()
     committed: list[ResultRecord] = []
@@ -185,6 +191,14 @@ def test_a_deferred_key_whose_claim_expired_is_built_here():
 
     results, committed, _ = run(["ok"], gate=Expired(), slots=1)
     assert [r.how for r in results] == [R.BUILT] and len(committed) == 1
+
+
+def started(pool, slots: int = 1, on_result=lambda record, *rest: record, **kwargs) -> Scheduler:
+    """A scheduler over ``pool`` with ``slots`` CPU workers, started."""
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(slots)], {}, Limits(5, 5),
+                      on_result=on_result, pool=pool, **kwargs)
+    sched.start_workers()
+    return sched
 
 
 @pytest.mark.parametrize("slots", [1, 3])
@@ -318,10 +332,7 @@ def test_a_job_held_for_another_result_starts_when_that_result_comes_not_at_the_
 
     monkeypatch.setattr(S, "POLL_S", 60.0)  # were it only polled on the clock, it would wait a minute
     committed: list[ResultRecord] = []
-    pool = ScriptedPool()
-    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5),
-                      on_result=lambda record, *rest: committed.append(record) or record, pool=pool)
-    sched.start_workers()
+    sched = started(ScriptedPool(), on_result=lambda record, *rest: committed.append(record) or record)
     gate = Follows(committed)
     start = time.monotonic()
     results = sched.run([job("follow"), job("head")], gate=gate)
@@ -336,12 +347,8 @@ def test_two_workers_start_different_toolchains_first():
     # exporter; with toolchains each starts one of them while the other starts the other.
     chains = {"Eager": None, "Jit": "inductor", "Ort": "onnx"}
     pool = RecordingPool()
-    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5),
-                      on_result=lambda record, *rest: record, pool=pool, toolchain=lambda j: chains[j.backend])
-    sched.start_workers()
-    jobs = [Job(key=f"k-{b}{i}", model="m", batch_size=1, backend=b, config={}, candidate=f"ok-{b}{i}",
-                device_class_key=DC, model_fingerprint="f") for b, n in (("Eager", 2), ("Jit", 3), ("Ort", 3)) for i in range(n)]
-    results = sched.run(jobs)
+    jobs = _jobs(("Eager", "Eager", 2), ("Jit", "Jit", 3), ("Ort", "Ort", 3))
+    results = started(pool, 2, toolchain=lambda j: chains[j.backend]).run(jobs)
     assert sorted(r.key for r in results) == sorted(j.key for j in jobs) and all(r.status == R.OK for r in results)
     backend = {j.key: j.backend for j in jobs}
     first = {}
@@ -366,9 +373,7 @@ def test_a_job_the_gate_holds_from_the_start_never_waits_in_the_queues():
 
     committed: list[ResultRecord] = []
     pool = RecordingPool()
-    sched = Scheduler([Slot(0, "cpu", 1, 0, 1, "cpu0")], {}, Limits(5, 5),
-                      on_result=lambda record, *rest: committed.append(record) or record, pool=pool)
-    sched.start_workers()
+    sched = started(pool, on_result=lambda record, *rest: committed.append(record) or record)
     gate = HoldsFollow(committed)
     results = sched.run([job("follow"), job("head")], gate=gate)
     assert sorted(r.key for r in results) == ["k-follow", "k-head"] and all(r.status == R.OK for r in results)
@@ -388,15 +393,7 @@ class SlowBuilds(RecordingPool):
 
 
 def _two_workers(pool, chains):
-    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5),
-                      on_result=lambda record, *rest: record, pool=pool, toolchain=lambda j: chains[j.backend])
-    sched.start_workers()
-    return sched
-
-
-def _jobs(*groups):
-    return [Job(key=f"k-{name}{i}", model="m", batch_size=1, backend=backend, config={}, candidate=f"ok-{name}{i}",
-                device_class_key=DC, model_fingerprint="f") for backend, name, n in groups for i in range(n)]
+    return started(pool, 2, toolchain=lambda j: chains[j.backend])
 
 
 def test_the_last_job_of_a_toolchain_waits_for_its_worker_unless_that_worker_is_in_a_long_build(monkeypatch):
