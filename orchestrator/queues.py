@@ -123,14 +123,16 @@ class ModelQueues:
         model's queues, or ``_WAIT``."""
         if len(chains) == 1:
             chain = next(iter(chains))
-            if (chain is None or chain in started or not self._started[chain] or self._shares(chain, share)
-                    or chains[chain][0][0] == -math.inf):
+            if (chain is None or chain in started or not self._started[chain] or chains[chain][0][0] == -math.inf
+                    or self._shares(chain, share)):
                 return chain
             return _WAIT
         first = {chain: queue[0][:2] for chain, queue in chains.items()}
         fronts = [c for c, top in first.items() if top[0] == -math.inf]
-        for choice in (fronts, [c for c in chains if c is None or c in started],
-                       [c for c in chains if not self._started[c]], [c for c in chains if self._shares(c, share)]):
+        rules = (lambda c: c in fronts, lambda c: c is None or c in started, lambda c: not self._started[c],
+                 lambda c: self._shares(c, share))
+        for rule in rules:  # in turn: the last asks the scheduler about the workers
+            choice = [c for c in chains if rule(c)]
             if choice:
                 return min(choice, key=first.__getitem__)
         return _WAIT
