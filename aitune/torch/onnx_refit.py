@@ -3,8 +3,9 @@
 An ONNX export captures the module (``torch.export``, a fraction of a second for a small model),
 decomposes the captured program and translates it into ONNX (most of the export's time), then
 optimises the ONNX graph. Fine-tunes of one base capture the same program but for the values
-of their weights, and its decomposition and translation do not read those values: the ONNX
-graph before optimisation is the same but for its initializers' values. The optimiser, which
+of their weights, and its decomposition and translation do not read those values (the
+exporter gives its initializers their values only after translating the graph): the ONNX graph
+before optimisation is the same but for its initializers' values. The optimiser, which
 does read them (it folds constants), runs on each model's own weights.
 
 :class:`ExportTemplates` keeps, per captured program's *form* (:func:`program_form`: its graph
