@@ -95,7 +95,8 @@ class ModelQueues:
         chain = self._chain_for(self._by_model[model], started, share)
         if chain is _WAIT:  # the other models, in the same order of preference
             rest = [m for m in held if m in self._by_model and m != model]
-            rest += sorted((m for m in self._by_model if m != model and m not in rest), key=self._share, reverse=True)
+            seen = {model, *rest}
+            rest += sorted((m for m in self._by_model if m not in seen), key=self._share, reverse=True)
             found = next(((m, c) for m in rest for c in (self._chain_for(self._by_model[m], started, share),) if c is not _WAIT), None)
             if found is None:
                 return None
@@ -121,15 +122,10 @@ class ModelQueues:
                    share: bool | Callable[[str], bool] = True) -> "str | None | object":
         """The toolchain whose next job a worker that has ``started`` these takes from one
         model's queues, or ``_WAIT``."""
-        if len(chains) == 1:
-            chain = next(iter(chains))
-            if (chain is None or chain in started or not self._started[chain] or chains[chain][0][0] == -math.inf
-                    or self._shares(chain, share)):
-                return chain
-            return _WAIT
+        if len(chains) == 1 and None in chains:  # nothing to keep to (and every job, without toolchains)
+            return None
         first = {chain: queue[0][:2] for chain, queue in chains.items()}
-        fronts = [c for c, top in first.items() if top[0] == -math.inf]
-        rules = (lambda c: c in fronts, lambda c: c is None or c in started, lambda c: not self._started[c],
+        rules = (lambda c: first[c][0] == -math.inf, lambda c: c is None or c in started, lambda c: not self._started[c],
                  lambda c: self._shares(c, share))
         for rule in rules:  # in turn: the last asks the scheduler about the workers
             choice = [c for c in chains if rule(c)]
@@ -151,9 +147,7 @@ class ModelQueues:
 
     def stopped(self, toolchain: str) -> None:
         """A worker that had started ``toolchain`` is gone."""
-        self._started[toolchain] -= 1
-        if self._started[toolchain] <= 0:
-            del self._started[toolchain]
+        _take_one(self._started, toolchain)
 
     def hold(self, model: str) -> None:
         """A live worker of this class has loaded ``model``."""
@@ -161,9 +155,7 @@ class ModelQueues:
 
     def release(self, model: str) -> None:
         """A worker that held ``model`` is gone."""
-        self._holders[model] -= 1
-        if self._holders[model] <= 0:
-            del self._holders[model]
+        _take_one(self._holders, model)
 
     def drain(self) -> Iterator[Job]:
         """Every waiting job, model by model, in queue order; the queue is empty afterwards."""
@@ -173,3 +165,10 @@ class ModelQueues:
         for chains in by_model.values():
             queue = sorted(entry for heap in chains.values() for entry in heap)
             yield from (job for *_, job in queue)
+
+
+def _take_one(counts: collections.Counter, key) -> None:
+    """One fewer of ``key``, and none left at all once it reaches zero."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

@@ -58,8 +58,7 @@ class ExportTemplates:
     def keep(self, form: str, model, program: torch.export.ExportedProgram) -> bool:
         """Keep ``model`` (the unoptimised translation of ``program``), its initializers emptied;
         False where ``program`` would not fill all of them again (nothing is kept)."""
-        names = set(_weight_names(program))
-        if not set(model.graph.initializers) <= names:
+        if not set(model.graph.initializers) <= {name for name, _ in _weights(program)}:
             return False
         template = model.clone()
         for value in template.graph.initializers.values():
@@ -91,7 +90,7 @@ def program_form(program: torch.export.ExportedProgram, *context: Any) -> str | 
         if node.op == "get_attr":  # a subgraph, or a tensor held in the graph itself
             return None
         add(node.name, node.op, str(node.target), _meta_form(node.meta.get("val")))
-    add(type(program.graph_module).__name__, gm.code, str(program.graph_signature), str(program.call_spec),
+    add(gm.code, str(program.graph_signature), str(program.call_spec),
         sorted((str(k), str(v)) for k, v in program.range_constraints.items()), context)
     for name, tensor in itertools.chain(program.named_parameters(), program.named_buffers()):
         add(name, str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()), tensor.device.type)
@@ -132,10 +131,6 @@ def refit(template, program: torch.export.ExportedProgram):
 
 def _weights(program: torch.export.ExportedProgram) -> Iterator[tuple[str, Any]]:
     return itertools.chain(program.named_parameters(), program.named_buffers(), program.constants.items())
-
-
-def _weight_names(program: torch.export.ExportedProgram) -> Iterator[str]:
-    return (name for name, _ in _weights(program))
 
 
 def _meta_form(value: Any) -> Any:
