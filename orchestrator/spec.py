@@ -219,8 +219,9 @@ class CandidateSpec(_Strict):
                 raise checks.problems_error([(("config",) + loc, message) for loc, message in problems])
         try:  # the config's own rules, now that every field has its type; and the backend itself
             make_backend(self.backend, self.config)
-        except (TypeError, ValueError) as exc:
-            raise checks.problems_error([(("config",), f"config of {self.backend}: {exc}")]) from None
+        except (TypeError, ValueError) as exc:  # make_backend's own errors name the backend already
+            message = str(exc) if isinstance(exc, InvalidBackendError) else f"config of {self.backend}: {exc}"
+            raise checks.problems_error([(("config",), message)]) from None
         return self
 
     def make_config(self):

@@ -98,6 +98,12 @@ def test_unknown_backend_lists_the_known_ones():
     assert "TorchEagerBackend" in message and "OnnxRuntimeBackend" in message
 
 
+def test_a_config_the_backend_refuses_names_the_backend_once():
+    message = error_of(candidate("OnnxRuntimeBackend", graph_optimization_level="turbo"))
+    assert "candidates[0].config" in message and "'turbo' is not one of" in message
+    assert message.count("config of OnnxRuntimeBackend") == 1, message
+
+
 def test_factory_that_cannot_be_imported_gives_the_import_error():
     data = base()
     data["models"][0]["factory"] = "no_such_package.models:make"
