@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from aitune.build_refusal import BuildRefused
 from aitune.specs import GraphSpec, Sample, TensorSpec
 from aitune.torch.export_utils import dynamic_shapes_for
 from aitune.torch.onnx_refit import ExportTemplates, program_form
@@ -120,7 +121,7 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         if opset is not None and wrote is not None and wrote != opset:
             # The exporter works at its own opset and converts down after; when that fails it
             # keeps its own and only logs it: a candidate asking for an opset must get that one.
-            raise ValueError(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
+            raise BuildRefused(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
                              f"convert this model down ({converter.why()}); use opset {wrote} or leave it unset")
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")

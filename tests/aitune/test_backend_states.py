@@ -285,6 +285,24 @@ def test_failed_build_logs_the_traceback_reraises_and_stays_in_init(module, tmp_
         backend.infer(X)
 
 
+def test_a_refused_build_logs_one_line_without_a_traceback_and_stays_in_init(module, tmp_path, caplog):
+    from aitune.build_refusal import BuildRefused
+
+    class RefusesBackend(TorchEagerBackend):
+        def _build(self, module, graph_spec, data, cache_dir) -> None:
+            raise BuildRefused("opset 17 asked for, 18 written: use opset 18")
+
+    backend = RefusesBackend()
+    with caplog.at_level(logging.WARNING, logger="aitune.torch.backend.backend"):
+        with pytest.raises(BuildRefused, match="use opset 18"):
+            backend.build(module, SPEC, [SAMPLE], "cpu", tmp_path)
+    assert backend.state is BackendState.INIT and backend.device is None
+    records = [r for r in caplog.records if r.name == "aitune.torch.backend.backend"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].exc_info is None and "Traceback" not in caplog.text
+    assert "RefusesBackend can't build on cpu: opset 17 asked for, 18 written: use opset 18" in records[0].getMessage()
+
+
 def test_config_of_the_wrong_class_is_refused():
     from aitune.torch.backend import OnnxRuntimeConfig
 

@@ -112,6 +112,9 @@ def test_an_opset_the_exporter_could_not_convert_to_is_refused_not_passed_off(tm
     finally:
         root.removeHandler(seen)
     assert not (tmp_path / "encoder" / "model.onnx").exists()  # nothing written for it
+    from aitune.build_refusal import BuildRefused
+
+    assert isinstance(raised.value, BuildRefused)  # a known refusal: Backend.build logs it without a traceback
     # the converter's reason is in the error, and its traceback not in the caller's log
     assert "it did not say why" not in str(raised.value) and "Error" in str(raised.value).split("(", 1)[1]
     assert not [r for r in seen.records if r.name.startswith("onnxscript.version_converter")]

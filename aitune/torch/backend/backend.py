@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import nvtx
 import torch
 
+from aitune.build_refusal import BuildRefused
 from aitune.canonical import canonicalize, sha256_of, to_dtype
 from aitune.specs import GraphSpec, Sample
 
@@ -221,8 +222,11 @@ class Backend(abc.ABC):
             self._exports = exports
             try:
                 self._build(module, graph_spec, list(data), self._work_dir)
-            except Exception:
-                log.exception("Backend %s failed to build on %s", self.name, device)
+            except Exception as exc:
+                if isinstance(exc, BuildRefused):  # a known reason, said in full: one line
+                    log.warning("Backend %s can't build on %s: %s", self.name, device, exc)
+                else:
+                    log.exception("Backend %s failed to build on %s", self.name, device)
                 self._device = self._graph_spec = None  # still INIT: built for nothing
                 raise
             finally:
