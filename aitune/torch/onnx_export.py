@@ -122,7 +122,7 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
             # The exporter works at its own opset and converts down after; when that fails it
             # keeps its own and only logs it: a candidate asking for an opset must get that one.
             raise BuildRefused(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
-                             f"convert this model down ({converter.why()}); use opset {wrote} or leave it unset")
+                               f"convert this model down ({converter.why()}); use opset {wrote} or leave it unset")
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")
     return OnnxExport(

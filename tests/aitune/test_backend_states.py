@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from aitune.build_refusal import BuildRefused
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend import BackendState, TorchEagerBackend, UnsupportedDeviceError
 from aitune_helpers import BuildFailsBackend, CudaOnlyBackend, tiny_linear
@@ -286,8 +287,6 @@ def test_failed_build_logs_the_traceback_reraises_and_stays_in_init(module, tmp_
 
 
 def test_a_refused_build_logs_one_line_without_a_traceback_and_stays_in_init(module, tmp_path, caplog):
-    from aitune.build_refusal import BuildRefused
-
     class RefusesBackend(TorchEagerBackend):
         def _build(self, module, graph_spec, data, cache_dir) -> None:
             raise BuildRefused("opset 17 asked for, 18 written: use opset 18")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from aitune.build_refusal import BuildRefused
 from aitune.specs import GraphSpec, Sample
 from aitune.torch import onnx_export
 from aitune.torch.onnx_export import export_onnx
@@ -112,8 +113,6 @@ def test_an_opset_the_exporter_could_not_convert_to_is_refused_not_passed_off(tm
     finally:
         root.removeHandler(seen)
     assert not (tmp_path / "encoder" / "model.onnx").exists()  # nothing written for it
-    from aitune.build_refusal import BuildRefused
-
     assert isinstance(raised.value, BuildRefused)  # a known refusal: Backend.build logs it without a traceback
     # the converter's reason is in the error, and its traceback not in the caller's log
     assert "it did not say why" not in str(raised.value) and "Error" in str(raised.value).split("(", 1)[1]
