@@ -21,7 +21,7 @@ from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
-from aitune.torch.export_cache import ExportCache
+from aitune.torch.export_cache import ExportCache, machine_export_cache
 from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
 from aitune.torch.backend import registry
@@ -144,7 +144,7 @@ def tune(
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="aitune-tune-"))
 
     # the ONNX Runtime and TensorRT candidates export the module once between them
-    exports = ExportCache(root / "exports")
+    exports = machine_export_cache(root / "exports")
     results = []
     for i, backend in enumerate(backends):
         result = evaluate(backend, module, graph_spec, samples, reference, device, root / f"{i:02d}", measure_config, tolerances,

@@ -34,7 +34,7 @@ from aitune.measure import MeasureConfig, interleaved
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
 from aitune.torch.backend.registry import make_backend
-from aitune.torch.export_cache import ExportCache
+from aitune.torch.export_cache import machine_export_cache
 from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
@@ -107,8 +107,9 @@ class TuneWorker:
         self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
         self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
-        # the ONNX Runtime and TensorRT candidates of one model export it once between them
-        self._exports = ExportCache(Path(tempfile.mkdtemp(prefix=f"aitune-exports-{worker_id}-")))
+        # the ONNX Runtime and TensorRT candidates of one model export it once between them, and
+        # a graph translated before (by any worker of this machine) is filled rather than translated
+        self._exports = machine_export_cache(Path(tempfile.mkdtemp(prefix=f"aitune-exports-{worker_id}-")))
         for path in (self._scratch, self._exports.root):  # gone with the process when it exits cleanly
             weakref.finalize(self, shutil.rmtree, path, True)
         self._full_collection()
@@ -172,7 +173,8 @@ class TuneWorker:
     def cache_info(self) -> dict[str, Any]:
         """What this worker holds: models (least recently used first), bytes, loads, evictions, RSS,
         cores, and its ONNX exports (kept, their bytes, made, handed to a later candidate, and of
-        those made how many were filled in from an earlier model's translation)."""
+        those made how many were filled in from an earlier model's translation, and of those how
+        many from a translation another process left on disk)."""
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
                 "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
@@ -180,7 +182,8 @@ class TuneWorker:
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "exports": {"entries": len(self._exports), "bytes": self._exports.nbytes,
                             "made": self._exports.misses, "shared": self._exports.hits,
-                            "filled": self._exports.templates.hits, "templates": len(self._exports.templates)}}
+                            "filled": self._exports.templates.hits, "templates": len(self._exports.templates),
+                            "filled_from_disk": self._exports.templates.disk_hits}}
 
     # -- one candidate, phase by phase ---------------------------------------------------------------
     def build(self, job_dict: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ Each candidate still loads, checks and measures what it was given: a shared file
 wrong would show as wrong outputs in every candidate's check against its reference.
 
 An export that is not the same but of the same graph with other weights (a fine-tune of a model
-exported before, in this process) is not translated again: the cache's ``templates``
-(:mod:`aitune.torch.onnx_refit`) fill the earlier translation with its weights.
+exported before, in this process or, where the caller's ``templates`` keep them on disk, in
+another) is not translated again: the cache's ``templates`` (:mod:`aitune.torch.onnx_refit`)
+fill the earlier translation with its weights.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from aitune.canonical import sha256_of
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.onnx_export import OnnxExport, export_onnx
 from aitune.torch.onnx_refit import ExportTemplates
+from aitune.torch.template_dir import TemplateDir
 
 GiB = 2**30
 DEFAULT_LIMIT_BYTES = 4 * GiB
@@ -55,13 +57,15 @@ class _Entry:
 
 
 class ExportCache:
-    def __init__(self, root: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
+    def __init__(self, root: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES,
+                 templates: ExportTemplates | None = None) -> None:
         self.root = Path(root)
         self.limit_bytes = int(limit_bytes)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._tokens: dict[int, tuple[weakref.ref, str]] = {}
-        #: translations of the graphs exported so far, without their weights
-        self.templates = ExportTemplates()
+        #: translations of the graphs exported so far, without their weights (kept in this
+        #: process only, unless the caller gave templates that also keep them on disk)
+        self.templates = templates if templates is not None else ExportTemplates()
         #: exports handed out again, and exports made
         self.hits = 0
         self.misses = 0
@@ -149,6 +153,12 @@ class ExportCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             shutil.rmtree(entry.export.model.parent, ignore_errors=True)
+
+
+def machine_export_cache(root: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> ExportCache:
+    """An export cache for one process whose templates are also kept in this machine's template
+    folder (``$AITUNE_ONNX_TEMPLATES``, see :mod:`aitune.torch.template_dir`), where one is on."""
+    return ExportCache(root, limit_bytes, ExportTemplates(disk=TemplateDir.from_env()))
 
 
 def shared_onnx_export(

@@ -8,8 +8,9 @@ builds that table once per opset and process and hands it to the exporter's core
 this torch lacks those internals, exports go through ``torch.onnx.export`` as before.
 
 Given :class:`~aitune.torch.onnx_refit.ExportTemplates`, an export of a program translated
-before but for its weights (a fine-tune of a model exported before) is filled in rather than
-translated again.
+before but for its weights (a fine-tune of a model exported before, here or, through their
+``TemplateDir``, in another process) is filled in rather than translated again, and without
+building the table.
 """
 
 from __future__ import annotations
@@ -165,20 +166,22 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
         return None
     core, _, shapes, default_opset, torchlib_opset = parts
     opset = default_opset if opset is None else opset
-    # Below torchlib's own opset the exporter works at torchlib's and converts the model after.
-    table = _registry(max(opset, torchlib_opset))
+    # Below torchlib's own opset the exporter works at torchlib's and converts the model after;
+    # the table is built only for a translation (a program filled from a template needs none).
+    table_opset = max(opset, torchlib_opset)
     converted, renamed = shapes.convert_str_to_export_dim(dynamic_shapes)
     captured = _capture(module, args, kwargs, converted) if templates is not None else None
     if captured is None:  # the exporter captures it, trying each of its ways
-        program = core.export(module, args, kwargs, registry=table, dynamic_shapes=converted, verbose=False,
-                              opset_version=opset)
+        program = core.export(module, args, kwargs, registry=_registry(table_opset), dynamic_shapes=converted,
+                              verbose=False, opset_version=opset)
     else:
         form = program_form(captured, opset, repr(converted))
         model = templates.take(form, captured) if form is not None else None
         if model is not None:
             program = torch.onnx.ONNXProgram(model, captured)
         else:
-            program = core.export(captured, registry=table, verbose=False, opset_version=opset, optimize=False)
+            program = core.export(captured, registry=_registry(table_opset), verbose=False, opset_version=opset,
+                                  optimize=False)
             # one the exporter could not convert to the opset asked for is refused by the
             # caller: not kept, so that the next export of that form fails with its own reason
             if form is not None and _default_opset(program) == opset:

@@ -16,7 +16,9 @@ parameters, buffers and constants (:func:`refit`) instead of translating again. 
 whose form can't vouch for it (subgraphs or tensors held in the graph itself, non-tensor
 constants), or a template with an initializer the new program does not fill, is translated as
 before. The owner of the templates decides what shares them (an ``ExportCache``, one per
-worker); nothing here is global.
+worker); nothing here is global. Given a :class:`~aitune.torch.template_dir.TemplateDir`, the
+templates are also written to disk and read back from it, so that other processes of the
+machine, and later runs, fill them instead of translating again.
 """
 
 from __future__ import annotations
@@ -24,35 +26,44 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from aitune.torch.template_dir import TemplateDir
 
 #: templates kept at most, least recently used first out; each holds a graph, not its weights
 DEFAULT_LIMIT = 16
 
 
 class ExportTemplates:
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, limit: int = DEFAULT_LIMIT, disk: "TemplateDir | None" = None) -> None:
         self.limit = int(limit)
+        self.disk = disk
         self._kept: OrderedDict[str, Any] = OrderedDict()
         #: exports filled from a template, and templates made
         self.hits = 0
         self.misses = 0
+        #: of the hits, those whose template was read from ``disk`` (made by another process)
+        self.disk_hits = 0
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def take(self, form: str, program: torch.export.ExportedProgram):
         """A copy of the ONNX model kept for ``form`` filled with ``program``'s weights, or None."""
-        template = self._kept.get(form)
+        template, from_disk = self._kept.get(form), False
+        if template is None and self.disk is not None:
+            template, from_disk = self.disk.load(form), True
         if template is None:
             return None
         model = refit(template, program)
         if model is None:
             return None
-        self._kept.move_to_end(form)
+        self._remember(form, template)
         self.hits += 1
+        self.disk_hits += from_disk
         return model
 
     def keep(self, form: str, model, program: torch.export.ExportedProgram) -> bool:
@@ -63,12 +74,17 @@ class ExportTemplates:
         template = model.clone()
         for value in template.graph.initializers.values():
             value.const_value = None  # the template holds no model's weights
+        self._remember(form, template)
+        if self.disk is not None:
+            self.disk.save(form, template)
+        self.misses += 1
+        return True
+
+    def _remember(self, form: str, template) -> None:
         self._kept[form] = template
         self._kept.move_to_end(form)
         while len(self._kept) > self.limit:
             self._kept.popitem(last=False)
-        self.misses += 1
-        return True
 
     def clear(self) -> None:
         self._kept.clear()

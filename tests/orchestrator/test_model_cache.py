@@ -104,10 +104,12 @@ def test_a_worker_keeps_at_most_its_cache_bound_of_models():
     assert info["anon_rss_bytes"] + info["file_rss_bytes"] + info["shmem_rss_bytes"] <= info["rss_bytes"] * 1.05
 
 
-def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_its_own_weights():
+def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_its_own_weights(tmp_path, monkeypatch):
     # ft1 is ft0's architecture with other weights: its export is ft0's translation filled in
     pytest.importorskip("onnxscript", reason="the ONNX exporter's packages (onnx, onnxscript) are not installed")
     from orchestrator.worker import TuneWorker
+
+    monkeypatch.setenv("AITUNE_ONNX_TEMPLATES", str(tmp_path / "templates"))  # nothing translated yet
 
     models = [{"name": f"ft{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2, "seed": i},
                "inputs": [{"shape": [16]}]} for i in range(2)]
@@ -115,20 +117,28 @@ def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_i
     spec = parse_spec({"models": models, "batch_sizes": [1], "measure": {"budget_s": 0.01, "min_iters": 3, "warmup_iters": 1},
                        "candidates": [{"backend": ort}, {"backend": ort, "config": {"graph_optimization_level": "basic"}},
                                       {"backend": ort, "config": {"io_binding": False}}]})
-    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
     fingerprints = {name: fp for name, (fp, _) in identify_models(spec).items()}
     jobs = sorted(expand(spec, fingerprints, {"d" * 64: {"device_type": "cpu"}}), key=lambda j: j.model)
     # three ONNX Runtime candidates per model, and the eager fp32 baseline every model gets
     assert sorted(j.backend for j in jobs).count(ort) == 6 and len(jobs) == 8
-    for job in jobs:
-        assert worker.build(job.to_dict())["status"] == R.OK
-        record = worker.finish(job.to_dict())[0]
-        # checked against its own model's reference: ft1 given ft0's export would be wrong
-        assert record["status"] == R.OK, (job.model, record.get("error"))
-    exports = worker.cache_info()["exports"]
+
+    def run_all(worker_id, jobs):
+        worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), worker_id)
+        for job in jobs:
+            assert worker.build(job.to_dict())["status"] == R.OK
+            record = worker.finish(job.to_dict())[0]
+            # checked against its own model's reference: ft1 given ft0's export would be wrong
+            assert record["status"] == R.OK, (job.model, record.get("error"))
+        return worker.cache_info()["exports"]
+
+    exports = run_all("t-0", jobs)
     assert (exports["made"], exports["shared"]) == (2, 4)
     assert exports["entries"] == 2 and exports["bytes"] > 0
-    assert (exports["filled"], exports["templates"]) == (1, 1)
+    assert (exports["filled"], exports["templates"], exports["filled_from_disk"]) == (1, 1, 0)
+    assert len(list((tmp_path / "templates").glob("*/*.onnx"))) == 1  # the translation, kept for the machine
+    # another worker of the machine, ft1 only: it fills the translation the first one left on disk
+    exports = run_all("t-1", [j for j in jobs if j.model == "ft1"])
+    assert (exports["made"], exports["filled"], exports["filled_from_disk"]) == (1, 1, 1)
 
 
 def test_a_worker_that_exits_leaves_no_scratch_or_export_directories_behind(tmp_path):
