@@ -141,6 +141,19 @@ def _span(results) -> tuple[float, float]:
     return min(starts), max(ends)
 
 
+def _print_timeline(results) -> None:
+    """The retune's jobs per worker in the order they ran: start (s from the first), phases."""
+    t0 = _span(results)[0]
+    print("retune jobs per worker (start s, then phase seconds):")
+    by_worker = collections.defaultdict(list)
+    for r in results:
+        by_worker[r.worker.worker_id if r.worker else "-"].append(r)
+    for worker, rs in sorted(by_worker.items()):
+        for r in sorted(rs, key=lambda r: _span([r])[0]):
+            phases = " ".join(f"{k} {v:.2f}" for k, v in r.phases.items() if v >= 0.005)
+            print(f"  {worker:>10s} {_span([r])[0] - t0:6.2f}  {r.model:4s} {r.status:11s} {r.candidate}: {phases}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=10)
@@ -148,6 +161,7 @@ def main() -> int:
     parser.add_argument("--candidates", choices=["wide", "default"], default="wide")
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="encoder")
     parser.add_argument("--order", default="full,retune")
+    parser.add_argument("--timeline", action="store_true", help="print the retune's jobs one by one, per worker")
     args = parser.parse_args()
 
     from cluster import connect
@@ -183,6 +197,8 @@ def main() -> int:
         print(f"retune timeline: the head{'s' if len(heads) > 1 else ''} ({', '.join(sorted(heads))}) took "
               f"{head_end - t0:.1f} s on fresh workers (each worker's first torch.compile and ONNX export "
               f"included), the followers {end - head_end:.1f} s after")
+    if args.timeline:
+        _print_timeline(retune.results)
     full_sel = {s.model: s for s in full.selections}
     same = tied = differ = 0
     for s in sorted(retune.selections, key=lambda s: s.model):

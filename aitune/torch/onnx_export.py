@@ -114,7 +114,7 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
     args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
     dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
     with torch.no_grad():
-        program = _export_with_registry(module, args, kwargs, dynamic_shapes, opset, templates)
+        program, form = _export_with_registry(module, args, kwargs, dynamic_shapes, opset, templates)
         if program is None:
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False, external_data=True,
                                         opset_version=opset, dynamic_shapes=dynamic_shapes)
@@ -122,8 +122,11 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         if opset is not None and wrote is not None and wrote != opset:
             # The exporter works at its own opset and converts down after; when that fails it
             # keeps its own and only logs it: a candidate asking for an opset must get that one.
-            raise BuildRefused(f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not "
-                               f"convert this model down ({converter.why()}); use opset {wrote} or leave it unset")
+            why = (f"the ONNX exporter wrote opset {wrote}, not the {opset} asked for: it could not convert this "
+                   f"model down ({converter.why()}); use opset {wrote} or leave it unset")
+            if templates is not None and form is not None:
+                templates.refuse(form, why)  # the next model of this graph is refused without translating it
+            raise BuildRefused(why)
         program.save(str(path), external_data=True)
     data_file = path.with_name(path.name + ".data")
     return OnnxExport(
@@ -159,11 +162,12 @@ def _registry(opset: int):
 
 def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | None,
                           templates: ExportTemplates | None = None):
-    """What ``torch.onnx.export(dynamo=True)`` does for a module, with the table built once;
-    None where this torch's exporter is not laid out as expected (the caller then calls it)."""
+    """What ``torch.onnx.export(dynamo=True)`` does for a module, with the table built once, and
+    the program's form (None where it has none); ``(None, None)`` where this torch's exporter is
+    not laid out as expected (the caller then calls it)."""
     parts = _exporter_core()
     if parts is None:
-        return None
+        return None, None
     core, _, shapes, default_opset, torchlib_opset = parts
     opset = default_opset if opset is None else opset
     # Below torchlib's own opset the exporter works at torchlib's and converts the model after;
@@ -171,11 +175,15 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
     table_opset = max(opset, torchlib_opset)
     converted, renamed = shapes.convert_str_to_export_dim(dynamic_shapes)
     captured = _capture(module, args, kwargs, converted) if templates is not None else None
+    form = None
     if captured is None:  # the exporter captures it, trying each of its ways
         program = core.export(module, args, kwargs, registry=_registry(table_opset), dynamic_shapes=converted,
                               verbose=False, opset_version=opset)
     else:
         form = program_form(captured, opset, repr(converted))
+        refused = templates.refused(form) if form is not None else None
+        if refused is not None:
+            raise BuildRefused(refused)
         model = templates.take(form, captured) if form is not None else None
         if model is not None:
             program = torch.onnx.ONNXProgram(model, captured)
@@ -189,7 +197,7 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
         program.optimize()  # what the exporter does last, on this model's own weights
     if renamed and dynamic_shapes is not None:
         program._rename_dynamic_axes(dynamic_shapes)
-    return program
+    return program, form
 
 
 def _capture(module, args, kwargs, dynamic_shapes):

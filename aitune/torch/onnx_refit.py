@@ -15,10 +15,12 @@ export whose capture has a form kept before fills a copy of that graph with its 
 parameters, buffers and constants (:func:`refit`) instead of translating again. A program
 whose form can't vouch for it (subgraphs or tensors held in the graph itself, non-tensor
 constants), or a template with an initializer the new program does not fill, is translated as
-before. The owner of the templates decides what shares them (an ``ExportCache``, one per
+before. A form the exporter could not convert to the opset asked for is remembered with why,
+and the next program of that form refused at once (conversion reads the graph, not the
+weights). The owner of the templates decides what shares them (an ``ExportCache``, one per
 worker); nothing here is global. Given a :class:`~aitune.torch.template_dir.TemplateDir`, the
-templates are also written to disk and read back from it, so that other processes of the
-machine, and later runs, fill them instead of translating again.
+templates (not the refusals) are also written to disk and read back from it, so that other
+processes of the machine, and later runs, fill them instead of translating again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class ExportTemplates:
         self.misses = 0
         #: of the hits, those whose template was read from ``disk`` (made by another process)
         self.disk_hits = 0
+        #: forms the exporter could not translate as asked (an opset it can't convert down to),
+        #: with why: the same graph is refused at once, in this process only
+        self._refused: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -80,6 +85,17 @@ class ExportTemplates:
         self.misses += 1
         return True
 
+    def refuse(self, form: str, why: str) -> None:
+        """Remember that ``form`` can't be exported as asked, and why."""
+        self._refused[form] = why
+        self._refused.move_to_end(form)
+        while len(self._refused) > self.limit:
+            self._refused.popitem(last=False)
+
+    def refused(self, form: str) -> str | None:
+        """Why ``form`` was refused before in this process, or None."""
+        return self._refused.get(form)
+
     def _remember(self, form: str, template) -> None:
         self._kept[form] = template
         self._kept.move_to_end(form)
@@ -88,6 +104,7 @@ class ExportTemplates:
 
     def clear(self) -> None:
         self._kept.clear()
+        self._refused.clear()
 
 
 def program_form(program: torch.export.ExportedProgram, *context: Any) -> str | None:

@@ -144,9 +144,15 @@ def test_the_export_cache_fills_fine_tunes_from_what_it_translated(tmp_path):
     assert len(exports.templates) == 0
 
 
-def test_an_export_refused_for_its_opset_is_not_kept_and_the_next_one_says_why_again(tmp_path):
+def test_an_export_refused_for_its_opset_is_not_kept_and_the_next_one_is_refused_for_the_same_reason_untranslated(
+        tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter import _core
+
     from aitune.examples import small_encoder
 
+    translations = []
+    real = _core.export
+    monkeypatch.setattr(_core, "export", lambda *a, **k: translations.append(1) or real(*a, **k))
     x = torch.randint(0, 1000, (1, 64))
     s = Sample((x,), {})
     templates = ExportTemplates()
@@ -158,3 +164,12 @@ def test_an_export_refused_for_its_opset_is_not_kept_and_the_next_one_says_why_a
         messages.append(str(err.value))
     assert len(templates) == 0 and templates.hits == 0
     assert all("did not say why" not in m for m in messages), messages
+    assert messages[0] == messages[1] and len(translations) == 1  # the second model was not translated
+    # another graph is tried on its own: a refusal is of one form, not of the opset
+    with pytest.raises(ValueError, match="not the 17 asked for"):
+        export_onnx(small_encoder(dim=32, layers=2), GraphSpec.from_sample(s), s, tmp_path / "2.onnx", 17, templates)
+    assert len(translations) == 2
+    # the opset the exporter can write is not refused for that graph
+    made = export_onnx(small_encoder(dim=32, layers=1, seed=5), GraphSpec.from_sample(s), s, tmp_path / "3.onnx", 18,
+                       templates)
+    assert made.model.exists() and len(templates) == 1
