@@ -208,12 +208,10 @@ class TuneWorker:
         cache = self._scratch / job.key[:16]
         try:
             build_sharing(backend, module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache, self._exports)
-        except UnsupportedDeviceError as exc:
-            return self._failure(job, R.UNSUPPORTED, exc)
-        except Exception as exc:
-            return self._failure(job, R.BUILD_ERROR, exc)
-        finally:
+        except Exception as exc:  # a failed build's seconds are part of its record too
             self._phases["build"] = time.perf_counter() - start
+            return self._failure(job, R.UNSUPPORTED if isinstance(exc, UnsupportedDeviceError) else R.BUILD_ERROR, exc)
+        self._phases["build"] = time.perf_counter() - start
         self._backend, self._built_key = backend, job.key
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)

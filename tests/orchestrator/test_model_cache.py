@@ -210,3 +210,21 @@ def test_a_model_load_that_evicts_one_collects_it_even_from_among_the_frozen():
     assert worker.cache_info()["models"] == ["b"] and worker.cache_info()["evictions"] == 1
     assert gone() is None  # the evicted model went at once
     assert worker._thaw_at != due  # that was a full collection, and the clock starts from it
+
+
+def test_a_failed_build_records_how_long_it_took():
+    # the plan's estimates and the job-seconds of a sweep count failed builds too
+    pytest.importorskip("onnxscript", reason="the ONNX exporter's packages (onnx, onnxscript) are not installed")
+    from orchestrator.worker import TuneWorker
+
+    spec = parse_spec({"models": [{"name": "enc", "factory": "aitune.examples:small_encoder",
+                                   "kwargs": {"dim": 32, "layers": 1},
+                                   "inputs": [{"name": "tokens", "shape": [16], "dtype": "int64", "int_range": [0, 1000]}]}],
+                       "batch_sizes": [1], "candidates": [{"backend": "OnnxRuntimeBackend", "config": {"opset": 17}}]})
+    worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
+    fingerprints = {name: fp for name, (fp, _) in identify_models(spec).items()}
+    (job,) = [j for j in expand(spec, fingerprints, {"d" * 64: {"device_type": "cpu"}}) if j.backend == "OnnxRuntimeBackend"]
+    answer = worker.build(job.to_dict())
+    # the encoder's attention can't be converted down to opset 17: refused, after trying
+    assert answer["status"] == R.BUILD_ERROR and answer["error_class"] == "BuildRefused"
+    assert answer["phases"]["build"] > 0.01
