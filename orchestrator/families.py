@@ -9,13 +9,16 @@ among those. A member none of whose top-k candidates turns out correct with its 
 rest of the candidates after all: reuse narrows the search, never leaves a model without a winner.
 
 In a sweep, :class:`FamilyGate` does this inside one scheduler run: each follower waits only
-for its own family head. :meth:`Waves.second` does it all at once (the plan command).
+for its own family head, and a worker that would idle while the head's last jobs run takes a
+follower's jobs of the head's top-k so far (:meth:`FamilyGate.speculate`). :meth:`Waves.second`
+does it all at once (the plan command).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator import records as R
 from orchestrator.plan import Decision
 from orchestrator.records import ResultRecord, SelectionRecord
 from orchestrator.scheduler import JobGate
@@ -40,6 +43,8 @@ class Waves:
     sources: dict[tuple, dict] = field(default_factory=dict)
     #: decisions not in the top-k, per follower group: the fallback
     rest: dict[tuple, list[Decision]] = field(default_factory=dict)
+    #: keys of followers' jobs let run ahead of their head's end (see FamilyGate.speculate)
+    ahead: set[str] = field(default_factory=set)
 
     @classmethod
     def split(cls, spec: SweepSpec, decisions: list[Decision]) -> "Waves":
@@ -59,8 +64,7 @@ class Waves:
         :meth:`fallback`. All of them when the head has no correct candidate."""
         held = self.held.get(fam, [])
         head = self.heads[fam]
-        ranked = sorted((r for r in results if r.model == head and r.eligible and _family_of(r, held) == fam),
-                        key=lambda r: _rank_value(r, self.spec.objective))
+        ranked = self.ranked(fam, results)
         top_keys = {_candidate_key(r) for r in ranked[:self.spec.reuse_top_k]}
         if not top_keys:  # the head has no correct candidate: nothing to narrow by
             return list(held)
@@ -73,6 +77,13 @@ class Waves:
             else:
                 self.rest.setdefault(group, []).append(d)
         return chosen
+
+    def ranked(self, fam: str, results: list[ResultRecord]) -> list[ResultRecord]:
+        """The family head's correct results among ``results``, fastest first."""
+        held = self.held.get(fam, [])
+        head = self.heads[fam]
+        return sorted((r for r in results if r.model == head and r.eligible and _family_of(r, held) == fam),
+                      key=lambda r: _rank_value(r, self.spec.objective))
 
     def second(self, results: list[ResultRecord]) -> list[Decision]:
         """Every family's followers' top-k decisions, from the heads' results."""
@@ -92,12 +103,18 @@ class Waves:
                 self.sources.pop(group, None)
         return out
 
-    def annotate(self, selections: list[SelectionRecord]) -> None:
-        """Say on each follower's selection whose decisions it reused."""
+    def annotate(self, selections: list[SelectionRecord], results: list[ResultRecord] = ()) -> None:
+        """Say on each follower's selection whose decisions it reused, and which other candidates
+        of ``results`` it ran ahead of its head's end (``ahead``: they were its top-k so far)."""
         for s in selections:
-            source = self.sources.get((s.model, s.batch_size, s.device_class_key))
+            group = (s.model, s.batch_size, s.device_class_key)
+            source = self.sources.get(group)
             if source is not None:
                 s.decisions_from = dict(source)
+                extra = sorted({r.candidate for r in results if r.key in self.ahead and r.status != R.SKIPPED
+                                and (r.model, r.batch_size, r.device_class_key) == group} - set(source["candidates"]))
+                if extra:
+                    s.decisions_from["ahead"] = extra
 
 
 def _candidate_key(record: ResultRecord) -> str:
@@ -162,9 +179,35 @@ class FamilyGate(JobGate):
         fam = self.family_of.get(job.key)
         if fam is None:
             return self.inner.admit(job)
-        if fam not in self.top or job.candidate_key not in self.top[fam]:
-            return False  # its head is still tuning, or it is not among the top-k: poll settles it
+        if fam not in self.top:  # its head is still tuning: only a job let run ahead goes
+            return job.key in self.waves.ahead and self.inner.admit(job)
+        if job.candidate_key not in self.top[fam]:
+            return False  # not among the top-k (one let run ahead that fell out of it too): poll settles it
         return self.inner.admit(job)
+
+    def speculate(self, deferred: list, classes: set[str]) -> list:
+        """For a worker of one of ``classes`` that has nothing else to do: the next follower's
+        jobs of the candidates in its head's top-k so far (its results in so far), one follower
+        at a time. The head's last results may still change the top-k: a job let run ahead that
+        is not in the final top-k is left out if it has not started, and kept as a result of
+        that follower (said on its selection) if it has."""
+        self._release_done()
+        provisional: dict[str, set[str]] = {}
+        for job in deferred:
+            fam = self.family_of.get(job.key)
+            if fam is None or fam in self.top or job.device_class_key not in classes or job.key in self.waves.ahead:
+                continue
+            if fam not in provisional:
+                provisional[fam] = {_candidate_key(r) for r in self.waves.ranked(fam, self.results)[:self.waves.spec.reuse_top_k]}
+            if job.candidate_key not in provisional[fam]:
+                continue
+            group = (job.model, job.batch_size, job.device_class_key)
+            chosen = [j for j in deferred if (j.model, j.batch_size, j.device_class_key) == group
+                      and self.family_of.get(j.key) == fam and j.candidate_key in provisional[fam]
+                      and j.key not in self.waves.ahead]
+            self.waves.ahead.update(j.key for j in chosen)
+            return chosen
+        return []
 
     def poll(self, deferred: list) -> tuple[list[ResultRecord], list]:
         from orchestrator import records as R

@@ -206,7 +206,10 @@ def _reason(s: SelectionRecord, reuse: bool = True) -> str:
 def _reused(s: SelectionRecord) -> str:
     """Where a follower's decisions came from (``s.decisions_from`` is set)."""
     source = s.decisions_from or {}
-    return f"decisions reused from {source.get('model')} (tried its top {', '.join(source.get('candidates', []))})"
+    said = f"decisions reused from {source.get('model')} (tried its top {', '.join(source.get('candidates', []))}"
+    if source.get("ahead"):  # run while the head was finishing, when they were among its top so far
+        said += f"; also {', '.join(source['ahead'])}, run ahead of the head's end"
+    return said + ")"
 
 
 def _markdown_diff(diff: dict | None) -> str:

@@ -136,6 +136,11 @@ class JobGate:
         """(results now available for deferred jobs, deferred jobs this driver should now run)."""
         return [], list(deferred)
 
+    def speculate(self, deferred: list[Job], classes: set[str]) -> list[Job]:
+        """Deferred jobs that a worker of one of ``classes`` with nothing else to do may run
+        now, ahead of what they wait for (they are then admitted); none by default."""
+        return []
+
 
 #: commits a finished result (with its packed checkpoint, outputs and reference) before the next wait;
 #: returns the record as stored
@@ -184,6 +189,7 @@ class Scheduler:
         self._tasks: dict[Any, Task] = {}
         self._starting: dict[Any, WorkerHandle] = {}
         self._waiting = collections.ChainMap(self._tasks, self._starting)  # a live view, never copied
+        self._ahead: set[str] = set()  # keys of deferred jobs queued to run ahead (see JobGate.speculate)
         self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
         self._open: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # busy, room for the next job
         self._live: collections.Counter[str] = collections.Counter()  # started workers per device class
@@ -332,6 +338,7 @@ class Scheduler:
             else:
                 self._queues[job.device_class_key].append(job)
         self._want_reference, self._payload = want_reference, payload
+        self._ahead = set()
         results: list[ResultRecord] = []
         self._ends_at = clock.now() + self.limits.total_s if self.limits.total_s is not None else None
         last_poll, polled_at = float("-inf"), 0
@@ -368,6 +375,18 @@ class Scheduler:
                 for job in runnable:
                     self._queues[job.device_class_key].append(job, front=True)
                 if runnable:
+                    continue
+            if deferred and not out_of_time and not self._ahead:
+                # A worker with nothing to do may run deferred jobs ahead (a follower's, on its
+                # head's top-k so far), one batch at a time: the next once it has been taken.
+                classes = {dc for dc, idle in self._idle.items() if idle}
+                ahead = gate.speculate(deferred, classes) if classes else []
+                if ahead:
+                    keys = {j.key for j in ahead}
+                    deferred[:] = [j for j in deferred if j.key not in keys]
+                    for job in ahead:
+                        self._queues[job.device_class_key].append(job)
+                    self._ahead = keys
                     continue
             self._settle_deaths()
             if not self._tasks and not self._queued() and not deferred and not self._deaths:
@@ -421,6 +440,7 @@ class Scheduler:
                             share=False if ahead else (lambda chain: self._all_building(chain, w.info.device_class_key)))
         if job is None:
             return False
+        self._ahead.discard(job.key)
         if ahead and job.key in self._alone:
             queue.append(job, front=True)  # it runs alone: only an idle worker may take it
             return False

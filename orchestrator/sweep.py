@@ -214,7 +214,7 @@ def run_sweep(
                 tune_s = time.monotonic() - start
             selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(workers, store, spec),
                                         previous=None if force else _previous_selection(store, spec, sweep_id))
-            waves.annotate(selections)
+            waves.annotate(selections, results)
             for s in selections:
                 store.put_selection(sweep_id, s)
             scheduler.shutdown()

@@ -41,9 +41,13 @@ def test_the_first_fine_tune_is_tuned_fully_and_the_others_on_its_top_k(family_s
         by_model.setdefault(r.model, []).append(r)
     assert len(by_model["ft0"]) == len(CANDIDATES)
     head_top = [r.candidate for r in sorted((r for r in by_model["ft0"] if r.eligible), key=lambda r: r.median_ms)][:2]
+    selections = {s.model: s for s in outcome.selections}
     for follower in ("ft1", "ft2"):
         tried = by_model[follower]
-        assert sorted(r.candidate for r in tried) == sorted(head_top)
+        # and what a worker ran ahead of the head's end, when it was among the head's top so far
+        ahead = selections[follower].decisions_from.get("ahead", [])
+        assert sorted(r.candidate for r in tried) == sorted(head_top + ahead)
+        assert len(ahead) < len(CANDIDATES) - 2
         # built with its own weights and judged against its own reference
         assert all(r.how == R.BUILT and r.status == R.OK for r in tried)
         assert {r.model_fingerprint for r in tried}.isdisjoint({r.model_fingerprint for r in by_model["ft0"]})
@@ -57,10 +61,13 @@ def test_the_report_says_which_decisions_were_reused_and_from_where(family_sweep
     for follower in ("ft1", "ft2"):
         source = selections[follower].decisions_from
         assert source["model"] == "ft0" and len(source["candidates"]) == 2
-        assert selections[follower].winner in source["candidates"]
+        assert selections[follower].winner in source["candidates"] + source.get("ahead", [])
     for follower in ("ft1", "ft2"):  # one unwrapped line each, whatever the width of the reasons
-        tried = ", ".join(selections[follower].decisions_from["candidates"])
-        assert f"{follower} (batch 2): decisions reused from ft0 (tried its top {tried})" in printed
+        source = selections[follower].decisions_from
+        said = f"{follower} (batch 2): decisions reused from ft0 (tried its top {', '.join(source['candidates'])}"
+        if source.get("ahead"):
+            said += f"; also {', '.join(source['ahead'])}, run ahead of the head's end"
+        assert said + ")" in printed
     assert "decisions reused from ft0" in outcome.reports["report.md"].read_text()
     stored = json.loads(outcome.reports["report.json"].read_text())["selections"]
     assert {s["model"]: (s["decisions_from"] or {}).get("model") for s in stored} == {"ft0": None, "ft1": "ft0", "ft2": "ft0"}

@@ -56,3 +56,44 @@ def test_a_follower_none_of_whose_top_k_is_correct_runs_the_rest():
     rest = waves.fallback([result(chosen, None, R.INCORRECT)])
     assert len(rest) == len(CANDS) - 1 and all(d.job.model == "m1" for d in rest)
     assert ("m1", 1, "d" * 64) not in waves.sources  # its winner no longer comes from the head's decisions
+
+
+def test_a_worker_with_nothing_to_do_runs_a_follower_on_the_heads_top_k_so_far_and_the_final_top_k_decides():
+    from orchestrator.families import NARROWED, FamilyGate
+    from orchestrator.scheduler import JobGate
+    from orchestrator.store.memory import MemoryStore
+
+    spec, ds = decisions(k=1)
+    waves = Waves.split(spec, ds)
+    store = MemoryStore()
+    sweep = store.begin_sweep("s", {})
+    to_run = [d.job for d in waves.first + waves.followers()]
+    gate = FamilyGate(JobGate(), waves, store, sweep, to_run, [])
+    head = sorted((d for d in waves.first if d.job.model == "m0"), key=lambda d: d.job.candidate)
+    deferred = [j for j in to_run if gate.holds(j)]
+    assert {j.model for j in deferred} == {"m1"} and len(deferred) == len(CANDS)
+    dc = deferred[0].device_class_key
+    assert gate.speculate(deferred, {dc}) == []  # no head result yet: nothing to go by
+
+    store.add_result(sweep, result(head[0], 3.0))
+    store.add_result(sweep, result(head[2], 2.0))
+    assert gate.speculate(deferred, {"another device class"}) == []
+    (early,) = gate.speculate(deferred, {dc})  # the top-1 so far: head[2]
+    assert early.model == "m1" and early.candidate == head[2].job.candidate
+    assert gate.admit(early) and not any(gate.admit(j) for j in deferred if j is not early)
+    deferred.remove(early)
+    assert gate.speculate(deferred, {dc}) == []  # nothing else in the top-1 so far
+
+    store.add_result(sweep, result(head[1], 1.0))  # the head's last result: the final top-1 is head[1]
+    done, runnable = gate.poll(deferred)
+    assert [j.candidate for j in runnable] == [head[1].job.candidate]
+    assert [r.error_class for r in done] == [NARROWED]
+    assert not gate.admit(early)  # not started yet: left out now (poll settles it)
+
+    # one that had started is a result of its follower like any other, and its selection says so
+    ran = result(Decision(early, BUILD), 1.5)
+    selection = R.SelectionRecord(model="m1", batch_size=1, device_class_key=dc, winner_key=early.key,
+                                  winner=early.candidate, reason="fastest")
+    waves.annotate([selection], [ran])
+    assert selection.decisions_from == {"model": "m0", "candidates": [head[1].job.candidate],
+                                        "ahead": [early.candidate]}

@@ -413,3 +413,48 @@ def test_the_last_job_of_a_toolchain_waits_for_its_worker_unless_that_worker_is_
     results = _two_workers(pool, chains).run(_jobs(("Ort", "quick", 2)))
     assert all(r.status == R.OK for r in results)
     assert {w for what, w, method, _ in pool.log if what == "call" and method == "build"} == {"cpu0-0"}
+
+
+class HeldUntil(JobGate):
+    """Holds model ``f``'s jobs until ``late-finish`` has a result; ``ahead``: offers them, all at
+    once, to a worker with nothing to do before that."""
+
+    def __init__(self, ahead: bool) -> None:
+        self.ahead, self.offered, self.done = ahead, set(), False
+
+    def holds(self, j):
+        return j.model == "f"
+
+    def admit(self, j):
+        return j.model != "f" or self.done or j.key in self.offered
+
+    def poll(self, deferred):
+        return [], (list(deferred) if self.done else [])
+
+    def speculate(self, deferred, classes):
+        if not self.ahead or DC not in classes:
+            return []
+        chosen = [j for j in deferred if j.key not in self.offered]
+        self.offered.update(j.key for j in chosen)
+        return chosen
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_worker_with_nothing_to_do_runs_held_jobs_ahead_only_when_the_gate_offers_them(ahead):
+    pool = ScriptedPool()
+    order: list[str] = []
+    gate = HeldUntil(ahead)
+
+    def commit(record, *rest):
+        order.append(record.candidate)
+        gate.done = gate.done or record.candidate == "late-finish"
+        return record
+
+    sched = Scheduler([Slot(i, "cpu", 1, 0, 1, f"cpu{i}") for i in range(2)], {}, Limits(5, 5), on_result=commit, pool=pool)
+    sched.start_workers()
+    results = sched.run([job("late-finish"), job("ok-f1", "f"), job("ok-f2", "f")], gate=gate)
+    assert sorted(r.candidate for r in results) == ["late-finish", "ok-f1", "ok-f2"]
+    assert all(r.status == R.OK for r in results) and len(gate.offered) == (2 if ahead else 0)
+    # the other worker idles 0.5 s while late-finish measures: with the offer it runs f meanwhile
+    first_f = min(order.index("ok-f1"), order.index("ok-f2"))
+    assert (first_f < order.index("late-finish")) is ahead
