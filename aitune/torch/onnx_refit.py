@@ -19,8 +19,8 @@ before. A form the exporter could not convert to the opset asked for is remember
 and the next program of that form refused at once (conversion reads the graph, not the
 weights). The owner of the templates decides what shares them (an ``ExportCache``, one per
 worker); nothing here is global. Given a :class:`~aitune.torch.template_dir.TemplateDir`, the
-templates (not the refusals) are also written to disk and read back from it, so that other
-processes of the machine, and later runs, fill them instead of translating again.
+templates and the refusals are also written to disk and read back from it, so that other
+processes of the machine, and later runs, fill them instead of translating again (or refuse at once).
 """
 
 from __future__ import annotations
@@ -86,15 +86,25 @@ class ExportTemplates:
         return True
 
     def refuse(self, form: str, why: str) -> None:
-        """Remember that ``form`` can't be exported as asked, and why."""
+        """Remember that ``form`` can't be exported as asked, and why (on ``disk`` too)."""
+        self._remember_refusal(form, why)
+        if self.disk is not None:
+            self.disk.refuse(form, why)
+
+    def refused(self, form: str) -> str | None:
+        """Why ``form`` was refused before, in this process or by one that left it on ``disk``; or None."""
+        why = self._refused.get(form)
+        if why is None and self.disk is not None:
+            why = self.disk.refusal(form)
+            if why is not None:
+                self._remember_refusal(form, why)
+        return why
+
+    def _remember_refusal(self, form: str, why: str) -> None:
         self._refused[form] = why
         self._refused.move_to_end(form)
         while len(self._refused) > self.limit:
             self._refused.popitem(last=False)
-
-    def refused(self, form: str) -> str | None:
-        """Why ``form`` was refused before in this process, or None."""
-        return self._refused.get(form)
 
     def _remember(self, form: str, template) -> None:
         self._kept[form] = template

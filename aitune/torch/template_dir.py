@@ -16,10 +16,16 @@ at most ``limit_bytes`` of files, least recently used first out. Deleting it at 
 
 Nothing read back is trusted: a file is used only if it parses, names the form and toolchain it
 is filed under, holds no weights and no reference to data outside itself, defines every value
-its graph uses, and leaves exactly the initializers the new program fills; anything else is deleted (with one warning line) and the
-program translated again. What a template can't vouch for is its arithmetic: every candidate
-built from it is still checked against its own model's eager outputs, so a template that went
-wrong shows as a failed check, never as a wrong winner (delete the folder to clear it).
+its graph uses, and leaves exactly the initializers the new program fills; anything else is
+deleted (with one warning line) and the program translated again. What a template can't vouch
+for is its arithmetic: every candidate built from it is still checked against its own model's
+eager outputs, so a template that went wrong shows as a failed check, never as a wrong winner
+(delete the folder to clear it).
+
+A form the exporter could not make as asked (an opset it can't convert this graph down to) is
+kept too, as its reason (``<form>.refused.json``), and later exports of that form in any process
+are refused with it at once, the message naming the file to delete to try again.
+
 Writes go to a temporary file renamed into place, so a reader never sees half a file; a folder
 that can't be written to costs only the speed-up, never a build.
 """
@@ -27,6 +33,8 @@ that can't be written to costs only the speed-up, never a build.
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import logging
 import os
 import tempfile
@@ -41,6 +49,8 @@ ENV = "AITUNE_ONNX_TEMPLATES"
 OFF = frozenset({"off", "0", "false", "no", "none"})
 MiB = 2**20
 DEFAULT_LIMIT_BYTES = 512 * MiB
+#: a form the exporter could not make as asked: a small JSON file beside the templates
+REFUSED, MAX_REFUSAL_BYTES = ".refused.json", 16384
 #: what a template file is, in the keys of its metadata
 FORMAT, FORM_KEY, TAG_KEY, WEIGHTS_KEY = "1", "aitune.template.form", "aitune.template.toolchain", "aitune.template.weights"
 
@@ -83,8 +93,32 @@ class TemplateDir:
         root = default_root(environ)
         return cls(root) if root is not None else None
 
-    def path(self, form: str) -> Path:
-        return self.root / toolchain_tag() / f"{form}.onnx"
+    def path(self, form: str, suffix: str = ".onnx") -> Path:
+        return self.root / toolchain_tag() / f"{form}{suffix}"
+
+    def refusal(self, form: str) -> str | None:
+        """Why the exporter could not make ``form`` as asked, as a process of this toolchain found
+        before, or None. Read back like a template: one that does not say it is of this form and
+        toolchain is deleted and not believed."""
+        path = self.path(form, REFUSED)
+        try:
+            if path.stat().st_size > MAX_REFUSAL_BYTES:
+                return self._reject(path, "too long for a refusal")
+            said = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return self._reject(path, f"it does not parse ({type(e).__name__})")
+        if not (isinstance(said, dict) and said.get("form") == form and said.get("toolchain") == toolchain_tag()
+                and isinstance(said.get("why"), str) and said["why"]):
+            return self._reject(path, "it does not name this form, this toolchain and a reason")
+        return f"{said['why']} (found by an earlier export of this graph, kept in {path}: delete it to try again)"
+
+    def refuse(self, form: str, why: str) -> bool:
+        """Keep why ``form`` can't be made as asked; False where it could not be written."""
+        return self._write(self.path(form, REFUSED),
+                           lambda tmp: Path(tmp).write_text(json.dumps({"form": form, "toolchain": toolchain_tag(),
+                                                                         "why": why[:MAX_REFUSAL_BYTES // 2]})))
 
     def load(self, form: str):
         """The template kept for ``form`` (an ``onnx_ir`` model, initializers without values), or None."""
@@ -136,12 +170,21 @@ class TemplateDir:
             value.const_value = None
             graph.inputs.append(value)
         model.metadata_props.update({FORM_KEY: form, TAG_KEY: toolchain_tag(), WEIGHTS_KEY: "\n".join(names)})
+        if not self._write(path, lambda tmp: ir.save(model, tmp)):
+            return False
+        self.saves += 1
+        return True
+
+    def _write(self, path: Path, write) -> bool:
+        """``write(tmp)`` then rename ``tmp`` to ``path``: a reader sees all of it or none."""
+        if self._unwritable:
+            return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{form[:16]}-", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}-", suffix=".tmp")
             os.close(fd)
             try:
-                ir.save(model, tmp)
+                write(tmp)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -150,7 +193,6 @@ class TemplateDir:
             self._unwritable = True  # said once, then the process goes on without the folder
             log.warning("ONNX templates can't be kept in %s (%s); exports go on without it", self.root, e)
             return False
-        self.saves += 1
         self._prune(keep=path)
         return True
 
@@ -166,7 +208,7 @@ class TemplateDir:
 
     def _prune(self, keep: Path) -> None:
         files = []
-        for p in self.root.glob("*/*.onnx"):
+        for p in itertools.chain(self.root.glob("*/*.onnx"), self.root.glob(f"*/*{REFUSED}")):
             try:
                 st = p.stat()
             except OSError:

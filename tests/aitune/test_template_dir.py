@@ -224,3 +224,54 @@ def test_where_the_folder_is_and_how_to_turn_it_off(tmp_path):
     assert default_root({}) == Path.home() / ".cache" / "aitune" / "onnx-templates"
     # the test session keeps its own folder, not the user's
     assert Path(os.environ[ENV]).name.startswith("aitune-test-templates-")
+
+
+def _encoder_at_opset_17(seed, path, templates):
+    from aitune.examples import small_encoder
+
+    s = Sample((torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0)),), {})
+    return export_onnx(small_encoder(dim=32, layers=1, seed=seed), GraphSpec.from_sample(s), s, path, 17, templates)
+
+
+def test_a_graph_the_exporter_could_not_make_as_asked_is_refused_at_once_by_the_next_process(tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter import _core
+
+    from aitune.build_refusal import BuildRefused
+
+    translations = []
+    real = _core.export
+    monkeypatch.setattr(_core, "export", lambda *a, **k: translations.append(1) or real(*a, **k))
+    root = tmp_path / "templates"
+    with pytest.raises(BuildRefused, match="not the 17 asked for") as first:
+        _encoder_at_opset_17(0, tmp_path / "a.onnx", ExportTemplates(disk=TemplateDir(root)))
+    (kept,) = root.glob("*/*.refused.json")
+    assert len(translations) == 1
+
+    # a fresh process (fresh templates, the same folder), another fine-tune of that graph
+    with pytest.raises(BuildRefused) as again:
+        _encoder_at_opset_17(1, tmp_path / "b.onnx", ExportTemplates(disk=TemplateDir(root)))
+    assert len(translations) == 1  # refused without translating
+    assert str(again.value).startswith(str(first.value)) and str(kept) in str(again.value)
+    assert "delete it to try again" in str(again.value)
+
+    kept.unlink()  # as the message says: tried again
+    with pytest.raises(BuildRefused):
+        _encoder_at_opset_17(2, tmp_path / "c.onnx", ExportTemplates(disk=TemplateDir(root)))
+    assert len(translations) == 2
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"form": "0", "toolchain": "x", "why": "made up"}', '["a list"]'])
+def test_a_damaged_or_edited_refusal_is_not_believed(tmp_path, text, caplog):
+    from aitune.build_refusal import BuildRefused
+
+    root = tmp_path / "templates"
+    with pytest.raises(BuildRefused):
+        _encoder_at_opset_17(0, tmp_path / "a.onnx", ExportTemplates(disk=TemplateDir(root)))
+    (kept,) = root.glob("*/*.refused.json")
+    kept.write_text(text)
+    disk = TemplateDir(root)
+    with caplog.at_level(logging.WARNING, logger="aitune.torch.template_dir"):
+        with pytest.raises(BuildRefused) as err:  # tried again, and refused for its own reason
+            _encoder_at_opset_17(1, tmp_path / "b.onnx", ExportTemplates(disk=disk))
+    assert disk.rejected == 1 and "made up" not in str(err.value) and "earlier export" not in str(err.value)
+    assert kept.exists() and "made up" not in kept.read_text()  # written again by this export
