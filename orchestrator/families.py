@@ -210,8 +210,6 @@ class FamilyGate(JobGate):
         return []
 
     def poll(self, deferred: list) -> tuple[list[ResultRecord], list]:
-        from orchestrator import records as R
-
         self._release_done()
         mine = [j for j in deferred if j.key in self.family_of]
         others = [j for j in deferred if j.key not in self.family_of]

@@ -380,11 +380,11 @@ class Scheduler:
                 # A worker with nothing to do may run deferred jobs ahead (a follower's, on its
                 # head's top-k so far), one batch at a time: the next once it has been taken.
                 classes = {dc for dc, idle in self._idle.items() if idle}
-                ahead = gate.speculate(deferred, classes) if classes else []
-                if ahead:
-                    keys = {j.key for j in ahead}
+                early = gate.speculate(deferred, classes) if classes else []
+                if early:
+                    keys = {j.key for j in early}
                     deferred[:] = [j for j in deferred if j.key not in keys]
-                    for job in ahead:
+                    for job in early:
                         self._queues[job.device_class_key].append(job)
                     self._ahead = keys
                     continue
