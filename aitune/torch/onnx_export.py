@@ -190,8 +190,8 @@ def _export_with_registry(module, args, kwargs, dynamic_shapes, opset: int | Non
         else:
             program = core.export(captured, registry=_registry(table_opset), verbose=False, opset_version=opset,
                                   optimize=False)
-            # one the exporter could not convert to the opset asked for is refused by the
-            # caller: not kept, so that the next export of that form fails with its own reason
+            # one the exporter could not convert to the opset asked for is not kept: the
+            # caller refuses it and remembers why, for the next export of that form
             if form is not None and _default_opset(program) == opset:
                 templates.keep(form, program.model, captured)
         program.optimize()  # what the exporter does last, on this model's own weights

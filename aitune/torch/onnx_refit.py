@@ -50,7 +50,7 @@ class ExportTemplates:
         #: of the hits, those whose template was read from ``disk`` (made by another process)
         self.disk_hits = 0
         #: forms the exporter could not translate as asked (an opset it can't convert down to),
-        #: with why: the same graph is refused at once, in this process only
+        #: with why: the same graph is refused at once (by other processes too, through ``disk``)
         self._refused: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
