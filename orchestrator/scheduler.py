@@ -150,8 +150,10 @@ Payload = Callable[[Job], tuple[bytes, dict[str, Any]]]
 
 
 class Scheduler:
-    #: a build running this long makes its toolchain worth starting on another worker (see ModelQueues)
-    LONG_BUILD_S = 5.0
+    #: a build running this long makes its toolchain worth starting on another worker (see
+    #: ModelQueues): a fresh process's first compile or export costs 3 to 6 s on a small CPU
+    #: machine, so only a build several times that long (a TensorRT engine's minutes) is worth it
+    LONG_BUILD_S = 20.0
 
     def __init__(
         self,
