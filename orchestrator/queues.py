@@ -12,9 +12,11 @@ takes, in this order:
 Within that model, given ``toolchain`` (what a job's backend starts in a worker process on its
 first build: ``torch.compile``'s compiler, the ONNX exporter, seconds each), it takes a job of a
 toolchain it has started, else of one no live worker has started, else of one other workers
-started only while more than twice as many of its jobs wait (in all models) as workers that
-started it, or while each of those has been in one build for a while (it may take
-minutes: a start of seconds is then worth it), and never for a job sent ahead to it while it is busy; else it
+started only where the scheduler judges it worth a start (see ``Scheduler``: those workers are
+all in one long build, or the toolchain's jobs waiting would take its workers longer than a
+start costs), or, before it has seen what the start and the jobs cost, while more than twice
+as many of its jobs wait (in all models) as workers that started it; and never for a job sent
+ahead to it while it is busy; else it
 tries the other models the same way, and else it waits. Each toolchain's start is paid by one
 worker while the others go on with the rest, and the last job of a toolchain is not taken, at
 the cost of that start, by a worker that frees a moment before the one that has it started.
@@ -133,13 +135,26 @@ class ModelQueues:
                 return min(choice, key=first.__getitem__)
         return _WAIT
 
-    def _shares(self, chain: str, share: bool | Callable[[str], bool]) -> bool:
-        """Whether a worker takes a job of ``chain``, which other live workers started: when more
-        than twice as many of its jobs wait as workers that started it (fewer, and those are
-        likely done with them before this one has started it), or ``share`` says so."""
+    def _shares(self, chain: str, share: bool | Callable[[str], bool | None]) -> bool:
+        """Whether a worker takes a job of ``chain``, which other live workers started: as
+        ``share(chain)`` says where it has a view (the scheduler's, from what it has seen the
+        toolchain's start and its jobs cost), else when more than twice as many of its jobs wait
+        as workers that started it (fewer, and those are likely done with them before this one
+        has started it)."""
         if share is False:
             return False
-        return self._waiting[chain] > 2 * self._started[chain] or (callable(share) and bool(share(chain)))
+        verdict = share(chain) if callable(share) else None
+        if verdict is not None:
+            return bool(verdict)
+        return self._waiting[chain] > 2 * self._started[chain]
+
+    def waiting(self, chain: str | None) -> int:
+        """How many jobs of ``chain`` wait."""
+        return self._waiting[chain]
+
+    def starters(self, chain: str) -> int:
+        """How many live workers of this class started ``chain``."""
+        return self._started[chain]
 
     def started(self, toolchain: str) -> None:
         """A live worker of this class has started ``toolchain`` (it was sent a job of it)."""

@@ -32,6 +32,7 @@ import collections
 import heapq
 import itertools
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -192,6 +193,11 @@ class Scheduler:
         self._starting: dict[Any, WorkerHandle] = {}
         self._waiting = collections.ChainMap(self._tasks, self._starting)  # a live view, never copied
         self._ahead: set[str] = set()  # keys of deferred jobs queued to run ahead (see JobGate.speculate)
+        # what starting a toolchain costs (a worker's first build of it) and what a job costs,
+        # as seen so far: whether an idle worker should start a toolchain others started
+        self._firsts: dict[str, str] = {}  # key of a worker's first job of a toolchain -> the toolchain
+        self._start_s: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
+        self._job_s: collections.deque = collections.deque(maxlen=256)
         self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
         self._open: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # busy, room for the next job
         self._live: collections.Counter[str] = collections.Counter()  # started workers per device class
@@ -349,6 +355,7 @@ class Scheduler:
                  reference: bytes | None = None) -> None:
             stored = self.on_result(record, checkpoint, outputs, reference)  # committed before the next wait
             results.append(stored if stored is not None else record)
+            self._observe(record)
             self.events.result(results[-1])
 
         self._emit = emit
@@ -439,7 +446,7 @@ class Scheduler:
         """Send ``w`` its next job from ``queue``; False when nothing was taken: no job is right for
         ``w`` now, or the job must wait for an idle worker."""
         job = queue.pop_for(w.models, w.last_model, w.toolchains,
-                            share=False if ahead else (lambda chain: self._all_building(chain, w.info.device_class_key)))
+                            share=False if ahead else (lambda chain: self._worth_starting(chain, w.info.device_class_key, queue)))
         if job is None:
             return False
         self._ahead.discard(job.key)
@@ -463,8 +470,30 @@ class Scheduler:
         if chain is not None and chain not in w.toolchains:  # and starts this toolchain
             w.toolchains.add(chain)
             queue.started(chain)
+            self._firsts[job.key] = chain  # its build seconds: what a start of the toolchain costs
         w.last_model = job.model
         return True
+
+    def _worth_starting(self, chain: str, device_class_key: str, queue: ModelQueues) -> bool | None:
+        """Whether an idle worker should start ``chain``, which others started: yes while all of
+        those are in a long build; else, once a start and a job have been seen, whether the
+        chain's jobs waiting would take its workers longer than a start costs (a worker's first
+        build of it); None before that (the queue's own rule then)."""
+        if self._all_building(chain, device_class_key):
+            return True
+        starts, jobs = self._start_s.get(chain), self._job_s
+        if not starts or not jobs:
+            return None
+        return queue.waiting(chain) * statistics.median(jobs) > queue.starters(chain) * statistics.median(starts)
+
+    def _observe(self, record: ResultRecord) -> None:
+        """Learn what a toolchain's start and a job cost from a result's phase seconds."""
+        chain = self._firsts.pop(record.key, None)
+        build = record.phases.get("build")
+        if chain is not None and build is not None:
+            self._start_s[chain].append(build)
+        elif record.status == R.OK and build is not None:
+            self._job_s.append(build + record.phases.get("check+measure", 0.0))
 
     def _all_building(self, chain: str, device_class_key: str) -> bool:
         """Whether every live worker of that class that started ``chain`` has been running one

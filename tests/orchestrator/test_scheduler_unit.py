@@ -458,3 +458,39 @@ def test_a_worker_with_nothing_to_do_runs_held_jobs_ahead_only_when_the_gate_off
     # the other worker idles 0.5 s while late-finish measures: with the offer it runs f meanwhile
     first_f = min(order.index("ok-f1"), order.index("ok-f2"))
     assert (first_f < order.index("late-finish")) is ahead
+
+
+class CostedPool(ScriptedPool):
+    """Results say what the work cost: a ``cold`` candidate's build ``start_s`` (a toolchain's
+    start), any other 0.01 s; ``ok-q`` jobs take 0.3 s of wall time to finish."""
+
+    def __init__(self, start_s: float) -> None:
+        super().__init__()
+        self.start_s, self.builds = start_s, []
+
+    def call(self, handle, method, *args):
+        ref = super().call(handle, method, *args)
+        job = Job.from_dict(args[0])
+        if method == "build" and job.backend == "Ort":
+            self.builds.append(handle)
+        if method == "finish":
+            record, *rest = self.values[ref]
+            record["phases"] = {"build": self.start_s if "cold" in job.candidate else 0.01, "check+measure": 0.01}
+            self.values[ref] = (record, *rest)
+            if job.candidate.startswith("ok-q"):
+                self.ready_at[ref] = time.monotonic() + 0.3
+        return ref
+
+
+@pytest.mark.parametrize("start_s", [5.0, 0.001])
+def test_an_idle_worker_starts_a_toolchain_others_started_only_when_the_jobs_waiting_outweigh_its_start(start_s):
+    pool = CostedPool(start_s)
+    sched = started(pool, 2, toolchain=lambda j: {"Ort": "onnx", "Eager": None}[j.backend])
+    eager = Job(key="k-eager", model="m", batch_size=1, backend="Eager", config={}, candidate="late-finish",
+                device_class_key=DC, model_fingerprint="f")
+    results = sched.run([eager] + _jobs(("Ort", "cold", 1), ("Ort", "q", 6)))
+    assert len(results) == 8 and all(r.status == R.OK for r in results)
+    # one worker starts the exporter while the other measures eager; when that one frees, 3 or
+    # so of the exporter's quick jobs wait: worth a start of 0.001 s, not of 5 s (more than
+    # twice as many jobs as workers that started it: the count alone would have said start it)
+    assert len(set(pool.builds)) == (1 if start_s > 1 else 2)
