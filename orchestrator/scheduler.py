@@ -476,15 +476,19 @@ class Scheduler:
 
     def _worth_starting(self, chain: str, device_class_key: str, queue: ModelQueues) -> bool | None:
         """Whether an idle worker should start ``chain``, which others started: yes while all of
-        those are in a long build; else, once a start and a job have been seen, whether the
-        chain's jobs waiting would take its workers longer than a start costs (a worker's first
-        build of it); None before that (the queue's own rule then)."""
+        those are in a long build; else, once a job and a start have been seen (a worker's first
+        build of it, finished or running so far), whether the chain's jobs waiting would take its
+        workers longer than a start costs; None before that (the queue's own rule then)."""
         if self._all_building(chain, device_class_key):
             return True
-        starts, jobs = self._start_s.get(chain), self._job_s
-        if not starts or not jobs:
+        now = self.clock.now()
+        # a first build still running has cost at least this long already
+        starts = list(self._start_s.get(chain, ())) + [
+            now - w.running.started for w in self.workers.values()
+            if w.running is not None and w.running.phase == "build" and self._firsts.get(w.running.job.key) == chain]
+        if not starts or not self._job_s:
             return None
-        return queue.waiting(chain) * statistics.median(jobs) > queue.starters(chain) * statistics.median(starts)
+        return queue.waiting(chain) * statistics.median(self._job_s) > queue.starters(chain) * statistics.median(starts)
 
     def _observe(self, record: ResultRecord) -> None:
         """Learn what a toolchain's start and a job cost from a result's phase seconds."""
