@@ -196,6 +196,7 @@ class Scheduler:
         # what starting a toolchain costs (a worker's first build of it) and what a job costs,
         # as seen so far: whether an idle worker should start a toolchain others started
         self._firsts: dict[str, str] = {}  # key of a worker's first job of a toolchain -> the toolchain
+        self._starts_seen: set[str] = set()  # of those, the ones whose build was counted
         self._start_s: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._job_s: collections.deque = collections.deque(maxlen=256)
         self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
@@ -490,13 +491,22 @@ class Scheduler:
             return None
         return queue.waiting(chain) * statistics.median(self._job_s) > queue.starters(chain) * statistics.median(starts)
 
+    def _observe_start(self, record: ResultRecord) -> None:
+        """Learn what a toolchain's start costs from a worker's first build of it, as soon as
+        that build is done (its finish may take a while yet)."""
+        chain = self._firsts.get(record.key)
+        build = record.phases.get("build")
+        if chain is not None and build is not None and record.key not in self._starts_seen:
+            self._start_s[chain].append(build)
+            self._starts_seen.add(record.key)
+
     def _observe(self, record: ResultRecord) -> None:
         """Learn what a toolchain's start and a job cost from a result's phase seconds."""
-        chain = self._firsts.pop(record.key, None)
+        self._observe_start(record)  # a failed build has only this record
+        first = self._firsts.pop(record.key, None) is not None
+        self._starts_seen.discard(record.key)
         build = record.phases.get("build")
-        if chain is not None and build is not None:
-            self._start_s[chain].append(build)
-        elif record.status == R.OK and build is not None:
+        if not first and record.status == R.OK and build is not None:
             self._job_s.append(build + record.phases.get("check+measure", 0.0))
 
     def _all_building(self, chain: str, device_class_key: str) -> bool:
@@ -576,6 +586,7 @@ class Scheduler:
         if task.phase == "build":
             record = ResultRecord.from_dict(value)
             if record.status == R.OK:
+                self._observe_start(record)  # what its toolchain's start cost, known now
                 if not self._has_finish(w, task):
                     w.queued.appendleft(self._finish(w, task.job))  # it runs alone: send its finish now
                 w.queued[0].phases = dict(record.phases)  # its finish: running now

@@ -471,11 +471,13 @@ class CostedPool(ScriptedPool):
     def call(self, handle, method, *args):
         ref = super().call(handle, method, *args)
         job = Job.from_dict(args[0])
-        if method == "build" and job.backend == "Ort":
-            self.builds.append(handle)
+        build = self.start_s if "cold" in job.candidate else 0.01
+        if method == "build":
+            self.builds += [handle] if job.backend == "Ort" else []
+            self.values[ref]["phases"] = {"build": build}
         if method == "finish":
             record, *rest = self.values[ref]
-            record["phases"] = {"build": self.start_s if "cold" in job.candidate else 0.01, "check+measure": 0.01}
+            record["phases"] = {"build": build, "check+measure": 0.01}
             self.values[ref] = (record, *rest)
             if job.candidate.startswith("ok-q"):
                 self.ready_at[ref] = time.monotonic() + 0.3
