@@ -195,8 +195,8 @@ class Scheduler:
         self._ahead: set[str] = set()  # keys of deferred jobs queued to run ahead (see JobGate.speculate)
         # what starting a toolchain costs (a worker's first build of it) and what a job costs,
         # as seen so far: whether an idle worker should start a toolchain others started
-        self._firsts: dict[str, str] = {}  # key of a worker's first job of a toolchain -> the toolchain
-        self._starts_seen: set[str] = set()  # of those, the ones whose build was counted
+        #: key of a worker's first job of a toolchain -> the toolchain (None once its build was counted)
+        self._firsts: dict[str, str | None] = {}
         self._start_s: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._job_s: collections.deque = collections.deque(maxlen=256)
         self._idle: dict[str, dict[str, WorkerHandle]] = collections.defaultdict(dict)  # no call at all
@@ -493,18 +493,18 @@ class Scheduler:
 
     def _observe_start(self, record: ResultRecord) -> None:
         """Learn what a toolchain's start costs from a worker's first build of it, as soon as
-        that build is done (its finish may take a while yet)."""
+        that build is done (its finish may take a while yet); counted once."""
         chain = self._firsts.get(record.key)
         build = record.phases.get("build")
-        if chain is not None and build is not None and record.key not in self._starts_seen:
+        if chain is not None and build is not None:
             self._start_s[chain].append(build)
-            self._starts_seen.add(record.key)
+            self._firsts[record.key] = None
 
     def _observe(self, record: ResultRecord) -> None:
         """Learn what a toolchain's start and a job cost from a result's phase seconds."""
         self._observe_start(record)  # a failed build has only this record
-        first = self._firsts.pop(record.key, None) is not None
-        self._starts_seen.discard(record.key)
+        first = record.key in self._firsts
+        self._firsts.pop(record.key, None)
         build = record.phases.get("build")
         if not first and record.status == R.OK and build is not None:
             self._job_s.append(build + record.phases.get("check+measure", 0.0))
