@@ -14,6 +14,7 @@ from aitune.torch.backend.eager import prepare_module
 from aitune.torch.cuda_graphs import CudaGraphRunner
 from aitune.torch.export_utils import export_module
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
+from aitune.torch.vec_isa_memo import remember_vec_isa
 
 
 @dataclass
@@ -64,6 +65,8 @@ class TorchInductorAotBackend(ArtifactBackend):
         # Export traces with fake tensors: the real module is never called here.
         program = export_module(module, graph_spec, cast_sample(data[0].to(device), self._dtype()))
         path = cache_dir / "model.pt2"
+        if device.type == "cpu":
+            remember_vec_isa()  # this process's first CPU kernel skips Inductor's ISA probe where it can
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path), inductor_configs=dict(self.config.options) or None
         )

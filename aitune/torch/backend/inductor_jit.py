@@ -12,6 +12,7 @@ from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.cuda_graphs import clone_tensors, clones_wanted
 from aitune.torch.random_inputs import sample_from_spec
+from aitune.torch.vec_isa_memo import remember_vec_isa
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # the modes whose compiled code is replayed from CUDA graphs (on a CUDA device)
@@ -70,6 +71,8 @@ class TorchInductorJitBackend(ModuleBackend):
     def _compile(self, module: torch.nn.Module) -> None:
         cfg = self.config
         _raise_recompile_limits()
+        if self.device is not None and self.device.type == "cpu":
+            remember_vec_isa()  # this process's first CPU kernel skips Inductor's ISA probe where it can
         self._compiled = torch.compile(
             module,
             mode=None if cfg.options else cfg.mode,
