@@ -1,10 +1,12 @@
 """Retune benchmark: 10 fine-tunes of one architecture, with ``reuse: decisions`` against a full sweep.
 
-Ten models from one factory with different seeds (``aitune.examples:mlp``, width 64, depth 4,
-``seed`` 0..9 through kwargs: one architecture, ten sets of weights), batch 1, 2 CPU workers
-with one thread each, deploy off, each run on a fresh temporary store. The full sweep tunes
-every model on every candidate; the retune (``reuse: decisions``, ``reuse_top_k`` = k) tunes
-the first fully and the other nine on its top k only.
+Ten models from one factory with different seeds (by default ``aitune.examples:small_encoder``,
+dim 128, 2 layers, 64 tokens, ``seed`` 0..9 through kwargs: one architecture, ten sets of
+weights; ``--model encoder-256`` is the same encoder at dim 256, 4 layers, 128 tokens, and
+``--model mlp`` a width-64 MLP), batch 1, 2 CPU workers with one thread each, deploy off, each
+run on a fresh temporary store. The full sweep tunes every model on every candidate; the retune
+(``reuse: decisions``, ``reuse_top_k`` = k) tunes the first fully and the other nine on its top k
+only.
 
     ratio = tune_s(retune) / tune_s(full)                                        goal: <= 0.3
     winners: the retune's winner of each model is the full sweep's, or one of its declared ties
@@ -69,6 +71,8 @@ def candidate_set(which: str) -> list[tuple[str, dict]]:
 ARCHITECTURES = {
     "encoder": ("aitune.examples:small_encoder", {"dim": 128, "layers": 2},
                 [{"name": "tokens", "shape": [64], "dtype": "int64", "int_range": [0, 1000]}]),
+    "encoder-256": ("aitune.examples:small_encoder", {"dim": 256, "layers": 4},
+                    [{"name": "tokens", "shape": [128], "dtype": "int64", "int_range": [0, 1000]}]),
     "mlp": ("aitune.examples:mlp", {"width": 64, "depth": 4}, [{"name": "x", "shape": [64]}]),
 }
 
@@ -132,6 +136,33 @@ def _print_phases(full, retune) -> None:
         print(f"  {'*' if cand in top else ' '} {sum(mean.values()):6.2f} s  {cand}: {parts}")
 
 
+def _print_shares(full, retune, models: int) -> None:
+    """Where the ratio comes from, in worker job-seconds: the head (tuned fully in both sweeps,
+    on fresh workers: their cold starts are in it) against a follower fully tuned and on its
+    top-k. With w balanced workers and s seconds of worker start in both, the ratio is about
+    (s + (H + (m - 1) T) / w) / (s + (H' + (m - 1) F) / w)."""
+    heads = {s.model for s in retune.selections if not s.decisions_from}
+
+    def per_model(results):
+        out = collections.defaultdict(float)
+        for r in results:
+            out[r.model] += sum(r.phases.values())
+        return out
+
+    f, r = per_model(full.results), per_model(retune.results)
+    followers = [m for m in r if m not in heads]
+    if not heads or not followers:
+        return
+    head_full = sum(f[h] for h in heads) / len(heads)
+    head_retune = sum(r[h] for h in heads) / len(heads)
+    full_f = sum(f[m] for m in followers) / len(followers)
+    top_t = sum(r[m] for m in followers) / len(followers)
+    print(f"job-seconds per model: the head H {head_retune:.1f} s in the retune, H' {head_full:.1f} s in the full "
+          f"sweep; a follower F {full_f:.2f} s fully tuned, T {top_t:.2f} s on its top-k (T/F {top_t / full_f:.2f}); "
+          f"(H + {models - 1} T) / (H' + {models - 1} F) = "
+          f"{(head_retune + (models - 1) * top_t) / (head_full + (models - 1) * full_f):.2f}")
+
+
 def _span(results) -> tuple[float, float]:
     """(first start, last end) of these results, in wall-clock seconds, from each record's
     creation (when its finish began) and its phase seconds."""
@@ -189,6 +220,7 @@ def main() -> int:
           f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "
           f"{_time_bound(full.results, retune, m):.2f} (the top-k cost more than the average candidate)")
     _print_phases(full.results, retune)
+    _print_shares(full, retune, m)
     heads = {s.model for s in retune.selections if not s.decisions_from}
     head_results = [r for r in retune.results if r.model in heads]
     if head_results and len(head_results) < len(retune.results):
