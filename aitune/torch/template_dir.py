@@ -41,12 +41,12 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from aitune.cache_folders import cache_folder
 from aitune.canonical import sha256_of
 
 log = logging.getLogger(__name__)
 
 ENV = "AITUNE_ONNX_TEMPLATES"
-OFF = frozenset({"off", "0", "false", "no", "none"})
 MiB = 2**20
 DEFAULT_LIMIT_BYTES = 512 * MiB
 #: a form the exporter could not make as asked: a small JSON file beside the templates
@@ -57,13 +57,7 @@ FORMAT, FORM_KEY, TAG_KEY, WEIGHTS_KEY = "1", "aitune.template.form", "aitune.te
 
 def default_root(environ: Mapping[str, str] = os.environ) -> Path | None:
     """Where the templates of this machine live, None where ``$AITUNE_ONNX_TEMPLATES`` turns them off."""
-    chosen = environ.get(ENV, "").strip()
-    if chosen.lower() in OFF:
-        return None
-    if chosen:
-        return Path(chosen).expanduser()
-    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "aitune" / "onnx-templates"
+    return cache_folder(ENV, "onnx-templates", environ)
 
 
 @functools.lru_cache(maxsize=None)

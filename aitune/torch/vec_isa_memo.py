@@ -33,27 +33,21 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from aitune.cache_folders import cache_folder
 from aitune.canonical import sha256_of
 
 log = logging.getLogger(__name__)
 
 ENV = "AITUNE_ISA_MEMO"
-OFF = frozenset({"off", "0", "false", "no", "none"})
 #: a memo file is a few dozen bytes; anything much larger is not one
 MAX_BYTES = 4096
 
 #: what :func:`remember_vec_isa` did
-OFF_, KNOWN, REUSED, PROBED, UNAVAILABLE = "off", "known", "reused", "probed", "unavailable"
+TURNED_OFF, KNOWN, REUSED, PROBED, UNAVAILABLE = "off", "known", "reused", "probed", "unavailable"
 
 
 def memo_root(environ: Mapping[str, str] = os.environ) -> Path | None:
-    chosen = environ.get(ENV, "").strip()
-    if chosen.lower() in OFF:
-        return None
-    if chosen:
-        return Path(chosen).expanduser()
-    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "aitune" / "inductor-isa"
+    return cache_folder(ENV, "inductor-isa", environ)
 
 
 def remember_vec_isa(environ: Mapping[str, str] = os.environ) -> str:
@@ -63,7 +57,7 @@ def remember_vec_isa(environ: Mapping[str, str] = os.environ) -> str:
     ``TORCHINDUCTOR_VEC_ISA_OK``), ``off`` or ``unavailable``."""
     root = memo_root(environ)
     if root is None:
-        return OFF_
+        return TURNED_OFF
     try:
         from torch._inductor import config, cpu_vec_isa
 
