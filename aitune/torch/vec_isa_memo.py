@@ -54,7 +54,8 @@ def remember_vec_isa(environ: Mapping[str, str] = os.environ) -> str:
     """Make Inductor's answer to "which vector ISAs?" known in this process, from the machine's
     memo where it holds, else by Inductor's own probe (whose answer is then kept). Returns what
     it did: ``reused``, ``probed``, ``known`` (this process knew already, or the user set
-    ``TORCHINDUCTOR_VEC_ISA_OK``), ``off`` or ``unavailable``."""
+    ``TORCHINDUCTOR_VEC_ISA_OK``), ``off`` or ``unavailable`` (not an x86 CPU, whose sets Inductor
+    does not probe, or a torch laid out otherwise)."""
     root = memo_root(environ)
     if root is None:
         return TURNED_OFF
@@ -64,37 +65,57 @@ def remember_vec_isa(environ: Mapping[str, str] = os.environ) -> str:
         listing = cpu_vec_isa.valid_vec_isa_list
         if config.cpp.vec_isa_ok is not None or listing.cache_info().currsize:
             return KNOWN
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return UNAVAILABLE
+        claimed = _claimed(cpu_vec_isa)
         path = root / f"{_memo_key()}.json"
     except Exception as exc:  # another torch: nothing here to fill
         log.debug("vector-ISA memo unavailable: %s", exc)
         return UNAVAILABLE
-    recorded = _read(path)
-    if recorded is not None:
+    if _read(path) == claimed:
         try:
-            if _claimed(config, listing) == recorded:
+            if _fill(config, listing) == claimed:
                 return REUSED  # Inductor's memo now holds the list the probe passed on this machine
         except Exception as exc:
             log.debug("vector-ISA memo not usable: %s", exc)
-        listing.cache_clear()  # what the CPU claims is not what passed: probe for real
-    try:
+        _forget(cpu_vec_isa)
+    try:  # none kept, or what the CPU claims is not what passed then: Inductor's own probe
         probed = [str(isa) for isa in listing()]
     except Exception as exc:
         log.debug("vector-ISA probe failed: %s", exc)
-        listing.cache_clear()
+        _forget(cpu_vec_isa)
         return UNAVAILABLE
     _write(path, probed)
     return PROBED
 
 
-def _claimed(config, listing) -> list[str]:
-    """The sets this CPU claims, left in Inductor's memo: its listing with the probe skipped
-    (the config switched back at once, so nothing compiled sees it)."""
+def _claimed(cpu_vec_isa) -> list[str]:
+    """The sets this CPU claims, in Inductor's order, as its listing filters them before it
+    probes each (nothing compiled or called here)."""
+    flags = cpu_vec_isa.x86_isa_checker()
+    return [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+
+
+def _fill(config, listing) -> list[str]:
+    """Inductor's listing made with the base probe of each set skipped (the config switched back
+    at once, so nothing compiled sees it); what a set adds on top (bf16, VNNI) is still checked
+    by Inductor as usual."""
     config.cpp.vec_isa_ok = True
     try:
         listing.cache_clear()
         return [str(isa) for isa in listing()]
     finally:
         config.cpp.vec_isa_ok = None
+
+
+def _forget(cpu_vec_isa) -> None:
+    """Drop every answer Inductor memoised while the probe was skipped, so that it probes afresh."""
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    for isa in cpu_vec_isa.supported_vec_isa_list:
+        for cls in type(isa).__mro__:
+            for attr in cls.__dict__.values():
+                if callable(getattr(attr, "cache_clear", None)):
+                    attr.cache_clear()
 
 
 def _memo_key() -> str:
