@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _TEMPLATES = tempfile.mkdtemp(prefix="aitune-test-templates-")
 os.environ["AITUNE_ONNX_TEMPLATES"] = _TEMPLATES
 atexit.register(shutil.rmtree, _TEMPLATES, True)
+# Inductor's vector-ISA probe answers (aitune.torch.vec_isa_memo): likewise the session's own
+_ISA_MEMO = tempfile.mkdtemp(prefix="aitune-test-isa-")
+os.environ["AITUNE_ISA_MEMO"] = _ISA_MEMO
+atexit.register(shutil.rmtree, _ISA_MEMO, True)
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
