@@ -136,13 +136,11 @@ def _print_phases(full, retune) -> None:
         print(f"  {'*' if cand in top else ' '} {sum(mean.values()):6.2f} s  {cand}: {parts}")
 
 
-def _print_shares(full, retune, models: int) -> None:
+def _print_shares(full, retune, heads: set[str], models: int) -> None:
     """Where the ratio comes from, in worker job-seconds: the head (tuned fully in both sweeps,
     on fresh workers: their cold starts are in it) against a follower fully tuned and on its
     top-k. With w balanced workers and s seconds of worker start in both, the ratio is about
     (s + (H + (m - 1) T) / w) / (s + (H' + (m - 1) F) / w)."""
-    heads = {s.model for s in retune.selections if not s.decisions_from}
-
     def per_model(results):
         out = collections.defaultdict(float)
         for r in results:
@@ -220,8 +218,8 @@ def main() -> int:
           f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "
           f"{_time_bound(full.results, retune, m):.2f} (the top-k cost more than the average candidate)")
     _print_phases(full.results, retune)
-    _print_shares(full, retune, m)
     heads = {s.model for s in retune.selections if not s.decisions_from}
+    _print_shares(full, retune, heads, m)
     head_results = [r for r in retune.results if r.model in heads]
     if head_results and len(head_results) < len(retune.results):
         t0, head_end = _span(head_results)

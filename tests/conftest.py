@@ -10,15 +10,12 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# ONNX translations kept on disk (aitune.torch.template_dir): the session's own folder, not the
-# user's cache; set before any Ray worker starts, so that the workers inherit it
-_TEMPLATES = tempfile.mkdtemp(prefix="aitune-test-templates-")
-os.environ["AITUNE_ONNX_TEMPLATES"] = _TEMPLATES
-atexit.register(shutil.rmtree, _TEMPLATES, True)
-# Inductor's vector-ISA probe answers (aitune.torch.vec_isa_memo): likewise the session's own
-_ISA_MEMO = tempfile.mkdtemp(prefix="aitune-test-isa-")
-os.environ["AITUNE_ISA_MEMO"] = _ISA_MEMO
-atexit.register(shutil.rmtree, _ISA_MEMO, True)
+# The machine's shared folders (aitune.cache_folders): ONNX translations (torch/template_dir.py)
+# and Inductor's vector-ISA probe answers (torch/vec_isa_memo.py), the session's own, not the
+# user's cache; set before any Ray worker starts, so that the workers inherit them
+for _variable, _prefix in (("AITUNE_ONNX_TEMPLATES", "templates"), ("AITUNE_ISA_MEMO", "isa")):
+    os.environ[_variable] = _folder = tempfile.mkdtemp(prefix=f"aitune-test-{_prefix}-")
+    atexit.register(shutil.rmtree, _folder, True)
 
 ROOT = Path(__file__).resolve().parent.parent
 try:

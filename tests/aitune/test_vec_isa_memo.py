@@ -38,8 +38,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(memo: Path | str, *args: str) -> dict:
-    env = {**os.environ, "AITUNE_ISA_MEMO": str(memo), "PYTHONPATH": str(ROOT)}
+def _child(memo: Path | str, *args: str, environ: dict | None = None) -> dict:
+    env = {**os.environ, "AITUNE_ISA_MEMO": str(memo), "PYTHONPATH": str(ROOT), **(environ or {})}
     env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,8 +95,12 @@ def test_a_tampered_memo_is_probed_again_and_rewritten(tmp_path):
     assert _child(memo)["action"] == "probed"
 
 
-def test_off_keeps_nothing(tmp_path):
-    memo = tmp_path / "isa"
-    out = _child("off")
-    assert out["action"] == "off"
-    assert not memo.exists()
+def test_off_keeps_nothing_and_probes_each_time(tmp_path):
+    # where the memo would go were it on: the user's cache folder, pointed at tmp_path
+    cache = {"XDG_CACHE_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    first = _child("off", environ=cache)
+    assert first["action"] == "off"
+    again = _child("off", environ=cache)
+    assert again["action"] == "off"
+    assert again["probes"] == first["probes"]  # nothing remembered between the two
+    assert not any(tmp_path.rglob("*.json"))
