@@ -316,9 +316,65 @@ class Scheduler:
         for w in list(self.workers.values()):
             self._drop(w)
 
-    def live_worker(self, device_class_key: str) -> WorkerHandle | None:
-        """A started worker of that device class with nothing to do, if any."""
-        return next(iter(self._idle.get(device_class_key, {}).values()), None)
+    def call_idle(self, calls: dict[Any, tuple[str, str | None, Callable[[], tuple]]], timeout_s: float) -> dict[Any, Any]:
+        """One call per entry on the idle workers, between sweeps' job runs: each entry is (device
+        class key, the worker id it would rather run on, a function giving (method, args), called
+        only when it is sent, so that at most one call's arguments per worker are held at once).
+
+        Each worker runs one of these calls at a time, the entries side by side on as many workers
+        as their device class has idle; each call has ``timeout_s`` from when it is sent. Returns
+        each entry's answer, or the exception it ended with: LookupError where its device class has
+        no idle worker, TimeoutError where the worker did not answer in time (it is dropped: a
+        worker that hangs takes nothing more)."""
+        answers: dict[Any, Any] = {}
+        free = {dc: dict(idle) for dc, idle in self._idle.items() if idle}
+        busy: collections.Counter[str] = collections.Counter()
+        todo = collections.deque(calls.items())
+        running: dict[Any, tuple[Any, WorkerHandle, float]] = {}
+        while todo or running:
+            later: collections.deque = collections.deque()
+            while todo:
+                key, (dc, prefer, make) = todo.popleft()
+                idle = free.get(dc)
+                if not idle:
+                    if busy[dc]:
+                        later.append((key, (dc, prefer, make)))
+                    else:
+                        answers[key] = LookupError(f"no idle worker of device class {dc[:12]}")
+                    continue
+                try:
+                    method, args = make()
+                except Exception as exc:  # its arguments could not be made: that entry alone fails
+                    answers[key] = exc
+                    continue
+                w = idle.pop(prefer, None) or idle.pop(next(iter(idle)))
+                running[self.pool.call(w.actor, method, *args)] = (key, w, self.clock.now() + timeout_s)
+                busy[dc] += 1
+            todo = later
+            if not running:
+                break
+            soonest = min(deadline for _, _, deadline in running.values())
+            for ref in self.pool.wait(list(running), max(0.0, soonest - self.clock.now())):
+                key, w, _ = running.pop(ref)
+                dc = w.info.device_class_key
+                busy[dc] -= 1
+                try:
+                    answers[key] = self.pool.get(ref)
+                except WorkerDied as exc:
+                    answers[key] = exc
+                    self._drop(w)
+                    continue
+                except Exception as exc:  # the call failed, the worker stands
+                    answers[key] = exc
+                free.setdefault(dc, {})[w.worker_id] = w
+            now = self.clock.now()
+            for ref, (key, w, deadline) in list(running.items()):
+                if now >= deadline:
+                    del running[ref]
+                    busy[w.info.device_class_key] -= 1
+                    answers[key] = TimeoutError(f"worker {w.worker_id} gave no answer within {timeout_s:.0f} s")
+                    self._drop(w)
+        return answers
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(

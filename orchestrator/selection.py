@@ -12,8 +12,10 @@ from aitune.strategy import Strategy, select, speedup
 from orchestrator.records import ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
-#: re-measures the given result keys interleaved on one worker; returns new measurements by key
-Remeasure = Callable[[Group, list[ResultRecord]], dict[str, Measurement]]
+#: re-measures each group's given results interleaved on one worker (groups side by side where
+#: there are workers for them); returns each group's new measurements by key, leaving out
+#: groups it could not re-measure
+Remeasure = Callable[[dict[Group, list[ResultRecord]]], dict[Group, dict[str, Measurement]]]
 #: an earlier decision over exactly these results, if there is one
 Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
 
@@ -104,50 +106,75 @@ def _unsettled(winner: _Candidate, remeasured: list[_Candidate], first: dict[str
     )
 
 
+@dataclass
+class _Pending:
+    """A group's first decision, before any re-measurement."""
+
+    records: list[ResultRecord]
+    measurements: dict[str, Measurement]
+    choice: object
+    cands: list[_Candidate]
+    baseline: _Candidate | None
+    contenders: list[ResultRecord]
+
+
+def _first_look(records: list[ResultRecord], strategy: Strategy) -> _Pending:
+    """The decision from the first measurements, and the contenders to measure again if it is too close to call."""
+    measurements = {r.key: r.measurement for r in records if r.measurement}
+    choice, cands, baseline = _decide(records, measurements, strategy)
+    ranked = sorted(
+        (c for c in cands if c.eligible and c.measurement is not None and strategy.fits(c.measurement)),
+        key=lambda c: strategy.score(c.measurement), reverse=True,
+    )
+    near_tie = (bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
+                or _close(ranked, strategy))
+    top: list[ResultRecord] = []
+    if near_tie:
+        top = _contenders(ranked, strategy)
+        if baseline is not None and baseline.eligible and baseline.record not in top:
+            top.append(baseline.record)
+    return _Pending(records, measurements, choice, cands, baseline, top if len(top) > 1 else [])
+
+
+def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strategy: Strategy) -> SelectionRecord:
+    measurements, choice, baseline = first.measurements, first.choice, first.baseline
+    if fresh:
+        measurements = {**measurements, **fresh}
+        choice, cands, baseline = _decide(first.records, measurements, strategy)
+        choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
+        if choice.winner is not None and choice.winner is not baseline:
+            choice.ties = choice.ties + _unsettled(choice.winner, [c for c in cands if c.record.key in fresh],
+                                                   first.measurements, strategy, choice.ties)
+    winner = choice.winner.record if choice.winner is not None else None
+    gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
+    return SelectionRecord(
+        model=group[0], batch_size=group[1], device_class_key=group[2],
+        winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
+        reason=choice.reason, ties=list(choice.ties), remeasured=bool(fresh), speedup=gain,
+    )
+
+
 def choose_winners(
     results: Iterable[ResultRecord],
     strategy: Strategy,
     remeasure: Remeasure | None = None,
     previous: Previous | None = None,
 ) -> list[SelectionRecord]:
-    selections = []
+    """Each group's winner. Groups too close to call are measured again, all in one ``remeasure``
+    call so that different groups can be re-measured on different workers at once."""
+    decided: dict[Group, SelectionRecord] = {}
+    pending: dict[Group, _Pending] = {}
     for group, records in sorted(group_results(results).items()):
         earlier = previous(group, records) if previous is not None else None
         if earlier is not None:
             # Nothing new in this group: the earlier decision (re-measurements included) stands.
-            selections.append(earlier)
-            continue
-        measurements = {r.key: r.measurement for r in records if r.measurement}
-        choice, cands, baseline = _decide(records, measurements, strategy)
-        remeasured = False
-        ranked = sorted(
-            (c for c in cands if c.eligible and c.measurement is not None and strategy.fits(c.measurement)),
-            key=lambda c: strategy.score(c.measurement), reverse=True,
-        )
-        near_tie = (bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
-                    or _close(ranked, strategy))
-        if remeasure is not None and near_tie:
-            # Too close to call: measure the contenders again side by side on one worker.
-            top = _contenders(ranked, strategy)
-            if baseline is not None and baseline.eligible and baseline.record not in top:
-                top.append(baseline.record)
-            fresh = remeasure(group, top) if len(top) > 1 else {}
-            if fresh:
-                first = dict(measurements)
-                measurements.update(fresh)
-                choice, cands, baseline = _decide(records, measurements, strategy)
-                remeasured = True
-                choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
-                if choice.winner is not None and choice.winner is not baseline:
-                    choice.ties = choice.ties + _unsettled(choice.winner, [c for c in cands if c.record.key in fresh],
-                                                           first, strategy, choice.ties)
-        winner = choice.winner.record if choice.winner is not None else None
-        gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
-        selections.append(
-            SelectionRecord(
-                model=group[0], batch_size=group[1], device_class_key=group[2],
-                winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
-                reason=choice.reason, ties=list(choice.ties), remeasured=remeasured, speedup=gain,
-            )
-        )
-    return selections
+            decided[group] = earlier
+        else:
+            pending[group] = _first_look(records, strategy)
+    asks = {g: p.contenders for g, p in pending.items() if p.contenders}
+    fresh = remeasure(asks) if remeasure is not None and asks else {}
+    for group, first in pending.items():
+        # a group's answer only for keys it asked for: anything else is not this group's to use
+        asked = {r.key for r in first.contenders}
+        decided[group] = _settle(group, first, {k: m for k, m in fresh.get(group, {}).items() if k in asked}, strategy)
+    return [decided[g] for g in sorted(decided)]

@@ -31,9 +31,9 @@ from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
 from orchestrator.report import render, write_reports
 from orchestrator.scheduler import JobGate, Limits, Scheduler
-from orchestrator.selection import choose_winners
+from orchestrator.selection import Group, choose_winners
 from orchestrator.spec import SweepSpec
-from orchestrator.store import DamagedCheckpoint, ResultStore, SqliteStore
+from orchestrator.store import ResultStore, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -398,27 +398,29 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
 
 
 def _remeasurer(workers: "Workers", store: ResultStore, spec: SweepSpec):
-    def remeasure(group, records: list[ResultRecord]) -> dict[str, Measurement]:
-        model, batch, dc = group
+    def remeasure(asks: dict[Group, list[ResultRecord]]) -> dict[Group, dict[str, Measurement]]:
         scheduler = workers.started()
-        worker = scheduler.live_worker(dc)
-        if worker is None:
-            return {}
-        try:
-            checkpoints = {r.key: (r.backend, r.manifest_sha256, store.checkpoint_bytes(r)) for r in records}
-        except DamagedCheckpoint as exc:
-            log.warning("not re-measuring %s b%s: %s", model, batch, exc)
-            return {}
         budget = max(spec.measure.budget_s, 0.5)
-        try:
-            ref = scheduler.pool.call(worker.actor, "remeasure", checkpoints, model, batch, budget)
-            if not scheduler.pool.wait([ref], spec.budgets.measure_timeout_s):
-                raise TimeoutError(f"no answer within {spec.budgets.measure_timeout_s:.0f} s")
-            fresh = scheduler.pool.get(ref)
-        except Exception as exc:  # remeasuring is a refinement: the first measurements still stand
-            log.warning("re-measuring %s b%s failed: %s", model, batch, exc)
-            return {}
-        return {k: Measurement.from_dict(v) for k, v in fresh.items()}
+
+        def call(group, records):
+            model, batch, _ = group
+
+            def make():  # read from the store only when a worker is free for it
+                checkpoints = {r.key: (r.backend, r.manifest_sha256, store.checkpoint_bytes(r)) for r in records}
+                return "remeasure", (checkpoints, model, batch, budget)
+
+            # the worker that ran most of them holds the model already
+            ran = Counter(r.worker.worker_id for r in records if r.worker is not None)
+            return group[2], (ran.most_common(1)[0][0] if ran else None), make
+
+        calls = {group: call(group, records) for group, records in asks.items()}
+        fresh = {}
+        for (model, batch, dc), answer in scheduler.call_idle(calls, spec.budgets.measure_timeout_s).items():
+            if isinstance(answer, BaseException):  # re-measuring is a refinement: the first measurements stand
+                log.warning("not re-measuring %s b%s: %s", model, batch, answer)
+                continue
+            fresh[(model, batch, dc)] = {k: Measurement.from_dict(v) for k, v in answer.items()}
+        return fresh
 
     return remeasure
 

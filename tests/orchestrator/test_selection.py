@@ -48,9 +48,12 @@ class Recorder:
         self.answer = answer or {}
         self.calls: list[tuple[tuple, list[str]]] = []
 
-    def __call__(self, group, records):
-        self.calls.append((group, [r.key for r in records]))
-        return {k: v for k, v in self.answer.items() if k in {r.key for r in records}}
+    def __call__(self, asks):
+        fresh = {}
+        for group, records in asks.items():
+            self.calls.append((group, [r.key for r in records]))
+            fresh[group] = {k: v for k, v in self.answer.items() if k in {r.key for r in records}}
+        return fresh
 
 
 MIN_LATENCY = Strategy("min_latency")
