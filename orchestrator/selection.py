@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 from aitune.defaults import is_baseline
 from aitune.measure import Measurement
-from aitune.strategy import Strategy, select, speedup
+from aitune.strategy import Selection, Strategy, select, speedup
 from orchestrator.records import ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
@@ -112,7 +112,7 @@ class _Pending:
 
     records: list[ResultRecord]
     measurements: dict[str, Measurement]
-    choice: object
+    choice: Selection
     cands: list[_Candidate]
     baseline: _Candidate | None
     contenders: list[ResultRecord]

@@ -47,8 +47,10 @@ class Recorder:
     def __init__(self, answer: dict[str, Measurement] | None = None) -> None:
         self.answer = answer or {}
         self.calls: list[tuple[tuple, list[str]]] = []
+        self.batches: list[list[tuple]] = []  # the groups of each call
 
     def __call__(self, asks):
+        self.batches.append(list(asks))
         fresh = {}
         for group, records in asks.items():
             self.calls.append((group, [r.key for r in records]))
@@ -198,6 +200,19 @@ def test_remeasure_is_called_per_group_with_that_group():
     choose_winners(results, MIN_LATENCY, remeasure)
     calls = {group: sorted(keys) for group, keys in remeasure.calls}
     assert calls == {("mlp", 1, DC): ["a1", "b1", "e1"], ("mlp", 1, OTHER_DC): ["a2", "b2", "e2"]}
+    assert len(remeasure.batches) == 1  # asked at once, so that the groups can be measured side by side
+
+
+def test_a_fresh_measurement_of_a_key_the_group_did_not_ask_for_is_ignored():
+    results = [eager("e1"), result("a1", 5.0), result("b1", 5.02), result("c1", 5.04), result("far", 20.0)]
+
+    def remeasure(asks):
+        (group, records), = asks.items()
+        assert "far" not in {r.key for r in records}
+        return {group: {"a1": measurement(5.0), "b1": measurement(5.02), "far": measurement(0.1)}}
+
+    sel = only(choose_winners(results, MIN_LATENCY, remeasure))
+    assert sel.winner_key in ("a1", "b1", "c1") and sel.remeasured is True
 
 
 def test_latency_budget_filters_by_p99():
