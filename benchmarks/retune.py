@@ -9,6 +9,7 @@ run on a fresh temporary store. The full sweep tunes every model on every candid
 only.
 
     ratio = tune_s(retune) / tune_s(full)                                        goal: <= 0.3
+    (and the same for the whole runs, selection and its re-measuring of near-ties included)
     winners: the retune's winner of each model is the full sweep's, or one of its declared ties
 
 Candidates (``--candidates``):
@@ -197,12 +198,13 @@ def main() -> int:
 
     print(f"machine: {os.cpu_count()} CPU cores, no GPU; load average {os.getloadavg()[0]:.2f} at start")
     handle = connect(num_cpus=2, object_store_memory=300 * 1024**2)
-    outcomes = {}
+    outcomes, wholes = {}, {}
     try:
         for which in args.order.split(","):
             outcome, whole = run(args.models, "decisions" if which == "retune" else "none", args.top_k, args.candidates,
                                  args.model)
             outcomes[which] = outcome
+            wholes[which] = whole
             print(f"{which:6s}: {len(outcome.results)} jobs {dict(collections.Counter(r.status for r in outcome.results))}, "
                   f"tune_s {outcome.tune_s:.1f} s ({whole:.0f} s with start-up); load {os.getloadavg()[0]:.2f}")
     finally:
@@ -213,6 +215,8 @@ def main() -> int:
     print(f"\n{n} candidates, {m} models, k = {k}: builds {(n + (m - 1) * k)} of {n * m}, "
           f"a bound of {(n + (m - 1) * k) / (n * m):.2f} on the ratio")
     print(f"ratio tune_s(retune) / tune_s(full) = {ratio:.2f} (goal <= {GOAL}) -> {'MET' if ratio <= GOAL else 'NOT MET'}")
+    print(f"whole runs (worker start-up, selection and its re-measuring included): {wholes['retune']:.1f} s / "
+          f"{wholes['full']:.1f} s = {wholes['retune'] / wholes['full']:.2f}")
     work_full, work_retune = _job_seconds(full.results), _job_seconds(retune.results)
     print(f"worker job-seconds (build, check, measure, save): retune {work_retune:.1f} of full {work_full:.1f} = "
           f"{work_retune / work_full:.2f}; the full sweep's own per-candidate times bound it at "

@@ -7,7 +7,15 @@ The rules, the same for both:
 - every other top-level setting may be given by any number of the files, but where two files
   give it, they must give the same value: a conflict is refused, naming the field and both
   files, rather than silently letting one win (a sweep that merged two specs' budgets or
-  candidates one way or the other would tune something neither file says);
+  candidates one way or the other would tune something neither file says). Three settings
+  are not sweep-wide in substance and do not conflict:
+
+  - ``name`` (a label): different names are joined with ``+``;
+  - ``batch_sizes`` and ``reuse``, which a model can give itself: where the files give
+    different values, each file's value goes to its own models (those that don't give their
+    own), as if written on each; every file with models must then give it (else which value its
+    models should take is a guess), and a file without models can't give a different value
+    (it would apply to nothing);
 - ``include`` paths are relative to the including file; a file that includes itself, directly or
   through others, is refused; a file reached twice (a diamond) is read once.
 """
@@ -48,6 +56,47 @@ def _collect(path: Path, stack: tuple[Path, ...], seen: set[Path], out: list[tup
     out.append((path, data))
 
 
+#: top-level settings a model can give itself: files that differ on them give them to their own models
+PER_MODEL = ("batch_sizes", "reuse")
+
+
+def _per_model(parts: list[tuple[Path, dict[str, Any]]], problems: list[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """The parts with each PER_MODEL setting the files differ on moved onto that file's own models
+    (a setting that can't be moved is reported in ``problems`` and taken out of every part)."""
+    moved, refused = {}, set()
+    for key in PER_MODEL:
+        values = [d[key] for _, d in parts if key in d]
+        if all(v == values[0] for v in values):
+            continue  # given alike, or by one file: sweep-wide
+        lacking = [str(p) for p, d in parts if key not in d and isinstance(d.get("models"), list)
+                   and any(not isinstance(m, dict) or m.get(key) is None for m in d["models"])]
+        idle = [str(p) for p, d in parts if key in d and not d.get("models")]
+        if lacking:
+            problems.append(f"  {key}: the specs give different values, so each goes to its own file's models, but "
+                            f"{', '.join(lacking)} gives none for its models; give {key} there too")
+        if idle:
+            problems.append(f"  {key}: the specs give different values, so each goes to its own file's models, but "
+                            f"{', '.join(idle)} has no models of its own to give it to")
+        if lacking or idle:
+            refused.add(key)
+        else:
+            moved[key] = values[0]
+    if not moved and not refused:
+        return parts
+    out = []
+    for path, data in parts:
+        data = {k: v for k, v in data.items() if k not in refused}
+        own = {k: data.pop(k) for k in moved if k in data}
+        models = data.get("models")
+        if own and isinstance(models, list):
+            data["models"] = [{**m, **{k: v for k, v in own.items() if m.get(k) is None}} if isinstance(m, dict) else m
+                              for m in models]
+        out.append((path, data))
+    # the sweep-level value is then only a default no model falls back to
+    out[0][1].update(moved)
+    return out
+
+
 def merge_data(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     """The merged spec data; refuses repeated model names and conflicting settings."""
     merged: dict[str, Any] = {}
@@ -55,7 +104,11 @@ def merge_data(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     models: list[Any] = []
     model_from: dict[str, Path] = {}
     problems: list[str] = []
+    names = list(dict.fromkeys(d["name"] for _, d in parts if isinstance(d.get("name"), str)))
+    parts = _per_model(parts, problems)
     for path, data in parts:
+        if len(names) > 1:
+            data = {k: v for k, v in data.items() if k != "name"}
         for i, model in enumerate(data.get("models") or []):
             name = model.get("name") if isinstance(model, dict) else None
             if isinstance(name, str) and name in model_from:
@@ -74,6 +127,8 @@ def merge_data(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
                 merged[key], given_by[key] = value, path
     if problems:
         raise SpecError("\n".join(["invalid sweep specs (merged):"] + problems))
+    if len(names) > 1:
+        merged["name"] = "+".join(names)
     if models or any("models" in d for _, d in parts):
         merged["models"] = models
     return merged

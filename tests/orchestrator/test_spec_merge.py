@@ -41,12 +41,39 @@ def test_a_model_name_in_two_specs_is_refused_naming_both_files(tmp_path):
 
 
 def test_conflicting_settings_are_refused_naming_the_field(tmp_path):
-    a = write(tmp_path / "a.yaml", {"models": [model("a")], "batch_sizes": [1]})
-    b = write(tmp_path / "b.yaml", {"models": [model("b")], "batch_sizes": [4]})
+    a = write(tmp_path / "a.yaml", {"models": [model("a")], "batch_sizes": [1], "reuse_top_k": 2})
+    b = write(tmp_path / "b.yaml", {"models": [model("b")], "batch_sizes": [1], "reuse_top_k": 4})
     with pytest.raises(SpecError) as err:
         load_specs([a, b])
-    line = next(line for line in str(err.value).splitlines() if "batch_sizes" in line)
-    assert "[1]" in line and "[4]" in line
+    line = next(line for line in str(err.value).splitlines() if "reuse_top_k" in line)
+    assert "gives 2" in line and "gives 4" in line and str(a.resolve()) in line
+
+
+def test_specs_of_different_names_batch_sizes_and_reuse_make_one_sweep_each_keeping_its_own(tmp_path):
+    a = write(tmp_path / "a.yaml", {"name": "vision", "models": [model("a1"), {**model("a2"), "batch_sizes": [2]}],
+                                    "batch_sizes": [1, 8], "reuse": "none"})
+    b = write(tmp_path / "b.yaml", {"name": "text", "models": [model("b1")], "batch_sizes": [4], "reuse": "decisions"})
+    c = write(tmp_path / "c.yaml", {"name": "text", "models": [model("c1")], "batch_sizes": [4], "reuse": "none"})
+    spec = load_specs([a, b, c])
+    assert spec.name == "vision+text"
+    got = {m.name: (m.batch_sizes, m.reuse) for m in spec.models}
+    # each file's value on its own models; a model's own value stands
+    assert got == {"a1": ([1, 8], "none"), "a2": ([2], "none"), "b1": ([4], "decisions"), "c1": ([4], "none")}
+    assert [spec.reuse_of(m) for m in spec.models] == ["none", "none", "decisions", "none"]
+
+
+@pytest.mark.parametrize("second, why", [
+    ({"models": [model("b")]}, "gives none for its models"),  # which batch sizes would b get?
+    ({"batch_sizes": [4]}, "has no models of its own"),  # a batch size for no model
+])
+def test_differing_per_model_settings_that_cant_go_to_models_are_refused(tmp_path, second, why):
+    a = write(tmp_path / "a.yaml", {"models": [model("a")], "batch_sizes": [1]})
+    c = write(tmp_path / "c.yaml", {"models": [model("c")], "batch_sizes": [2]})
+    b = write(tmp_path / "b.yaml", second)
+    with pytest.raises(SpecError) as err:
+        load_specs([a, c, b])
+    lines = [line for line in str(err.value).splitlines() if "batch_sizes" in line]
+    assert len(lines) == 1 and why in lines[0] and str(b.resolve()) in lines[0]
 
 
 def test_include_is_relative_to_the_including_file(tmp_path):
