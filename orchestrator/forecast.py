@@ -38,7 +38,9 @@ class Forecast:
     counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
     estimate_s: float = 0.0
-    #: jobs whose backend has no history in the store (not in the estimate)
+    #: jobs the workers would run (built, or evaluated from a stored checkpoint)
+    worker_jobs: int = 0
+    #: of those, jobs whose backend has no history in the store (not in the estimate)
     unestimated: int = 0
     #: jobs held for ``reuse: decisions`` (only their family's top-k are counted)
     narrowed: int = 0
@@ -56,10 +58,15 @@ class Forecast:
             for dc, c in per_dc.items():
                 out.append(f"  {model} on {dc}: {c['jobs']} job(s): {c['reuse']} reused, {c['recheck']} re-checked, "
                            f"{c['remeasure']} re-measured, {c['new']} new")
-        est = f"  estimate: {self.estimate_s:.1f} s on {self.slots} slot(s) from the store's phase history"
-        if self.unestimated:
-            est += f" ({self.unestimated} job(s) with no history for their backend not counted)"
-        out.append(est)
+        if self.unestimated and self.unestimated >= self.worker_jobs:
+            out.append(f"  estimate: none: the store has no phase history for the backends of the {self.unestimated} "
+                       "job(s) to run (a sweep on this store makes one)")
+        else:
+            est = (f"  estimate: {'at least ' if self.unestimated else ''}{self.estimate_s:.1f} s on {self.slots} slot(s) "
+                   "from the store's phase history")
+            if self.unestimated:
+                est += f" ({self.unestimated} job(s) with no history for their backend not counted)"
+            out.append(est)
         return out
 
     def markdown(self) -> str:
@@ -149,6 +156,7 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
             bucket["jobs"] += 1
             bucket[what] += 1
         if d.action in (BUILD, EVALUATE):
+            fc.worker_jobs += 1
             h = history.get(d.job.backend)
             if not h:
                 fc.unestimated += 1

@@ -108,6 +108,9 @@ def test_plan_without_a_store_plans_for_this_machines_cpu(tmp_path, capsys):
     assert main(["plan", str(path), "--out", str(tmp_path / "plan")]) == 0
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert plan["source"] == "local" and plan["totals"] == {"jobs": len(CANDIDATES), "new": len(CANDIDATES)}
+    assert plan["worker_jobs"] == plan["unestimated"] == len(CANDIDATES)
+    # no history to estimate from: it says so rather than print 0 s
+    assert f"estimate: none: the store has no phase history for the backends of the {len(CANDIDATES)}" in capsys.readouterr().out
     assert not (tmp_path / "nowhere").exists()  # a plan never creates a store
 
 
