@@ -419,7 +419,10 @@ def _remeasurer(workers: "Workers", store: ResultStore, spec: SweepSpec):
             if isinstance(answer, BaseException):  # re-measuring is a refinement: the first measurements stand
                 log.warning("not re-measuring %s b%s: %s", model, batch, answer)
                 continue
-            fresh[(model, batch, dc)] = {k: Measurement.from_dict(v) for k, v in answer.items()}
+            try:
+                fresh[(model, batch, dc)] = {k: Measurement.from_dict(v) for k, v in answer.items()}
+            except Exception as exc:  # a worker's answer is read back like anything else: checked
+                log.warning("not re-measuring %s b%s: the worker's answer is not measurements (%s)", model, batch, exc)
         return fresh
 
     return remeasure
