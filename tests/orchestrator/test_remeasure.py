@@ -88,3 +88,36 @@ def test_a_hanging_call_times_out_and_its_worker_takes_nothing_more(scheduler):
     assert isinstance(answers["hangs"], TimeoutError) and "cpu0-0" in str(answers["hangs"])
     assert answers["one"][0] == answers["two"][0] == "cpu1-1"
     assert list(scheduler.workers) == ["cpu1-1"]  # the hung one is gone
+
+
+def test_a_sweep_re_measures_its_near_ties_and_a_checkpoint_damaged_meanwhile_keeps_the_first_figures(
+        ray_session, tmp_path, monkeypatch, caplog):
+    """Real sweep: FaultBackend(fault=none) runs the module eagerly, so each group's candidates are
+    near-ties and are measured again; one group's checkpoint is damaged on disk after tuning."""
+    from aitune.checkpoint import MANIFEST
+    from orchestrator import sweep as sweep_module
+    from orchestrator.sweep import run_sweep
+    from sweep_helpers import EAGER, fault, quiet, tiny_spec
+
+    same = [EAGER, {**fault("none"), "config": {**fault("none")["config"], "tag": "a"}},
+            {**fault("none"), "config": {**fault("none")["config"], "tag": "b"}}]
+    models = [{"name": f"m{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2, "seed": i},
+               "inputs": [{"name": "x", "shape": [16]}]} for i in range(2)]
+    spec = tiny_spec(tmp_path / "store", same, models=models)
+    real = sweep_module.choose_winners
+    damaged = []
+
+    def damage_then_choose(results, *args, **kwargs):
+        victim = next(r for r in results if r.model == "m1" and r.checkpoint)
+        (tmp_path / "store" / victim.checkpoint / MANIFEST).write_text("{}")  # no longer the hash the store keeps
+        damaged.append(victim.key)
+        return real(results, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "choose_winners", damage_then_choose)
+    with caplog.at_level("WARNING", logger="orchestrator.sweep"):
+        outcome = run_sweep(spec, console=quiet(), write_report=False, deploy=False)
+    by_model = {s.model: s for s in outcome.selections}
+    assert by_model["m0"].remeasured is True and "after re-measuring" in by_model["m0"].reason
+    # m1's checkpoint could not be read back: its first measurements decide, and the log says why
+    assert by_model["m1"].remeasured is False and by_model["m1"].winner is not None
+    assert any("not re-measuring m1" in m and damaged[0][:12] in m for m in caplog.messages)
