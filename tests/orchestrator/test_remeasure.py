@@ -1,7 +1,8 @@
 """Re-measuring near-ties after a sweep: groups side by side on the idle workers, on real Ray actors.
 
-The actors are small stand-ins with the TuneWorker's start-up answer (``info``) and calls that
-sleep, hang or fail, so that what is asserted is the scheduler's dispatch, not torch timings.
+The dispatch tests use small stand-in actors with the TuneWorker's start-up answer (``info``) and
+calls that sleep, hang or fail, so that what is asserted is the scheduler's dispatch, not torch
+timings; the last test is a whole sweep with real workers and a real store.
 """
 
 from __future__ import annotations
