@@ -25,6 +25,8 @@ INFRA = "infra"
 ERROR = "error"  # anything else that went wrong in a phase (infer raised, measure raised)
 SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
 BUDGET_RAN_OUT = "the sweep's total time budget ran out"  # a skipped result's error
+#: error_class of a job whose model's eager fp32 reference itself failed on the spec's inputs
+REFERENCE_FAILED = "ReferenceFailed"
 STATUSES = (OK, BUILD_ERROR, INCORRECT, UNSUPPORTED, TIMEOUT, CRASH, INFRA, ERROR, SKIPPED)
 
 #: How a sweep came by a result: it built it, took it from the store as it was, or took the

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 from aitune.defaults import is_baseline
 from aitune.measure import Measurement
 from aitune.strategy import Selection, Strategy, select, speedup
-from orchestrator.records import ResultRecord, SelectionRecord
+from orchestrator.records import REFERENCE_FAILED, ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
 #: re-measures each group's given results interleaved on one worker (groups side by side where
@@ -147,6 +147,10 @@ def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strate
                                                    first.measurements, strategy, choice.ties)
     winner = choice.winner.record if choice.winner is not None else None
     gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
+    if winner is None and first.records and all(r.error_class == REFERENCE_FAILED for r in first.records):
+        said = (first.records[0].error or "").strip().splitlines()[-1:] or ["no message"]
+        choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said[0]}), so no candidate could "
+                         "be checked against it: check the model's inputs (or sample_factory)")
     return SelectionRecord(
         model=group[0], batch_size=group[1], device_class_key=group[2],
         winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,

@@ -162,9 +162,14 @@ class TuneWorker:
                 _freeze_heap()
         ref = self._cache.reference(model_name, batch)
         if ref is None:
-            sample = make_sample(self.spec.model(model_name), batch).to(self.device)
-            with torch.inference_mode():
-                out = map_tensors(sample(module), lambda t: t.detach().clone())
+            try:
+                sample = make_sample(self.spec.model(model_name), batch).to(self.device)
+                with torch.inference_mode():
+                    out = map_tensors(sample(module), lambda t: t.detach().clone())
+            except Exception as exc:
+                if memory.is_oom(exc) or memory.must_recycle(exc):
+                    raise  # the device's trouble, not the model's: handled as such
+                raise ReferenceFailed(str(exc)) from exc
             self._cache.add_reference(model_name, batch, sample, out)
             ref = (sample, out)
         self._phases["load"] = time.perf_counter() - start
@@ -199,6 +204,10 @@ class TuneWorker:
         except NotDeterministicModel as exc:
             failure = self._failure(job, R.ERROR, exc)
             failure["error"] = str(exc)  # the message says it all; no traceback
+            return failure
+        except ReferenceFailed as exc:  # the model's own traceback, marked: no candidate of it can be checked
+            failure = self._failure(job, R.ERROR, exc.__cause__ or exc)
+            failure["error_class"] = R.REFERENCE_FAILED
             return failure
         except Exception as exc:
             return self._failure(job, R.ERROR, exc)
@@ -318,6 +327,10 @@ class TuneWorker:
         return backend
 
     def _failed(self, record: ResultRecord, exc: BaseException) -> None:
+        if isinstance(exc, ReferenceFailed):  # the model's own traceback, marked
+            record.status, record.error, record.error_class = R.ERROR, _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
+            record.measurement = None
+            return
         record.status, record.error = R.ERROR, _trace(exc)
         record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
         record.measurement = None
@@ -459,6 +472,10 @@ class TuneWorker:
 
 class NotDeterministicModel(RuntimeError):
     """The model this worker built is not the one the driver fingerprinted."""
+
+
+class ReferenceFailed(RuntimeError):
+    """The model in eager fp32 failed on its spec's inputs (or its sample factory failed)."""
 
 
 def _rss_parts() -> dict[str, int]:

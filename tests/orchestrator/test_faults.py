@@ -119,3 +119,18 @@ def test_force_runs_again(ray_session, tmp_path):
 
 def test_ray_is_left_running_for_the_caller(ray_session):
     assert ray.is_initialized()
+
+
+def test_inputs_the_model_cant_take_fail_each_job_with_its_own_error_and_the_selection_says_why(ray_session, tmp_path):
+    models = [{"name": "mlp", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
+               "inputs": [{"name": "x", "shape": [7]}]}]  # the MLP takes 16 features
+    outcome = run_sweep(tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16], models=models), console=quiet(),
+                        write_report=False, deploy=False)
+    assert {r.status for r in outcome.results} == {R.ERROR}
+    assert {r.error_class for r in outcome.results} == {R.REFERENCE_FAILED}
+    # the model's own traceback, its error last, not a wrapper's
+    assert all(r.error.strip().splitlines()[-1].startswith("RuntimeError: mat1 and mat2 shapes") for r in outcome.results)
+    (sel,) = outcome.selections
+    assert sel.winner is None
+    assert "fails in eager fp32 on the spec's inputs (RuntimeError: mat1 and mat2 shapes" in sel.reason
+    assert "check the model's inputs" in sel.reason
