@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ from orchestrator.report import render, write_reports
 from orchestrator.scheduler import JobGate, Limits, Scheduler
 from orchestrator.selection import Group, choose_winners
 from orchestrator.spec import SweepSpec
-from orchestrator.store import ResultStore, SqliteStore
+from orchestrator.store import DB_NAME, ResultStore, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,16 @@ def open_store(root: str | Path) -> SqliteStore:
     return SqliteStore(Path(root))
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating it would make), if any."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -163,13 +174,22 @@ def run_sweep(
     console = console or Console()
     # Everything that can be refused is refused before Ray starts: the store, then the models.
     own_store = store is None
-    store = store or open_store(store_root or spec.store)
+    root = Path(store_root or spec.store)
+    new_root = _first_missing(root) if own_store else None
+    new_db = own_store and not (root / DB_NAME).exists()
+    store = store or open_store(root)
     try:
         identities = identify_models(spec)
         handle = connect(address, **(ray_init or {}))
     except BaseException:
         if own_store:
             store.close()
+            # a refused run leaves no store behind that it made itself
+            if new_root is not None:
+                shutil.rmtree(new_root, ignore_errors=True)
+            elif new_db:
+                for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+                    (root / name).unlink(missing_ok=True)
         raise
     scheduler = None
     sweep_id = None

@@ -64,6 +64,25 @@ def test_tune_with_invalid_spec_exits_2_and_names_each_field(tmp_path):
     assert not store.exists()  # nothing ran: no store, no Ray
 
 
+def test_tune_refused_for_a_model_the_factory_cant_make_leaves_no_store_but_keeps_an_existing_one(tmp_path):
+    """The model is refused after the store is opened (a bad store is refused first): a store this
+    run made is taken away again; one that was there is left as it was."""
+    spec = {"name": "bad", "models": [{"name": "m", "factory": "os:getcwd", "inputs": [{"name": "x", "shape": [4]}]}],
+            "batch_sizes": [1]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(spec))
+    new = tmp_path / "new" / "deeper" / "store"
+    proc = cli("tune", str(path), "--store", str(new))
+    assert proc.returncode == 2 and "returned str, not an nn.Module" in proc.stdout + proc.stderr
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's")
+    assert cli("tune", str(path), "--store", str(kept)).returncode == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]  # the database it made there is gone too
+    assert (kept / "mine.txt").read_text() == "the user's"
+
+
 def test_tune_with_missing_spec_file_exits_2(tmp_path):
     proc = cli("tune", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
