@@ -505,6 +505,8 @@ def load_spec(path: str | Path) -> SweepSpec:
 def read_spec_file(path: str | Path) -> Any:
     """One spec file's plain data, refusing what YAML or JSON would silently accept."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"sweep spec {path} is a directory, not a spec file: name its spec files (e.g. {path}/*.yaml)")
     if not path.is_file():
         raise SpecError(f"sweep spec {path} does not exist")
     try:

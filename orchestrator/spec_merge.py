@@ -50,6 +50,8 @@ def _collect(path: Path, stack: tuple[Path, ...], seen: set[Path], out: list[tup
     if not isinstance(data, dict):
         raise SpecError(f"invalid sweep spec {path}:\n  (top level): expected a mapping of fields, got {type(data).__name__}")
     for included in _includes(data, path):
+        if included.is_dir():
+            raise SpecError(f"sweep spec {path}: include {included} is a directory; name each spec file in it")
         if not included.is_file():
             raise SpecError(f"sweep spec {path}: include {included} does not exist")
         _collect(included, (*stack, key), seen, out)

@@ -97,6 +97,15 @@ def test_a_missing_include_is_refused_with_its_path(tmp_path):
         load_spec(a)
 
 
+def test_an_included_directory_is_refused_as_one(tmp_path):
+    (tmp_path / "models").mkdir()
+    a = write(tmp_path / "a.yaml", {"include": ["models"], "models": [model("a")], "batch_sizes": [1]})
+    with pytest.raises(SpecError, match="models is a directory; name each spec file in it"):
+        load_spec(a)
+    with pytest.raises(SpecError, match="is a directory, not a spec file"):
+        load_specs([tmp_path / "models", a])
+
+
 def test_a_file_included_twice_is_read_once(tmp_path):
     write(tmp_path / "base.yaml", {"models": [model("base")], "batch_sizes": [1]})
     write(tmp_path / "x.yaml", {"include": ["base.yaml"], "models": [model("x")]})
