@@ -328,7 +328,6 @@ class Scheduler:
         worker that hangs takes nothing more)."""
         answers: dict[Any, Any] = {}
         free = {dc: dict(idle) for dc, idle in self._idle.items() if idle}
-        busy: collections.Counter[str] = collections.Counter()
         todo = collections.deque(calls.items())
         running: dict[Any, tuple[Any, WorkerHandle, float]] = {}
         while todo or running:
@@ -337,7 +336,7 @@ class Scheduler:
                 key, (dc, prefer, make) = todo.popleft()
                 idle = free.get(dc)
                 if not idle:
-                    if busy[dc]:
+                    if any(w.info.device_class_key == dc for _, w, _ in running.values()):  # one will free
                         later.append((key, (dc, prefer, make)))
                     else:
                         answers[key] = LookupError(f"no idle worker of device class {dc[:12]}")
@@ -349,15 +348,12 @@ class Scheduler:
                     continue
                 w = idle.pop(prefer, None) or idle.pop(next(iter(idle)))
                 running[self.pool.call(w.actor, method, *args)] = (key, w, self.clock.now() + timeout_s)
-                busy[dc] += 1
             todo = later
             if not running:
                 break
             soonest = min(deadline for _, _, deadline in running.values())
             for ref in self.pool.wait(list(running), max(0.0, soonest - self.clock.now())):
                 key, w, _ = running.pop(ref)
-                dc = w.info.device_class_key
-                busy[dc] -= 1
                 try:
                     answers[key] = self.pool.get(ref)
                 except WorkerDied as exc:
@@ -366,12 +362,11 @@ class Scheduler:
                     continue
                 except Exception as exc:  # the call failed, the worker stands
                     answers[key] = exc
-                free.setdefault(dc, {})[w.worker_id] = w
+                free.setdefault(w.info.device_class_key, {})[w.worker_id] = w
             now = self.clock.now()
             for ref, (key, w, deadline) in list(running.items()):
                 if now >= deadline:
                     del running[ref]
-                    busy[w.info.device_class_key] -= 1
                     answers[key] = TimeoutError(f"worker {w.worker_id} gave no answer within {timeout_s:.0f} s")
                     self._drop(w)
         return answers

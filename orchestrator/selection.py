@@ -113,7 +113,6 @@ class _Pending:
     records: list[ResultRecord]
     measurements: dict[str, Measurement]
     choice: Selection
-    cands: list[_Candidate]
     baseline: _Candidate | None
     contenders: list[ResultRecord]
 
@@ -133,7 +132,7 @@ def _first_look(records: list[ResultRecord], strategy: Strategy) -> _Pending:
         top = _contenders(ranked, strategy)
         if baseline is not None and baseline.eligible and baseline.record not in top:
             top.append(baseline.record)
-    return _Pending(records, measurements, choice, cands, baseline, top if len(top) > 1 else [])
+    return _Pending(records, measurements, choice, baseline, top if len(top) > 1 else [])
 
 
 def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strategy: Strategy) -> SelectionRecord:

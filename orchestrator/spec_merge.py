@@ -73,12 +73,11 @@ def _per_model(parts: list[tuple[Path, dict[str, Any]]], problems: list[str]) ->
         lacking = [str(p) for p, d in parts if key not in d and isinstance(d.get("models"), list)
                    and any(not isinstance(m, dict) or m.get(key) is None for m in d["models"])]
         idle = [str(p) for p, d in parts if key in d and not d.get("models")]
+        why = f"  {key}: the specs give different values, so each goes to its own file's models, but "
         if lacking:
-            problems.append(f"  {key}: the specs give different values, so each goes to its own file's models, but "
-                            f"{', '.join(lacking)} gives none for its models; give {key} there too")
+            problems.append(f"{why}{', '.join(lacking)} gives none for its models; give {key} there too")
         if idle:
-            problems.append(f"  {key}: the specs give different values, so each goes to its own file's models, but "
-                            f"{', '.join(idle)} has no models of its own to give it to")
+            problems.append(f"{why}{', '.join(idle)} has no models of its own to give it to")
         if lacking or idle:
             refused.add(key)
         else:
@@ -109,8 +108,6 @@ def merge_data(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     names = list(dict.fromkeys(d["name"] for _, d in parts if isinstance(d.get("name"), str)))
     parts = _per_model(parts, problems)
     for path, data in parts:
-        if len(names) > 1:
-            data = {k: v for k, v in data.items() if k != "name"}
         for i, model in enumerate(data.get("models") or []):
             name = model.get("name") if isinstance(model, dict) else None
             if isinstance(name, str) and name in model_from:
@@ -120,7 +117,7 @@ def merge_data(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
                 model_from[name] = path
             models.append(model)
         for key, value in data.items():
-            if key == "models":
+            if key == "models" or key == "name" and len(names) > 1:  # different names are joined below
                 continue
             if key in merged and merged[key] != value:
                 problems.append(f"  {key}: {given_by[key]} gives {merged[key]!r} but {path} gives {value!r}; "

@@ -205,10 +205,6 @@ class TuneWorker:
             failure = self._failure(job, R.ERROR, exc)
             failure["error"] = str(exc)  # the message says it all; no traceback
             return failure
-        except ReferenceFailed as exc:  # the model's own traceback, marked: no candidate of it can be checked
-            failure = self._failure(job, R.ERROR, exc.__cause__ or exc)
-            failure["error_class"] = R.REFERENCE_FAILED
-            return failure
         except Exception as exc:
             return self._failure(job, R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
@@ -327,12 +323,8 @@ class TuneWorker:
         return backend
 
     def _failed(self, record: ResultRecord, exc: BaseException) -> None:
-        if isinstance(exc, ReferenceFailed):  # the model's own traceback, marked
-            record.status, record.error, record.error_class = R.ERROR, _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
-            record.measurement = None
-            return
-        record.status, record.error = R.ERROR, _trace(exc)
-        record.error_class = "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
+        record.status = R.ERROR
+        record.error, record.error_class = _error_of(exc)
         record.measurement = None
         poisoned = memory.must_recycle(exc)
         if poisoned:
@@ -399,7 +391,7 @@ class TuneWorker:
             self._before = None
         self._release()
         record = self._record(job, status)
-        record.error, record.error_class = _trace(exc), "OutOfMemoryError" if oom else type(exc).__name__
+        record.error, record.error_class = _error_of(exc)
         record.phases = dict(self._phases)
         mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
         record.memory, record.recycled = mem, poisoned or recycled
@@ -552,3 +544,11 @@ def _freeze_heap() -> None:
 
 def _trace(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).strip()
+
+
+def _error_of(exc: BaseException) -> tuple[str, str]:
+    """(error, error_class) of a failed record: a model that failed on its spec's inputs keeps its
+    own traceback, marked so (no candidate of it can be checked)."""
+    if isinstance(exc, ReferenceFailed):
+        return _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
+    return _trace(exc), "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
