@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import records as R
+from orchestrator.error_text import summarize
 from orchestrator.events import SweepEvents
 
 
@@ -86,7 +87,7 @@ class Progress(SweepEvents):
         if record.median_ms is not None:
             detail = f"{record.median_ms:.3f} ms"
         else:
-            detail = (record.error or "").strip().splitlines()[-1][:100] if record.error else ""
+            detail = summarize(record.error, 100) or ""
         origin = f" ({record.how})" if record.how != R.BUILT else ""
         self._line(f"[{self.done}/{self.total}] {record.model} b{record.batch_size} {record.candidate}: "
                    f"{record.status}{origin} {detail}")

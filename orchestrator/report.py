@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aitune.strategy import speedup
+from orchestrator.error_text import summarize
 from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
 from orchestrator.selection import baseline_of
 
@@ -65,7 +66,7 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
                 "winner": selection is not None and selection.winner_key == r.key,
                 # Ties may name candidates or keys depending on who wrote them; either marks the row.
                 "tie": r.candidate in ties or r.key in ties,
-                "error": _first_line(r.error),
+                "error": summarize(r.error),
                 "key": r.key,
             }
         )
@@ -79,15 +80,6 @@ def _device_name(record: ResultRecord) -> str | None:
     for noise in ("NVIDIA ", "(R)", "(TM)", " CPU"):
         name = name.replace(noise, "")
     return " ".join(name.split("@")[0].split())  # "Xeon Gold 6338 @ 2.00GHz" -> "Xeon Gold 6338"
-
-
-def _first_line(text: str | None, limit: int = 120) -> str | None:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if not lines:
-        return None
-    # A traceback's first line says nothing; its last line names the exception.
-    line = lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # -- console -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 from aitune.defaults import is_baseline
 from aitune.measure import Measurement
 from aitune.strategy import Selection, Strategy, select, speedup
+from orchestrator.error_text import summarize
 from orchestrator.records import REFERENCE_FAILED, ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
@@ -147,8 +148,8 @@ def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strate
     winner = choice.winner.record if choice.winner is not None else None
     gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
     if winner is None and first.records and all(r.error_class == REFERENCE_FAILED for r in first.records):
-        said = (first.records[0].error or "").strip().splitlines()[-1:] or ["no message"]
-        choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said[0]}), so no candidate could "
+        said = summarize(first.records[0].error, 200) or "no message"
+        choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said}), so no candidate could "
                          "be checked against it: check the model's inputs (or sample_factory)")
     return SelectionRecord(
         model=group[0], batch_size=group[1], device_class_key=group[2],
