@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -28,6 +30,7 @@ from aitune.build_refusal import BuildRefused
 from aitune.specs import GraphSpec, Sample, TensorSpec
 from aitune.torch.export_utils import dynamic_shapes_for
 from aitune.torch.onnx_refit import ExportTemplates, program_form
+from aitune.torch.output_tree import OutputTree, exportable, flat_tree
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,41 @@ class OnnxExport:
     external_data: Path | None
     #: the output pytree spec as ``torch.utils._pytree.treespec_dumps`` JSON
     out_spec: str
+    #: where the model's output is not one that spec can keep (a named tuple, a dataclass): its
+    #: ``aitune.torch.output_tree`` JSON tree, the ONNX model returning its tensors flat
+    out_tree: dict | None = None
+
+
+class OutputLayout:
+    """How an exported model's flat outputs become the model's output: torch's pytree spec, or,
+    where that spec could not keep it, the :class:`~aitune.torch.output_tree.OutputTree`.
+    Saved into and read back from a backend's state (``out_spec``, ``out_tree``)."""
+
+    def __init__(self, out_spec: str | None = None, out_tree: OutputTree | None = None) -> None:
+        self.out_spec, self.out_tree = out_spec, out_tree
+        self._spec = None
+
+    @classmethod
+    def of(cls, exported: OnnxExport) -> "OutputLayout":
+        return cls(exported.out_spec, OutputTree.read(exported.out_tree))
+
+    def rebuild(self, outputs: list[torch.Tensor]) -> Any:
+        if self.out_tree is not None:
+            return self.out_tree.rebuild(outputs)
+        if self._spec is None and self.out_spec:
+            self._spec = pytree.treespec_loads(self.out_spec)
+        return pytree.tree_unflatten(outputs, self._spec) if self._spec is not None else tuple(outputs)
+
+    def save(self, state: dict[str, Any]) -> None:
+        state["out_spec"] = json.loads(self.out_spec) if self.out_spec else None
+        if self.out_tree is not None:  # only where there is one: other states stay as they were
+            state["out_tree"] = self.out_tree.tree
+
+    @classmethod
+    def load(cls, state: dict[str, Any]) -> "OutputLayout":
+        """From a checkpoint's state; the tree is checked whole here, before anything runs."""
+        spec = state.get("out_spec")
+        return cls(json.dumps(spec) if spec is not None else None, OutputTree.read(state.get("out_tree")))
 
 
 def onnx_input_order(graph_spec: GraphSpec) -> list[TensorSpec]:
@@ -113,6 +151,7 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
     args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
     dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
+    module, record = exportable(module)
     with torch.no_grad():
         program, form = _export_with_registry(module, args, kwargs, dynamic_shapes, opset, templates)
         if program is None:
@@ -133,7 +172,12 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         model=path,
         external_data=data_file if data_file.exists() else None,
         out_spec=pytree.treespec_dumps(program.exported_program.call_spec.out_spec),
+        out_tree=_tree_json(flat_tree(record, program.exported_program.call_spec.out_spec)),
     )
+
+
+def _tree_json(tree) -> dict | None:
+    return tree.tree if tree is not None else None
 
 
 @functools.lru_cache(maxsize=None)

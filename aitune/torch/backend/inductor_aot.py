@@ -13,6 +13,7 @@ from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, Unsuppo
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.cuda_graphs import CudaGraphRunner
 from aitune.torch.export_utils import export_module
+from aitune.torch.output_tree import OutputTree, exportable, flat_tree
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 from aitune.torch.vec_isa_memo import remember_vec_isa
 
@@ -47,6 +48,7 @@ class TorchInductorAotBackend(ArtifactBackend):
         super().__init__(config)
         self._package: Path | None = None
         self._runner = None
+        self._out_tree: OutputTree | None = None  # set where the package returns the output flattened
 
     @property
     def is_jit(self) -> bool:
@@ -62,8 +64,11 @@ class TorchInductorAotBackend(ArtifactBackend):
         if self.config.cuda_graphs and device.type != "cuda":
             raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
         module = prepare_module(module, self.config.precision, False, False, device)
-        # Export traces with fake tensors: the real module is never called here.
-        program = export_module(module, graph_spec, cast_sample(data[0].to(device), self._dtype()))
+        # Export traces with fake tensors: the real module is never called here. An output the
+        # package could not keep (a named tuple, a dataclass) comes back flat and is rebuilt.
+        view, record = exportable(module)
+        program = export_module(view, graph_spec, cast_sample(data[0].to(device), self._dtype()))
+        self._out_tree = flat_tree(record, program.call_spec.out_spec)
         path = cache_dir / "model.pt2"
         if device.type == "cpu":
             remember_vec_isa()  # this process's first CPU kernel skips Inductor's ISA probe where it can
@@ -92,9 +97,11 @@ class TorchInductorAotBackend(ArtifactBackend):
             self.graph_spec.check_sample(sample, self.name)
         sample = cast_sample(sample, self._dtype())
         if isinstance(self._runner, CudaGraphRunner):
-            return sample(self._runner)  # inference mode inside; its clones follow the caller's mode
-        with torch.inference_mode():
-            return sample(self._runner)
+            out = sample(self._runner)  # inference mode inside; its clones follow the caller's mode
+        else:
+            with torch.inference_mode():
+                out = sample(self._runner)
+        return self._out_tree.rebuild(out) if self._out_tree is not None else out
 
     def _deactivate(self) -> None:
         self._runner = None
@@ -102,10 +109,13 @@ class TorchInductorAotBackend(ArtifactBackend):
     def to_dict(self) -> dict[str, Any]:
         state = self._base_dict()
         state["package"] = self._package
+        if self._out_tree is not None:  # only where there is one: other states stay as they were
+            state["out_tree"] = self._out_tree.tree
         return state
 
     @classmethod
     def from_dict(cls, state_dict: dict[str, Any]) -> "TorchInductorAotBackend":
         backend = cls._new_loaded(state_dict)
         backend._package = artifact_path(state_dict, "package", cls.__name__)
+        backend._out_tree = OutputTree.read(state_dict.get("out_tree"))  # checked whole before anything runs
         return backend

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.export_cache import shared_onnx_export
+from aitune.torch.onnx_export import OutputLayout
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -69,9 +68,8 @@ class OnnxRuntimeBackend(ArtifactBackend):
         super().__init__(config)
         self._model: Path | None = None
         self._data: Path | None = None
-        self._out_spec: str | None = None
+        self._outputs = OutputLayout()
         self._session = None
-        self._tree = None
 
     @property
     def is_jit(self) -> bool:
@@ -102,7 +100,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
 
         exported = shared_onnx_export(self._exports, module, data[0], graph_spec, cache_dir / "model.onnx",
                                       self.config.opset, self.config.precision, prepare)
-        self._model, self._data, self._out_spec = exported.model, exported.external_data, exported.out_spec
+        self._model, self._data, self._outputs = exported.model, exported.external_data, OutputLayout.of(exported)
         self._load(self.device)
 
     def _load(self, device: torch.device) -> None:
@@ -143,9 +141,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
             self._out_meta[shapes] = [(tuple(o.shape), o.dtype) for o in outputs]
             if self.device is not None and self.device.type != "cpu":
                 outputs = [o.to(self.device) for o in outputs]
-        if self._tree is None and self._out_spec:
-            self._tree = pytree.treespec_loads(self._out_spec)
-        return pytree.tree_unflatten(outputs, self._tree) if self._tree is not None else tuple(outputs)
+        return self._outputs.rebuild(outputs)
 
     def _run_bound(self, tensors: list[torch.Tensor], meta) -> list[torch.Tensor]:
         """I/O binding: ONNX Runtime reads inputs and writes outputs in place, on the device."""
@@ -170,7 +166,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
         state = self._base_dict()
         state["model"] = self._model
         state["external_data"] = self._data
-        state["out_spec"] = json.loads(self._out_spec) if self._out_spec else None
+        self._outputs.save(state)
         return state
 
     @classmethod
@@ -178,6 +174,5 @@ class OnnxRuntimeBackend(ArtifactBackend):
         backend = cls._new_loaded(state_dict)
         backend._model = artifact_path(state_dict, "model", cls.__name__)
         backend._data = artifact_path(state_dict, "external_data", cls.__name__, optional=True)
-        spec = state_dict.get("out_spec")
-        backend._out_spec = json.dumps(spec) if spec is not None else None
+        backend._outputs = OutputLayout.load(state_dict)
         return backend

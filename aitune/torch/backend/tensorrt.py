@@ -10,7 +10,6 @@ precision is refused as unsupported.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 import torch
-from torch.utils import _pytree as pytree
 
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.export_cache import shared_onnx_export
-from aitune.torch.onnx_export import onnx_input_order
+from aitune.torch.onnx_export import OutputLayout, onnx_input_order
 from aitune.torch.precision import normalize_precision
 from aitune.torch.trt_profiles import ProfileShapes, network_profile
 
@@ -219,10 +217,9 @@ class TensorRTBackend(ArtifactBackend):
     def __init__(self, config: TensorRTConfig | None = None) -> None:
         super().__init__(config)
         self._engine_file: Path | None = None
-        self._out_spec: str | None = None
+        self._outputs = OutputLayout()
         self._input_names: list[str] = []
         self._output_names: list[str] = []
-        self._tree = None
         # live TensorRT objects: the logger and runtime must outlive the engine and its context
         self._logger = None
         self._runtime = None
@@ -279,7 +276,7 @@ class TensorRTBackend(ArtifactBackend):
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(cache_file, builder_config.get_timing_cache().serialize())
         self._engine_file = engine_file
-        self._out_spec = exported.out_spec
+        self._outputs = OutputLayout.of(exported)
         self._input_names, self._output_names = input_names, output_names
         self._load(device)
 
@@ -341,9 +338,7 @@ class TensorRTBackend(ArtifactBackend):
             # on torch's current stream: later torch work on the outputs is ordered after the engine
             if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
                 raise RuntimeError(f"Backend {self.name}: TensorRT execution failed: {self._logger.take_errors()}")
-        if self._tree is None and self._out_spec:
-            self._tree = pytree.treespec_loads(self._out_spec)
-        return pytree.tree_unflatten(outputs, self._tree) if self._tree is not None else tuple(outputs)
+        return self._outputs.rebuild(outputs)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def _deactivate(self) -> None:
@@ -356,7 +351,7 @@ class TensorRTBackend(ArtifactBackend):
     def to_dict(self) -> dict[str, Any]:
         state = self._base_dict()
         state["engine"] = self._engine_file
-        state["out_spec"] = json.loads(self._out_spec) if self._out_spec else None
+        self._outputs.save(state)
         state["input_names"] = list(self._input_names)
         state["output_names"] = list(self._output_names)
         return state
@@ -365,8 +360,7 @@ class TensorRTBackend(ArtifactBackend):
     def from_dict(cls, state_dict: dict[str, Any]) -> "TensorRTBackend":
         backend = cls._new_loaded(state_dict)
         backend._engine_file = artifact_path(state_dict, "engine", cls.__name__)
-        spec = state_dict.get("out_spec")
-        backend._out_spec = json.dumps(spec) if spec is not None else None
+        backend._outputs = OutputLayout.load(state_dict)
         backend._input_names = list(state_dict.get("input_names", []))
         backend._output_names = list(state_dict.get("output_names", []))
         return backend

@@ -1,0 +1,82 @@
+"""AOTInductor and ONNX Runtime on models returning a named tuple or a dataclass: torch's pytree
+can't keep those (the package or export fails), so the compiled form returns flat tensors and the
+backend rebuilds the output, here and, from its checkpoint, in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from aitune.check import compare_outputs, tolerance_for
+from aitune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from aitune.specs import GraphSpec, Sample
+from aitune.torch.backend import OnnxRuntimeBackend, TorchInductorAotBackend
+from aitune_helpers import HERE, PYTHON, needs_onnx_export, subprocess_env
+from structured_outputs import Boxes, Scores, box_head, named_head
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+BACKENDS = {"aot": TorchInductorAotBackend, "onnxruntime": OnnxRuntimeBackend}
+MODELS = {"named_tuple": (named_head, Scores), "dataclass": (box_head, Boxes)}
+SAMPLE = Sample.of(torch.randn(2, 8, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.fixture(scope="module", params=[("aot", "named_tuple"), ("onnxruntime", "dataclass"), ("onnxruntime", "named_tuple")],
+                ids=lambda p: "-".join(p))
+def built(request, tmp_path_factory):
+    backend_name, model_name = request.param
+    if backend_name == "onnxruntime":
+        needs_onnx_export()
+    factory, out_type = MODELS[model_name]
+    model = factory()
+    with torch.inference_mode():
+        reference = SAMPLE(model)
+    backend = BACKENDS[backend_name]()
+    backend.build(model, GraphSpec.from_sample(SAMPLE, reference), [SAMPLE], "cpu", tmp_path_factory.mktemp("build"))
+    return backend, reference, out_type
+
+
+def test_the_output_comes_back_as_the_models_own_type_and_matches_eager(built):
+    backend, reference, out_type = built
+    with torch.inference_mode():
+        out = SAMPLE(backend.infer)
+    assert type(out) is out_type
+    check = compare_outputs(reference, out, tolerance_for("float32"))
+    assert check.ok, check.reason
+    if out_type is Boxes:
+        assert out.meta["count"] == 4 and out.meta["parts"][1] is None  # constants kept as they were
+
+
+@pytest.mark.parametrize("import_types", [True, False], ids=["types-imported", "stand-ins"])
+def test_a_checkpoint_rebuilds_the_output_in_a_fresh_process(built, tmp_path, import_types):
+    backend, reference, out_type = built
+    save_checkpoint(backend, tmp_path / "ckpt")
+    torch.save(SAMPLE.args[0], tmp_path / "x.pt")
+    flags = ["--import-types"] if import_types else []
+    proc = subprocess.run([PYTHON, str(HERE / "output_tree_child.py"), str(tmp_path / "ckpt"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "out.pt"), *flags],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    module, _, name = got["type"].partition(":")
+    # the model's own type where its module is imported; else a stand-in of that name and shape
+    assert name == out_type.__name__ and (module == "structured_outputs") == import_types
+    assert got["fields"] == {Scores: ["logits", "best"], Boxes: ["boxes", "meta"]}[out_type]
+    first = reference[0] if isinstance(reference, tuple) else reference.boxes
+    assert torch.allclose(got["first"].float(), first.float(), atol=1e-5)
+
+
+def test_a_checkpoint_whose_output_tree_was_edited_is_refused_before_it_runs(built, tmp_path):
+    backend, _, _ = built
+    save_checkpoint(backend, tmp_path / "ckpt")
+    manifest = tmp_path / "ckpt" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["state"]["out_tree"] is not None
+    data["state"]["out_tree"] = {"tuple": [{"tensor": 0}, {"tensor": 5}]}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "ckpt", "cpu")
+    assert "output tree: tensor slots [0, 5] are not 0..1" in str(info.value)
