@@ -44,7 +44,8 @@ class ClusterConnectionError(ConnectionError):
         hint = (
             "unset RAY_ADDRESS to run an embedded local Ray instead"
             if source == ADDRESS_ENV
-            else "pass address=None to run an embedded local Ray instead"
+            else "leave the address out (`--address` on the command line, `address=` in Python) to run an "
+            "embedded local Ray instead"
         )
         super().__init__(
             f"cannot connect to the Ray cluster at {address!r} (from {_describe_source(source)}): "

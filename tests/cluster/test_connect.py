@@ -61,6 +61,7 @@ def test_explicit_bad_address_fails_fast_naming_the_address():
     assert isinstance(caught.value, ConnectionError)
     message = str(caught.value)
     assert DEAD_ADDRESS in message and "address argument" in message
+    assert "`--address` on the command line" in message  # what to do, for a CLI user too
     assert not ray.is_initialized()
 
 
