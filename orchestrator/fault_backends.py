@@ -112,3 +112,23 @@ def process_seeded_mlp(width: int = 16, depth: int = 2) -> torch.nn.Module:
     from aitune.examples import mlp
 
     return mlp(width=width, depth=depth, seed=os.getpid())
+
+
+class _CallCounting(torch.nn.Module):
+    """Adds how many times it was called to its output: a buffer updated in forward."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x) + self.calls
+
+
+def stateful_mlp(width: int = 16, depth: int = 2) -> torch.nn.Module:
+    """A model whose outputs change from one call to the next on the same inputs."""
+    from aitune.examples import mlp
+
+    return _CallCounting(mlp(width=width, depth=depth)).eval()

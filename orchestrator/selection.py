@@ -10,7 +10,7 @@ from aitune.defaults import is_baseline
 from aitune.measure import Measurement
 from aitune.strategy import Selection, Strategy, select, speedup
 from orchestrator.error_text import summarize
-from orchestrator.records import REFERENCE_FAILED, ResultRecord, SelectionRecord
+from orchestrator.records import INCORRECT, REFERENCE_FAILED, ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
 #: re-measures each group's given results interleaved on one worker (groups side by side where
@@ -151,6 +151,14 @@ def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strate
         said = summarize(first.records[0].error, 200) or "no message"
         choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said}), so no candidate could "
                          "be checked against it: check the model's inputs (or sample_factory)")
+    elif winner is None and any(r.status == INCORRECT and is_baseline(r.backend, r.config) for r in first.records):
+        # eager fp32 is what made the reference: failing its check, the model itself is not repeatable
+        said = next(summarize(r.error, 160) for r in first.records
+                    if r.status == INCORRECT and is_baseline(r.backend, r.config)) or "no message"
+        choice.reason = (f"eager fp32, which made the reference, gave other outputs on the same inputs ({said}): "
+                         "the model's forward is not repeatable (it keeps state across calls, such as a buffer it "
+                         "updates, or draws random numbers), so no candidate can be checked: make forward depend "
+                         "only on its inputs")
     return SelectionRecord(
         model=group[0], batch_size=group[1], device_class_key=group[2],
         winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,

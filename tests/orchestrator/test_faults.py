@@ -134,3 +134,15 @@ def test_inputs_the_model_cant_take_fail_each_job_with_its_own_error_and_the_sel
     assert sel.winner is None
     assert "fails in eager fp32 on the spec's inputs (RuntimeError: mat1 and mat2 shapes" in sel.reason
     assert "check the model's inputs" in sel.reason
+
+
+def test_a_model_whose_outputs_change_between_calls_is_named_as_not_repeatable(ray_session, tmp_path):
+    models = [{"name": "counting", "factory": "orchestrator.fault_backends:stateful_mlp", "kwargs": {"width": 16},
+               "inputs": [{"name": "x", "shape": [16]}]}]
+    outcome = run_sweep(tiny_spec(tmp_path / "store", [EAGER_BF16], models=models), console=quiet(),
+                        write_report=False, deploy=False)
+    assert {r.status for r in outcome.results} == {R.INCORRECT}  # eager fp32 too: it can't match its own reference
+    (sel,) = outcome.selections
+    assert sel.winner is None
+    assert sel.reason.startswith("eager fp32, which made the reference, gave other outputs on the same inputs (sample[0]")
+    assert "not repeatable" in sel.reason and "buffer it updates" in sel.reason
