@@ -39,6 +39,7 @@ from aitune.torch.tree import flatten_tensors, map_tensors
 from orchestrator import memory
 from orchestrator import records as R
 from orchestrator.candidates import load_model, make_sample, model_fingerprint, not_deterministic
+from orchestrator.error_text import summarize
 from orchestrator.model_cache import ModelCache, default_limit_bytes
 from orchestrator.plan import outputs_bytes
 from orchestrator.pretend_gpus import pretend_device
@@ -54,11 +55,29 @@ def pick_device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+class OneLineFailures(logging.Filter):
+    """A failed build's traceback is its result's error (in the store and report.json); the
+    worker's log, which Ray prints on the driver's console, says it in one line: a sweep of many
+    models whose exports fail would otherwise print a page of torch.export's traceback for each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            said = summarize("".join(traceback.format_exception(exc)), 240)
+            record.msg, record.args = f"{record.getMessage()}: {said} (its traceback: the result's error, in report.json)", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def quiet_libraries() -> None:
-    """Keep worker logs to what matters: the ONNX exporter and torch's pytree are chatty."""
+    """Keep worker logs to what matters: the ONNX exporter and torch's pytree are chatty, and a
+    failed build is a line, not its traceback."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    backend_log = logging.getLogger(Backend.__module__)
+    if not any(isinstance(f, OneLineFailures) for f in backend_log.filters):
+        backend_log.addFilter(OneLineFailures())
 
 
 def reference_bytes(sample: Sample, outputs: Any) -> bytes:

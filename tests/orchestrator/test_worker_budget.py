@@ -39,3 +39,26 @@ def test_a_job_still_within_its_start_by_runs():
     assert worker.build(job.to_dict())["status"] == R.OK
     record, checkpoint, *_ = worker.finish(job.to_dict())
     assert record["status"] == R.OK and checkpoint
+
+
+def test_a_workers_log_says_a_failed_build_in_one_line_and_keeps_the_traceback_out(caplog):
+    import logging
+
+    from orchestrator.worker import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # once is enough: a second call adds no second filter
+    log = logging.getLogger("aitune.torch.backend.backend")
+    assert sum(type(f).__name__ == "OneLineFailures" for f in log.filters) == 1
+    try:
+        try:
+            raise KeyError("weight")
+        except KeyError as cause:
+            raise RuntimeError("Failed to export the model with torch.export.\nlong advice") from cause
+    except RuntimeError:
+        with caplog.at_level(logging.ERROR, logger=log.name):
+            log.exception("Backend %s failed to build on %s", "OnnxRuntimeBackend", "cpu")
+    (record,) = [r for r in caplog.records if r.name == log.name]
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert record.getMessage() == ("Backend OnnxRuntimeBackend failed to build on cpu: RuntimeError from KeyError: 'weight' "
+                                   "(its traceback: the result's error, in report.json)")
