@@ -210,7 +210,8 @@ def test_progress_plain_mode_prints_a_line_per_start_and_result_with_done_counts
     assert not progress._live_enabled  # not a terminal: plain lines
     ok = _result("k1", "cand-ok", "TorchEagerBackend", EAGER_CONFIG, median=1.5)
     ok.worker = worker_info(worker_id="cpu0-0")
-    bad = _result("k2", "cand-bad", "FaultBackend", {}, status=R.CRASH, error="Traceback...\nworker cpu1-1 died during build")
+    bad = _result("k2", "cand-bad", "FaultBackend", {}, status=R.CRASH,
+                  error="worker cpu1-1 died during build: ActorDiedError: the actor died unexpectedly\n\tclass_name: TuneWorker")
     bad.worker = worker_info(worker_id="cpu1-1")
     with progress:
         progress.total = 4
