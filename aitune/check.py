@@ -246,7 +246,9 @@ def _structure_failure(ref_paths: list[str], cand_paths: list[str], tol: Toleran
     missing = [p for p in ref_paths if p not in set(cand_paths)]
     extra = [p for p in cand_paths if p not in set(ref_paths)]
     if missing:
-        path, what = missing[0], f"reference tensor missing from the candidate ({counts})"
+        where = ", ".join(cand_paths[:3]) + (", ..." if len(cand_paths) > 3 else "")
+        theirs = f"; the candidate's are at {where}" if cand_paths else ""
+        path, what = missing[0], f"reference tensor missing from the candidate ({counts}{theirs})"
     elif extra:
         path, what = extra[0], f"tensor not in the reference ({counts})"
     else:

@@ -96,7 +96,8 @@ def export_onnx(
     """Export ``module`` called on ``sample`` to ``path`` with the spec's dynamic axes.
 
     The caller prepares ``module`` and ``sample`` (device, dtype): they are exported as given.
-    Keyword arguments that are not graph inputs (flags such as ``return_dict=False``) are dropped.
+    Keyword arguments that are not graph inputs (flags such as ``return_dict=False``) are not
+    inputs of the ONNX model: they are fixed at the values ``sample`` gives them.
     ``templates``: translations kept from earlier exports, used and added to (see ``onnx_refit``).
     """
     path = Path(path)
@@ -148,10 +149,13 @@ class _ConverterLog(logging.Handler):
 
 def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path: Path, opset: int | None,
             converter: _ConverterLog, templates: ExportTemplates | None = None) -> OnnxExport:
+    # Keywords that are not graph inputs (flags such as return_dict=False) are bound into the
+    # traced call as given: dropped, the export would trace the model's defaults instead.
+    flags = {k: v for k, v in sample.kwargs.items() if k not in graph_spec.kwarg_names}
     sample = Sample(sample.args, {k: sample.kwargs[k] for k in graph_spec.kwarg_names if k in sample.kwargs})
     args, kwargs = tuple(sample.args), dict(sample.kwargs) or None
     dynamic_shapes = dynamic_shapes_for(module, graph_spec, sample)
-    module, record = exportable(module)
+    module, record = exportable(module, flags)
     with torch.no_grad():
         program, form = _export_with_registry(module, args, kwargs, dynamic_shapes, opset, templates)
         if program is None:

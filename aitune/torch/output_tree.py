@@ -95,17 +95,22 @@ def _torch_keeps(value: Any) -> bool:
     return True
 
 
-def exportable(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+def exportable(module: torch.nn.Module, bound: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``(view, record)``: ``view`` is ``module`` (the same parameters, names and class) whose
     forward returns an output torch can't keep as a flat tuple of its tensors; tracing it puts
     that output's tree in ``record["tree"]``. Export ``view``; an empty ``record`` after the
-    export means the output went through unchanged."""
+    export means the output went through unchanged.
+
+    ``bound``: keyword arguments that are not inputs of the exported graph (flags such as
+    ``return_dict=False``), passed to every call of ``module`` as they are given here, so that
+    the export traces what the model does with them rather than with its defaults."""
     record: dict[str, Any] = {}
     forward = module.forward
+    bound = dict(bound or {})
 
     @functools.wraps(forward)  # torch.export reads the parameter names through __wrapped__
     def flat_forward(*args: Any, **kwargs: Any) -> Any:
-        out = forward(*args, **kwargs)
+        out = forward(*args, **{**bound, **kwargs})
         if torch.compiler.is_dynamo_compiling():
             return out  # a strict (dynamo) capture: as always (see flat_tree for what it leaves)
         record.clear()

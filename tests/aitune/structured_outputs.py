@@ -52,3 +52,15 @@ def named_head() -> NamedHead:
 def box_head() -> BoxHead:
     torch.manual_seed(1)
     return BoxHead().eval()
+
+
+class Flagged(nn.Module):
+    """A flag that is no tensor changes what forward returns (as HF models' ``return_dict``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, return_dict: bool = True):
+        y = self.linear(x)
+        return {"y": y} if return_dict else (y,)

@@ -145,6 +145,11 @@ def test_structure_mismatch():
     none_instead = compare_outputs((rand(2), rand(2)), (rand(2), None), FP32)
     assert not none_instead.ok and none_instead.worst_path == "output[1]"
 
+    # as many tensors, laid out otherwise: the reason says where the candidate's are
+    renamed = compare_outputs((rand(2),), {"y": rand(2)}, FP32)
+    assert renamed.reason == ("output[0]: reference tensor missing from the candidate (candidate has 1 tensors, "
+                              "reference 1; the candidate's are at output['y'])")
+
 
 def test_non_tensor_leaves_must_match():
     t = rand(3)

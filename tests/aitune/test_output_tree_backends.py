@@ -80,3 +80,21 @@ def test_a_checkpoint_whose_output_tree_was_edited_is_refused_before_it_runs(bui
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "ckpt", "cpu")
     assert "output tree: tensor slots [0, 5] are not 0..1" in str(info.value)
+
+
+def test_an_onnx_export_traces_the_flags_the_sample_passes_not_the_models_defaults(tmp_path):
+    needs_onnx_export()
+    from structured_outputs import Flagged
+
+    torch.manual_seed(0)
+    model = Flagged().eval()
+    sample = Sample((SAMPLE.args[0],), {"return_dict": False})
+    with torch.inference_mode():
+        reference = sample(model)
+    backend = OnnxRuntimeBackend()
+    backend.build(model, GraphSpec.from_sample(sample, reference), [sample], "cpu", tmp_path / "build")
+    with torch.inference_mode():
+        out = sample(backend.infer)
+    assert type(out) is tuple  # what return_dict=False gives, not the default's dict
+    check = compare_outputs(reference, out, tolerance_for("float32"))
+    assert check.ok, check.reason
