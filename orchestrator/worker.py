@@ -73,6 +73,9 @@ def quiet_libraries() -> None:
     """Keep worker logs to what matters: the ONNX exporter and torch's pytree are chatty, and a
     failed build is a line, not its traceback."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # a data-dependent branch makes it print the graph it traced, page after page, before the
+    # export fails with an error that says the same in a line (the result's)
+    logging.getLogger("torch.fx.experimental.symbolic_shapes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     backend_log = logging.getLogger(Backend.__module__)
