@@ -151,10 +151,9 @@ def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strate
         said = summarize(first.records[0].error, 200) or "no message"
         choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said}), so no candidate could "
                          "be checked against it: check the model's inputs (or sample_factory)")
-    elif winner is None and any(r.status == INCORRECT and is_baseline(r.backend, r.config) for r in first.records):
+    elif winner is None and baseline is not None and baseline.record.status == INCORRECT:
         # eager fp32 is what made the reference: failing its check, the model itself is not repeatable
-        said = next(summarize(r.error, 160) for r in first.records
-                    if r.status == INCORRECT and is_baseline(r.backend, r.config)) or "no message"
+        said = summarize(baseline.record.error, 160) or "no message"
         choice.reason = (f"eager fp32, which made the reference, gave other outputs on the same inputs ({said}): "
                          "the model's forward is not repeatable (it keeps state across calls, such as a buffer it "
                          "updates, or draws random numbers), so no candidate can be checked: make forward depend "

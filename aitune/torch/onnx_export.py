@@ -43,8 +43,8 @@ class OnnxExport:
     #: the output pytree spec as ``torch.utils._pytree.treespec_dumps`` JSON
     out_spec: str
     #: where the model's output is not one that spec can keep (a named tuple, a dataclass): its
-    #: ``aitune.torch.output_tree`` JSON tree, the ONNX model returning its tensors flat
-    out_tree: dict | None = None
+    #: tree, the ONNX model returning its tensors flat
+    out_tree: OutputTree | None = None
 
 
 class OutputLayout:
@@ -58,7 +58,7 @@ class OutputLayout:
 
     @classmethod
     def of(cls, exported: OnnxExport) -> "OutputLayout":
-        return cls(exported.out_spec, OutputTree.read(exported.out_tree))
+        return cls(exported.out_spec, exported.out_tree)
 
     def rebuild(self, outputs: list[torch.Tensor]) -> Any:
         if self.out_tree is not None:
@@ -176,12 +176,8 @@ def _export(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, path
         model=path,
         external_data=data_file if data_file.exists() else None,
         out_spec=pytree.treespec_dumps(program.exported_program.call_spec.out_spec),
-        out_tree=_tree_json(flat_tree(record, program.exported_program.call_spec.out_spec)),
+        out_tree=flat_tree(record, program.exported_program.call_spec.out_spec),
     )
-
-
-def _tree_json(tree) -> dict | None:
-    return tree.tree if tree is not None else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -140,15 +140,25 @@ def flat_tree(record: dict[str, Any], out_spec: pytree.TreeSpec) -> "OutputTree 
 # -- rebuilding ----------------------------------------------------------------------------------
 
 
-def _loaded_type(path: Any, where: str) -> type | None:
-    """The type ``module:qualname`` names, from a module already imported; None if there is none."""
+def _checked_path(path: Any, where: str) -> str:
     if not isinstance(path, str) or path.count(":") != 1:
         raise OutputTreeError(f"output tree: {where} names type {path!r}, not 'module:qualname'")
+    return path
+
+
+def _loaded_type(path: str) -> type | None:
+    """The type ``module:qualname`` names, from a module already imported; None if there is none.
+    A tree looks its types up on first use, not when it is read: a checkpoint may be loaded before
+    the model's factory, which imports the output's type, and used after."""
     module_name, qualname = path.split(":")
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None and part.isidentifier() else None
     return obj if isinstance(obj, type) else None
+
+
+def _stand_in_name(path: str) -> str:
+    return path.rsplit(":", 1)[-1].rsplit(".", 1)[-1]  # "pkg.mod:Outer.Out" -> "Out"
 
 
 def _names(value: Any, where: str) -> list[str]:
@@ -168,31 +178,18 @@ def _pairs(value: Any, where: str, keys: tuple[type, ...]) -> list[tuple[Any, An
 _Builder = Callable[[list[torch.Tensor]], Any]
 
 
-def _lazy(resolve: Callable[[], Any]) -> Callable[[], Any]:
-    """``resolve()`` on first use, then its answer: a tree may be read before the model's factory
-    (which imports the output's type) is imported, and is used after."""
-    answer: list[Any] = []
-
-    def get() -> Any:
-        if not answer:
-            answer.append(resolve())
-        return answer[0]
-
-    return get
-
-
 def _namedtuple_type(path: str, fields: list[str]) -> type:
-    cls = _loaded_type(path, "a named tuple")
+    cls = _loaded_type(path)
     if cls is not None and issubclass(cls, tuple) and list(getattr(cls, "_fields", ())) == fields:
         return cls
-    return collections.namedtuple(path.rsplit(".", 1)[-1].rsplit(":", 1)[-1], fields)
+    return collections.namedtuple(_stand_in_name(path), fields)
 
 
 def _dataclass_type(path: str, fields: list[str]) -> type:
-    cls = _loaded_type(path, "a dataclass")
+    cls = _loaded_type(path)
     if cls is not None and dataclasses.is_dataclass(cls) and [f.name for f in dataclasses.fields(cls)] == fields:
         return cls
-    return dataclasses.make_dataclass(path.rsplit(".", 1)[-1].rsplit(":", 1)[-1], fields)
+    return dataclasses.make_dataclass(_stand_in_name(path), fields)
 
 
 def _fill(cls: type, values: dict[str, Any]) -> Any:
@@ -204,7 +201,7 @@ def _fill(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _compile(node: Any, slots: set[int]) -> _Builder:
-    if not isinstance(node, dict) or len(node) not in (1, 2, 3):
+    if not isinstance(node, dict):
         raise OutputTreeError(f"output tree: {node!r} is not a node")
     if set(node) == {"tensor"}:
         index = node["tensor"]
@@ -228,16 +225,16 @@ def _compile(node: Any, slots: set[int]) -> _Builder:
         fields = _names(node["fields"], "a named tuple's")
         if not isinstance(node["items"], list) or len(node["items"]) != len(fields):
             raise OutputTreeError(f"output tree: named tuple {node['namedtuple']!r} has {len(fields)} fields but not as many items")
-        _loaded_type(node["namedtuple"], "a named tuple")  # its form is checked now, the type found later
-        cls = _lazy(lambda: _namedtuple_type(node["namedtuple"], fields))
+        path = _checked_path(node["namedtuple"], "a named tuple")  # checked now, the type found on first use
+        cls = functools.cache(lambda: _namedtuple_type(path, fields))
         parts = [_compile(child, slots) for child in node["items"]]
         return lambda tensors: cls()(*(part(tensors) for part in parts))
     if set(node) == {"dict"}:
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["dict"], "a dict", (str, int))]
         return lambda tensors: {k: part(tensors) for k, part in pairs}
     if set(node) == {"mapping", "items"}:
-        _loaded_type(node["mapping"], "a mapping")
-        found = _lazy(lambda: _loaded_type(node["mapping"], "a mapping"))
+        path = _checked_path(node["mapping"], "a mapping")
+        found = functools.cache(lambda: _loaded_type(path))
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["items"], "a mapping", (str, int))]
 
         def mapping(tensors: list[torch.Tensor]) -> Any:
@@ -257,14 +254,14 @@ def _compile(node: Any, slots: set[int]) -> _Builder:
     if set(node) == {"dataclass", "fields"}:
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["fields"], "a dataclass", (str,))]
         names = _names([k for k, _ in pairs], "a dataclass's")
-        _loaded_type(node["dataclass"], "a dataclass")
-        cls = _lazy(lambda: _dataclass_type(node["dataclass"], names))
+        path = _checked_path(node["dataclass"], "a dataclass")
+        cls = functools.cache(lambda: _dataclass_type(path, names))
         return lambda tensors: _fill(cls(), {k: part(tensors) for k, part in pairs})
     if set(node) == {"object", "fields"}:
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["fields"], "an object", (str,))]
         _names([k for k, _ in pairs], "an object's")
-        _loaded_type(node["object"], "an object")
-        found = _lazy(lambda: _loaded_type(node["object"], "an object"))
+        path = _checked_path(node["object"], "an object")
+        found = functools.cache(lambda: _loaded_type(path))
 
         def obj(tensors: list[torch.Tensor]) -> Any:
             values = {k: part(tensors) for k, part in pairs}
