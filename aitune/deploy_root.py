@@ -23,10 +23,12 @@ every artifact's checksum, so an edited file is refused at load.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +40,8 @@ from typing import Any, Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
+
 from aitune.canonical import sha256_of
 from aitune.checkpoint import CheckpointError, load_checkpoint, manifest_sha256, verify_checkpoint
 from aitune.environment import describe_environment
@@ -45,10 +49,36 @@ from aitune.environment import describe_environment
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
 _BATCH = re.compile(r"b(\d+)\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+#: what a model name may be: it is a folder of the deploy root, one path component
+MODEL_NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+#: folders a deploy root may not be (nor, for the first group, be inside of)
+_SYSTEM_TREES = ("/proc", "/sys", "/dev", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                 "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/include", "/usr/libexec")
+_SYSTEM_FOLDERS = {"/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/usr", "/usr/local",
+                   "/usr/share", "/var", "/var/lib", "/var/log", "/var/tmp", "/var/cache"}
 
 
 class DeployRootError(RuntimeError):
     """The deploy root can't be used (unwritable, damaged, nothing installed); one clear line."""
+
+
+def model_name_problem(name: Any) -> str | None:
+    """Why ``name`` can't be a model's folder in a deploy root (None: it can)."""
+    if not isinstance(name, str):
+        return f"a model name must be a string, got {type(name).__name__}"
+    if not _MODEL_NAME.match(name):
+        shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
+        return f"model name {shown} can't be a folder of the deploy root: use {MODEL_NAME_RULE}"
+    return None
+
+
+def check_model_name(name: Any) -> str:
+    problem = model_name_problem(name)
+    if problem:
+        raise DeployRootError(problem)
+    return name
 
 
 def default_root() -> Path:
@@ -57,8 +87,92 @@ def default_root() -> Path:
     return Path(cache) / "aitune" / "deploy"
 
 
+def root_problem(root: Any) -> str | None:
+    """Why ``root`` can't be a deploy root (None: it can): empty, a system folder, a file."""
+    if root is None:
+        return None
+    if not isinstance(root, (str, os.PathLike)):
+        return f"deploy root must be a path, got {type(root).__name__}"
+    text = os.fspath(root)
+    if isinstance(text, bytes) or not text.strip():
+        return "deploy root is empty: give a directory (or leave it out for ~/.cache/aitune/deploy)"
+    if has_control_characters(text):
+        return f"deploy root {text!r} has control characters"
+    path = Path(os.path.abspath(Path(text).expanduser()))
+    for p in (path, path.resolve()):
+        if str(p) in _SYSTEM_FOLDERS or p == Path.home() or any(p == Path(t) or Path(t) in p.parents for t in _SYSTEM_TREES):
+            return f"deploy root {path} is a system folder: give a folder of its own, e.g. {default_root()}"
+    if path.exists() and not path.is_dir():
+        return f"deploy root {path} is a file, not a directory"
+    return None
+
+
+def has_control_characters(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path:
-    return Path(root).expanduser() if root else default_root()
+    """The deploy root as an absolute path (None: :func:`default_root`); DeployRootError for an
+    empty one, a system folder or a file."""
+    problem = root_problem(root)
+    if problem:
+        raise DeployRootError(problem)
+    return Path(os.path.abspath(Path(os.fspath(root)).expanduser())) if root is not None else default_root()
+
+
+def check_no_links(root: Path, path: Path) -> None:
+    """Refuse a symbolic link at ``path`` or at any folder between ``root`` and it (the root itself may be one)."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise DeployRootError(f"{path} is outside the deploy root {root}") from None
+    here = root
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise DeployRootError(f"{path}: leaves the deploy root {root}")
+        here = here / part
+        if here.is_symlink():
+            raise DeployRootError(f"{here} is a symbolic link; a deploy root holds no links")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, fsync, rename, fsync the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_small(path: Path, limit: int = 1 << 20) -> bytes:
+    """A file's bytes, refusing a link and anything larger than ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DeployRootError(f"{path} is a symbolic link; a deploy root holds no links") from None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise DeployRootError(f"{path}: larger than {limit} bytes; not a file this deploy root wrote")
+    return data
 
 
 def device_class_key(device: torch.device | str) -> str:
@@ -91,14 +205,65 @@ class Install:
     winner_key: str | None = None
     candidate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: dtypes of the tensor inputs, in the order of ``input_shapes``: read from the verified
+    #: ``reference.pt`` at load (not written to ``install.json``)
+    input_dtypes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("input_dtypes")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Install":
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Every field checked for its type and form (the file is read back from disk: trusted for nothing)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object but {type(d).__name__}")
+
+        def want(name, ok, what, optional=False):
+            value = d.get(name)
+            if value is None and optional:
+                return None
+            if name not in d or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {_short(value)}")
+            return value
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+        def is_hex(v):
+            return isinstance(v, str) and bool(_HEX64.match(v))
+
+        def is_str(v):
+            return isinstance(v, str) and bool(v) and not has_control_characters(v)
+
+        return cls(
+            model=want("model", lambda v: model_name_problem(v) is None, "a model name"),
+            batch_size=want("batch_size", lambda v: is_int(v) and v > 0, "a positive integer"),
+            device_class_key=want("device_class_key", is_hex, "64 hex digits"),
+            version=want("version", lambda v: isinstance(v, str) and bool(_VERSION.match(v)), "vNNNN-SHA12"),
+            manifest_sha256=want("manifest_sha256", is_hex, "the manifest's SHA-256 (64 hex digits)"),
+            factory=want("factory", is_str, "an import path", optional=True),
+            backend=want("backend", is_str, "a backend name"),
+            input_shapes=want("input_shapes", lambda v: isinstance(v, list) and all(
+                isinstance(s, list) and all(is_int(x) and x >= 0 for x in s) for s in v), "a list of shapes"),
+            tolerance=want("tolerance", lambda v: isinstance(v, dict) and all(
+                isinstance(k, str) and is_num(x) for k, x in v.items()), "{name: number}"),
+            reference_sha256=want("reference_sha256", is_hex, "64 hex digits"),
+            installed_at=want("installed_at", is_num, "a time"),
+            sweep_id=want("sweep_id", is_str, "a string", optional=True),
+            winner_key=want("winner_key", is_str, "a string", optional=True),
+            candidate=want("candidate", is_str, "a string", optional=True),
+            extra=want("extra", lambda v: isinstance(v, dict), "an object", optional=True) or {},
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 @dataclass
@@ -112,9 +277,16 @@ class Verified:
 
 
 def input_shapes(args: tuple, kwargs: dict) -> list[list[int]]:
+    return [list(t.shape) for t in _tensors(args, kwargs)]
+
+
+def input_dtypes(args: tuple, kwargs: dict) -> list[str]:
+    return [str(t.dtype).removeprefix("torch.") for t in _tensors(args, kwargs)]
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
-    return [list(t.shape) for t in tensors]
+    return tensors + [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
 
 
 def pack_reference(sample, outputs) -> bytes:
@@ -132,6 +304,18 @@ def pack_reference(sample, outputs) -> bytes:
     return buf.getvalue()
 
 
+def unpack_reference(data: bytes, where: Path | str) -> dict[str, Any]:
+    """A ``reference.pt``'s content, its form checked; DeployRootError naming ``where`` if it is not one."""
+    try:
+        ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError from a damaged zip...
+        raise DeployRootError(f"{where}: not a reference this deploy root wrote ({type(exc).__name__})") from None
+    if not (isinstance(ref, dict) and isinstance(ref.get("args"), (list, tuple)) and isinstance(ref.get("kwargs"), dict)
+            and isinstance(ref.get("outputs"), (list, tuple)) and all(isinstance(t, torch.Tensor) for t in ref["outputs"])):
+        raise DeployRootError(f"{where}: not a reference this deploy root wrote (args, kwargs, outputs)")
+    return ref
+
+
 def install(root, checkpoint_dir: Path, reference: bytes, *, device: torch.device | str, model: str, batch_size: int,
             tolerance: dict[str, float], factory: str | None, latency_s: float = 0.05, **origin: Any) -> tuple[Path, Verified]:
     """Stage, verify on ``device`` and (when it passed) make current: the whole install, in one process."""
@@ -145,7 +329,11 @@ def install(root, checkpoint_dir: Path, reference: bytes, *, device: torch.devic
 
 
 def batch_dir(root: Path, model: str, class_key: str, batch_size: int) -> Path:
-    return root / model / class_dir_name(class_key) / f"b{int(batch_size)}"
+    """``ROOT/MODEL/CLASS/bN``: the model name must be one plain path component (DeployRootError if not)."""
+    check_model_name(model)
+    if not (isinstance(class_key, str) and _HEX64.match(class_key)):
+        raise DeployRootError(f"device class key {_short(class_key)} is not 64 hex digits")
+    return Path(root) / model / class_dir_name(class_key) / f"b{int(batch_size)}"
 
 
 def check_writable(root: str | os.PathLike | None) -> Path:
@@ -161,10 +349,19 @@ def check_writable(root: str | os.PathLike | None) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One installer at a time per (model, device class, batch): targets on one node share the root."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as fh:
+def _locked(root: Path, folder: Path, create: bool = True) -> Iterator[None]:
+    """One installer at a time per (model, device class, batch): targets on one node share the root.
+
+    No link between the root and ``folder`` is followed (a lock file is never made elsewhere)."""
+    check_no_links(root, folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            check_no_links(root, folder)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise DeployRootError(f"{folder} can't be written: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -173,34 +370,84 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def versions(folder: Path) -> list[str]:
-    """Installed versions, oldest first."""
+    """Installed versions, oldest first; a version folder that is a link is refused."""
+    if folder.is_symlink():
+        raise DeployRootError(f"{folder} is a symbolic link; a deploy root holds no links")
     if not folder.is_dir():
         return []
-    found = [p.name for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+    found = []
+    for p in folder.iterdir():
+        if _VERSION.match(p.name):
+            if p.is_symlink():
+                raise DeployRootError(f"{p} is a symbolic link; a deploy root holds no links")
+            if p.is_dir():
+                found.append(p.name)
     return sorted(found, key=lambda n: int(_VERSION.match(n).group(1)))
 
 
 def current_version(folder: Path) -> str | None:
+    """The version ``current`` names (None: no ``current``). Its content is never shown in an error."""
     try:
-        name = (folder / CURRENT).read_text().strip()
+        data = read_small(folder / CURRENT, limit=64)
     except FileNotFoundError:
         return None
-    if not _VERSION.match(name) or not (folder / name).is_dir():
-        raise DeployRootError(f"{folder / CURRENT}: points at {name!r}, which is not an installed version")
+    except OSError as exc:
+        raise DeployRootError(f"{folder / CURRENT}: can't be read: {exc.strerror or exc}") from None
+    try:
+        name = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not _VERSION.match(name):
+        raise DeployRootError(f"{folder / CURRENT}: does not name a version (vNNNN-SHA12); deploy again or roll back")
+    version = folder / name
+    if version.is_symlink():
+        raise DeployRootError(f"{version} is a symbolic link; a deploy root holds no links")
+    if not version.is_dir():
+        raise DeployRootError(f"{folder / CURRENT}: points at {name}, which is not an installed version")
     return name
 
 
 def _switch(folder: Path, version: str) -> None:
-    tmp = folder / f".{CURRENT}.{os.getpid()}.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, folder / CURRENT)  # atomic: readers see the old version or the new one
+    write_atomic(folder / CURRENT, (version + "\n").encode())  # readers see the old version or the new one
 
 
 def read_install(version_dir: Path) -> Install:
+    """``install.json``, every field checked, and that it describes the folder it is in."""
+    file = version_dir / INSTALL
     try:
-        return Install.from_dict(json.loads((version_dir / INSTALL).read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise DeployRootError(f"{version_dir / INSTALL}: unreadable install record: {exc}") from None
+        install = Install.from_dict(json.loads(read_small(file)))
+    except DeployRootError:
+        raise
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise DeployRootError(f"{file}: unreadable install record: {why}") from None
+    batch, klass, model = version_dir.parent.name, version_dir.parent.parent.name, version_dir.parent.parent.parent.name
+    where = f"{model}/{klass}/{batch}/{version_dir.name}"
+    if (install.version, f"b{install.batch_size}", class_dir_name(install.device_class_key), install.model) != (
+            version_dir.name, batch, klass, model):
+        raise DeployRootError(f"{file}: describes {install.model}/{class_dir_name(install.device_class_key)}/"
+                              f"b{install.batch_size}/{install.version}, not the folder {where} it is in")
+    if not install.version.endswith(install.manifest_sha256[:12]):
+        raise DeployRootError(f"{file}: version {install.version} is not named after its manifest_sha256")
+    return install
+
+
+def _class_record(class_key: str, device_class: dict[str, Any]) -> bytes:
+    return (json.dumps({"key": class_key, "device_class": device_class}, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _installed_copy_problem(version_dir: Path, sha: str, reference: bytes) -> str | None:
+    """Why an installed version of this same checkpoint can't be reused as it is (None: it can)."""
+    try:
+        install = read_install(version_dir)
+        if install.manifest_sha256 != sha:
+            return "it holds another checkpoint"
+        verify_checkpoint(version_dir / CHECKPOINT, sha)
+        if hashlib.sha256(read_small(version_dir / REFERENCE, 1 << 34)).hexdigest() != hashlib.sha256(reference).hexdigest():
+            return f"{version_dir / REFERENCE} differs from the reference being installed"
+    except (CheckpointError, DeployRootError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def stage(
@@ -220,48 +467,84 @@ def stage(
 ) -> tuple[Path, bool]:
     """Put a checkpoint in a version folder of its own (not current yet); returns (folder, is_new).
 
-    The same checkpoint (same manifest SHA-256) installed before is not copied again: its folder
-    is returned, to be verified and switched to like a new one.
+    The same checkpoint (same manifest SHA-256) installed before is not copied again when its
+    installed copy passes every check: its folder is returned, to be verified and switched to like
+    a new one. A copy that fails them (edited after install) is installed again as a new version
+    (and removed, unless it is current). Every file is written whole (temporary file, fsync,
+    rename); a shared ``device_class.json`` that is missing or damaged is written again.
     """
     root = check_writable(root)
     folder = batch_dir(root, model, class_key, batch_size)
     sha = manifest_sha256(checkpoint_dir)
     manifest = verify_checkpoint(checkpoint_dir, sha)
-    with _locked(folder):
-        class_file = folder.parent / DEVICE_CLASS
-        if not class_file.exists():
-            class_file.write_text(json.dumps({"key": class_key, "device_class": device_class}, indent=2, sort_keys=True) + "\n")
-        for name in reversed(versions(folder)):
-            if name.endswith(sha[:12]) and read_install(folder / name).manifest_sha256 == sha:
-                return folder / name, False
-        existing = versions(folder)
-        number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
-        version = f"v{number:04d}-{sha[:12]}"
-        sample = torch.load(io.BytesIO(reference), map_location="cpu", weights_only=True)
-        install = Install(
-            model=model, batch_size=int(batch_size), device_class_key=class_key, version=version, manifest_sha256=sha,
-            factory=factory, backend=manifest.backend, input_shapes=input_shapes(tuple(sample["args"]), dict(sample["kwargs"])),
-            tolerance=dict(tolerance), reference_sha256=hashlib.sha256(reference).hexdigest(), installed_at=time.time(),
-            sweep_id=sweep_id, winner_key=winner_key, candidate=candidate,
-        )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".staging", dir=folder))
-        try:
-            shutil.copytree(checkpoint_dir, tmp / CHECKPOINT, symlinks=True)
-            (tmp / REFERENCE).write_bytes(reference)
-            (tmp / INSTALL).write_text(json.dumps(install.to_dict(), indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, folder / version)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    sample = unpack_reference(reference, "the reference being installed")
+    try:
+        with _locked(root, folder):
+            class_file = folder.parent / DEVICE_CLASS
+            try:
+                _class_info(folder.parent)
+                fine = True
+            except DeployRootError:
+                fine = False
+            if not fine or json.loads(read_small(class_file)).get("key") != class_key:
+                write_atomic(class_file, _class_record(class_key, device_class))
+            try:
+                now = current_version(folder)
+            except DeployRootError:  # a damaged pointer: this install will replace it
+                now = None
+            for name in reversed(versions(folder)):
+                if not name.endswith(sha[:12]):
+                    continue
+                problem = _installed_copy_problem(folder / name, sha, reference)
+                if problem is None:
+                    return folder / name, False
+                log.warning("installed copy %s fails its checks (%s); installing it again", folder / name, problem)
+                if name != now:
+                    shutil.rmtree(folder / name, ignore_errors=True)
+            existing = versions(folder)
+            number = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
+            version = f"v{number:04d}-{sha[:12]}"
+            install = Install(
+                model=model, batch_size=int(batch_size), device_class_key=class_key, version=version, manifest_sha256=sha,
+                factory=factory, backend=manifest.backend, input_shapes=input_shapes(tuple(sample["args"]), dict(sample["kwargs"])),
+                tolerance=dict(tolerance), reference_sha256=hashlib.sha256(reference).hexdigest(), installed_at=time.time(),
+                sweep_id=sweep_id, winner_key=winner_key, candidate=candidate,
+            )
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".staging", dir=folder))
+            try:
+                shutil.copytree(checkpoint_dir, tmp / CHECKPOINT, symlinks=True)
+                for path in sorted((tmp / CHECKPOINT).rglob("*")):
+                    if path.is_file() and not path.is_symlink():
+                        with open(path, "rb") as fh:
+                            os.fsync(fh.fileno())
+                write_atomic(tmp / REFERENCE, reference)
+                write_atomic(tmp / INSTALL, (json.dumps(install.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+                for sub in [tmp / CHECKPOINT, *sorted(p for p in (tmp / CHECKPOINT).rglob("*") if p.is_dir()), tmp]:
+                    _fsync_dir(sub)
+                os.replace(tmp, folder / version)
+                _fsync_dir(folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as exc:  # a full disk, a read-only file system: nothing half-written stays
+        raise DeployRootError(f"{folder} can't be written: {exc.strerror or exc}") from None
     return folder / version, True
 
 
 def load_version(version_dir: Path, device: torch.device | str, allow_factories=None, allow_backends=None):
-    """Verify (manifest SHA-256 recorded at install, every checksum) and deploy one installed version.
+    """Verify (manifest SHA-256 recorded at install, every checksum, the reference) and deploy one
+    installed version. ``install.input_shapes`` and ``input_dtypes`` are those of the verified
+    reference sample (install.json's shapes must agree with it).
 
     By default only the factory and plug-in backend named in ``install.json`` may be imported.
     """
     install = read_install(version_dir)
+    ref = read_reference(version_dir, install)
+    args, kwargs = tuple(ref["args"]), dict(ref["kwargs"])
+    if input_shapes(args, kwargs) != install.input_shapes:
+        raise DeployRootError(f"{version_dir / INSTALL}: input_shapes {_short(install.input_shapes)} are not those of "
+                              f"its reference sample {input_shapes(args, kwargs)}")
+    install.input_dtypes = input_dtypes(args, kwargs)
     factories = [install.factory] if install.factory else []
     backends = [install.backend] if ":" in install.backend else []
     backend = load_checkpoint(
@@ -273,6 +556,17 @@ def load_version(version_dir: Path, device: torch.device | str, allow_factories=
     return install, backend
 
 
+def read_reference(version_dir: Path, install: Install) -> dict[str, Any]:
+    """``reference.pt``, checked against the SHA-256 recorded at install."""
+    try:
+        data = read_small(version_dir / REFERENCE, 1 << 34)
+    except OSError as exc:
+        raise DeployRootError(f"{version_dir / REFERENCE}: can't be read: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != install.reference_sha256:
+        raise DeployRootError(f"{version_dir / REFERENCE}: changed since it was installed")
+    return unpack_reference(data, version_dir / REFERENCE)
+
+
 def verify_version(version_dir: Path, device: torch.device | str, latency_s: float = 0.1, threads: int = 1) -> Verified:
     """Load the installed version here and check it against its stored eager fp32 reference."""
     from aitune.check import Tolerance, compare_outputs
@@ -282,32 +576,53 @@ def verify_version(version_dir: Path, device: torch.device | str, latency_s: flo
 
     try:
         install, backend = load_version(version_dir, device)
-        data = (version_dir / REFERENCE).read_bytes()
-        if hashlib.sha256(data).hexdigest() != install.reference_sha256:
-            return Verified(False, reason=f"{version_dir / REFERENCE}: changed since it was installed")
-        ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        ref = read_reference(version_dir, install)
         sample = Sample(tuple(ref["args"]), dict(ref["kwargs"])).to(device)
         with torch.inference_mode():
             got = [t for _, t in flatten_tensors(sample(backend.infer))]
         check = compare_outputs(list(ref["outputs"]), got, Tolerance.from_dict(install.tolerance))
         if not check.ok:
-            return Verified(False, check.max_abs_err, reason=f"outputs differ from the reference: {check.reason}")
+            return Verified(False, check.max_abs_err, reason=f"{version_dir}: outputs differ from the reference: {check.reason}")
         m = measure(backend.infer, sample, device, MeasureConfig(budget_s=latency_s, min_iters=5, threads=threads))
         return Verified(True, check.max_abs_err, m.median_ms)
-    except (CheckpointError, DeployRootError) as exc:
+    except CheckpointError as exc:
         return Verified(False, reason=f"checkpoint refused: {exc}")
+    except DeployRootError as exc:
+        return Verified(False, reason=str(exc))
     except Exception as exc:  # a version that can't run here is refused, whatever the reason
-        return Verified(False, reason=f"{type(exc).__name__}: {exc}")
+        return Verified(False, reason=f"{version_dir}: {type(exc).__name__}: {exc}")
+
+
+def _root_of(version_dir: Path) -> Path:
+    return version_dir.parent.parent.parent.parent
 
 
 def activate(version_dir: Path, verified: Verified, was_new: bool) -> None:
     """After verification: switch ``current`` to a verified version, or drop a new one that failed."""
     folder = version_dir.parent
-    with _locked(folder):
+    with _locked(_root_of(version_dir), folder, create=False):
         if verified.ok:
             _switch(folder, version_dir.name)
-        elif was_new and current_version(folder) != version_dir.name:
+        elif was_new and _current_or_none(folder) != version_dir.name:
             shutil.rmtree(version_dir, ignore_errors=True)
+
+
+def _current_or_none(folder: Path) -> str | None:
+    try:
+        return current_version(folder)
+    except DeployRootError:
+        return None
+
+
+def switch_back(version_dir: Path, previous: str | None) -> None:
+    """Undo an activation: ``current`` back to ``previous`` (or removed where there was none)."""
+    folder = version_dir.parent
+    with _locked(_root_of(version_dir), folder, create=False):
+        if previous:
+            _switch(folder, previous)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / CURRENT)
 
 
 def rollback(root: str | os.PathLike | None, model: str, class_key: str, batch_size: int,
@@ -316,17 +631,24 @@ def rollback(root: str | os.PathLike | None, model: str, class_key: str, batch_s
 
     Returns (from version, to version, verification); ``current`` is unchanged unless it passed.
     """
-    folder = batch_dir(resolve_root(root), model, class_key, batch_size)
-    with _locked(folder):
-        now = current_version(folder)
-        older = [v for v in versions(folder) if now is None or int(_VERSION.match(v).group(1)) < int(_VERSION.match(now).group(1))]
-        if not older:
-            return now, None, Verified(False, reason=f"no version before {now or 'the current one'} in {folder}")
-        target = older[-1]
-        verified = verify_version(folder / target, device, latency_s, threads)
-        if verified.ok:
-            _switch(folder, target)
-        return now, target, verified
+    root = resolve_root(root)
+    folder = batch_dir(root, model, class_key, batch_size)
+    check_no_links(root, folder)
+    if not folder.is_dir():
+        return None, None, Verified(False, reason=f"nothing installed in {folder}")
+    try:
+        with _locked(root, folder, create=False):
+            now = current_version(folder)
+            older = [v for v in versions(folder) if now is None or int(_VERSION.match(v).group(1)) < int(_VERSION.match(now).group(1))]
+            if not older:
+                return now, None, Verified(False, reason=f"no version before {now or 'the current one'} in {folder}")
+            target = older[-1]
+            verified = verify_version(folder / target, device, latency_s, threads)
+            if verified.ok:
+                _switch(folder, target)
+            return now, target, verified
+    except OSError as exc:  # a read-only or full file system
+        raise DeployRootError(f"{folder} can't be written: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -340,14 +662,31 @@ class Live:
 
 
 def live(root: str | os.PathLike | None, model: str | None = None) -> list[Live]:
-    """What is current under ``root``: one entry per (model, device class, batch size)."""
+    """What is current under ``root``: one entry per (model, device class, batch size).
+
+    Links anywhere below the root, damaged shared files and bad pointers are refused
+    (DeployRootError, one line naming the file)."""
     root = resolve_root(root)
     out = []
-    models = [root / model] if model else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if model is not None:
+        check_model_name(model)
+        models = [root / model]
+    else:
+        models = sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
     for mdir in models:
-        for cdir in sorted(p for p in mdir.iterdir() if p.is_dir()) if mdir.is_dir() else []:
+        check_no_links(root, mdir)
+        if not mdir.is_dir():
+            continue
+        for cdir in sorted(mdir.iterdir()):
+            check_no_links(root, cdir)
+            if not cdir.is_dir():
+                continue
+            batches = sorted(p for p in cdir.iterdir() if _BATCH.match(p.name))
+            if not batches:
+                continue
             name, key = _class_info(cdir)
-            for bdir in sorted(p for p in cdir.iterdir() if p.is_dir() and _BATCH.match(p.name)):
+            for bdir in batches:
+                check_no_links(root, bdir)
                 version = current_version(bdir)
                 if version:
                     out.append(Live(mdir.name, int(_BATCH.match(bdir.name).group(1)), key, name, version, bdir / version))
@@ -355,11 +694,25 @@ def live(root: str | os.PathLike | None, model: str | None = None) -> list[Live]
 
 
 def _class_info(class_dir: Path) -> tuple[str | None, str]:
+    """(device name, full class key) from ``device_class.json``; DeployRootError if it is missing or damaged."""
+    file = class_dir / DEVICE_CLASS
     try:
-        data = json.loads((class_dir / DEVICE_CLASS).read_text())
-        return data["device_class"].get("device_name"), data["key"]
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None, class_dir.name
+        data = json.loads(read_small(file))
+        key, klass = data["key"], data["device_class"]
+        if not (isinstance(key, str) and _HEX64.match(key) and isinstance(klass, dict)):
+            raise ValueError("no 64-hex key and device_class")
+        if class_dir_name(key) != class_dir.name:
+            raise ValueError(f"its key is for folder {class_dir_name(key)}")
+        name = klass.get("device_name")
+        return (name if isinstance(name, str) else None), key
+    except FileNotFoundError:
+        raise DeployRootError(f"{file}: missing; deploy again to write it") from None
+    except DeployRootError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not the JSON this deploy root writes" \
+            if not isinstance(exc, ValueError) or isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise DeployRootError(f"{file}: damaged ({why}); deploy again to rewrite it") from None
 
 
 def device_classes(root: str | os.PathLike | None, model: str) -> dict[str, str | None]:

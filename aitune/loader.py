@@ -59,8 +59,15 @@ class TunedModel:
         return self.installs.get(_key(args, kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        backend = self._routes.get(_key(args, kwargs))
+        key = _key(args, kwargs)
+        backend = self._routes.get(key)
         if backend is not None:
+            wanted = self.installs[key].input_dtypes
+            if wanted is not None and layout.input_dtypes(args, kwargs) != wanted:
+                if self.fallback is not None:
+                    return self.fallback(*args, **kwargs)
+                raise UntunedShape(f"{self.model}: input dtypes {', '.join(layout.input_dtypes(args, kwargs))} were not "
+                                   f"tuned for shape {_shape_text(key)}; tuned dtypes: {', '.join(wanted)}")
             return backend.infer(*args, **kwargs)
         if self.fallback is not None:
             return self.fallback(*args, **kwargs)
@@ -92,16 +99,31 @@ def load_tuned(
     """Load every current version of ``model`` for this device's class from the deploy ``root``
     (None: :func:`aitune.deploy_root.default_root`).
 
-    Raises :class:`TunedModelError` when the model is not installed there, when this device's
-    class has no winner (naming the classes that have one), or when a checkpoint fails its checks.
+    Raises :class:`TunedModelError` (one line, naming the file or argument at fault) when the
+    model is not installed there, when this device's class has no winner (naming the classes that
+    have one), when a checkpoint or any file of the root fails its checks, or when ``model`` or
+    ``root`` is no name or folder a deploy root can have (a name that would leave the root).
     """
-    root_path = layout.resolve_root(root)
     device = torch.device(device)
-    if not (root_path / model).is_dir():
-        known = sorted(p.name for p in root_path.iterdir() if p.is_dir()) if root_path.is_dir() else []
-        raise TunedModelError(f"model {model!r} is not installed in deploy root {root_path} (installed: {', '.join(known) or 'none'})")
-    key = layout.device_class_key(device)
-    entries = [e for e in layout.live(root_path, model)]
+    return load_for_class(root, model, device, None, fallback=fallback, allow_factories=allow_factories)
+
+
+def load_for_class(root, model: str, device: torch.device, class_key: str | None, *,
+                   fallback: Callable | None = None, allow_factories=None) -> TunedModel:
+    """:func:`load_tuned` for a given device class key (None: this device's own)."""
+    try:
+        layout.check_model_name(model)
+        root_path = layout.resolve_root(root)
+        layout.check_no_links(root_path, root_path / model)
+        if not (root_path / model).is_dir():
+            known = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+                if root_path.is_dir() else []
+            raise TunedModelError(f"model {model!r} is not installed in deploy root {root_path} "
+                                  f"(installed: {', '.join(known) or 'none'})")
+        key = class_key or layout.device_class_key(device)
+        entries = layout.live(root_path, model)
+    except layout.DeployRootError as exc:
+        raise TunedModelError(str(exc)) from None
     mine = [e for e in entries if e.class_key == key]
     if not mine:
         classes = sorted({f"{e.device_name or '?'} [{e.class_key[:12]}]" for e in entries})
@@ -115,6 +137,13 @@ def load_tuned(
             install, backend = layout.load_version(entry.folder, device, allow_factories=allow_factories)
         except (CheckpointError, layout.DeployRootError) as exc:
             raise TunedModelError(f"{model} b{entry.batch_size} version {entry.version} refused: {exc}") from None
+        except Exception as exc:  # whatever a damaged file makes torch or json raise: still one line, our type
+            raise TunedModelError(f"{model} b{entry.batch_size} version {entry.version} refused: {entry.folder}: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         shapes = tuple(tuple(s) for s in install.input_shapes)
+        if shapes in installs:  # two batch folders claiming one route: neither may take it over
+            other = installs[shapes]
+            raise TunedModelError(f"{model}: {entry.folder} and b{other.batch_size}/{other.version} both take input "
+                                  f"shapes {_shape_text(shapes)}; deploy again")
         routes[shapes], installs[shapes] = backend, install
     return TunedModel(model, device, routes, installs, fallback)

@@ -117,11 +117,12 @@ class DeployWorker:
 
     def _install(self, checkpoint, reference, selection, precision, tolerances, latency_s, trust, install, record):
         from aitune.checkpoint import verify_checkpoint
+        from aitune.loader import TunedModelError, load_for_class
 
-        root = layout.resolve_root(install.get("root"))
-        record.root, record.sweep_id = str(root), install.get("sweep_id")
         tmp = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
+            root = layout.resolve_root(install.get("root"))
+            record.root, record.sweep_id = str(root), install.get("sweep_id")
             path = unpack_to(checkpoint, tmp / "checkpoint")
             verify_checkpoint(path, trust.get("manifest_sha256"))
             factories = trust.get("factories") or []
@@ -132,14 +133,25 @@ class DeployWorker:
                 candidate=selection.get("winner"),
             )
             folder = version_dir.parent
-            record.previous = layout.current_version(folder)
+            record.previous = layout._current_or_none(folder)
             verified = layout.verify_version(version_dir, self.device, latency_s, self.threads)
             layout.activate(version_dir, verified, new)
             record.max_abs_err, record.median_ms = verified.max_abs_err, verified.median_ms
-            if verified.ok:
-                record.status, record.version = DEPLOYED, version_dir.name
-            else:
+            if not verified.ok:
                 record.reason, record.median_ms = verified.reason, None
+                return record.to_dict()
+            # Never say "verified" about a root serving can't load: load what is now current, as
+            # load_tuned and serve will, and undo the switch if that fails.
+            try:
+                tuned = load_for_class(root, record.model, self.device, self.device_class_key)
+                if tuned.versions.get(record.batch_size) != version_dir.name:
+                    raise TunedModelError(f"{folder}: current is not {version_dir.name} after the switch")
+            except TunedModelError as exc:
+                if record.previous != version_dir.name:
+                    layout.switch_back(version_dir, record.previous)
+                record.reason, record.median_ms = f"installed, but load_tuned refuses it: {exc}", None
+                return record.to_dict()
+            record.status, record.version = DEPLOYED, version_dir.name
         except layout.DeployRootError as exc:
             record.reason = str(exc)
         except CheckpointError as exc:
@@ -162,11 +174,15 @@ class DeployWorker:
         """Switch this node's ``current`` for (model, this device class, batch) to the version before, verified."""
         record = DeployRecord(model=model, batch_size=batch_size, target=self.target, status=REFUSED, winner_key=None,
                               worker=self.info(), action="rollback", device_class_key=self.device_class_key, at=time.time(),
-                              root=str(layout.resolve_root(root)), sweep_id=sweep_id)
+                              root=str(root), sweep_id=sweep_id)
         try:
+            record.root = str(layout.resolve_root(root))
             was, to, verified = layout.rollback(root, model, self.device_class_key, batch_size, self.device, latency_s, self.threads)
         except layout.DeployRootError as exc:
             record.reason = str(exc)
+            return record.to_dict()
+        except Exception as exc:  # never a traceback through Ray: one line naming what failed
+            record.reason = f"{type(exc).__name__}: {exc}"
             return record.to_dict()
         record.previous, record.max_abs_err, record.median_ms = was, verified.max_abs_err, verified.median_ms
         if verified.ok:

@@ -88,7 +88,13 @@ def choose(store: ResultStore, sweep_id: str | None, models: list[str] | None) -
         if not done:
             raise DeployInputError(f"store {store.root} has no finished sweep with a winner to deploy")
         sweep = done[-1]
-    spec = parse_spec(sweep.spec)
+    try:
+        spec = parse_spec(sweep.spec)
+    except Exception as exc:  # a stored spec is read back from disk: trusted for nothing
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = "; ".join(lines[1:] if len(lines) > 1 else lines) or type(exc).__name__
+        raise DeployInputError(f"store {store.root}: the spec stored for sweep {sweep.id} can't be read: "
+                               f"{why[:400]}") from None
     selections = [s for s in store.selections(sweep.id) if s.winner_key]
     known = sorted({m.name for m in spec.models})
     for name in models or []:
@@ -102,11 +108,16 @@ def choose(store: ResultStore, sweep_id: str | None, models: list[str] | None) -
 
 
 def with_targets(spec, targets: list | None, root: str | None):
+    from aitune.deploy_root import root_problem
+
     changes: dict[str, Any] = {}
     if targets:
         changes["targets"] = targets
     if root is not None:
-        changes["root"] = root
+        problem = root_problem(root)  # empty, a system folder, a file: refused before Ray starts
+        if problem:
+            raise DeployInputError(f"--root {root!r}: {problem}")
+        changes["root"] = str(Path(root).expanduser().absolute())
     spec.deploy = spec.deploy.model_copy(update=changes)
     if not spec.deploy.targets:
         raise DeployInputError("no deploy targets: the sweep's spec names none; give --target (e.g. cpu_slots=1)")

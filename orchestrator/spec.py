@@ -72,6 +72,16 @@ def _plain_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_plain_name)]
 
 
+def _model_name(value: str) -> str:
+    """A model's name is a folder of the deploy root: the deploy root's own rule (aitune.deploy_root)."""
+    from aitune.deploy_root import model_name_problem
+
+    problem = model_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 class InputSpec(_Strict):
     """One input tensor. ``shape`` excludes the batch axis, which is inserted at ``batch_axis``."""
 
@@ -131,7 +141,8 @@ class InputSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: Name
+    #: one folder of the deploy root: letters, digits, '.', '_' and '-' (aitune.deploy_root.MODEL_NAME_RULE)
+    name: Annotated[str, AfterValidator(_model_name)]
     #: import path of a function (or class) returning the ``torch.nn.Module``: ``package.module:function``
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -333,6 +344,11 @@ class DeploySpec(_Strict):
             return None
         if not root.strip():
             raise ValueError("deploy.root must name a directory (it is empty); leave it out for ~/.cache/aitune/deploy")
+        from aitune.deploy_root import root_problem
+
+        problem = root_problem(root)  # a system folder, a file
+        if problem:
+            raise ValueError(problem)
         return os.path.abspath(os.path.expanduser(root))
 
     @field_validator("targets")

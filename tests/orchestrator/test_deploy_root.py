@@ -118,7 +118,9 @@ def test_rollback_to_a_version_edited_after_install_is_refused_and_current_stays
 
 def test_a_store_with_no_sweeps_is_refused(tmp_path):
     Store(tmp_path / "empty").close()
-    env = {**os.environ, "PYTHONPATH": str(ROOT_DIR), "RAY_USAGE_STATS_ENABLED": "0"}
+    from env_helpers import child_env
+
+    env = child_env(ROOT_DIR)
     out = subprocess.run([sys.executable, "-m", "orchestrator", "deploy", str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == EXIT_BAD_INPUT
@@ -175,3 +177,103 @@ def test_serve_and_rollback_refuse_a_store_with_no_sweeps_before_ray(tmp_path, c
         code, lines = cli(capsys, command, str(tmp_path / "empty"))
         assert code == EXIT_BAD_INPUT
         assert lines == [f"error: store {tmp_path / 'empty'} has no sweeps: run `python -m orchestrator tune SPEC` first"]
+
+
+# -- issue 32: names and roots that would leave the deploy root, damage, links ------------------------
+
+
+def test_a_spec_model_name_that_would_leave_the_deploy_root_is_refused_before_ray(tmp_path, capsys):
+    import yaml
+
+    names = ["/tmp/x", "../x", "..", "a/b"]
+    spec = {"name": "names", "store": str(tmp_path / "store"), "batch_sizes": [1],
+            "models": [{"name": n, "factory": "aitune.examples:mlp", "inputs": [{"shape": [16]}]} for n in names]}
+    (tmp_path / "names.yaml").write_text(yaml.safe_dump(spec))
+    code, lines = cli(capsys, "tune", str(tmp_path / "names.yaml"))
+    assert code == EXIT_BAD_INPUT
+    assert lines[0] == f"invalid sweep spec {tmp_path / 'names.yaml'}:"
+    for i, name in enumerate(names):
+        assert f"  models[{i}].name: model name {name!r} can't be a folder of the deploy root: use 1 to 128 letters" in lines[i + 1]
+    assert not (tmp_path / "store").exists() and not Path("/tmp/x").exists()
+
+
+@pytest.mark.parametrize("command", ["deploy", "rollback", "serve"])
+def test_an_empty_system_or_file_root_is_refused_before_anything_is_installed(tuned, capsys, monkeypatch, command):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tuned["tmp"] / "xdg"))  # where an empty root used to install
+    file = tuned["tmp"] / "a-file-root"
+    file.write_text("")
+    before, records = snapshot(tuned["root"]), len(installs(tuned))
+    for root, words in (("", "deploy root is empty"), ("/", "deploy root / is a system folder"),
+                        ("/etc", "deploy root /etc is a system folder"), (str(file), f"deploy root {file} is a file")):
+        code, lines = cli(capsys, command, str(tuned["store"]), "--root", root)
+        assert code == EXIT_BAD_INPUT, lines
+        (line,) = lines
+        assert line.startswith(f"error: --root {root!r}: {words}"), line
+    assert not (tuned["tmp"] / "xdg").exists()
+    assert snapshot(tuned["root"]) == before and len(installs(tuned)) == records
+
+
+def test_deploy_rewrites_a_damaged_device_class_file_so_load_tuned_loads_again(tuned, capsys):
+    import aitune
+
+    root = tuned["tmp"] / "damaged-class-root"
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    class_file = batch_folder(root).parent / layout.DEVICE_CLASS
+    class_file.write_bytes(b"")  # what a full disk used to leave
+    with pytest.raises(aitune.TunedModelError, match="device_class.json: damaged"):
+        aitune.load_tuned(root, "mlp")
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    assert "verified" in lines[0]
+    assert aitune.load_tuned(root, "mlp").versions == {2: layout.current_version(batch_folder(root))}
+
+
+def test_deploy_never_says_verified_about_a_root_load_tuned_refuses(tuned, capsys):
+    root = tuned["tmp"] / "unloadable-root"
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    other = batch_folder(root).parent / "b4"  # another batch of the model whose pointer is broken
+    other.mkdir()
+    (other / layout.CURRENT).write_text("v0001-000000000000\n")
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_INCOMPLETE
+    (line,) = lines
+    assert line.startswith("not done: mlp b2 on cpu0") and "load_tuned refuses it" in line and f"{other / layout.CURRENT}" in line
+    assert "verified" not in line
+
+
+def test_the_same_checkpoint_deployed_over_a_tampered_install_is_installed_again(tuned, capsys):
+    import aitune
+
+    root = tuned["tmp"] / "tampered-root"
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    folder = batch_folder(root)
+    first = layout.current_version(folder)
+    weights = folder / first / "checkpoint" / "artifacts" / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    now = layout.current_version(folder)
+    assert now != first and f"{now} current" in lines[0] and "verified" in lines[0]
+    assert aitune.load_tuned(root, "mlp").versions == {2: now}
+
+
+def test_rollback_through_a_linked_model_folder_is_refused_and_writes_nothing_there(tuned, capsys):
+    import shutil
+
+    root, elsewhere = tuned["tmp"] / "linked-root", tuned["tmp"] / "elsewhere"
+    root.mkdir()
+    shutil.copytree(tuned["root"] / "mlp", elsewhere / "mlp")
+    for lock in (elsewhere / "mlp").rglob(".lock"):
+        lock.unlink()
+    (root / "mlp").symlink_to(elsewhere / "mlp")
+    before = snapshot(elsewhere)
+    code, lines = cli(capsys, "rollback", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_INCOMPLETE
+    (line,) = lines
+    assert line.startswith("not done: mlp b2 on cpu0") and f"{root / 'mlp'} is a symbolic link" in line
+    assert snapshot(elsewhere) == before  # no lock file made through the link

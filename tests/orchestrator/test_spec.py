@@ -403,10 +403,27 @@ def test_bad_sweep_name_is_refused(name, words):
     assert "\n  name: " in message and words in message
 
 
-@pytest.mark.parametrize("name, words", [("", "can't be empty"), ("x\ny", "control characters")])
-def test_bad_model_name_is_refused(name, words):
+@pytest.mark.parametrize("name", ["", "x\ny", "/tmp/x", "../x", "..", ".", "a/b", "a\\b", ".hidden", "a b", "x" * 129])
+def test_a_model_name_that_is_not_one_plain_folder_of_the_deploy_root_is_refused(name):
     message = error_of(with_model(name=name))
-    assert "models[0].name: " in message and words in message
+    assert "models[0].name: " in message and "can't be a folder of the deploy root: use 1 to 128 letters" in message
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "bert-base.v2", "A1"])
+def test_plain_model_names_are_accepted(name):
+    assert [m.name for m in parse_spec(with_model(name=name)).models] == [name]
+
+
+@pytest.mark.parametrize("root, words", [("/", "system folder"), ("/etc", "system folder"), ("/usr/lib/x", "system folder")])
+def test_a_deploy_root_that_is_a_system_folder_is_refused(root, words):
+    message = error_of(base(deploy={"targets": [{"cpu_slots": 1}], "root": root}))
+    assert "deploy.root: " in message and words in message
+
+
+def test_a_deploy_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    message = error_of(base(deploy={"targets": [{"cpu_slots": 1}], "root": str(tmp_path / "f")}))
+    assert "deploy.root: " in message and "is a file, not a directory" in message
 
 
 # -- 8. candidate configs, strictly ---------------------------------------------------------------
