@@ -151,6 +151,9 @@ class ResultRecord(_Record):
     #: the weights and architecture it was built from (for diffs: why a key changed)
     model_fingerprint: str | None = None
     structure_key: str | None = None
+    #: what the worker saw around its phases: wall-clock windows ``build`` and ``measure``
+    #: ([start, end], ``time.time()``) and the load average (1 min) before and after measuring
+    context: dict[str, Any] = field(default_factory=dict)
     #: the store's row id and sweep of this very record (set by the store, never written into it)
     result_id: int | None = None
     sweep_id: str | None = None
@@ -237,6 +240,11 @@ class SelectionRecord(_Record):
     speedup: float | None = None
     #: the sweep that made this decision, when this one took it over unchanged
     decided_in: str | None = None
+    #: how the winner was decided (aitune.decision): why the comparison stopped ("resolved", "tie",
+    #: "cap", "alone", "screening"), the rounds' raw times by result key, each contender's median in
+    #: them and first (screening) median, the winner's margins over the runner-up and eager fp32 with
+    #: their intervals, the probability that it is the fastest, the seconds it took and waited
+    decision: dict[str, Any] | None = None
     #: ``reuse: decisions``: the family member whose full tuning chose the candidates tried here
     #: ({"model", "candidates"}); None when this group was tuned fully
     decisions_from: dict[str, Any] | None = None

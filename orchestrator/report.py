@@ -10,7 +10,7 @@ import csv
 import json
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from aitune.decision import Rounds, paired_ratio
 from aitune.strategy import speedup
 from orchestrator.error_text import summarize
 from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
@@ -26,7 +27,7 @@ from orchestrator.selection import baseline_of
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
-    "max_abs_err", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
+    "first_median_ms", "window", "max_abs_err", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
 
 Group = tuple[str, int, str]  # (model, batch size, device class key)
@@ -38,15 +39,38 @@ def _group(record: ResultRecord | SelectionRecord) -> Group:
     return (record.model, record.batch_size, record.device_class_key)
 
 
+def decision_rounds(selection: SelectionRecord | None) -> Rounds | None:
+    """A group's decision rounds (None where it had none, or its stored rounds don't read back)."""
+    decision = selection.decision if selection is not None else None
+    if not isinstance(decision, dict) or "times_ms" not in decision:
+        return None
+    try:
+        return Rounds.from_dict(decision)
+    except ValueError as exc:
+        log.warning("the decision rounds of %s b%s don't read back: %s", selection.model, selection.batch_size, exc)
+        return None
+
+
 def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionRecord]) -> list[dict]:
+    """One row per result. Where its group was decided in interleaved rounds, a contender's figures
+    are those of the rounds (what the decision rests on), its first measurement beside them."""
     results = list(results)
     baselines = baseline_of(results)
     chosen = {_group(s): s for s in selections}
+    in_rounds = {g: decision_rounds(s) for g, s in chosen.items()}
     rows = []
     for r in results:
         base = baselines.get(_group(r))
         selection = chosen.get(_group(r))
         ties = selection.ties if selection is not None else []
+        rounds = in_rounds.get(_group(r))
+        mine = rounds.measurement(r.key) if rounds is not None and r.eligible else None
+        # one window for both: paired in the rounds where both ran in them, else both first measurements
+        if mine is not None and base is not None and base.key in rounds.times_ms:
+            gain = paired_ratio(rounds.times_ms[r.key], rounds.times_ms[base.key])
+        else:
+            gain = speedup(base.measurement, r.measurement) if base is not None and base.eligible and r.eligible else None
+        shown = mine or r.measurement
         rows.append(
             {
                 "model": r.model,
@@ -55,10 +79,12 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
                 "candidate": r.candidate,
                 "status": r.status,
                 "build_s": r.build_s,
-                "median_ms": r.median_ms,
-                "p99_ms": r.p99_ms,
+                "median_ms": shown.median_ms if shown is not None else None,
+                "p99_ms": shown.p99_ms if shown is not None else None,
                 # Only a correct result gets a speedup: a fast wrong answer must not look like a win.
-                "speedup": speedup(base.measurement, r.measurement) if base is not None and base.eligible and r.eligible else None,
+                "speedup": gain,
+                "first_median_ms": r.median_ms,
+                "window": "rounds" if mine is not None else ("first" if r.measurement is not None else None),
                 "max_abs_err": r.max_abs_err,
                 "peak_memory_mb": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None,
                 "from_store": r.from_store,
@@ -113,6 +139,7 @@ def _table_cells(row: dict, mark: str) -> list[str]:
         row["status"],
         _num(row["build_s"], "{:.2f}"),
         _ms(row["median_ms"]),
+        _ms(row["first_median_ms"]) if row["window"] == "rounds" else "",
         _ms(row["p99_ms"]),
         _speedup(row["speedup"]),
         _num(row["max_abs_err"], "{:.2e}"),
@@ -122,8 +149,12 @@ def _table_cells(row: dict, mark: str) -> list[str]:
     ]
 
 
-_TABLE_HEADERS = ("candidate", "batch", "device", "status", "build s", "median ms", "p99 ms", "speedup",
+_TABLE_HEADERS = ("candidate", "batch", "device", "status", "build s", "median ms", "first ms", "p99 ms", "speedup",
                   "worst error", "peak MB", "from store", "winner")  # fmt: skip
+#: what the table's figures are, printed under it
+_TABLE_NOTE = ("median ms, p99 ms and speedup: from the group's decision rounds (interleaved with eager fp32; the "
+               "speedup is the median of eager's time over the candidate's, round by round) where they ran, else "
+               "from the first measurement; first ms: the first (screening) measurement of those")
 
 _STATUS_STYLE = {OK: "green", "incorrect": "yellow"}
 
@@ -158,18 +189,18 @@ def render(
             cells[3] = f"[{style}]{cells[3]}[/{style}]"
             table.add_row(*cells, style="bold" if row["winner"] else None)
         console.print(table)
+        if any(r["window"] == "rounds" for r in model_rows):
+            console.print(f"  {_TABLE_NOTE}", highlight=False, markup=False)
         errors = [r for r in model_rows if r["error"]]
         for row in errors:
             console.print(f"  [red]{escape(row['candidate'])} (batch {row['batch_size']})[/red]: {escape(row['error'])}", highlight=False)
 
     if selections:
         table = Table(title="winners", title_justify="left")
-        for header in ("model", "batch", "winner", "speedup", "reason", "ties"):
+        for header in _WINNER_HEADERS:
             table.add_column(header)
         for s, gain in _winner_speedups(selections, rows):
-            cells = (s.model, str(s.batch_size), s.winner or "-", _speedup(gain), _reason(s, reuse=False),
-                     ", ".join(s.ties))
-            table.add_row(*(escape(c) for c in cells))
+            table.add_row(*(escape(c) for c in _winner_cells(s, gain, reuse=False)))
         console.print(table)
         # Where decisions came from, one unwrapped line each: a table cell would wrap it anywhere.
         for s in selections:
@@ -186,6 +217,41 @@ def render(
                      _num(d.max_abs_err, "{:.2e}"), _ms(d.median_ms))  # fmt: skip
             table.add_row(*(escape(c) for c in cells))
         console.print(table)
+
+
+_WINNER_HEADERS = ("model", "batch", "winner", "speedup", "vs runner-up", "vs eager", "P(best)", "stopped",
+                   "reason", "ties")  # fmt: skip
+
+
+def _margin(pair: dict | None) -> str:
+    """``1.12x (1.08-1.15)``: the other's time over the winner's in the same rounds, with its interval."""
+    if not isinstance(pair, dict) or not all(isinstance(pair.get(k), (int, float)) for k in ("ratio", "low", "high")):
+        return "-"
+    return f"{pair['ratio']:.2f}x ({pair['low']:.2f}-{pair['high']:.2f})"
+
+
+def _winner_cells(s: SelectionRecord, gain: float | None, reuse: bool = True) -> tuple[str, ...]:
+    d = s.decision if isinstance(s.decision, dict) else {}
+    p_best = d.get("p_best")
+    return (s.model, str(s.batch_size), s.winner or "-", _speedup(gain), _margin(d.get("runner_up")),
+            _margin(d.get("baseline")), f"{p_best:.2f}" if isinstance(p_best, (int, float)) else "-",
+            str(d.get("stop") or "-"), _reason(s, reuse=reuse), ", ".join(s.ties))
+
+
+def decisions_line(selections: Iterable[SelectionRecord], decide_s: float, tune_s: float) -> str | None:
+    """One line on what deciding cost: groups by why their rounds stopped, seconds of rounds and of
+    waiting for a worker, and the share of the sweep's tuning and choosing it took."""
+    decided = [s.decision for s in selections if isinstance(s.decision, dict) and not s.decided_in]
+    with_rounds = [d for d in decided if "times_ms" in d]
+    if not decided:
+        return None
+    stops = Counter(str(d.get("stop")) for d in decided)
+    rounds_s = sum(float(d.get("seconds") or 0.0) for d in with_rounds)
+    wait_s = sum(float(d.get("wait_s") or 0.0) for d in with_rounds)
+    share = decide_s / (tune_s + decide_s) if tune_s + decide_s > 0 else 0.0
+    return (f"decisions: {len(decided)} group(s): {', '.join(f'{n} {k}' for k, n in sorted(stops.items()))}; "
+            f"{rounds_s:.1f} s of interleaved rounds, {wait_s:.1f} s waiting for a worker; choosing took "
+            f"{decide_s:.1f} s, {share:.0%} of tuning and choosing")
 
 
 def _reason(s: SelectionRecord, reuse: bool = True) -> str:
@@ -327,11 +393,9 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
             lines.append("")
     if selections:
         lines += ["## Winners", ""]
-        lines += _md_table(
-            ("model", "batch", "winner", "speedup", "reason", "ties"),
-            ((s.model, s.batch_size, s.winner or "-", _speedup(sp), _reason(s), ", ".join(s.ties))
-             for s, sp in _winner_speedups(selections, rows)),
-        )  # fmt: skip
+        lines += _md_table(_WINNER_HEADERS, (_winner_cells(s, sp) for s, sp in _winner_speedups(selections, rows)))
+        lines += [_TABLE_NOTE + ". vs runner-up, vs eager: their time over the winner's in the same rounds "
+                  "(95% interval); P(best): how often the winner is fastest when the rounds are resampled.", ""]
     if deployments:
         lines += ["## Deployments", ""]
         lines += _md_table(

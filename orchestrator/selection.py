@@ -1,51 +1,62 @@
-"""Winners per (model, batch size, device class), with near-ties measured again before deciding."""
+"""Winners per (model, batch size, device class): screened by the first measurements, decided in
+interleaved rounds against each other and eager fp32 (:mod:`aitune.decision`).
+
+A candidate's first measurement is taken alone, often beside another worker's build: it screens
+out the clear losers and nothing more. Every group with more than one contender is then decided on
+one worker, in interleaved rounds of its contenders and eager fp32, measured until the answer is
+known or the group's cap is reached; the driver re-assesses the worker's raw rounds itself (they
+are read back like anything else) and keeps them with the decision, so a report can redo it.
+"""
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
+from aitune.decision import DecisionRule, Rounds, Verdict, assess, paired_ratio
 from aitune.defaults import is_baseline
-from aitune.measure import Measurement
-from aitune.strategy import Selection, Strategy, select, speedup
+from aitune.strategy import Strategy, select, speedup
 from orchestrator.error_text import summarize
 from orchestrator.records import INCORRECT, REFERENCE_FAILED, ResultRecord, SelectionRecord
 
 Group = tuple[str, int, str]  # model, batch size, device class key
-#: re-measures each group's given results interleaved on one worker (groups side by side where
-#: there are workers for them); returns each group's new measurements by key, leaving out
-#: groups it could not re-measure
-Remeasure = Callable[[dict[Group, list[ResultRecord]]], dict[Group, dict[str, Measurement]]]
-#: an earlier decision over exactly these results, if there is one
-Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
-
-TOP_K = 3
-#: a candidate this close to the best (relative score) is a contender, measured again side by side
-#: with it even where the first intervals do not overlap: they were measured at different times,
-#: maybe on different workers, and each window's own interval does not see the drift between
-#: windows. On a shared 2-core VM the same ONNX Runtime session measured 18 us in one window and
-#: 23 to 40 us in others (other processes, the neighbour worker's builds), so a candidate that
-#: wins side by side could rank fourth or fifth by the first numbers.
-CLOSE = 0.40
-#: at most this many contenders are measured again (the top TOP_K always, when any are), and the baseline
-MOST_REMEASURED = 6
 
 
 @dataclass
-class _Candidate:
-    """Adapts a stored result to what :func:`aitune.strategy.select` needs."""
+class Ask:
+    """One group's decision to run: its contenders in the order of the fixed tie rule (the
+    baseline first), and how long the least it may take should last (from screening)."""
 
-    record: ResultRecord
-    measurement: Measurement | None
+    records: list[ResultRecord]
+    rule: DecisionRule
+    #: seconds that min_rounds of every contender take by the first measurements (warm-up aside)
+    estimate_s: float
 
     @property
-    def name(self) -> str:
-        return self.record.candidate
+    def keys(self) -> list[str]:
+        return [r.key for r in self.records]
 
-    @property
-    def eligible(self) -> bool:
-        return self.record.eligible
+
+@dataclass
+class Answer:
+    """A group's rounds as a worker measured them, and what the driver saw around them."""
+
+    rounds: Rounds
+    #: seconds the group waited for an idle worker before its rounds began
+    wait_s: float = 0.0
+    #: what else ran on the worker's node meanwhile (other groups' rounds)
+    beside: list[str] = field(default_factory=list)
+
+
+#: runs each group's rounds (groups side by side where there are workers for them); answers each
+#: group's rounds, or a line saying why they could not be run
+Decide = Callable[[dict[Group, Ask]], dict[Group, "Answer | str"]]
+#: an earlier decision over exactly these results, if there is one
+Previous = Callable[[Group, list[ResultRecord]], SelectionRecord | None]
+#: a candidate's place in the spec's candidate list (the fixed tie rule's second key)
+Rank = Callable[[ResultRecord], int]
 
 
 def group_results(results: Iterable[ResultRecord]) -> dict[Group, list[ResultRecord]]:
@@ -68,124 +79,226 @@ def baseline_of(records: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
     return found
 
 
-def _decide(records: list[ResultRecord], measurements: dict[str, Measurement], strategy: Strategy):
-    cands = [_Candidate(r, measurements.get(r.key)) for r in records]
-    base = next(iter(baseline_of(records).values()), None)
-    baseline = next((c for c in cands if c.record is base), None)
-    return select(cands, baseline, strategy), cands, baseline
+def disturbed(results: Iterable[ResultRecord]) -> dict[str, list[str]]:
+    """Which first measurements ran beside a build on the same node, and beside what: by result key.
+
+    Workers record the wall-clock windows of their build and measure phases (``context``); a
+    measurement that overlapped another worker's build on its node was taken under other load
+    than its neighbours' and may read slow."""
+    results = [r for r in results if r.worker is not None and isinstance(r.context, dict)]
+    builds: dict[str, list[tuple[float, float, ResultRecord]]] = collections.defaultdict(list)
+    for r in results:
+        window = _window(r.context.get("build"))
+        if window is not None:
+            builds[r.worker.node_id].append((*window, r))
+    out: dict[str, list[str]] = {}
+    for r in results:
+        window = _window(r.context.get("measure"))
+        if window is None:
+            continue
+        beside = [f"build of {o.candidate} ({o.model} b{o.batch_size}) on {o.worker.worker_id}, {min(e, window[1]) - max(s, window[0]):.1f} s"
+                  for s, e, o in builds.get(r.worker.node_id, [])
+                  if o.worker.worker_id != r.worker.worker_id and s < window[1] and e > window[0]]
+        if beside:
+            out[r.key] = beside
+    return out
 
 
-def _near(a: _Candidate, b: _Candidate, strategy: Strategy) -> bool:
-    """Whether the two scores are within :data:`CLOSE` of each other (relative to the larger)."""
-    x, y = abs(strategy.score(a.measurement)), abs(strategy.score(b.measurement))
-    return abs(x - y) <= CLOSE * max(x, y)
-
-
-def _close(ranked: list[_Candidate], strategy: Strategy) -> bool:
-    """Whether the runner-up's score is within :data:`CLOSE` of the best one's."""
-    return len(ranked) >= 2 and _near(ranked[0], ranked[1], strategy)
-
-
-def _contenders(ranked: list[_Candidate], strategy: Strategy) -> list[ResultRecord]:
-    """The top TOP_K, then those within CLOSE of the best, MOST_REMEASURED at most."""
-    more = [c for c in ranked[TOP_K:MOST_REMEASURED] if _near(ranked[0], c, strategy)]
-    return [c.record for c in ranked[:TOP_K] + more]
-
-
-def _unsettled(winner: _Candidate, remeasured: list[_Candidate], first: dict[str, Measurement], strategy: Strategy,
-               ties: tuple[str, ...]) -> tuple[str, ...]:
-    """Re-measured candidates that beat the winner beyond noise in the first window: two windows
-    that each separate a pair, in opposite orders, have not settled it, so they stay ties (a first
-    window that could not separate them is settled by the second)."""
-    mine = first.get(winner.record.key)
-    if mine is None:
-        return ()
-    return tuple(
-        c.name for c in remeasured
-        if c is not winner and c.eligible and c.name not in ties and c.record.key in first
-        and strategy.beats(first[c.record.key], mine)
-    )
+def _window(value: Any) -> tuple[float, float] | None:
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and value[0] <= value[1]):
+        return float(value[0]), float(value[1])
+    return None
 
 
 @dataclass
 class _Pending:
-    """A group's first decision, before any re-measurement."""
+    """A group after screening: its contenders (tie-rule order), or why it has none."""
 
     records: list[ResultRecord]
-    measurements: dict[str, Measurement]
-    choice: Selection
-    baseline: _Candidate | None
     contenders: list[ResultRecord]
+    baseline: ResultRecord | None
+    #: where no candidate can win: the selection to record as it is
+    settled: SelectionRecord | None = None
+    left_out: list[str] = field(default_factory=list)
 
 
-def _first_look(records: list[ResultRecord], strategy: Strategy) -> _Pending:
-    """The decision from the first measurements, and the contenders to measure again if it is too close to call."""
-    measurements = {r.key: r.measurement for r in records if r.measurement}
-    choice, cands, baseline = _decide(records, measurements, strategy)
-    ranked = sorted(
-        (c for c in cands if c.eligible and c.measurement is not None and strategy.fits(c.measurement)),
-        key=lambda c: strategy.score(c.measurement), reverse=True,
-    )
-    near_tie = (bool(choice.ties) or (choice.winner is baseline and bool(ranked) and ranked[0] is not baseline)
-                or _close(ranked, strategy))
-    top: list[ResultRecord] = []
-    if near_tie:
-        top = _contenders(ranked, strategy)
-        if baseline is not None and baseline.eligible and baseline.record not in top:
-            top.append(baseline.record)
-    return _Pending(records, measurements, choice, baseline, top if len(top) > 1 else [])
+def _screen(group: Group, records: list[ResultRecord], strategy: Strategy, rule: DecisionRule, rank: Rank | None,
+            shaken: dict[str, list[str]]) -> _Pending:
+    base = baseline_of(records).get(group)
+    pool = [r for r in records if r.eligible and strategy.fits(r.measurement)]
+    if not pool:
+        return _Pending(records, [], base, settled=_nobody(group, records, base, strategy))
+    best = min(r.measurement.median_ms for r in pool)
+
+    def within(r: ResultRecord) -> bool:
+        reach = rule.reach_disturbed if r.key in shaken else rule.reach
+        return r.measurement.median_ms <= reach * best
+
+    ranked = sorted(pool, key=lambda r: (r.measurement.median_ms, r.key))
+    near = [r for r in ranked if within(r)][: rule.most]
+    if base is not None and base in pool and base not in near:
+        near.append(base)  # every win is confirmed against eager fp32, in the same rounds
+    contenders = sorted(near, key=lambda r: _order_key(r, base, rank))
+    left_out = [r.candidate for r in ranked if r not in contenders]
+    return _Pending(records, contenders, base, left_out=left_out)
 
 
-def _settle(group: Group, first: _Pending, fresh: dict[str, Measurement], strategy: Strategy) -> SelectionRecord:
-    measurements, choice, baseline = first.measurements, first.choice, first.baseline
-    if fresh:
-        measurements = {**measurements, **fresh}
-        choice, cands, baseline = _decide(first.records, measurements, strategy)
-        choice.reason += f" (after re-measuring {len(fresh)} candidates interleaved)"
-        if choice.winner is not None and choice.winner is not baseline:
-            choice.ties = choice.ties + _unsettled(choice.winner, [c for c in cands if c.record.key in fresh],
-                                                   first.measurements, strategy, choice.ties)
-    winner = choice.winner.record if choice.winner is not None else None
-    gain = speedup(baseline.measurement, measurements[winner.key]) if winner is not None and baseline else None
-    if winner is None and first.records and all(r.error_class == REFERENCE_FAILED for r in first.records):
-        said = summarize(first.records[0].error, 200) or "no message"
-        choice.reason = (f"the model fails in eager fp32 on the spec's inputs ({said}), so no candidate could "
-                         "be checked against it: check the model's inputs (or sample_factory)")
-    elif winner is None and baseline is not None and baseline.record.status == INCORRECT:
+def _order_key(r: ResultRecord, base: ResultRecord | None, rank: Rank | None) -> tuple:
+    """The fixed tie rule: the baseline, then the spec's candidate order, then the name."""
+    return (r is not base, rank(r) if rank is not None else 0, r.candidate, r.key)
+
+
+def _nobody(group: Group, records: list[ResultRecord], base: ResultRecord | None, strategy: Strategy) -> SelectionRecord:
+    """The selection of a group no candidate of which can win, with the most useful reason."""
+    reason = select([], None, strategy).reason
+    if records and all(r.error_class == REFERENCE_FAILED for r in records):
+        said = summarize(records[0].error, 200) or "no message"
+        reason = (f"the model fails in eager fp32 on the spec's inputs ({said}), so no candidate could "
+                  "be checked against it: check the model's inputs (or sample_factory)")
+    elif base is not None and base.status == INCORRECT:
         # eager fp32 is what made the reference: failing its check, the model itself is not repeatable
-        said = summarize(baseline.record.error, 160) or "no message"
-        choice.reason = (f"eager fp32, which made the reference, gave other outputs on the same inputs ({said}): "
-                         "the model's forward is not repeatable (it keeps state across calls, such as a buffer it "
-                         "updates, or draws random numbers), so no candidate can be checked: make forward depend "
-                         "only on its inputs")
-    return SelectionRecord(
-        model=group[0], batch_size=group[1], device_class_key=group[2],
-        winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
-        reason=choice.reason, ties=list(choice.ties), remeasured=bool(fresh), speedup=gain,
-    )
+        said = summarize(base.error, 160) or "no message"
+        reason = (f"eager fp32, which made the reference, gave other outputs on the same inputs ({said}): "
+                  "the model's forward is not repeatable (it keeps state across calls, such as a buffer it "
+                  "updates, or draws random numbers), so no candidate can be checked: make forward depend "
+                  "only on its inputs")
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=None,
+                           winner=None, reason=reason)
+
+
+def _estimate(contenders: list[ResultRecord], rule: DecisionRule) -> float:
+    return rule.min_rounds * sum(r.measurement.median_ms for r in contenders) / 1000.0
+
+
+def _pair_dict(verdict: Verdict, other: str | None, names: dict[str, str]) -> dict[str, Any] | None:
+    p = verdict.pairs.get(other) if other is not None else None
+    if p is None:
+        return None
+    return {"key": other, "candidate": names.get(other), "ratio": p.ratio, "low": p.low, "high": p.high,
+            "rounds": p.rounds, "verdict": p.verdict}
+
+
+def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule, shaken: dict[str, list[str]]) -> SelectionRecord:
+    rounds = answer.rounds
+    order = [r.key for r in first.contenders]
+    verdict = assess({k: rounds.times_ms[k] for k in order}, order, rule, final=True, bootstrap=True)
+    by_key = {r.key: r for r in first.contenders}
+    names = {k: r.candidate for k, r in by_key.items()}
+    winner = by_key[verdict.winner]
+    base = first.baseline if first.baseline is not None and first.baseline.key in by_key else None
+    others = [k for k in order if k != verdict.winner and math.isfinite(verdict.medians.get(k, math.inf))]
+    runner_up = min(others, key=lambda k: (verdict.medians[k], order.index(k))) if others else None
+    measured = {k: rounds.measurement(k) for k in order}
+    # the speedup is paired, like every figure of the rounds: eager's time over the winner's, round by round
+    gain = paired_ratio(rounds.times_ms[winner.key], rounds.times_ms[base.key]) if base is not None else None
+    ties = [names[k] for k in verdict.ties]
+    n = verdict.rounds
+    base_name = base.candidate if base is not None else "eager fp32"
+    if verdict.stop == "resolved":
+        reason = (f"{base_name} is fastest beyond noise" if winner is base else
+                  f"beats {base_name} and every other contender beyond noise") + f" in {n} interleaved rounds"
+    elif verdict.stop == "tie":
+        reason = (f"within +-{rule.tie:.0%} of {', '.join(ties)} in {n} interleaved rounds (a declared tie): "
+                  "the fixed rule takes eager fp32 first, then the spec's candidate order")
+    else:
+        reason = (f"not separated from {', '.join(ties)} at the cap ({n} rounds, {rounds.seconds:.1f} s): "
+                  "the fixed rule takes eager fp32 first, then the spec's candidate order")
+    decision = {
+        "stop": verdict.stop, "rounds": n, "seconds": round(rounds.seconds, 3), "wait_s": round(answer.wait_s, 3),
+        "load": rounds.load, "rule": rule.to_dict(), "p_best": verdict.p_best, "p_near": verdict.p_near,
+        "leader": verdict.leader, "contenders": order, "left_out": first.left_out,
+        "runner_up": _pair_dict(verdict, runner_up, names),
+        "baseline": _pair_dict(verdict, base.key, names) if base is not None and base is not winner else None,
+        "medians": {k: m.median_ms for k, m in measured.items() if m is not None},
+        "first": {k: r.measurement.median_ms for k, r in by_key.items()},
+        "disturbed": {k: v for k, v in shaken.items() if k in by_key},
+        "beside": list(answer.beside),
+        **{k: v for k, v in rounds.to_dict().items() if k not in ("seconds", "load")},
+    }
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=winner.key,
+                           winner=winner.candidate, reason=reason, ties=ties, remeasured=True, speedup=gain,
+                           decision=decision)
+
+
+def _screened(group: Group, first: _Pending, strategy: Strategy, rule: DecisionRule, why: str | None) -> SelectionRecord:
+    """A group decided without rounds: one contender, or rounds that could not be run."""
+    if len(first.contenders) == 1:
+        only = first.contenders[0]
+        far = f"; the others were more than {rule.reach:g}x slower in screening" if first.left_out else ""
+        reason = f"the only contender{far}"
+        base = first.baseline if first.baseline is not None and first.baseline.eligible else None
+        gain = speedup(base.measurement, only.measurement) if base is not None else None
+        return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=only.key,
+                               winner=only.candidate, reason=reason, speedup=gain,
+                               decision={"stop": "alone", "contenders": [only.key], "left_out": first.left_out})
+    cands = [_Candidate(r) for r in first.contenders]
+    base = next((c for c in cands if c.record is first.baseline), None)
+    choice = select(cands, base, strategy)
+    winner = choice.winner.record if choice.winner is not None else None
+    gain = speedup(base.measurement, winner.measurement) if winner is not None and base is not None else None
+    reason = f"{choice.reason}, by the first measurements alone: {why or 'the rounds could not be run'}"
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2],
+                           winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
+                           reason=reason, ties=list(choice.ties), speedup=gain,
+                           decision={"stop": "screening", "contenders": [r.key for r in first.contenders],
+                                     "left_out": first.left_out, "why": why})
+
+
+@dataclass
+class _Candidate:
+    """Adapts a stored result to what :func:`aitune.strategy.select` needs."""
+
+    record: ResultRecord
+
+    @property
+    def name(self) -> str:
+        return self.record.candidate
+
+    @property
+    def eligible(self) -> bool:
+        return self.record.eligible
+
+    @property
+    def measurement(self):
+        return self.record.measurement
 
 
 def choose_winners(
     results: Iterable[ResultRecord],
     strategy: Strategy,
-    remeasure: Remeasure | None = None,
+    decide: Decide | None = None,
     previous: Previous | None = None,
+    rule: DecisionRule | None = None,
+    rank: Rank | None = None,
 ) -> list[SelectionRecord]:
-    """Each group's winner. Groups too close to call are measured again, all in one ``remeasure``
-    call so that different groups can be re-measured on different workers at once."""
+    """Each group's winner. Groups with more than one contender are decided in interleaved rounds,
+    all asked in one ``decide`` call so that different groups can run on different workers at once."""
+    rule = rule or DecisionRule()
+    results = list(results)
+    shaken = disturbed(results)
     decided: dict[Group, SelectionRecord] = {}
     pending: dict[Group, _Pending] = {}
     for group, records in sorted(group_results(results).items()):
         earlier = previous(group, records) if previous is not None else None
         if earlier is not None:
-            # Nothing new in this group: the earlier decision (re-measurements included) stands.
+            # Nothing new in this group: the earlier decision (its rounds included) stands.
             decided[group] = earlier
+            continue
+        first = _screen(group, records, strategy, rule, rank, shaken)
+        if first.settled is not None:
+            decided[group] = first.settled
         else:
-            pending[group] = _first_look(records, strategy)
-    asks = {g: p.contenders for g, p in pending.items() if p.contenders}
-    fresh = remeasure(asks) if remeasure is not None and asks else {}
+            pending[group] = first
+    asks = {g: Ask(p.contenders, rule, _estimate(p.contenders, rule)) for g, p in pending.items() if len(p.contenders) > 1}
+    answers = decide(asks) if decide is not None and asks else {}
     for group, first in pending.items():
-        # a group's answer only for keys it asked for: anything else is not this group's to use
-        asked = {r.key for r in first.contenders}
-        decided[group] = _settle(group, first, {k: m for k, m in fresh.get(group, {}).items() if k in asked}, strategy)
+        answer = answers.get(group) if group in asks else None
+        if isinstance(answer, Answer) and set(answer.rounds.times_ms) == set(asks[group].keys):
+            decided[group] = _decided(group, first, answer, rule, shaken)
+        else:
+            why = (answer if isinstance(answer, str) else "the rounds named other candidates" if isinstance(answer, Answer)
+                   else "no decision was run" if group in asks else None)
+            decided[group] = _screened(group, first, strategy, rule, why)
     return [decided[g] for g in sorted(decided)]

@@ -312,6 +312,45 @@ class MeasureSpec(_Strict):
         return value
 
 
+class DecisionSpec(_Strict):
+    """How each group's winner is decided (``aitune.decision``): its contenders and eager fp32 in
+    interleaved rounds, on one worker, until the answer is known or the cap is reached."""
+
+    #: seconds of rounds per group, past ``min_rounds``
+    cap_s: PositiveFloat = 30.0
+    #: rounds (timed calls of every contender) before anything is decided, whatever the cap
+    min_rounds: int = Field(default=10, ge=3)
+    max_rounds: int = Field(default=1000, ge=3)
+    #: of each comparison (Bonferroni-corrected for the number of contenders)
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    #: two candidates whose time ratio's interval lies within 1 +- tie are a declared tie
+    tie: float = Field(default=0.03, gt=0, lt=0.5)
+    #: a win must also be at least this much faster (relative)
+    min_gain: float = Field(default=0.02, ge=0, lt=0.5)
+    #: screening: candidates slower than reach x the best first measurement are not compared again
+    #: (reach_disturbed where that measurement ran beside a build on its node)
+    reach: float = Field(default=1.5, ge=1)
+    reach_disturbed: float = Field(default=2.5, ge=1)
+    #: contenders compared at most per group (eager fp32 comes on top)
+    most: PositiveInt = 6
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DecisionSpec":
+        problems: checks.Problems = []
+        if self.min_rounds > self.max_rounds:
+            problems.append((("min_rounds",), f"min_rounds {self.min_rounds} is above max_rounds {self.max_rounds}"))
+        if self.reach > self.reach_disturbed:
+            problems.append((("reach_disturbed",), f"reach_disturbed {self.reach_disturbed} is below reach {self.reach}"))
+        if problems:
+            raise checks.problems_error(problems)
+        return self
+
+    def rule(self):
+        from aitune.decision import DecisionRule
+
+        return DecisionRule(**self.model_dump())
+
+
 class WorkersSpec(_Strict):
     #: CPU worker slots where there is no GPU (default: up to 4, sized to the machine)
     cpu_slots: PositiveInt | None = None
@@ -398,6 +437,7 @@ class SweepSpec(_Strict):
     tolerances: dict[Precision, ToleranceSpec] = Field(default_factory=dict)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    decision: DecisionSpec = Field(default_factory=DecisionSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     store: Annotated[str, BeforeValidator(_store_path), AfterValidator(_store)] = "store"
     deploy: DeploySpec = Field(default_factory=DeploySpec)

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from aitune.measure import Measurement
+from aitune.decision import Rounds
 from orchestrator import records as R
 from orchestrator.candidates import Toolchains, identify_models
 from orchestrator.deploy import deploy_winners
@@ -30,9 +30,10 @@ from orchestrator.families import NARROWED, FamilyGate, Waves
 from orchestrator.plan import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
 from orchestrator.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
-from orchestrator.report import render, write_reports
+from orchestrator.report import decisions_line, render, write_reports
 from orchestrator.scheduler import JobGate, Limits, Scheduler
-from orchestrator.selection import Group, choose_winners
+from orchestrator.error_text import summarize
+from orchestrator.selection import Answer, Ask, Group, choose_winners
 from orchestrator.spec import SweepSpec
 from orchestrator.store import DB_NAME, ResultStore, SqliteStore
 
@@ -51,6 +52,8 @@ class SweepOutcome:
     tune_s: float = 0.0
     reused: int = 0
     ran: int = 0
+    #: seconds of choosing the winners: screening and every group's decision rounds (side by side)
+    decide_s: float = 0.0
     #: how each result came about: built, reused, re-checked, re-measured
     how: dict[str, int] = field(default_factory=dict)
     #: against the previous sweep of the same models (None: there was none)
@@ -232,8 +235,11 @@ def run_sweep(
                         scheduler.limits = dataclasses.replace(scheduler.limits, total_s=left)
                     results += _run(spec, store, sweep_id, workers, more, progress, asks, known)
                 tune_s = time.monotonic() - start
-            selections = choose_winners(results, spec.strategy(), remeasure=_remeasurer(workers, store, spec),
-                                        previous=None if force else _previous_selection(store, spec, sweep_id))
+            decide_start = time.monotonic()
+            selections = choose_winners(results, spec.strategy(), decide=_decider(workers, store, spec),
+                                        previous=None if force else _previous_selection(store, spec, sweep_id),
+                                        rule=spec.decision.rule(), rank=_ranker(spec))
+            decide_s = time.monotonic() - decide_start
             waves.annotate(selections, results)
             for s in selections:
                 store.put_selection(sweep_id, s)
@@ -243,7 +249,7 @@ def run_sweep(
                            if deploy and spec.deploy.targets else [])
         store.finish_sweep(sweep_id, "done")
         how = Counter(r.how for r in results if r.status != R.SKIPPED)  # skipped: neither built nor reused
-        outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s,
+        outcome = SweepOutcome(sweep_id, store.root, results, selections, deployments, tune_s=tune_s, decide_s=decide_s,
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0), how=dict(how))
         try:
             outcome.diff = diff_sweeps(store, sweep_id)
@@ -252,6 +258,9 @@ def run_sweep(
         if write_report:
             swept = store.sweep_results(sweep_id)
             render(console, swept, selections, deployments)
+            line = decisions_line(selections, decide_s, tune_s)
+            if line:
+                console.print(line, markup=False, highlight=False)
             for line in outcome.diff.lines() if outcome.diff else []:
                 console.print(line, markup=False, highlight=False)
             if store.root is not None:
@@ -417,35 +426,75 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
     return results + [r for r in ran if r.error_class != NARROWED]
 
 
-def _remeasurer(workers: "Workers", store: ResultStore, spec: SweepSpec):
-    def remeasure(asks: dict[Group, list[ResultRecord]]) -> dict[Group, dict[str, Measurement]]:
-        scheduler = workers.started()
-        budget = max(spec.measure.budget_s, 0.5)
+def _decider(workers: "Workers", store: ResultStore, spec: SweepSpec, clock=time.monotonic):
+    """Each group's decision rounds on an idle worker of its device class (groups side by side),
+    read only when a worker is free for them; answers are read back with checks."""
 
-        def call(group, records):
+    def decide(asks: dict[Group, Ask]) -> dict[Group, Answer | str]:
+        scheduler = workers.started()
+        start, sent = clock(), {}
+
+        def call(group: Group, ask: Ask):
             model, batch, _ = group
 
             def make():  # read from the store only when a worker is free for it
-                checkpoints = {r.key: (r.backend, r.manifest_sha256, store.checkpoint_bytes(r)) for r in records}
-                return "remeasure", (checkpoints, model, batch, budget)
+                sent[group] = clock()
+                checkpoints = {r.key: (r.backend, r.manifest_sha256, store.checkpoint_bytes(r)) for r in ask.records}
+                return "decide", (checkpoints, model, batch, ask.rule.to_dict(), ask.keys)
 
             # the worker that ran most of them holds the model already
-            ran = Counter(r.worker.worker_id for r in records if r.worker is not None)
+            ran = Counter(r.worker.worker_id for r in ask.records if r.worker is not None)
             return group[2], (ran.most_common(1)[0][0] if ran else None), make
 
-        calls = {group: call(group, records) for group, records in asks.items()}
-        fresh = {}
-        for (model, batch, dc), answer in scheduler.call_idle(calls, spec.budgets.measure_timeout_s).items():
-            if isinstance(answer, BaseException):  # re-measuring is a refinement: the first measurements stand
-                log.warning("not re-measuring %s b%s: %s", model, batch, answer)
+        # the cap and min_rounds bound the rounds; warm-up and loading the checkpoints come on top
+        longest = max((a.rule.cap_s + 2 * a.estimate_s + 2.0 * len(a.records) for a in asks.values()), default=0.0)
+        answers = scheduler.call_idle({g: call(g, a) for g, a in asks.items()}, spec.budgets.measure_timeout_s + longest)
+        out: dict[Group, Answer | str] = {}
+        where: dict[Group, tuple[str, float, float]] = {}
+        for group, answer in answers.items():
+            if isinstance(answer, BaseException):  # deciding is a refinement: the first measurements stand
+                log.warning("no decision rounds for %s b%s: %s", group[0], group[1], summarize(str(answer), 300))
+                out[group] = f"{type(answer).__name__}: {summarize(str(answer), 200) or 'no message'}"
                 continue
-            try:
-                fresh[(model, batch, dc)] = {k: Measurement.from_dict(v) for k, v in answer.items()}
-            except Exception as exc:  # a worker's answer is read back like anything else: checked
-                log.warning("not re-measuring %s b%s: the worker's answer is not measurements (%s)", model, batch, exc)
-        return fresh
+            try:  # a worker's answer is read back like anything else: checked
+                rounds = Rounds.from_dict(answer)
+            except Exception as exc:
+                log.warning("no decision rounds for %s b%s: the worker's answer is not rounds (%s)", group[0], group[1], exc)
+                out[group] = f"the worker's answer is not rounds ({exc})"
+                continue
+            out[group] = Answer(rounds, wait_s=max(0.0, sent.get(group, start) - start))
+            window = answer.get("window") if isinstance(answer, dict) else None
+            if isinstance(window, list) and len(window) == 2 and all(isinstance(t, (int, float)) for t in window):
+                where[group] = (str(answer.get("node")), float(window[0]), float(window[1]))
+        for group, (node, a, b) in where.items():  # what else ran on that node meanwhile
+            out[group].beside = [f"rounds of {g[0]} b{g[1]}, {min(b, e) - max(a, s):.1f} s"
+                                 for g, (n, s, e) in where.items() if g != group and n == node and s < b and e > a]
+        return out
 
-    return remeasure
+    return decide
+
+
+def _ranker(spec: SweepSpec):
+    """A candidate's place in the spec's list (the default set's where the spec has none): the
+    fixed tie rule's second key."""
+    from aitune.torch.backend.registry import display_name
+    from orchestrator.candidates import candidate_specs
+
+    places: dict[str, dict[str, int]] = {}
+
+    def rank(record: ResultRecord) -> int:
+        device_type = (record.worker.device_class or {}).get("device_type", "cpu") if record.worker else "cpu"
+        if device_type not in places:
+            names: dict[str, int] = {}
+            for i, c in enumerate(candidate_specs(spec, device_type)):
+                try:
+                    names.setdefault(display_name(c.backend, dict(c.config)), i)
+                except Exception:  # a candidate that can't be made here has no name to match
+                    continue
+            places[device_type] = names
+        return places[device_type].get(record.candidate, len(places[device_type]))
+
+    return rank
 
 
 def _origin(record: ResultRecord) -> tuple[int | None, str]:

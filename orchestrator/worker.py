@@ -30,8 +30,10 @@ from aitune.check import tolerance_for
 from aitune.judge import judge
 from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.environment import describe_environment
-from aitune.measure import MeasureConfig, interleaved
+from aitune.decision import DecisionRule, load_average, run_rounds
+from aitune.measure import MeasureConfig
 from aitune.specs import GraphSpec, Sample
+from aitune.torch.precision import use_fp32_reference_settings
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
 from aitune.torch.backend.registry import make_backend
 from aitune.torch.export_cache import machine_export_cache
@@ -114,9 +116,7 @@ class TuneWorker:
         # Ray sets OMP_NUM_THREADS=1 in workers: set the count explicitly or CPU timings lie.
         torch.set_num_threads(self.threads)
         self.device = pick_device(slot.get("kind", "cpu"))
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be real fp32
-            torch.backends.cudnn.allow_tf32 = False
+        use_fp32_reference_settings(self.device)  # TF32 off on a GPU: the fp32 reference must be real fp32
         self.spec: SweepSpec = parse_spec(spec)
         self.env = pretend_device(describe_environment(self.device), slot.get("kind"))  # test-only name
         slots_here = max(1, (os.cpu_count() or 1) // max(self.threads, 1))
@@ -126,6 +126,8 @@ class TuneWorker:
         self._backend: Backend | None = None
         self._built_key: str | None = None  # the job whose build ``_backend`` holds
         self._phases: dict[str, float] = {}
+        #: wall-clock windows of this candidate's phases and the load around its measurement
+        self._context: dict[str, Any] = {}
         self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
         self._before: memory.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
@@ -231,7 +233,7 @@ class TuneWorker:
             return self._failure(job, R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
         self._before = memory.snapshot(self.device)
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         cache = self._scratch / job.key[:16]
         try:
             build_sharing(backend, module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache, self._exports)
@@ -239,9 +241,11 @@ class TuneWorker:
             self._phases["build"] = time.perf_counter() - start
             return self._failure(job, R.UNSUPPORTED if isinstance(exc, UnsupportedDeviceError) else R.BUILD_ERROR, exc)
         self._phases["build"] = time.perf_counter() - start
+        self._context["build"] = [wall, time.time()]
         self._backend, self._built_key = backend, job.key
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)
+        record.context = dict(self._context)
         return record.to_dict()
 
     def _begin(self, job: Job) -> ResultRecord | None:
@@ -250,6 +254,7 @@ class TuneWorker:
         (``job.start_by``: it was sent ahead)."""
         self._release()
         self._phases = {}
+        self._context = {}
         self._before = None
         if job.start_by is not None and time.time() > job.start_by:
             return self._record(job, R.SKIPPED, R.BUDGET_RAN_OUT, "Budget")
@@ -283,7 +288,8 @@ class TuneWorker:
         except Exception as exc:
             self._failed(record, exc)
             checkpoint = outputs = None
-        return self._close(record, checkpoint, outputs, sample, reference, want_reference)
+        # A poisoned CUDA context can't hand the reference back either: reading it would raise and lose the recycle
+        return self._close(record, checkpoint, outputs, sample, reference, want_reference and not record.recycled)
 
     def evaluate(self, job_dict: dict[str, Any], checkpoint: bytes, prior_dict: dict[str, Any],
                  want_reference: bool = False) -> tuple[dict, None, bytes | None, bytes | None]:
@@ -321,10 +327,12 @@ class TuneWorker:
         )
         tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
         with self._quiet_node("measure" in redo):
-            start = time.perf_counter()  # after the wait for the node's lock: that is measure_wait
+            start, wall, load = time.perf_counter(), time.time(), load_average()  # after the node's lock: that is measure_wait
             verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
                             config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
+        if "measure" in redo:
+            self._context.update(measure=[wall, time.time()], load=[load, load_average()])
         record.check = verdict.check
         if "measure" in redo or verdict.status != R.OK:
             record.measurement = verdict.measurement
@@ -358,6 +366,7 @@ class TuneWorker:
         if self.device.type == "cuda":
             record.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
         record.phases = {**record.phases, **self._phases}
+        record.context = {**record.context, **self._context}
         self._release()
         collected = self._before is not None
         if collected:
@@ -366,20 +375,26 @@ class TuneWorker:
         ref = reference_bytes(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, outputs, ref
 
-    def remeasure(self, checkpoints: dict[str, tuple[str | None, bytes]], model: str, batch: int, budget_s: float) -> dict[str, dict]:
-        """Measure several stored checkpoints interleaved on this device, to separate near-ties."""
+    def decide(self, checkpoints: dict[str, tuple[str | None, str | None, bytes]], model: str, batch: int,
+               rule: dict[str, Any], order: list[str]) -> dict[str, Any]:
+        """A group's decision rounds: its stored checkpoints (by result key: backend, manifest
+        SHA-256, bytes) measured interleaved on this device until the rule resolves them or its
+        cap is reached (aitune.decision.run_rounds); returns the raw rounds for the driver to assess."""
         _, sample, _ = self._reference(model, batch)
         backends = {}
         for key, (backend_name, manifest_sha, data) in checkpoints.items():
             job = Job(key=key, model=model, batch_size=batch, backend=backend_name, config={}, candidate="",
                       device_class_key="", model_fingerprint="")
             backends[key] = self._load_stored(job, manifest_sha, data)
-        config = MeasureConfig(budget_s=budget_s, threads=self.threads, target_rel_ci=self.spec.measure.target_rel_ci)
+        m = self.spec.measure
+        warmup = MeasureConfig(warmup_iters=m.warmup_iters, threads=self.threads)
+        wall = time.time()
         with self._quiet_node(True):
-            results = interleaved({k: b.infer for k, b in backends.items()}, sample, self.device, config)
-        for b in backends.values():
-            del b
-        return {k: v.to_dict() for k, v in results.items()}
+            rounds = run_rounds({k: b.infer for k, b in backends.items()}, sample, self.device,
+                                DecisionRule(**rule), order, threads=self.threads, warmup=warmup)
+        backends.clear()
+        return {**rounds.to_dict(), "window": [wall, time.time()], "node": self.info()["node_id"],
+                "worker": self.worker_id}
 
     def ping(self) -> str:
         return self.worker_id

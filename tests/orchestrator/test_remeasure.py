@@ -91,10 +91,10 @@ def test_a_hanging_call_times_out_and_its_worker_takes_nothing_more(scheduler):
     assert list(scheduler.workers) == ["cpu1-1"]  # the hung one is gone
 
 
-def test_a_sweep_re_measures_its_near_ties_and_a_checkpoint_damaged_meanwhile_keeps_the_first_figures(
+def test_a_sweep_decides_in_rounds_and_a_checkpoint_damaged_meanwhile_keeps_the_first_figures(
         ray_session, tmp_path, monkeypatch, caplog):
     """Real sweep: FaultBackend(fault=none) runs the module eagerly, so each group's candidates are
-    near-ties and are measured again; one group's checkpoint is damaged on disk after tuning."""
+    near-ties, decided in interleaved rounds; one group's checkpoint is damaged on disk after tuning."""
     from aitune.checkpoint import MANIFEST
     from orchestrator import sweep as sweep_module
     from orchestrator.sweep import run_sweep
@@ -118,7 +118,17 @@ def test_a_sweep_re_measures_its_near_ties_and_a_checkpoint_damaged_meanwhile_ke
     with caplog.at_level("WARNING", logger="orchestrator.sweep"):
         outcome = run_sweep(spec, console=quiet(), write_report=False, deploy=False)
     by_model = {s.model: s for s in outcome.selections}
-    assert by_model["m0"].remeasured is True and "after re-measuring" in by_model["m0"].reason
-    # m1's checkpoint could not be read back: its first measurements decide, and the log says why
+    m0 = by_model["m0"]
+    assert m0.remeasured is True and "interleaved rounds" in m0.reason
+    d = m0.decision
+    assert d["stop"] in ("resolved", "tie", "cap") and d["rounds"] >= d["rule"]["min_rounds"]
+    assert sorted(d["times_ms"]) == sorted(d["contenders"]) and len(d["contenders"]) == 3
+    assert all(len(t) == d["rounds"] for t in d["times_ms"].values())
+    assert 0 <= d["p_best"] <= 1 and d["load"]
+    # the three run the same module (the others through a wrapper): none beats eager, which is kept
+    winner = next(r for r in outcome.results if r.key == m0.winner_key)
+    assert winner.backend == "TorchEagerBackend" and d["contenders"][0] == winner.key
+    # m1's checkpoint could not be read back: its first measurements decide, and the reason and log say why
     assert by_model["m1"].remeasured is False and by_model["m1"].winner is not None
-    assert any("not re-measuring m1" in m and damaged[0][:12] in m for m in caplog.messages)
+    assert by_model["m1"].decision["stop"] == "screening" and "first measurements alone" in by_model["m1"].reason
+    assert any("no decision rounds for m1" in m and damaged[0][:12] in m for m in caplog.messages)

@@ -235,3 +235,45 @@ def test_where_decisions_came_from_prints_whole_however_long_the_reason(sweep):
     render(console, results, [selections[0], follower], deployments)
     lines = console.export_text().splitlines()
     assert "  mlp (batch 1): decisions reused from base (tried its top eager fp32, compile max-autotune)" in lines
+
+
+def _decided(results, times: dict[str, list[float]], winner: str):
+    """A group decided in rounds: the selection as orchestrator.selection makes it, from these times."""
+    from aitune.decision import Rounds
+    from orchestrator.selection import Answer, choose_winners
+    from aitune.strategy import Strategy
+
+    def decide(asks):
+        return {g: Answer(Rounds({k: times[k] for k in a.keys})) for g, a in asks.items()}
+
+    (sel,) = choose_winners(results, Strategy("min_latency"), decide)
+    assert sel.winner_key == winner
+    return sel
+
+
+def test_the_table_shows_the_rounds_a_decision_rests_on_and_agrees_with_the_winners_line():
+    # first measurements: eager in a slow window (8 ms), compile 2 ms (4x); in the rounds 2x
+    results = [
+        _result("k-eager", "eager fp32", median=8.0, backend="TorchEagerBackend", config=EAGER),
+        _result("k-compile", "compile", median=2.0),
+        _result("k-far", "far behind", median=9.0),
+    ]
+    wobble = [1.0, 1.01, 0.99, 1.02, 0.98, 1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0]
+    sel = _decided(results, {"k-eager": [4.0 * w for w in wobble], "k-compile": [2.0 * w for w in reversed(wobble)]},
+                   "k-compile")
+    rows = _by_key(report_rows(results, [sel]))
+    assert rows["k-compile"]["window"] == rows["k-eager"]["window"] == "rounds"
+    assert rows["k-compile"]["median_ms"] == pytest.approx(2.0, rel=0.02)
+    assert rows["k-compile"]["first_median_ms"] == pytest.approx(2.0)
+    assert rows["k-eager"]["median_ms"] == pytest.approx(4.0, rel=0.02) and rows["k-eager"]["first_median_ms"] == pytest.approx(8.0)
+    assert rows["k-compile"]["speedup"] == pytest.approx(sel.speedup) == pytest.approx(2.0, rel=0.03)
+    # a row left out of the rounds keeps its first measurement, its speedup against eager's first one
+    assert rows["k-far"]["window"] == "first" and rows["k-far"]["speedup"] == pytest.approx(8.0 / 9.0)
+    console = Console(record=True, width=260)
+    render(console, results, [sel], [])
+    text = console.export_text()
+    winners = text[text.index("winners"):]
+    assert f"{sel.speedup:.2f}x" in winners and "resolved" in winners
+    compile_line = next(line for line in text.splitlines() if "│ compile " in line and "WINNER" in line)
+    assert f"{sel.speedup:.2f}x" in compile_line  # the table and the winners line say the same
+    assert "first (screening) measurement" in " ".join(text.split())  # however the note wraps

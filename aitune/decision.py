@@ -1,0 +1,340 @@
+"""Deciding between candidates: interleaved rounds, measured until the answer is known.
+
+A candidate's first measurement (screening) is taken alone, in its own window, often while other
+work runs on the machine: good enough to tell a 3x loser from a contender, not to choose between
+contenders. The decision is taken here instead, from *rounds*: each round times one call of every
+candidate still in the race, in a rotated order, so that whatever disturbs the machine during the
+comparison hits all of them alike. Every comparison is paired: the ratio of two candidates' times
+in the same round.
+
+After each batch of rounds (never fewer than ``min_rounds``) the leader (lowest median) is compared
+with each other candidate by the median of their paired ratios and its distribution-free
+confidence interval (Bonferroni-corrected for the number of comparisons):
+
+- **beaten**: the leader is faster beyond noise (the interval is above 1, and the median gain is
+  at least ``min_gain``); a beaten candidate sits the following rounds out;
+- **tie**: the whole interval lies within ``tie`` of 1 (the two are shown to be that close);
+- **open**: neither yet.
+
+The comparison stops when nothing is open (``resolved``: the leader beat everyone; ``tie``: what
+is left is a declared tie), or at the cap (``cap``: seconds or rounds; what is still open is listed
+as not separated). Among the leader and what it could not separate from, the winner is taken by a
+fixed rule: the baseline (eager fp32) first, then the candidates' order (the spec's order, cheapest
+build first in the default sets). So the same rounds always give the same winner, and a candidate
+must beat eager fp32 beyond noise, in the same window, to replace it.
+
+:func:`assess` is the rule on raw round times (no clock, no torch: what tests drive with fake
+timings and what the driver re-runs on a worker's answer); :func:`run_rounds` measures the rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from aitune.measure import _CHUNK, Measurement, _measuring, _time_calls, _warm_up, MeasureConfig, median_ci
+
+#: why a comparison stopped; ``alone``: one contender (the others failed or were far behind in
+#: screening); ``screening``: no rounds could be run, the first measurements decided
+STOPS = ("resolved", "tie", "cap", "alone", "screening")
+BEATEN, TIE, OPEN = "beaten", "tie", "open"
+#: bootstrap resamples behind the probability that the winner is the fastest (fixed seed: the
+#: same rounds always give the same figure)
+BOOTSTRAP = 400
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """When a comparison is resolved, and what it may cost (per group)."""
+
+    confidence: float = 0.95
+    #: a win must be at least this much faster (relative), besides beyond noise
+    min_gain: float = 0.02
+    #: two candidates whose ratio's interval lies within 1 +- this are a declared tie
+    tie: float = 0.03
+    #: timed calls of every contender before anything is decided, whatever the cap
+    min_rounds: int = 10
+    max_rounds: int = 1000
+    #: seconds of rounds per group (past min_rounds)
+    cap_s: float = 30.0
+    #: screening: a candidate slower than this many times the best is not compared again
+    reach: float = 1.5
+    #: ... unless its screening ran beside other work (a build on its node): then this many times
+    reach_disturbed: float = 2.5
+    #: contenders compared at most (the baseline comes on top)
+    most: int = 6
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"decision confidence must be in [0.5, 1), got {self.confidence!r}")
+        if not 0 <= self.min_gain < 0.5:
+            raise ValueError(f"decision min_gain must be in [0, 0.5), got {self.min_gain!r}")
+        if not 0 < self.tie < 0.5:
+            raise ValueError(f"decision tie must be in (0, 0.5), got {self.tie!r}")
+        if not 3 <= self.min_rounds <= self.max_rounds:
+            raise ValueError(f"decision rounds: need 3 <= min_rounds <= max_rounds, got {self.min_rounds}, {self.max_rounds}")
+        if not self.cap_s > 0:
+            raise ValueError(f"decision cap_s must be > 0, got {self.cap_s!r}")
+        if not 1 <= self.reach <= self.reach_disturbed:
+            raise ValueError(f"decision reach: need 1 <= reach <= reach_disturbed, got {self.reach}, {self.reach_disturbed}")
+        if self.most < 1:
+            raise ValueError(f"decision most must be >= 1, got {self.most!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Rounds:
+    """Raw interleaved times: one list per candidate, ``None`` for a round it sat out."""
+
+    times_ms: dict[str, list[float | None]]
+    seconds: float = 0.0
+    #: the load average (1 min) before the rounds and after each batch of them
+    load: list[float] = field(default_factory=list)
+    timer: str = "perf_counter_ns"
+    threads: int = 1
+    batch_size: int = 1
+    warmup: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return max((len(t) for t in self.times_ms.values()), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"times_ms": {k: list(v) for k, v in self.times_ms.items()}, "seconds": self.seconds,
+                "load": list(self.load), "timer": self.timer, "threads": self.threads,
+                "batch_size": self.batch_size, "warmup": dict(self.warmup)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Rounds":
+        """Read back with checks: an answer that is not rounds raises ValueError naming what is wrong."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("times_ms"), Mapping):
+            raise ValueError("rounds: no times_ms mapping")
+        times: dict[str, list[float | None]] = {}
+        lengths = set()
+        for name, values in data["times_ms"].items():
+            if not isinstance(values, list):
+                raise ValueError(f"rounds: times of {name!r} are not a list")
+            row = []
+            for v in values:
+                if v is None:
+                    row.append(None)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+                    row.append(float(v))
+                else:
+                    raise ValueError(f"rounds: {name!r} has a time that is not a finite number >= 0: {v!r}")
+            times[str(name)] = row
+            lengths.add(len(row))
+        if len(lengths) > 1:
+            raise ValueError(f"rounds: candidates have different round counts {sorted(lengths)}")
+        load = [float(x) for x in data.get("load", []) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        warmup = {str(k): int(v) for k, v in dict(data.get("warmup") or {}).items() if isinstance(v, int)}
+        return cls(times, float(data.get("seconds", 0.0) or 0.0), load, str(data.get("timer", "perf_counter_ns")),
+                   int(data.get("threads", 1) or 1), int(data.get("batch_size", 1) or 1), warmup)
+
+    def measurement(self, name: str) -> Measurement | None:
+        times = [t for t in self.times_ms.get(name, []) if t is not None]
+        if not times:
+            return None
+        return Measurement.from_times(times, self.warmup.get(name, 0), self.timer, self.threads,
+                                      "max_iters", self.batch_size)
+
+
+@dataclass
+class Pair:
+    """One candidate against the winner: the median of its paired ratios (its time over the
+    winner's, so above 1 means the winner is faster) with the confidence interval."""
+
+    other: str
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+    verdict: str  # beaten | tie | open, of the winner against ``other``
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    winner: str | None
+    #: None while the comparison must go on (not final and not resolved)
+    stop: str | None
+    leader: str | None = None
+    ties: list[str] = field(default_factory=list)
+    #: the candidates beaten beyond noise by the leader (they sit out later rounds)
+    beaten: list[str] = field(default_factory=list)
+    pairs: dict[str, Pair] = field(default_factory=dict)
+    medians: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+    #: probability (bootstrap over rounds) that the winner is the fastest, and that it is within
+    #: ``tie`` of the fastest
+    p_best: float | None = None
+    p_near: float | None = None
+
+
+def _paired(a: Sequence[float | None], b: Sequence[float | None]) -> np.ndarray:
+    """b's time over a's, in the rounds both ran."""
+    out = [y / x for x, y in zip(a, b) if x is not None and y is not None and x > 0]
+    return np.asarray(out, dtype=np.float64)
+
+
+def paired_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """The median of b's time over a's in the rounds both ran (how many times faster a is); None
+    where they shared no round."""
+    ratios = _paired(a, b)
+    return float(np.median(ratios)) if ratios.size else None
+
+
+def pair(times: Mapping[str, Sequence[float | None]], winner: str, other: str, confidence: float,
+         rule: DecisionRule) -> Pair:
+    ratios = _paired(times[winner], times[other])
+    if ratios.size == 0:
+        return Pair(other, math.nan, math.nan, math.nan, 0, OPEN)
+    median = float(np.median(ratios))
+    low, high = median_ci(ratios.tolist(), confidence)
+    if low > 1 and median >= 1 / (1 - rule.min_gain):
+        verdict = BEATEN
+    elif low >= 1 / (1 + rule.tie) and high <= 1 + rule.tie:
+        verdict = TIE
+    else:
+        verdict = OPEN
+    return Pair(other, median, low, high, int(ratios.size), verdict)
+
+
+def _median(values: Sequence[float | None]) -> float:
+    xs = [v for v in values if v is not None]
+    return float(np.median(xs)) if xs else math.inf
+
+
+def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], rule: DecisionRule,
+           final: bool = False, bootstrap: bool = False) -> Verdict:
+    """The decision the rounds so far support.
+
+    ``order`` ranks the candidates for the fixed tie rule (the baseline first); every name in
+    ``times`` must be in it. Not ``final``: ``stop`` is None while something is open. ``final``:
+    what is open is reported as not separated (``cap``).
+    """
+    names = [n for n in order if n in times]
+    missing = set(times) - set(names)
+    if missing:
+        raise ValueError(f"assess: candidates without a place in the order: {sorted(missing)}")
+    medians = {n: _median(times[n]) for n in names}
+    measured = [n for n in names if math.isfinite(medians[n])]
+    if not measured:
+        return Verdict(None, "screening" if final else None, medians=medians)
+    rounds = max(len(times[n]) for n in names)
+    if len(measured) == 1:
+        return Verdict(measured[0], "alone", measured[0], medians=medians, rounds=rounds, p_best=1.0, p_near=1.0)
+    leader = min(measured, key=lambda n: (medians[n], names.index(n)))
+    confidence = 1 - (1 - rule.confidence) / max(1, len(measured) - 1)
+    against_leader = {n: pair(times, leader, n, confidence, rule) for n in measured if n != leader}
+    open_ = [n for n, p in against_leader.items() if p.verdict == OPEN]
+    beaten = [n for n, p in against_leader.items() if p.verdict == BEATEN]
+    if open_ and not final:
+        return Verdict(None, None, leader, beaten=beaten, pairs=against_leader, medians=medians, rounds=rounds)
+    pool = [n for n in measured if n == leader or against_leader[n].verdict != BEATEN]
+    winner = pool[0]  # measured keeps the order: the fixed tie rule
+    stop = "cap" if open_ else ("tie" if len(pool) > 1 else "resolved")
+    pairs = {n: pair(times, winner, n, confidence, rule) for n in measured if n != winner}
+    verdict = Verdict(winner, stop, leader, [n for n in pool if n != winner], beaten, pairs, medians, rounds)
+    if bootstrap:
+        verdict.p_best, verdict.p_near = _bootstrap(times, measured, winner, rule.tie)
+    return verdict
+
+
+def _bootstrap(times: Mapping[str, Sequence[float | None]], names: list[str], winner: str,
+               tie: float) -> tuple[float, float]:
+    """Resample rounds with replacement (pairs stay together); how often the winner's median is the
+    lowest, and how often it is within ``tie`` of the lowest."""
+    matrix = np.array([[np.nan if t is None else t for t in times[n]] for n in names], dtype=np.float64)
+    rounds = matrix.shape[1]
+    rng = np.random.default_rng(0)
+    w = names.index(winner)
+    best = near = 0
+    for _ in range(BOOTSTRAP):
+        sample = matrix[:, rng.integers(0, rounds, rounds)]
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a candidate with no round drawn
+                medians = np.nanmedian(sample, axis=1)
+        medians = np.where(np.isnan(medians), np.inf, medians)
+        lowest = medians.min()
+        best += medians[w] <= lowest
+        near += medians[w] <= lowest * (1 + tie)
+    return best / BOOTSTRAP, near / BOOTSTRAP
+
+
+def load_average() -> float:
+    """The 1-minute load average (-1 where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on this platform
+        return -1.0
+
+
+def run_rounds(
+    fns: Mapping[str, Callable[..., Any]],
+    sample,
+    device,
+    rule: DecisionRule,
+    order: Sequence[str],
+    threads: int | None = None,
+    warmup: MeasureConfig | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Rounds:
+    """Measure ``fns`` on ``sample`` in interleaved rounds until :func:`assess` resolves them or
+    the cap is reached; beaten candidates sit later rounds out. Returns the raw rounds."""
+    names = [n for n in order if n in fns]
+    if len(names) != len(fns):
+        raise ValueError("run_rounds: every candidate needs a place in the order")
+    config = warmup or MeasureConfig(threads=threads)
+    if threads is not None and config.threads is None:
+        config = MeasureConfig(**{**asdict(config), "threads": threads})
+    calls = {n: (lambda fn=fns[n]: sample(fn)) for n in names}
+    times: dict[str, list[float | None]] = {n: [] for n in names}
+    load = [load_average()]
+    with _measuring(config, device) as (used_threads, cuda):
+        warmed = {n: _warm_up(calls[n], config, cuda) for n in names}
+        active = list(names)
+        done, start = 0, clock()
+        per_round = sum(w[1] or 0.0 for w in warmed.values()) or None
+        while True:
+            elapsed = clock() - start
+            if done < rule.min_rounds:
+                size = rule.min_rounds - done
+            else:
+                size = max(1, min(max(_CHUNK, done // 5), rule.max_rounds - done))
+                if per_round:
+                    size = max(1, min(size, math.ceil(max(rule.cap_s - elapsed, 0.0) / per_round)))
+            order_now: list[str] = []
+            for r in range(done, done + size):
+                shift = r % len(active)
+                order_now.extend(active[shift:] + active[:shift])
+            stamp = {n: [None] * size for n in names}
+            slots = {n: 0 for n in names}
+            for n, t in zip(order_now, _time_calls([calls[n] for n in order_now], cuda)):
+                stamp[n][slots[n]] = t
+                slots[n] += 1
+            for n in names:
+                times[n].extend(stamp[n])
+            done += size
+            elapsed = clock() - start
+            per_round = elapsed / done
+            load.append(load_average())
+            verdict = assess(times, names, rule)
+            if verdict.stop is not None or done >= rule.max_rounds or elapsed >= rule.cap_s:
+                break
+            # a candidate the leader beat beyond noise sits the next rounds out
+            active = [n for n in active if n not in verdict.beaten] or active
+    return Rounds(times, clock() - start, load, "cuda_event" if cuda else "perf_counter_ns", used_threads,
+                  getattr(sample, "batch_size", 1), {n: w[0] for n, w in warmed.items()})
