@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aitune.decision import BEATEN, DecisionRule, pair
 from orchestrator.records import ResultRecord, SelectionRecord
 from orchestrator.store import ResultStore
 
@@ -23,7 +24,8 @@ class GroupDiff:
     model: str
     batch_size: int
     device: str
-    status: str  # "new", "same", "winner changed", "gone"
+    #: "new", "same", "winner changed", "tie swap" (the winners were not told apart), "gone"
+    status: str
     old_winner: str | None = None
     new_winner: str | None = None
     old_ms: float | None = None
@@ -108,6 +110,36 @@ def _why(old: list[ResultRecord], new: list[ResultRecord], old_dc: dict, new_dc:
     return why
 
 
+def _winner_ms(selection: SelectionRecord, by_key: dict[str, ResultRecord]) -> float | None:
+    """The winner's median in its decision rounds where it had them, else its first measurement's."""
+    medians = (selection.decision or {}).get("medians") if isinstance(selection.decision, dict) else None
+    ms = medians.get(selection.winner_key) if isinstance(medians, dict) else None
+    if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms > 0:
+        return float(ms)
+    record = by_key.get(selection.winner_key)
+    return record.median_ms if record else None
+
+
+def _changed(old: SelectionRecord, new: SelectionRecord) -> tuple[str, str]:
+    """A group whose winner changed: ``tie swap`` where either decision could not tell the two
+    apart (the fixed rule chose), else ``winner changed``, with what the new rounds say of the two."""
+    if old.winner in new.ties or new.winner in old.ties:
+        return "tie swap", f"{old.winner} and {new.winner} were not told apart (a tie or the cap)"
+    decision = new.decision if isinstance(new.decision, dict) else {}
+    times = decision.get("times_ms")
+    if isinstance(times, dict) and old.winner_key in times and new.winner_key in times:
+        try:
+            rule = DecisionRule(**decision.get("rule", {}))
+            p = pair({k: times[k] for k in (old.winner_key, new.winner_key)}, new.winner_key, old.winner_key,
+                     rule.confidence, rule)
+        except (TypeError, ValueError) as exc:  # rounds read back from the store: checked, not trusted
+            return "winner changed", f"the new rounds can't be compared ({exc})"
+        said = "beyond noise" if p.verdict == BEATEN else "not beyond noise"
+        return "winner changed", (f"{said}: {old.winner} took {p.ratio:.2f}x ({p.low:.2f}-{p.high:.2f}) "
+                                  f"the time of {new.winner} in the new rounds")
+    return "winner changed", f"{old.winner} was not among the new decision's contenders"
+
+
 def diff_sweeps(store: ResultStore, sweep_id: str, previous: str | None = None) -> SweepDiff | None:
     """The diff of ``sweep_id`` against ``previous`` (default: the previous sweep of its models)."""
     new_results = store.sweep_results(sweep_id)
@@ -138,15 +170,15 @@ def diff_sweeps(store: ResultStore, sweep_id: str, previous: str | None = None) 
         if old is not None:
             g.old_winner = old.winner
             if old.winner_key != new.winner_key and old.winner != new.winner:
-                g.status = "winner changed"
-            old_r, new_r = old_by_key.get(old.winner_key), new_by_key.get(new.winner_key)
-            g.old_ms = old_r.median_ms if old_r else None
-            g.new_ms = new_r.median_ms if new_r else None
+                g.status, evidence = _changed(old, new)
+                g.why.append(evidence)
+            g.old_ms = _winner_ms(old, old_by_key)
+            g.new_ms = _winner_ms(new, new_by_key)
             if g.old_ms and g.new_ms:
                 g.ratio = g.new_ms / g.old_ms
                 g.trend = "regression" if g.ratio > 1 + THRESHOLD else "gain" if g.ratio < 1 - THRESHOLD else ""
             old_dc_of = old_dc.get(old.device_class_key, {})
-            g.why = _why(results_of(old_results, old_dc, group), new_rs, old_dc_of, new_dc.get(new.device_class_key, {}), seen_names)
+            g.why += _why(results_of(old_results, old_dc, group), new_rs, old_dc_of, new_dc.get(new.device_class_key, {}), seen_names)
         elif _name(new_dc.get(new.device_class_key, {})) not in seen_names:
             g.why = [f"a new device class ({device})"]
         groups.append(g)
