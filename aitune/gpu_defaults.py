@@ -47,10 +47,11 @@ def gpu_candidates(include_max_autotune: bool = False) -> list[CandidateDef]:
     if include_max_autotune:
         candidates.append(("TorchInductorJitBackend", {"mode": "max-autotune", **fp16}))
     if tensorrt_installed():
-        # TensorRT 11 dropped the FP16 builder flag (weak typing): there fp32 with TF32 is
-        # what a plain fp32 ONNX model can be built as.
+        # TensorRT 11 dropped the FP16 builder flag (weak typing): there a plain fp32 ONNX model
+        # builds as fp32, with TF32 off: it is judged with the fp32 tolerance, which TF32's
+        # 10-bit mantissa would fail on any deep model.
         major = tensorrt_major()
-        candidates.append(("TensorRTBackend", dict(fp16) if major is None or major < 11 else {"precision": "float32"}))
+        candidates.append(("TensorRTBackend", dict(fp16) if major is None or major < 11 else {"precision": "float32", "tf32": False}))
     if onnxruntime_cuda_installed():
         candidates.append(("OnnxRuntimeBackend", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}))
     return candidates

@@ -22,9 +22,10 @@ from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
 from aitune.torch.export_cache import ExportCache, machine_export_cache
-from aitune.defaults import CPU_CANDIDATES, is_baseline, make_backend
+from aitune.defaults import CPU_CANDIDATES, candidates_for, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
 from aitune.torch.backend import registry
+from aitune.torch.precision import fp32_reference_settings
 from aitune.torch.tree import map_tensors
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,19 @@ def tune(
     ``samples`` share one input shape (their values may differ): all are used to check
     correctness, the first is used to measure. ``candidates`` are backends, names
     (``"TorchEagerBackend"``), plug-in import paths (``"package.module:MyBackend"``) or
-    ``(name, config fields)`` pairs; default: the CPU set of :mod:`aitune.defaults`. The eager
-    fp32 baseline is always included.
+    ``(name, config fields)`` pairs; default: the set of :mod:`aitune.defaults` for the device's
+    type (the GPU set on a CUDA device). The eager fp32 baseline is always included. On a CUDA
+    device TF32 is off throughout, as in the orchestrator's workers, and back as it was after.
     """
     if not samples:
         raise ValueError("tune needs at least one sample")
-    strategy = Strategy.parse(strategy)
     device = torch.device(device)
+    with fp32_reference_settings(device):
+        return _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends)
+
+
+def _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends) -> TuneResult:
+    strategy = Strategy.parse(strategy)
     measure_config = measure_config or MeasureConfig()
     module = module.eval()
     samples = [s.to(device) for s in samples]
@@ -138,7 +145,7 @@ def tune(
         # Computed once: the module may carry state, and the reference must not drift.
         reference = [_detach(s(module)) for s in samples]
     graph_spec = GraphSpec.from_sample(samples[0], reference[0])
-    backends = [as_backend(c) for c in candidates] if candidates is not None else default_cpu_candidates()
+    backends = [as_backend(c) for c in (candidates if candidates is not None else candidates_for(device.type))]
     if not any(_is_baseline(b) for b in backends):
         backends.insert(0, TorchEagerBackend())
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="aitune-tune-"))

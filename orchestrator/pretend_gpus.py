@@ -8,8 +8,9 @@ machine, start each pretend node with ``AITUNE_TEST_DEVICE_NAME`` in its environ
 env_vars={"AITUNE_TEST_DEVICE_NAME": "H100"})``: the GPU-slot workers on that node take that
 name as their device name, and so form the device class of that name.
 
-It changes nothing where torch sees CUDA (a real GPU names itself) or for CPU slots, and it is
-not meant for real clusters: the device still is the CPU.
+It changes nothing for CPU slots, and it is not meant for real clusters. On a machine with a
+real GPU the test name wins over the GPU's own: there every pretend GPU worker sees that one
+GPU, and without the names all of them would form one device class.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ ENV_VAR = "AITUNE_TEST_DEVICE_NAME"
 
 
 def pretend_device(env: Environment, slot_kind: str | None) -> Environment:
-    """``env`` with the test device name of this node, for a GPU slot whose torch sees no CUDA."""
+    """``env`` with the test device name of this node, for a GPU slot (whatever device torch sees)."""
     name = os.environ.get(ENV_VAR, "").strip()
-    if not name or slot_kind != "gpu" or env.device_type == "cuda":
+    if not name or slot_kind != "gpu":
         return env
     return dataclasses.replace(env, device_name=name)

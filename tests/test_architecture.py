@@ -11,8 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def modules_after_import(code: str) -> set[str]:
     probe = code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    from env_helpers import child_env
+
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED": "0"})
+                          env=child_env(ROOT))
     assert done.returncode == 0, done.stderr
     return set(done.stdout.split())
 

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from typing import Any, Callable, Iterator
 
 import torch
 
 from aitune.specs import Sample
 from aitune.torch.tree import map_tensors
+
+log = logging.getLogger(__name__)
+
+#: the capture's cudaStreamCaptureMode: "thread_local" forbids unsafe CUDA calls (a cudaMalloc,
+#: a sync) only in the capturing thread, so a served model whose new version is captured on a
+#: loader thread doesn't fail, nor make fail, the requests another thread is answering
+CAPTURE_ERROR_MODE = "thread_local"
 
 
 class CudaGraphCaptureError(RuntimeError):
@@ -77,10 +85,16 @@ def sample_device(sample: Sample) -> torch.device:
 def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.cuda.Stream, pool=None) -> Any:
     """Record ``call()`` into ``graph`` on ``stream`` (on the current device); returns its outputs.
 
-    Unlike ``torch.cuda.graph``, a failure leaves the caller's stream current (there, a failing
-    ``capture_end`` skips restoring it, and every later kernel of the process lands on the
-    capture stream) and raises :class:`CudaGraphCaptureError`.
+    ``pool``: the memory pool the graph allocates from (a new one from ``graph_pool_handle()``
+    when None). Unlike ``torch.cuda.graph``, a failure leaves the caller's stream current (there,
+    a failing ``capture_end`` skips restoring it, and every later kernel of the process lands on
+    the capture stream), tells the caching allocator that the capture is over (else every later
+    capture in the process fails with "already recording to mempool_id") and raises
+    :class:`CudaGraphCaptureError`.
     """
+    if pool is None:
+        pool = torch.cuda.graph_pool_handle()
+    device_index = torch.cuda.current_device()
     previous = torch.cuda.current_stream()
     error: BaseException | None = None
     began = False
@@ -88,7 +102,7 @@ def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.
     torch.cuda.set_stream(stream)
     try:
         try:
-            graph.capture_begin(pool=pool)
+            graph.capture_begin(pool=pool, capture_error_mode=CAPTURE_ERROR_MODE)
             began = True
             out = call()
         except Exception as exc:  # the capture must still be ended, or the stream stays capturing
@@ -102,7 +116,7 @@ def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.
         torch.cuda.set_stream(previous)
     if error is not None:
         if began:
-            _stop_allocating_to_pool(graph)
+            _stop_allocating_to_pool(graph, device_index, pool)
         raise CudaGraphCaptureError(
             f"CUDA graph capture failed: {type(error).__name__}: {error}; "
             "the CUDA context may be unusable now, start a fresh process before trusting it"
@@ -110,16 +124,35 @@ def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.
     return out
 
 
-def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph) -> None:
-    """Best effort: when ``capture_end`` fails before telling the caching allocator that the
-    capture is over, the allocator keeps sending this thread's allocations to the graph's pool."""
+def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph, device_index: int, pool) -> None:
+    """After a failed capture: end allocation to ``pool`` and drop the failed capture's hold on it.
+
+    ``capture_end`` tells the caching allocator that the capture is over only once
+    ``cudaStreamEndCapture`` succeeded; failing before that, the allocator keeps sending this
+    thread's allocations to ``pool``, and the next capture into it fails with "already recording
+    to mempool_id". The capture also took a reference to the pool that only a graph whose capture
+    ended gives back (``graph.pool()`` raises for one that did not): without giving it back here,
+    the pool's memory is never freed.
+    """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if end is None:
+    if end is not None:
+        try:
+            end(device_index, pool)
+        except Exception as exc:  # capture_end got that far itself
+            log.debug("after a failed CUDA graph capture, the allocator had already ended pool %s: %s", pool, exc)
+    try:
+        graph.pool()
+        return  # the capture ended: the graph gives its pool reference back when it goes
+    except Exception:
+        pass  # never ended: nothing else will release the capture's reference
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if release is None:
+        log.warning("after a failed CUDA graph capture: this torch has no _cuda_releasePool; pool %s keeps its memory", pool)
         return
     try:
-        end(torch.cuda.current_device(), graph.pool())
-    except Exception:  # capture_end got that far itself, or the capture never began
-        pass
+        release(device_index, pool)
+    except Exception as exc:
+        log.warning("after a failed CUDA graph capture: releasing pool %s failed: %s", pool, exc)
 
 
 class CudaGraphRunner:
@@ -135,7 +168,7 @@ class CudaGraphRunner:
         self.fn = fn
         self.warmup_iters = warmup_iters
         self.clone_outputs = clone_outputs
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Sample, Any]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Sample, Any, torch.device]] = {}
         self._pools: dict[torch.device, Any] = {}  # one pool per device, shared by its shapes
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -143,7 +176,7 @@ class CudaGraphRunner:
     def captured(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, sample: Sample, device: torch.device) -> tuple[torch.cuda.CUDAGraph, Sample, Any]:
+    def _capture(self, sample: Sample, device: torch.device) -> tuple[torch.cuda.CUDAGraph, Sample, Any, torch.device]:
         static = sample.map(lambda t: t.clone())
         stream = self._streams.get(device)
         if stream is None:
@@ -159,8 +192,15 @@ class CudaGraphRunner:
         if device not in self._pools:
             self._pools[device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        out = capture(graph, lambda: static(self.fn), stream, self._pools[device])
-        return graph, static, out
+        try:
+            out = capture(graph, lambda: static(self.fn), stream, self._pools[device])
+        except CudaGraphCaptureError:
+            if not any(static_device == device for _, _, _, static_device in self._graphs.values()):
+                # the failed capture gave back the pool's only reference: the allocator may be
+                # freeing it, and a capture into a pool nothing holds is refused; start a new one
+                del self._pools[device]
+            raise
+        return graph, static, out, device
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         sample = Sample(args, kwargs)
@@ -170,12 +210,21 @@ class CudaGraphRunner:
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(sample, device)
-            graph, static, out = entry
+            graph, static, out, _ = entry
             for dst, src in zip(static.named_tensors().values(), sample.named_tensors().values()):
                 dst.copy_(src, non_blocking=True)
             graph.replay()
         # Cloned in the caller's mode: outside inference mode the copies are ordinary tensors.
         return clone_tensors(out) if clones_wanted(self.clone_outputs) else out
+
+    def capture_now(self, sample: Sample) -> None:
+        """Capture ``sample``'s shape now (if not captured yet), without keeping the outputs.
+
+        For a model being loaded to serve: every tuned shape is captured while the version
+        loads, before it answers requests, not on the first request of each shape.
+        """
+        with without_output_clones():
+            sample(self)
 
     def reset(self) -> None:
         """Drop every graph and its memory."""

@@ -51,7 +51,7 @@ DEFAULT_LIMIT_BYTES = 4 * GiB
 
 @dataclass
 class _Entry:
-    export: OnnxExport
+    export: Any  # an OnnxExport; for a package, (its file, what was made with it)
     module: weakref.ref
     nbytes: int
 
@@ -69,6 +69,9 @@ class ExportCache:
         #: exports handed out again, and exports made
         self.hits = 0
         self.misses = 0
+        #: compiled packages (see :meth:`package`), and how many were handed out again
+        self._packages: OrderedDict[str, _Entry] = OrderedDict()
+        self.package_hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -116,15 +119,63 @@ class ExportCache:
         self._evict(keep=key)
         return _place(made, path)
 
+    def package(
+        self,
+        module: torch.nn.Module,
+        sample: Sample,
+        graph_spec: GraphSpec,
+        path: str | Path,
+        *,
+        variant: Any,
+        make: Callable[[Path], Any],
+    ) -> tuple[Path, Any]:
+        """A compiled package of ``module`` on ``sample`` placed at ``path`` (linked, or copied),
+        and what ``make`` returned with it: made by ``make(file)``, which writes the package to
+        ``file``, or the one made before for the same module, sample, graph spec and ``variant``.
+
+        For candidates that run one package in different ways (AOTInductor with and without CUDA
+        graphs): minutes of compiling, paid once per model and shape instead of once per way.
+        """
+        path = Path(path)
+        module_token, sample_token = self._token(module), self._token(sample)
+        if module_token is None or sample_token is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path, make(path)
+        key = sha256_of({"package": True, "module": module_token, "sample": sample_token,
+                         "graph_spec": graph_spec.to_dict(), "variant": variant})
+        entry = self._packages.get(key)
+        if entry is not None and entry.export[0].is_file():
+            self._packages.move_to_end(key)
+            self.package_hits += 1
+            return _link(entry.export[0], path), entry.export[1]
+        self._drop_package(key)
+        where = self.root / key[:24]
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        try:
+            extra = make(where / path.name)
+        except BaseException:
+            shutil.rmtree(where, ignore_errors=True)
+            raise
+        made = where / path.name
+        self._packages[key] = _Entry((made, extra), weakref.ref(module), _size(made))
+        while len(self._packages) > 1 and sum(e.nbytes for e in self._packages.values()) > self.limit_bytes:
+            self._drop_package(next(iter(self._packages)))
+        return _link(made, path), extra
+
     def clear(self) -> None:
         for key in list(self._entries):
             self._drop(key)
+        for key in list(self._packages):
+            self._drop_package(key)
         self.templates.clear()
 
     def prune(self) -> None:
-        """Drop the exports of modules that are gone (no one can ask for them again)."""
+        """Drop the exports and packages of modules that are gone (no one can ask for them again)."""
         for key in [k for k, e in self._entries.items() if e.module() is None]:
             self._drop(key)
+        for key in [k for k, e in self._packages.items() if e.module() is None]:
+            self._drop_package(key)
 
     # -- inside ---------------------------------------------------------------------------------
     def _token(self, obj: Any) -> str | None:
@@ -154,11 +205,33 @@ class ExportCache:
         if entry is not None:
             shutil.rmtree(entry.export.model.parent, ignore_errors=True)
 
+    def _drop_package(self, key: str) -> None:
+        entry = self._packages.pop(key, None)
+        if entry is not None:
+            shutil.rmtree(entry.export[0].parent, ignore_errors=True)
+
 
 def machine_export_cache(root: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> ExportCache:
     """An export cache for one process whose templates are also kept in this machine's template
     folder (``$AITUNE_ONNX_TEMPLATES``, see :mod:`aitune.torch.template_dir`), where one is on."""
     return ExportCache(root, limit_bytes, ExportTemplates(disk=TemplateDir.from_env()))
+
+
+def shared_package(
+    exports: ExportCache | None,
+    module: torch.nn.Module,
+    sample: Sample,
+    graph_spec: GraphSpec,
+    path: str | Path,
+    variant: Any,
+    make: Callable[[Path], Any],
+) -> tuple[Path, Any]:
+    """A backend's compiled package: through ``exports`` where its caller gave one, else made here."""
+    path = Path(path)
+    if exports is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path, make(path)
+    return exports.package(module, sample, graph_spec, path, variant=variant, make=make)
 
 
 def shared_onnx_export(
@@ -196,6 +269,18 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _link(src: Path, dst: Path) -> Path:
+    """``src`` hard-linked (copied where the file system has no links) at ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
 
 
 def _place(export: OnnxExport, path: Path) -> OnnxExport:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from aitune.specs import Sample
@@ -28,3 +31,30 @@ def cast_sample(sample: Sample, dtype: torch.dtype | None, channels_last: bool =
         return t
 
     return sample.map(fn)
+
+
+def use_fp32_reference_settings(device: torch.device | str) -> tuple[bool, bool] | None:
+    """TF32 off for CUDA matmuls and convolutions when ``device`` is a CUDA device; returns the
+    settings it replaced (None where it changed nothing).
+
+    The eager fp32 reference must be real fp32 (TF32 rounds inputs to 10 mantissa bits, far past
+    the fp32 tolerance), and every candidate is then judged and measured under the same settings,
+    wherever it runs: an orchestrator worker, :func:`aitune.tune`, a re-measure outside both.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return before
+
+
+@contextlib.contextmanager
+def fp32_reference_settings(device: torch.device | str) -> Iterator[None]:
+    """:func:`use_fp32_reference_settings` within a block; the caller's settings come back after it."""
+    before = use_fp32_reference_settings(device)
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

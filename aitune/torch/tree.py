@@ -9,6 +9,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 
+def _plain_object_attrs(value: Any) -> dict[str, Any] | None:
+    """The public attributes of a plain object that holds tensors directly (None for any other value):
+    the one rule by which both walks below treat objects that are no container."""
+    attrs = getattr(value, "__dict__", None)
+    if attrs and any(isinstance(v, torch.Tensor) for v in attrs.values()):
+        return {k: v for k, v in attrs.items() if not k.startswith("_")}
+    return None
+
+
 def _children(value: Any) -> Iterator[tuple[str, Any]] | None:
     if isinstance(value, dict):  # also HF ModelOutput, an OrderedDict subclass
         return ((f"[{k!r}]", v) for k, v in value.items())
@@ -16,9 +25,9 @@ def _children(value: Any) -> Iterator[tuple[str, Any]] | None:
         return ((f"[{i}]", v) for i, v in enumerate(value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return ((f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
-    attrs = getattr(value, "__dict__", None)
-    if attrs and any(isinstance(v, torch.Tensor) for v in attrs.values()):
-        return ((f".{k}", v) for k, v in attrs.items() if not k.startswith("_"))
+    attrs = _plain_object_attrs(value)
+    if attrs is not None:
+        return ((f".{k}", v) for k, v in attrs.items())
     return None
 
 
@@ -38,9 +47,10 @@ def flatten_tensors(value: Any, path: str = "output") -> list[tuple[str, torch.T
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """A copy of ``value`` with ``fn`` applied to every tensor.
 
-    Tuples (named ones too), lists and dicts are rebuilt; dict subclasses (model-output objects)
-    and dataclass instances are shallow-copied and their entries and fields replaced, so the
-    original is left as it was; anything else is returned as it is.
+    Tuples (named ones too), lists and dicts are rebuilt; dict subclasses (model-output objects),
+    dataclass instances and plain objects holding tensors (the objects :func:`flatten_tensors`
+    walks into) are shallow-copied and their entries, fields or public attributes replaced, so
+    the original is left as it was; anything else is returned as it is.
     """
     if isinstance(value, torch.Tensor):
         return fn(value)
@@ -52,7 +62,15 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return {k: map_tensors(v, fn) for k, v in value.items()}
     is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
     if not isinstance(value, dict) and not is_dataclass:
-        return value
+        attrs = _plain_object_attrs(value)
+        if attrs is None:
+            return value
+        # A plain object that holds tensors (what flatten_tensors walks into): a shallow copy
+        # with those attributes mapped, or a clone of a graph's outputs would still share them.
+        new = copy.copy(value)
+        for k, v in attrs.items():
+            new.__dict__[k] = map_tensors(v, fn)
+        return new
     new = copy.copy(value)
     if isinstance(value, dict):
         for k, v in value.items():

@@ -133,16 +133,17 @@ def test_io_binding_gives_the_same_outputs_as_plain_runs(tmp_path):
     torch.testing.assert_close(outs[True], outs[False])
 
 
+def _args(tmp_path, **changes):
+    fields = {"models": None, "measure_s": 1.0, "store": str(tmp_path), "deploy": False, "time_left_s": None,
+              "build_timeout_s": 150.0, "measure_timeout_s": 30.0}
+    return type("Args", (), {**fields, **changes})
+
+
 def test_gpu_check_script_spec_is_valid_and_it_refuses_to_run_without_a_gpu(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = _gpu_check()
     from orchestrator.spec import parse_spec
 
-    args = type("Args", (), {"models": list(gpu_check.MODELS), "measure_s": 1.0, "total_s": 300.0, "store": str(tmp_path), "deploy": False})
-    spec = parse_spec(gpu_check.build_spec(args))
+    spec = parse_spec(gpu_check.build_spec(_args(tmp_path)))
     assert {m.name: spec.batches_of(m) for m in spec.models} == {"resnet50": [1, 32], "bert_base": [8], "mlp_12x512": [1]}
     assert spec.candidates is None  # the GPU default set
     if not torch.cuda.is_available():
@@ -150,30 +151,41 @@ def test_gpu_check_script_spec_is_valid_and_it_refuses_to_run_without_a_gpu(tmp_
         assert done.returncode == 2 and "needs a GPU" in done.stderr
 
 
+def test_gpu_check_takes_fewer_models_on_a_lent_machine(tmp_path):
+    gpu_check = _gpu_check()
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(gpu_check.build_spec(_args(tmp_path, time_left_s=400.0)))
+    assert {m.name: spec.batches_of(m) for m in spec.models} == {"mlp_12x512": [1], "resnet50": [32]}
+    named = parse_spec(gpu_check.build_spec(_args(tmp_path, time_left_s=400.0, models=["bert_base"])))
+    assert {m.name: named.batches_of(m) for m in named.models} == {"bert_base": [8]}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_script_rehearsed_on_the_cpu(tmp_path):
-    """The script's whole flow (sweep, table, winners, top-3 re-measure) on CPU candidates, so that a
-    first GPU session does not find the script's own bugs."""
-    import os
+    """The script's whole flow (the plan, AOTInductor first, the rest, winners, the top-3 re-measure)
+    on CPU candidates, so that a first GPU session does not find the script's own bugs."""
+    from env_helpers import child_env
 
-    # prepended: on the GPU machine the carried packages are found only through PYTHONPATH
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = child_env(ROOT)  # prepended: on the GPU machine the carried packages come only through PYTHONPATH
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--models", "mlp_12x512",
-         "--measure-s", "0.1", "--store", str(tmp_path / "store")],
-        capture_output=True, text=True, timeout=540, env=env,
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--models", "mlp_12x512", "--confirm",
+         "--time-left-s", "600", "--measure-s", "0.1", "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=590, env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "plan: 600 s of device time left, 1 group(s)" in done.stdout
     assert "winner mlp_12x512 b1:" in done.stdout
     assert "re-measured interleaved" in done.stdout
     assert "sweep winner" in done.stdout and "gpu_check done" in done.stdout
-    # cheap builds first, then every candidate with the first stage's results reused
-    assert "stage 1/2" in done.stdout and "stage 2/2" in done.stdout
+    # AOTInductor first, then every candidate with the first stage's results reused
+    first, second = done.stdout.index("stage 1/2"), done.stdout.index("stage 2/2")
+    assert first < second and "TorchInductorAotBackend and eager fp32" in done.stdout[first:second]
     assert "skipped: none" in done.stdout
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_backend_matches_eager_and_recaptures_per_shape(tmp_path):
     module, sample, spec = tiny()
@@ -184,6 +196,7 @@ def test_cuda_graph_backend_matches_eager_and_recaptures_per_shape(tmp_path):
     assert backend._runner.captured == 2
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_onnxruntime_cuda_with_io_binding(tmp_path):
     import onnxruntime as ort
@@ -290,7 +303,7 @@ class _FakeGraph:
     def __init__(self, end_error: Exception | None = None) -> None:
         self.end_error, self.ended = end_error, False
 
-    def capture_begin(self, pool=None):
+    def capture_begin(self, pool=None, capture_error_mode="global"):
         pass
 
     def capture_end(self):
@@ -310,6 +323,8 @@ def test_failed_capture_restores_the_callers_stream_and_raises_its_own_error(mon
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda device, pool: None, raising=False)
     end_error = RuntimeError("CUDA error: operation failed due to a previous error during capture")
     body_error = RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
@@ -352,33 +367,62 @@ def _gpu_check():
     return gpu_check
 
 
-def test_gpu_check_builds_cheap_candidates_first_on_every_model():
+def test_gpu_check_runs_aotinductor_first_on_every_model(tmp_path):
     gpu_check = _gpu_check()
     from orchestrator.spec import parse_spec
 
     for device in ("cpu", "cuda"):
         everything = candidates_for(device)
         first, last = gpu_check.stages(everything)
-        assert first and all(name not in gpu_check.SLOW_BUILDS for name, _ in first)
+        assert first and all(name == "TorchInductorAotBackend" for name, _ in first)
         assert [c for c in everything if c not in first] and last is None  # the last stage has them all
-    args = type("Args", (), {"models": ["resnet50", "mlp_12x512", "bert_base"], "measure_s": 1.0, "total_s": 300.0,
-                             "store": "/tmp/x", "deploy": False})
-    spec = parse_spec(gpu_check.build_spec(args, first, total_s=120.0))
+    gpu_first = gpu_check.stages(candidates_for("cuda"))[0]
+    assert {cfg.get("cuda_graphs", False) for _, cfg in gpu_first} == {True, False}  # one package, both ways
+    spec = parse_spec(gpu_check.build_spec(_args(tmp_path, models=["resnet50", "mlp_12x512", "bert_base"]), first, total_s=120.0))
     assert [m.name for m in spec.models] == ["mlp_12x512", "bert_base", "resnet50"]  # cheapest first
     assert [(c.backend, c.config) for c in spec.candidates] == first
     assert spec.budgets.total_s == 120.0
     assert gpu_check.stages([("TorchEagerBackend", {})]) == [None]
 
 
-def test_gpu_check_fits_its_budgets_into_the_time_left():
+@pytest.mark.parametrize("confirm", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gpu_check_plans_everything_inside_the_time_left_with_a_minute_to_spare(groups, confirm):
     gpu_check = _gpu_check()
-    for left in (400.0, 600.0, 900.0):
-        limits = gpu_check.limits_for(left)
-        # the last candidate dispatched can still build and measure in full before the time is up
-        assert limits["total_s"] + limits["build_timeout_s"] + limits["measure_timeout_s"] + gpu_check.RESERVE_S <= left
-        assert limits["total_s"] >= 30 and limits["build_timeout_s"] >= 60
+    for left in (420.0, 600.0, 900.0):
+        try:
+            plan = gpu_check.make_plan(left, groups, confirm)
+        except ValueError as exc:
+            assert "too little" in str(exc) and left < 600
+            continue
+        assert plan.hard_stop + gpu_check.SHUTDOWN_S + gpu_check.SPARE_S == left  # even a forced stop ends in time
+        assert 0 < plan.stage1_dispatch_end < plan.stage1_end < plan.stage2_start < plan.stage2_dispatch_end
+        assert plan.stage2_dispatch_end < plan.stage2_end <= plan.confirm_end <= plan.hard_stop
+        # the tails are inside the plan: the decision rounds, the report, the confirmation
+        rounds = groups * (gpu_check.DECISION_CAP_S[2] + gpu_check.DECISION_FIRST_ROUNDS_S)
+        assert plan.stage2_end - plan.stage2_dispatch_end >= gpu_check.TAIL_S + rounds + gpu_check.REPORT_S
+        assert plan.confirm_end - plan.stage2_end == (groups * gpu_check.CONFIRM_S if confirm else 0)
+        lines = "\n".join(plan.lines())
+        assert "stage 1: TorchInductorAotBackend" in lines and "hard stop" in lines
+        assert ("confirmation: top 3" in lines) == confirm
     with pytest.raises(ValueError, match="too little for a sweep"):
-        gpu_check.limits_for(150.0)
+        gpu_check.make_plan(200.0, groups, confirm)
+
+
+def test_gpu_check_hard_stop_interrupts_a_blocking_wait():
+    import time
+
+    gpu_check = _gpu_check()
+    stop = gpu_check.HardStop(time.monotonic() + 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(60)
+    finally:
+        stop.cancel()
+    assert stop.fired
+    late = gpu_check.HardStop(time.monotonic() + 60)
+    late.cancel()
+    assert not late.fired
 
 
 def test_gpu_check_lists_what_it_skipped():
@@ -391,19 +435,6 @@ def test_gpu_check_lists_what_it_skipped():
                      "  every model: OnnxRuntimeBackend(defaults) (no time left for its stage)"]
 
 
-def test_gpu_check_remeasures_with_tf32_off_as_the_workers_do():
-    gpu_check = _gpu_check()
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        gpu_check.use_worker_tf32_settings(torch.device("cpu"))
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        gpu_check.use_worker_tf32_settings(torch.device("cuda", 0))
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 # -- on a GPU (skipped here, each naming why) ----------------------------------------------------------
 def _eager(module, x):
     with torch.inference_mode():
@@ -412,6 +443,7 @@ def _eager(module, x):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: AOTInductor packages captured into CUDA graphs (item 1)")
 def test_aot_package_with_cuda_graphs_runs_and_matches_eager(tmp_path):
     module, sample, spec = tiny()
@@ -426,6 +458,7 @@ def test_aot_package_with_cuda_graphs_runs_and_matches_eager(tmp_path):
     assert not outs[0].is_inference()  # cloned in the caller's mode, so the caller may modify it
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a capture that fails on the device (item 2)")
 def test_a_capture_that_fails_on_the_gpu_leaves_the_process_usable():
     def forbidden(x):
@@ -444,6 +477,7 @@ def test_a_capture_that_fails_on_the_gpu_leaves_the_process_usable():
     torch.testing.assert_close(runner(x), x * 3)  # and a later capture works
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: static buffers made under inference mode (item 5)")
 def test_a_graph_captured_under_inference_mode_replays_outside_it(tmp_path):
     module, sample, spec = tiny()
@@ -459,6 +493,7 @@ def test_a_graph_captured_under_inference_mode_replays_outside_it(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: outputs of CUDA graphs and reduce-overhead (item 6)")
 def test_outputs_survive_the_next_call_unless_clones_are_off(tmp_path):
     module, sample, spec = tiny()

@@ -257,6 +257,7 @@ def test_interleaved_stops_on_budget_or_convergence():
         interleaved({}, SAMPLE, "cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_events_time_device_work():
     sample = Sample.of(torch.randn(256, 256, device="cuda"))

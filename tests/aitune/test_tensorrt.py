@@ -531,6 +531,7 @@ def _tolerance(precision: str) -> dict:
     return {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=2e-2, rtol=2e-2), "bfloat16": dict(atol=1e-1, rtol=5e-2)}[precision]
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
 def test_engine_matches_eager_with_a_dynamic_batch(trt_gpu, tmp_path, precision):
@@ -546,6 +547,7 @@ def test_engine_matches_eager_with_a_dynamic_batch(trt_gpu, tmp_path, precision)
         backend.infer(torch.randn(17, 8).cuda())
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_engine_takes_keywords_and_returns_the_output_tree(trt_gpu, tmp_path):
     module = _TwoInputs().eval()
@@ -559,6 +561,7 @@ def test_engine_takes_keywords_and_returns_the_output_tree(trt_gpu, tmp_path):
     torch.testing.assert_close(got["scaled"][0].cpu(), want["scaled"][0].detach(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_timing_cache_is_saved_and_reused(trt_gpu, tmp_path):
     module, spec, sample = _mlp_spec()
@@ -572,6 +575,7 @@ def test_timing_cache_is_saved_and_reused(trt_gpu, tmp_path):
     assert cache.is_file()
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_engine_survives_deactivate_and_a_checkpoint_round_trip(trt_gpu, tmp_path):
     from aitune.checkpoint import deploy_checkpoint, save_checkpoint

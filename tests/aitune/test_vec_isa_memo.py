@@ -39,7 +39,9 @@ CHILD = textwrap.dedent("""
 
 
 def _child(memo: Path | str, *args: str, environ: dict | None = None) -> dict:
-    env = {**os.environ, "AITUNE_ISA_MEMO": str(memo), "PYTHONPATH": str(ROOT), **(environ or {})}
+    from env_helpers import child_env
+
+    env = child_env(ROOT, AITUNE_ISA_MEMO=str(memo), **(environ or {}))
     env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,8 +24,9 @@ def test_tune_refuses_an_unseeded_factory_before_ray_starts(tmp_path):
                         "inputs": [{"shape": [4]}]}], "batch_sizes": [1], "store": str(tmp_path / "store")}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    from env_helpers import child_env
+
+    env = child_env(ROOT, drop=("RAY_ADDRESS",))
     done = subprocess.run([sys.executable, "-m", "orchestrator", "tune", str(path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr

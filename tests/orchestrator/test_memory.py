@@ -54,6 +54,7 @@ def test_without_device_figures_only_the_allocator_or_resident_size_counts():
     assert memory.snapshot(torch.device("cpu")).device_used is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: device-wide used memory")
 def test_gpu_snapshot_records_device_wide_used_memory():
     snap = memory.snapshot(torch.device("cuda", 0))

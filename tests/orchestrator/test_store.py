@@ -698,7 +698,9 @@ def test_a_result_written_by_a_process_that_is_sigkilled_stays_readable(tmp_path
         time.sleep(120)  # never closes: it is killed here
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    from env_helpers import child_env
+
+    env = child_env(ROOT)
     proc = subprocess.Popen([sys.executable, "-c", script, str(root), json.dumps(_record().to_dict()), str(ckpt)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

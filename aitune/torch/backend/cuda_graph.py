@@ -15,6 +15,7 @@ import torch
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.cuda_graphs import CudaGraphRunner
+from aitune.torch.random_inputs import sample_from_spec
 
 
 @dataclass
@@ -69,6 +70,13 @@ class CudaGraphBackend(ModuleBackend):
     def _materialize(self, device: torch.device) -> None:
         super()._materialize(device)
         self._new_runner()
+
+    def _deploy(self) -> None:
+        super()._deploy()
+        # A deployed checkpoint serves the shape it was tuned for: captured now, while the version
+        # loads (possibly beside a live one), not by the first request once it is live.
+        if self.graph_spec is not None:
+            self._runner.capture_now(sample_from_spec(self.graph_spec, self.device))
 
     def _activate(self) -> None:
         super()._activate()

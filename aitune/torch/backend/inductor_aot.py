@@ -12,10 +12,22 @@ from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import ArtifactBackend, BackendConfig, UnsupportedDeviceError, artifact_path
 from aitune.torch.backend.eager import prepare_module
 from aitune.torch.cuda_graphs import CudaGraphRunner
+from aitune.torch.export_cache import shared_package
 from aitune.torch.export_utils import export_module
 from aitune.torch.output_tree import OutputTree, exportable, flat_tree
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
+from aitune.torch.random_inputs import sample_from_spec
 from aitune.torch.vec_isa_memo import remember_vec_isa
+
+
+def on_device(sample: Sample, device: torch.device) -> Sample:
+    """``sample`` with every tensor on ``device`` (the sample itself where they all are already)."""
+    def elsewhere(t: torch.Tensor) -> bool:
+        return t.device.type != device.type or (device.index is not None and t.device.index != device.index)
+
+    if not any(elsewhere(t) for t in sample.named_tensors().values()):
+        return sample
+    return sample.map(lambda t: t.to(device) if elsewhere(t) else t)
 
 
 @dataclass
@@ -63,19 +75,25 @@ class TorchInductorAotBackend(ArtifactBackend):
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
         if self.config.cuda_graphs and device.type != "cuda":
             raise UnsupportedDeviceError(f"Backend {self.name}: cuda_graphs=True needs a CUDA device, not {device}")
-        module = prepare_module(module, self.config.precision, False, False, device)
-        # Export traces with fake tensors: the real module is never called here. An output the
-        # package could not keep (a named tuple, a dataclass) comes back flat and is rebuilt.
-        view, record = exportable(module)
-        program = export_module(view, graph_spec, cast_sample(data[0].to(device), self._dtype()))
-        self._out_tree = flat_tree(record, program.call_spec.out_spec)
-        path = cache_dir / "model.pt2"
-        if device.type == "cpu":
-            remember_vec_isa()  # this process's first CPU kernel skips Inductor's ISA probe where it can
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs=dict(self.config.options) or None
-        )
-        self._package = path
+        def make(path: Path) -> OutputTree | None:
+            prepared = prepare_module(module, self.config.precision, False, False, device)
+            # Export traces with fake tensors: the real module is never called here. An output the
+            # package could not keep (a named tuple, a dataclass) comes back flat and is rebuilt.
+            view, record = exportable(prepared)
+            program = export_module(view, graph_spec, cast_sample(data[0].to(device), self._dtype()))
+            out_tree = flat_tree(record, program.call_spec.out_spec)
+            if device.type == "cpu":
+                remember_vec_isa()  # this process's first CPU kernel skips Inductor's ISA probe where it can
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs=dict(self.config.options) or None
+            )
+            return out_tree
+
+        # One package serves both ways of running it (with and without CUDA graphs): a candidate
+        # of this process that compiled it for the same module, sample and options hands it over.
+        variant = {"precision": self.config.precision, "options": dict(self.config.options), "device": str(device)}
+        self._package, self._out_tree = shared_package(self._exports, module, data[0], graph_spec,
+                                                       cache_dir / "model.pt2", variant, make)
         self._load(device)
 
     def _load(self, device: torch.device) -> None:
@@ -89,13 +107,22 @@ class TorchInductorAotBackend(ArtifactBackend):
         runner = torch._inductor.aoti_load_package(str(self._package), run_single_threaded=graphs, device_index=index)
         self._runner = CudaGraphRunner(runner, clone_outputs=self.config.clone_outputs) if graphs else runner
 
+    def _deploy(self) -> None:
+        super()._deploy()
+        # A deployed package serves the shape it was tuned for: its graph is captured now, while
+        # the version loads (possibly beside a live one), not by the first request once it is live.
+        if isinstance(self._runner, CudaGraphRunner) and self.graph_spec is not None:
+            self._runner.capture_now(cast_sample(sample_from_spec(self.graph_spec, self.device), self._dtype()))
+
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         sample = Sample(args, kwargs)
         # A package built for one shape silently returns that shape's output for another input
         # shape; refuse instead.
         if self.graph_spec is not None:
             self.graph_spec.check_sample(sample, self.name)
-        sample = cast_sample(sample, self._dtype())
+        # The package reads raw pointers on its own device: a tensor elsewhere (a CPU tensor given
+        # to a CUDA package) would be an illegal memory access, not an error. Moved there instead.
+        sample = cast_sample(on_device(sample, self.device), self._dtype())
         if isinstance(self._runner, CudaGraphRunner):
             out = sample(self._runner)  # inference mode inside; its clones follow the caller's mode
         else:

@@ -33,7 +33,8 @@ class TorchInductorJitConfig(ModuleRunConfig):
     """
 
     mode: str = "default"
-    #: None lets dynamo decide, True/False force dynamic/static shapes
+    #: True/False force dynamic/static shapes; None: static where the graph spec is static (else
+    #: dynamo decides)
     dynamic: bool | None = None
     fullgraph: bool = False
     #: inductor options; ``torch.compile`` accepts them only with the default mode
@@ -59,6 +60,7 @@ def _raise_recompile_limits() -> None:
 class TorchInductorJitBackend(ModuleBackend):
     config_class = TorchInductorJitConfig
     toolchain = "inductor"
+    implementation_version = "2"  # 2: static shapes for a static graph spec (was dynamo's choice)
 
     def __init__(self, config: TorchInductorJitConfig | None = None) -> None:
         super().__init__(config)
@@ -76,10 +78,22 @@ class TorchInductorJitBackend(ModuleBackend):
         self._compiled = torch.compile(
             module,
             mode=None if cfg.options else cfg.mode,
-            dynamic=cfg.dynamic,
+            dynamic=self._dynamic(),
             fullgraph=cfg.fullgraph,
             options=dict(cfg.options) or None,
         )
+
+    def _dynamic(self) -> bool | None:
+        """What ``torch.compile`` is told about shapes: the config's choice, else static for a
+        static graph spec. Left to dynamo (None), a second batch size compiled in the same process
+        gets a symbolic batch: dynamo keeps its automatic-dynamic state per code object, shared by
+        every compile of the same ``forward``, so the graph (and its timing) would depend on which
+        candidates this process compiled before."""
+        if self.config.dynamic is not None:
+            return self.config.dynamic
+        if self.graph_spec is not None and not self.graph_spec.is_dynamic:
+            return False
+        return None
 
     def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         self._module = self._take_module(module)

@@ -15,6 +15,7 @@ from aitune.torch.backend.eager import prepare_module
 from aitune.torch.export_cache import shared_onnx_export
 from aitune.torch.onnx_export import OutputLayout
 from aitune.torch.precision import PRECISIONS, cast_sample, normalize_precision
+from aitune.torch.random_inputs import sample_from_spec
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 # torch dtypes ONNX Runtime can bind (numpy has no bfloat16: those calls go through run())
@@ -94,6 +95,13 @@ class OnnxRuntimeBackend(ArtifactBackend):
     def _build(self, module, graph_spec: GraphSpec, data: list[Sample], cache_dir: Path) -> None:
         if not data:
             raise ValueError(f"Backend {self.name} needs at least one sample to export the module")
+        if self.config.precision == "bfloat16":
+            # The tensors would cross into ONNX Runtime through numpy, which has no bfloat16
+            # ("Got unsupported ScalarType BFloat16" on every call).
+            raise UnsupportedDeviceError(
+                f"Backend {self.name}: precision bfloat16 is unsupported (inputs and outputs pass through numpy, "
+                "which has no bfloat16); use float16 or float32"
+            )
         def prepare():
             return (prepare_module(module, self.config.precision, False, False, torch.device("cpu")),
                     cast_sample(data[0].to("cpu"), self._dtype()))
@@ -113,10 +121,26 @@ class OnnxRuntimeBackend(ArtifactBackend):
         opts.intra_op_num_threads = self.config.intra_op_threads or torch.get_num_threads()
         available = set(ort.get_available_providers())
         providers = [p for p in self.config.providers if p in available and _PROVIDER_DEVICE.get(p) == device.type]
-        self._session = ort.InferenceSession(str(self._model), sess_options=opts, providers=session_providers(providers, device))
-        self._input_names = [i.name for i in self._session.get_inputs()]
-        self._output_names = [o.name for o in self._session.get_outputs()]
+        session = ort.InferenceSession(str(self._model), sess_options=opts, providers=session_providers(providers, device))
+        # ONNX Runtime falls back to the CPU quietly: at session creation where a provider fails to
+        # load (a missing CUDA library), and at run() where it fails. Either would be measured as
+        # this candidate while the CPU ran it.
+        session.disable_fallback()
+        running = session.get_providers()
+        if not running or running[0] != providers[0]:
+            raise UnsupportedDeviceError(
+                f"Backend {self.name}: ONNX Runtime did not start {providers[0]} on {device} "
+                f"(the session runs on {list(running)}); see its log for why"
+            )
+        self._session = session
+        self._input_names = [i.name for i in session.get_inputs()]
+        self._output_names = [o.name for o in session.get_outputs()]
         self._out_meta = {}
+        if self.config.io_binding and self.graph_spec is not None:
+            # Learn the output shapes now, so that the first call (the check) runs the bound path
+            # that is measured, not the copying one.
+            sample = sample_from_spec(self.graph_spec, device)
+            self._infer(*sample.args, **sample.kwargs)
 
     def _feeds(self, sample: Sample) -> list[torch.Tensor]:
         flat = list(sample.args) + [sample.kwargs[k] for k in (self.graph_spec.kwarg_names if self.graph_spec else sample.kwargs)]

@@ -82,7 +82,8 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
 class TensorRTConfig(BackendConfig):
     #: reduced precision TensorRT may choose per layer (builder flag); the ONNX weights stay fp32
     precision: str = "float32"
-    #: allow TF32 for fp32 matmuls and convolutions (TensorRT's own default)
+    #: allow TF32 for fp32 matmuls and convolutions (TensorRT's own default). A float32 engine is
+    #: judged with the fp32 tolerance, which TF32 may fail: the GPU default set turns it off there
     tf32: bool = True
     #: limit of the builder's workspace memory pool in MiB; None: TensorRT's default (the GPU's memory)
     workspace_mb: int | None = None
@@ -226,6 +227,7 @@ class TensorRTBackend(ArtifactBackend):
         self._engine = None
         self._context = None
         self._dtypes: dict[str, torch.dtype] = {}
+        self._stream: torch.cuda.Stream | None = None  # the engine's own stream (see _infer)
 
     @property
     def is_jit(self) -> bool:
@@ -298,7 +300,9 @@ class TensorRTBackend(ArtifactBackend):
                 raise RuntimeError(
                     f"Backend {self.name}: TensorRT could not create an execution context: {logger.take_errors()}"
                 )
+            stream = torch.cuda.Stream(device)
         self._logger, self._runtime, self._engine, self._context = logger, runtime, engine, context
+        self._stream = stream
         self._dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in self._input_names + self._output_names}
 
     # -- inference ----------------------------------------------------------------------------------
@@ -335,9 +339,15 @@ class TensorRTBackend(ArtifactBackend):
                 out = torch.empty(shape, dtype=self._dtypes[name], device=device)
                 context.set_tensor_address(name, out.data_ptr())
                 outputs.append(out)
-            # on torch's current stream: later torch work on the outputs is ordered after the engine
-            if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
+            # On a stream of its own: on the legacy default stream (torch's current stream unless the
+            # caller set another) TensorRT adds host synchronisations to every enqueue. Joined to the
+            # caller's stream on both sides: the engine reads inputs copied on it, and later work
+            # on it (reading the outputs, reusing the inputs' memory) waits for the engine.
+            caller = torch.cuda.current_stream(device)
+            self._stream.wait_stream(caller)
+            if not context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError(f"Backend {self.name}: TensorRT execution failed: {self._logger.take_errors()}")
+            caller.wait_stream(self._stream)
         return self._outputs.rebuild(outputs)
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -346,6 +356,7 @@ class TensorRTBackend(ArtifactBackend):
         self._context = None
         self._engine = None
         self._runtime = None
+        self._stream = None
 
     # -- checkpoints --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
