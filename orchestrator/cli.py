@@ -68,7 +68,8 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         _say(console, f"not done: {problem}")
     if spec.deploy.serve and not args.no_deploy and not problems:  # deploy: {serve: true}
         serve_args = argparse.Namespace(store=str(outcome.store), sweep=outcome.sweep_id, model=None, target=None,
-                                        root=None, address=args.address, host="127.0.0.1", port=8000)
+                                        root=None, address=args.address, host="127.0.0.1", port=8000,
+                                        max_body_mb=64.0, body_timeout_s=10.0)
         return _serve(serve_args, console)
     return EXIT_INCOMPLETE if problems else EXIT_OK
 
@@ -121,6 +122,51 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _serve_problem(args: argparse.Namespace) -> str | None:
+    """Bad serve arguments, found before Ray starts: the port, the limits, the address to listen on."""
+    import socket
+
+    if not 1 <= args.port <= 65535:
+        return f"--port {args.port}: give a port from 1 to 65535"
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--body-timeout-s", args.body_timeout_s)):
+        if not value > 0:
+            return f"{flag} must be a positive number, got {value}"
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"--host {args.host!r}: {exc.strerror or exc}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"--port {args.port}: can't listen on {args.host}:{args.port}: {exc.strerror or exc}"
+    return None
+
+
+def _nothing_installed(root, models: list[str]) -> str | None:
+    """On an embedded local Ray the targets' deploy root is this machine's: what is missing there."""
+    from aitune import deploy_root as layout
+
+    for model in models:
+        try:
+            if not layout.live(root, model):
+                return f"nothing is installed for {model} in deploy root {layout.resolve_root(root)}"
+        except layout.DeployRootError as exc:
+            return str(exc)
+    return None
+
+
+def _replica_error(exc: Exception) -> str:
+    """The one line that says why a replica could not start, out of Ray's traceback."""
+    text = str(exc)
+    for marker in ("TunedModelError: ", "DeployRootError: ", "CheckpointError: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import time
 
@@ -136,7 +182,16 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     except (DeployInputError, StoreError) as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT
+    problem = _serve_problem(args)
+    if problem:
+        _say(console, f"error: {problem}")
+        return EXIT_BAD_INPUT
     models = sorted({s.model for s in chosen.selections})
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        missing = _nothing_installed(spec.deploy.root, models)
+        if missing:
+            _say(console, f"error: {missing}: deploy first: python -m orchestrator deploy {args.store}")
+            return EXIT_BAD_INPUT
     handle = connect(args.address)
     try:
         try:
@@ -145,10 +200,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
             _say(console, f"error: deploy targets: {exc}")
             return EXIT_BAD_INPUT
         try:
-            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=args.port)
+            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=args.port,
+                                   max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s)
         except Exception as exc:  # a replica that can't load what is installed
-            _say(console, f"not done: serving {', '.join(models)} failed: {type(exc).__name__}: {exc}; "
-                          f"deploy first: python -m orchestrator deploy {args.store}")
+            _say(console, f"not done: serving {', '.join(models)} failed: {_replica_error(exc)}")
             return EXIT_INCOMPLETE
         _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/MODEL; Ctrl-C stops")
         while True:
@@ -243,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "serve":
             cmd.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback only)")
             cmd.add_argument("--port", type=int, default=8000)
+            cmd.add_argument("--max-body-mb", type=float, default=64.0,
+                             help="refuse request bodies larger than this (413), from Content-Length before reading")
+            cmd.add_argument("--body-timeout-s", type=float, default=10.0,
+                             help="refuse a request body that has not arrived whole within this many seconds (408)")
     live = sub.add_parser("deployments", help="what is live where: the last verified install per node, model, device and batch")
     live.add_argument("store", help="store directory")
     parser.add_argument("-v", "--verbose", action="store_true")

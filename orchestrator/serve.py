@@ -14,11 +14,15 @@ otherwise. Rollover: every replica watches the ``current`` pointers of its model
 only once it loaded and passed its checks, so no request is lost or answered by a half-loaded
 model. A version that fails its checks (an installed file edited, say) is refused and the
 previous one keeps serving. Errors: 404 for an unknown model, 400 for a bad body or an untuned
-shape, each with ``{"error": "..."}``.
+shape or dtype, 408 for a body that does not arrive within ``body_timeout_s``, 413 for one over
+``max_body_bytes`` (from ``Content-Length`` before reading, or while reading a chunked one),
+each with ``{"error": "..."}``; anything else a model raises is a 500 with ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -26,6 +30,18 @@ from typing import Any
 
 APP_NAME = "aitune"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+#: a request body larger than this is refused (413) before it is read
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: a request body that has not arrived whole within this many seconds is refused (408)
+DEFAULT_BODY_TIMEOUT_S = 10.0
+#: requests a replica holds at once (a slow client holds one until its body times out)
+MAX_ONGOING_REQUESTS = 64
+
+
+class _BodyError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +49,8 @@ log = logging.getLogger(__name__)
 class TunedServer:
     """One Serve replica: every chosen model, loaded for this replica's device, kept current."""
 
-    def __init__(self, root: str | None, models: list[str], kind: str, threads: int = 1, reload_s: float = 0.5) -> None:
+    def __init__(self, root: str | None, models: list[str], kind: str, threads: int = 1, reload_s: float = 0.5,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         import torch
 
         from aitune import load_tuned
@@ -44,6 +61,9 @@ class TunedServer:
         torch.set_num_threads(threads)
         self._layout, self._load = layout, load_tuned
         self.root, self.device = root, pick_device(kind)
+        self.root_path = layout.resolve_root(root)
+        self.max_body_bytes, self.body_timeout_s = int(max_body_bytes), float(body_timeout_s)
+        self._warned: dict[str, str] = {}  # model -> the last problem logged (logged once per change)
         self.class_key = layout.device_class_key(self.device)
         self.models = {m: load_tuned(root, m, self.device) for m in models}
         self._seen = {m: self._pointers(m) for m in models}
@@ -56,13 +76,24 @@ class TunedServer:
         entries = self._layout.live(self.root, model)
         return tuple(sorted((e.batch_size, e.version) for e in entries if e.class_key == self.class_key))
 
+    def _warn_once(self, model: str, text: str) -> None:
+        """Log a problem once per change, not once per look (a pointer stays broken for a while)."""
+        if self._warned.get(model) != text:
+            self._warned[model] = text
+            log.warning("%s", text)
+
+    def _relative(self, text: str) -> str:
+        """Paths under the deploy root shown relative to it (no absolute paths leave the replica)."""
+        root = str(self.root_path)
+        return text.replace(root + "/", "").replace(root, ".")
+
     def _watch(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
             for model in list(self.models):
                 try:
                     now = self._pointers(model)
                 except Exception as exc:  # a pointer being switched or a damaged folder: look again later
-                    log.warning("reading the deploy root for %s: %s", model, exc)
+                    self._warn_once(model, f"reading the deploy root for {model}: {exc}")
                     continue
                 if now == self._seen[model]:
                     continue
@@ -70,15 +101,17 @@ class TunedServer:
                 try:
                     fresh = self._load(self.root, model, self.device)
                 except Exception as exc:
-                    self.refused[model] = str(exc)
-                    log.warning("not rolling %s over: %s; the loaded version keeps serving", model, exc)
+                    self.refused[model] = self._relative(str(exc))
+                    self._warn_once(model, f"not rolling {model} over: {exc}; the loaded version keeps serving")
                     continue
                 self.models[model] = fresh  # one reference swap: a request sees the old model or the new
                 self.refused.pop(model, None)
+                self._warned.pop(model, None)
 
     def status(self) -> dict[str, Any]:
+        """The device, the versions served and any refused, paths relative to the deploy root."""
         return {"device": str(self.device), "versions": {m: t.versions for m, t in self.models.items()},
-                "refused": dict(self.refused)}
+                "refused": {m: self._relative(r) for m, r in self.refused.items()}}
 
     def infer(self, model: str, body: Any) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) for one request; also callable in-process through a handle."""
@@ -94,10 +127,42 @@ class TunedServer:
             inputs = [t.to(self.device) for t in decode_request(body)]
             with torch.inference_mode():
                 out = tuned(*inputs)
+            # the version is the verified folder's name (load_tuned checks install.json against it)
+            install = tuned.winner_for(*inputs)
+            return 200, {"model": model, "version": install.version if install else None, "outputs": encode_outputs(out)}
         except (TensorJsonError, UntunedShape) as exc:
             return 400, {"error": str(exc)}
-        install = tuned.winner_for(*inputs)
-        return 200, {"model": model, "version": install.version if install else None, "outputs": encode_outputs(out)}
+        except RecursionError:
+            return 400, {"error": "the request body is nested too deep"}
+        except Exception as exc:  # the model failed: still JSON, one line
+            log.warning("%s failed on a request: %s: %s", model, type(exc).__name__, exc)
+            return 500, {"error": f"{model} failed: {type(exc).__name__}: {self._relative(str(exc).splitlines()[0] if str(exc) else '')}"}
+
+    async def _body(self, request) -> bytes:
+        """The request body, refused (413) past ``max_body_bytes`` before or while reading, and
+        (408) when it has not arrived within ``body_timeout_s``: a slow client costs itself only."""
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise _BodyError(400, f"Content-Length {length[:40]!r} is not a number")
+            if int(length) > self.max_body_bytes:
+                raise _BodyError(413, f"the request body is {int(length)} bytes; the limit is {self.max_body_bytes}")
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _BodyError(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _BodyError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+        return b"".join(chunks)
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
@@ -106,9 +171,15 @@ class TunedServer:
         if model == "-status":
             return JSONResponse(self.status())
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+            raw = await self._body(request)
+        except _BodyError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.code, headers={"Connection": "close"})
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            return JSONResponse({"error": "the request body is nested too deep"}, status_code=400)
+        except ValueError as exc:
+            return JSONResponse({"error": f"the request body is not JSON: {exc}"}, status_code=400)
         code, answer = self.infer(model, body)
         return JSONResponse(answer, status_code=code)
 
@@ -131,7 +202,8 @@ class Served:
 
 
 def start_serving(root: str | None, models: list[str], slots, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                  reload_s: float = 0.5) -> Served:
+                  reload_s: float = 0.5, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> Served:
     """Run the application on a connected Ray: one replica per slot (all slots of one kind)."""
     from ray import serve
 
@@ -144,8 +216,8 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
         options["runtime_env"] = {"env_vars": slot.env()}
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(TunedServer, name="TunedServer").options(
-        num_replicas=len(slots), ray_actor_options=options, max_ongoing_requests=8,
-    ).bind(root, list(models), slot.kind, slot.threads, reload_s)
+        num_replicas=len(slots), ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s)
     serve.run(app, name=APP_NAME, route_prefix="/")
     return Served(f"http://{host}:{port}", list(models), len(slots))
 

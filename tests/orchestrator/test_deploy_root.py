@@ -277,3 +277,25 @@ def test_rollback_through_a_linked_model_folder_is_refused_and_writes_nothing_th
     (line,) = lines
     assert line.startswith("not done: mlp b2 on cpu0") and f"{root / 'mlp'} is a symbolic link" in line
     assert snapshot(elsewhere) == before  # no lock file made through the link
+
+
+def test_serve_refuses_a_bad_port_a_port_in_use_and_an_empty_root_in_one_line_before_ray(tuned, capsys):
+    import socket
+
+    sweep = tuned["outcome"].sweep_id
+    code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--port", "70000")
+    assert (code, lines) == (EXIT_BAD_INPUT, ["error: --port 70000: give a port from 1 to 65535"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--port", str(port))
+    assert code == EXIT_BAD_INPUT
+    assert lines == [f"error: --port {port}: can't listen on 127.0.0.1:{port}: Address already in use"]
+    empty = tuned["tmp"] / "empty-root"
+    code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--root", str(empty))
+    assert code == EXIT_BAD_INPUT
+    assert lines == [f"error: nothing is installed for mlp in deploy root {empty}: deploy first: "
+                     f"python -m orchestrator deploy {tuned['store']}"]
+    code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-body-mb", "0")
+    assert (code, lines) == (EXIT_BAD_INPUT, ["error: --max-body-mb must be a positive number, got 0.0"])

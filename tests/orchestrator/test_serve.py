@@ -12,9 +12,12 @@ import torch
 from aitune import deploy_root as layout
 from cluster import Inventory, plan_deploy_targets
 from orchestrator.serve import start_serving, stop_serving
-from serve_helpers import batch_folder, check_answer, free_port, install_runner_up, post, request, tuned_store
+from orchestrator import tensor_json
+from serve_helpers import REFERENCE, batch_folder, check_answer, free_port, install_runner_up, post, request, tuned_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MAX_BODY, BODY_TIMEOUT_S = 1_000_000, 3.0
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def served(ray_session, tmp_path_factory):
     spec, outcome = tuned_store(tmp, root)
     port = free_port()
     slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
-    info = start_serving(str(root), ["mlp"], slots, port=port, reload_s=0.2)
+    info = start_serving(str(root), ["mlp"], slots, port=port, reload_s=0.2, max_body_bytes=MAX_BODY, body_timeout_s=BODY_TIMEOUT_S)
     assert info.url == f"http://127.0.0.1:{port}"
     yield {"spec": spec, "outcome": outcome, "root": root, "url": f"{info.url}/mlp", "base": info.url}
     stop_serving()
@@ -128,9 +131,176 @@ def test_an_installed_version_edited_after_install_is_refused_and_the_previous_k
     (folder / "current").write_text(edited + "\n")  # someone points current at the edited install
     refused = wait_for(lambda: status(served)["refused"].get("mlp"))
     assert "weights.pt fails its SHA-256 check" in refused and edited in refused
+    assert str(root) not in refused
     x = torch.randn(2, 16)
     code, answer = post(served["url"], request(x))
     assert code == 200 and answer["version"] == serving
     check_answer(root, x, answer)
     (folder / "current").write_text(serving + "\n")
     shutil.rmtree(folder / edited)
+
+
+# -- issue 32: the serving edge under attack ---------------------------------------------------------
+
+
+def raw_post(served, body: bytes, headers: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+    """POST bytes as they are (no JSON encoding of ours: NaN, 1e400 and deep nesting go as written)."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    url = urlparse(served["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        conn.request("POST", url.path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def tensor_text(dtype: str, values: str, n: int = 32, shape=(2, 16)) -> bytes:
+    data = ",".join([values] + ["0.5"] * (n - 1))
+    return ('{"inputs": [{"dtype": %s, "shape": %s, "data": [%s]}]}' % (dtype, list(shape), data)).encode()
+
+
+@pytest.mark.parametrize("body, words", [
+    (tensor_text('["float32"]', "0.5"), "inputs[0]: unknown dtype ['float32']"),
+    (tensor_text('{"x": 1}', "0.5"), "inputs[0]: unknown dtype {'x': 1}"),
+    (tensor_text('"float64"', "0.5"), "input dtypes float64 were not tuned for shape 2x16; tuned dtypes: float32"),
+    (tensor_text('"float16"', "0.5"), "input dtypes float16 were not tuned"),
+    (tensor_text('"int64"', "1"), "input dtypes int64 were not tuned"),
+    (tensor_text('"bool"', "true"), "input dtypes bool were not tuned"),
+    (tensor_text('"float32"', "NaN"), "inputs[0]: data[0] is nan; values must be finite numbers"),
+    (tensor_text('"float32"', "Infinity"), "inputs[0]: data[0] is inf; values must be finite numbers"),
+    (tensor_text('"float32"', "-Infinity"), "inputs[0]: data[0] is -inf; values must be finite numbers"),
+    (tensor_text('"float32"', "1e400"), "inputs[0]: data[0] is inf; values must be finite numbers"),
+    (tensor_text('"float32"', "1e39"), "inputs[0]: data[0] = 1e+39 is out of range for float32"),
+    (b"[" * 100_000 + b"]" * 100_000, "the request body is nested too deep"),
+    (b'{"inputs": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", "the request body is nested too deep"),
+    (b"{not json", "the request body is not JSON"),
+])
+def test_bad_inputs_are_a_400_naming_what_is_wrong_and_the_server_stays_up(served, body, words):
+    code, answer = raw_post(served, body)
+    assert code == 400, answer
+    assert words in answer["error"] and "\n" not in answer["error"]
+    code, answer = post(served["url"], request(torch.randn(2, 16)))
+    assert code == 200, answer
+
+
+def test_non_finite_outputs_are_sent_as_strings_in_strict_json(served):
+    import json
+
+    x = torch.full((2, 16), 3e38)
+    with torch.inference_mode():
+        expected = REFERENCE(x)
+    assert not bool(torch.isfinite(expected).all())  # the case this test is about
+    code, answer = raw_post(served, json.dumps(request(x)).encode())
+    assert code == 200, answer
+    strict = json.loads(json.dumps(answer), parse_constant=lambda c: pytest.fail(f"bare {c} in the answer"))
+    (out,) = tensor_json.decode_outputs(strict)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.equal(torch.isinf(out), torch.isinf(expected))
+
+
+def read_answer(sock) -> bytes:
+    """One HTTP answer (headers and its Content-Length of body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            return data
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_read(served):
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(served["url"])
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 200000000\r\n\r\n".encode() + b"{")  # 200 MB announced, none sent
+        head = read_answer(sock).decode(errors="replace")
+    assert head.startswith("HTTP/1.1 413"), head[:200]
+    assert "the request body is 200000000 bytes; the limit is 1000000" in head
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(served):
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    url = urlparse(served["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    chunks = (b"[" + b"0," * 50_000 for _ in range(40))  # 4 MB, no Content-Length
+    try:
+        conn.request("POST", url.path, body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        code, answer = resp.status, json.loads(resp.read())
+    except (BrokenPipeError, ConnectionResetError):  # the server may close before the client has sent it all
+        code, answer = 413, {"error": "over the limit"}
+    finally:
+        conn.close()
+    assert code == 413 and "over the limit" in answer["error"]
+
+
+def test_stalled_clients_cost_themselves_and_no_one_else(served):
+    """70 clients send headers and part of a body, then stall (more than the replica takes at once);
+    4 more stall inside their headers. Other requests are answered while they all stay open, and
+    each body-stalled client gets a 408 on its own connection."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(served["url"])
+    stalled, half_headers = [], []
+    try:
+        for _ in range(70):
+            sock = socket.create_connection((url.hostname, url.port), timeout=60)
+            sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": [')
+            stalled.append(sock)
+        for _ in range(4):
+            sock = socket.create_connection((url.hostname, url.port), timeout=60)
+            sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: x\r\nCont".encode())
+            half_headers.append(sock)
+        served_while_stalled = 0
+        for seed in range(5):
+            x = torch.randn(2, 16, generator=torch.Generator().manual_seed(seed))
+            code, answer = post(served["url"], request(x), timeout=120)
+            assert code == 200, answer
+            check_answer(served["root"], x, answer)
+            served_while_stalled += 1
+        assert served_while_stalled == 5
+        for sock in stalled:
+            answer = read_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"the request body did not arrive within 3 s" in answer
+    finally:
+        for sock in stalled + half_headers:
+            sock.close()
+
+
+def test_status_shows_paths_relative_to_the_deploy_root(served):
+    root = served["root"]
+    folder = batch_folder(root)
+    serving = layout.current_version(folder)
+    wait_for(lambda: status(served)["versions"]["mlp"] == {"2": serving})
+    broken = folder / "v0099-000000000000"
+    shutil.copytree(folder / serving, broken)
+    (broken / layout.INSTALL).write_text("{}")
+    try:
+        (folder / "current").write_text(broken.name + "\n")
+        refused = wait_for(lambda: status(served)["refused"].get("mlp"))
+        assert f"mlp/{folder.parent.name}/b2/{broken.name}/install.json: unreadable install record" in refused
+        assert str(root) not in refused and "/tmp" not in refused
+    finally:
+        (folder / "current").write_text(serving + "\n")
+        shutil.rmtree(broken)
