@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     print(result.table())
     winner = result.winner.name if result.winner else "none"
     print(f"\nwinner: {winner} ({result.reason}); threads={torch.get_num_threads()}")
+    d = result.decision or {}
+    if d.get("rounds"):
+        print(f"decided in {d['rounds']} interleaved rounds ({d['seconds']:.1f} s): {d['stop']}, "
+              f"P(best) {d['p_best']:.2f}; the table's speedups for {', '.join(d['contenders'])} are from those rounds")
     return 0
 
 

@@ -89,6 +89,22 @@ class DecisionRule:
         return asdict(self)
 
 
+def screen(first: Mapping[str, float], baseline: str | None, rule: DecisionRule,
+           disturbed: frozenset[str] | set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Who is compared again, from each candidate's first median: those within ``rule.reach`` of
+    the best (``reach_disturbed`` for the ``disturbed`` ones), fastest first, ``rule.most`` at
+    most, and the baseline always (when it has a first median). Returns (contenders, left out)."""
+    if not first:
+        return [], []
+    best = min(first.values())
+    ranked = sorted(first, key=lambda k: (first[k], k))
+    near = [k for k in ranked
+            if first[k] <= (rule.reach_disturbed if k in disturbed else rule.reach) * best][: rule.most]
+    if baseline is not None and baseline in first and baseline not in near:
+        near.append(baseline)  # every win is confirmed against the baseline, in the same rounds
+    return near, [k for k in ranked if k not in near]
+
+
 @dataclass
 class Rounds:
     """Raw interleaved times: one list per candidate, ``None`` for a round it sat out."""
@@ -271,7 +287,7 @@ def _bootstrap(times: Mapping[str, Sequence[float | None]], names: list[str], wi
         lowest = medians.min()
         best += medians[w] <= lowest
         near += medians[w] <= lowest * (1 + tie)
-    return best / BOOTSTRAP, near / BOOTSTRAP
+    return float(best) / BOOTSTRAP, float(near) / BOOTSTRAP
 
 
 def load_average() -> float:

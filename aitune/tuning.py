@@ -16,11 +16,12 @@ from typing import Any, Sequence
 import torch
 
 from aitune.check import CheckResult, Tolerance, tolerance_for
+from aitune.decision import DecisionRule, assess, paired_ratio, run_rounds, screen
 from aitune.judge import judge
 from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
-from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
+from aitune.torch.backend.backend import Backend, BackendState, UnsupportedDeviceError, build_sharing
 from aitune.torch.export_cache import ExportCache, machine_export_cache
 from aitune.defaults import CPU_CANDIDATES, candidates_for, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
@@ -49,6 +50,8 @@ class CandidateResult:
     measurement: Measurement | None = None
     check: CheckResult | None = None
     speedup: float | None = None
+    #: its measurement in the decision's interleaved rounds, if it was a contender (what the table shows)
+    decided: Measurement | None = None
     backend: Backend | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -71,6 +74,7 @@ class CandidateResult:
             "measurement": self.measurement.to_dict() if self.measurement else None,
             "check": self.check.to_dict() if self.check else None,
             "speedup": self.speedup,
+            "decided": self.decided.to_dict() if self.decided else None,
         }
 
 
@@ -82,6 +86,9 @@ class TuneResult:
     strategy: Strategy
     reason: str
     ties: tuple[str, ...] = ()
+    #: how the winner was decided (see aitune.decision): why the rounds stopped, how many, their
+    #: seconds, P(best), the contenders and their medians in the rounds; None: nothing to compare
+    decision: dict[str, Any] | None = None
 
     def table(self) -> str:
         return format_table(self.results, self.winner)
@@ -119,6 +126,7 @@ def tune(
     tolerances: dict[str, dict[str, float] | Tolerance] | None = None,
     cache_dir: str | Path | None = None,
     keep_backends: bool = False,
+    decision: DecisionRule | None = None,
 ) -> TuneResult:
     """Build, check and measure every backend on ``device``; return the winner and every result.
 
@@ -128,15 +136,22 @@ def tune(
     ``(name, config fields)`` pairs; default: the set of :mod:`aitune.defaults` for the device's
     type (the GPU set on a CUDA device). The eager fp32 baseline is always included. On a CUDA
     device TF32 is off throughout, as in the orchestrator's workers, and back as it was after.
+
+    The winner is decided as in a sweep: the candidates within reach of the best first
+    measurement, and the baseline, are measured in interleaved rounds until one beats the rest
+    beyond noise, a tie is declared or ``decision``'s cap is reached (``aitune.decision``);
+    ``TuneResult.decision`` says how.
     """
     if not samples:
         raise ValueError("tune needs at least one sample")
     device = torch.device(device)
     with fp32_reference_settings(device):
-        return _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends)
+        return _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends,
+                     decision)
 
 
-def _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends) -> TuneResult:
+def _tune(module, samples, candidates, device, strategy, measure_config, tolerances, cache_dir, keep_backends,
+          decision) -> TuneResult:
     strategy = Strategy.parse(strategy)
     measure_config = measure_config or MeasureConfig()
     module = module.eval()
@@ -153,21 +168,76 @@ def _tune(module, samples, candidates, device, strategy, measure_config, toleran
     # the ONNX Runtime and TensorRT candidates export the module once between them
     exports = machine_export_cache(root / "exports")
     results = []
+    built: dict[int, Backend] = {}
     for i, backend in enumerate(backends):
         result = evaluate(backend, module, graph_spec, samples, reference, device, root / f"{i:02d}", measure_config, tolerances,
                           exports=exports)
-        if not keep_backends and result.backend is not None:
-            result.backend.deactivate()
-            result.backend = None
+        if result.backend is not None:
+            built[i] = result.backend
+            if not keep_backends:
+                result.backend.deactivate()  # memory back until the rounds, if it is a contender
+                result.backend = None
         results.append(result)
         log.info("%s: %s", result.name, result.status)
 
     exports.clear()  # each candidate kept its own link to the files it was given
-    baseline = next(r for r, b in zip(results, backends) if _is_baseline(b))
+    base_index = next(i for i, b in enumerate(backends) if _is_baseline(b))
+    baseline = results[base_index]
     for r in results:
         r.speedup = speedup(baseline.measurement, r.measurement) if r.eligible else None
-    choice: Selection = select(results, baseline, strategy)
-    return TuneResult(choice.winner, baseline, results, strategy, choice.reason, choice.ties)
+    return _decide(results, built, base_index, samples[0], device, strategy, measure_config, decision or DecisionRule(),
+                   keep_backends)
+
+
+def _decide(results: list[CandidateResult], built: dict[int, Backend], base_index: int, sample: Sample,
+            device: torch.device, strategy: Strategy, measure_config: MeasureConfig, rule: DecisionRule,
+            keep_backends: bool) -> TuneResult:
+    """The orchestrator's rule in one process: screen by the first measurements, then decide the
+    contenders and the baseline in interleaved rounds (aitune.decision)."""
+    baseline = results[base_index]
+    first = {str(i): r.measurement.median_ms for i, r in enumerate(results)
+             if r.eligible and r.measurement is not None and strategy.fits(r.measurement)}
+    near, _ = screen(first, str(base_index) if str(base_index) in first else None, rule)
+    # the fixed tie rule's order: the baseline, then the candidates as given
+    order = sorted(near, key=lambda k: (int(k) != base_index, int(k)))
+    if len(order) < 2:
+        choice: Selection = select(results, baseline, strategy)
+        stop = "alone" if order else None
+        return TuneResult(choice.winner, baseline, results, strategy, choice.reason, choice.ties,
+                          {"stop": stop} if stop else None)
+    try:
+        for k in order:
+            built[int(k)].activate()
+        rounds = run_rounds({k: built[int(k)].infer for k in order}, sample, device, rule, order,
+                            threads=measure_config.threads, warmup=measure_config)
+    except Exception as exc:  # a refinement: the first measurements still decide, saying why
+        choice = select(results, baseline, strategy)
+        reason = f"{choice.reason}, by the first measurements alone: the rounds failed ({type(exc).__name__}: {exc})"
+        return TuneResult(choice.winner, baseline, results, strategy, reason, choice.ties, {"stop": "screening"})
+    finally:
+        if not keep_backends:
+            for k in order:
+                if built[int(k)].state == BackendState.ACTIVE:
+                    built[int(k)].deactivate()
+    verdict = assess(rounds.times_ms, order, rule, final=True, bootstrap=True)
+    winner = results[int(verdict.winner)]
+    base_key = str(base_index) if str(base_index) in rounds.times_ms else None
+    for k in order:
+        results[int(k)].decided = rounds.measurement(k)
+        if base_key is not None:  # paired, in the same rounds, like the orchestrator's tables
+            results[int(k)].speedup = paired_ratio(rounds.times_ms[k], rounds.times_ms[base_key])
+    ties = tuple(results[int(k)].name for k in verdict.ties)
+    reason = {"resolved": f"beats every other contender beyond noise in {verdict.rounds} interleaved rounds",
+              "tie": f"within +-{rule.tie:.0%} of {', '.join(ties)} in {verdict.rounds} interleaved rounds: the fixed rule "
+                     "takes the baseline first, then the candidates' order",
+              "cap": f"not separated from {', '.join(ties)} at the cap ({verdict.rounds} rounds): the fixed rule takes the "
+                     "baseline first, then the candidates' order"}[verdict.stop]
+    if winner is baseline and verdict.stop == "resolved":
+        reason = f"{baseline.name} is fastest beyond noise in {verdict.rounds} interleaved rounds"
+    decision = {"stop": verdict.stop, "rounds": verdict.rounds, "seconds": rounds.seconds, "p_best": verdict.p_best,
+                "p_near": verdict.p_near, "contenders": [results[int(k)].name for k in order],
+                "medians": {results[int(k)].name: m for k, m in verdict.medians.items()}}
+    return TuneResult(winner, baseline, results, strategy, reason, ties, decision)
 
 
 def _is_baseline(backend: Backend) -> bool:
@@ -219,10 +289,11 @@ def _format_error(exc: BaseException) -> str:
 
 
 def format_table(results: Sequence[CandidateResult], winner: CandidateResult | None = None) -> str:
-    """A plain-text table: candidate, status, build s, median and p99 ms, speedup, worst error."""
+    """A plain-text table: candidate, status, build s, median and p99 ms, speedup, worst error; a
+    candidate decided in interleaved rounds shows its figures there."""
     rows = [("candidate", "status", "build s", "median ms", "p99 ms", "speedup", "max abs err", "")]
     for r in results:
-        m = r.measurement
+        m = r.decided or r.measurement  # the rounds' figures where it was decided in them
         rows.append((
             r.name,
             r.status,

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from aitune.decision import DecisionRule, Rounds, Verdict, assess, paired_ratio
+from aitune.decision import DecisionRule, Rounds, Verdict, assess, paired_ratio, screen
 from aitune.defaults import is_baseline
 from aitune.strategy import Strategy, select, speedup
 from orchestrator.error_text import summarize
@@ -79,12 +79,18 @@ def baseline_of(records: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
     return found
 
 
-def disturbed(results: Iterable[ResultRecord]) -> dict[str, list[str]]:
-    """Which first measurements ran beside a build on the same node, and beside what: by result key.
+#: a first measurement during which the load average rose or fell by this much was taken under a change of conditions
+LOAD_CHANGE = 1.0
 
-    Workers record the wall-clock windows of their build and measure phases (``context``); a
-    measurement that overlapped another worker's build on its node was taken under other load
-    than its neighbours' and may read slow."""
+
+def disturbed(results: Iterable[ResultRecord]) -> dict[str, list[str]]:
+    """Which first measurements ran beside a build on the same node, or while the load changed,
+    and beside what: by result key.
+
+    Workers record the wall-clock windows of their build and measure phases and the load average
+    around the measurement (``context``); a measurement that overlapped another worker's build on
+    its node, or during which the load moved by LOAD_CHANGE or more, was taken under other
+    conditions than its neighbours' and may read slow."""
     results = [r for r in results if r.worker is not None and isinstance(r.context, dict)]
     builds: dict[str, list[tuple[float, float, ResultRecord]]] = collections.defaultdict(list)
     for r in results:
@@ -99,6 +105,10 @@ def disturbed(results: Iterable[ResultRecord]) -> dict[str, list[str]]:
         beside = [f"build of {o.candidate} ({o.model} b{o.batch_size}) on {o.worker.worker_id}, {min(e, window[1]) - max(s, window[0]):.1f} s"
                   for s, e, o in builds.get(r.worker.node_id, [])
                   if o.worker.worker_id != r.worker.worker_id and s < window[1] and e > window[0]]
+        load = r.context.get("load")
+        if (isinstance(load, (list, tuple)) and len(load) == 2 and all(isinstance(x, (int, float)) and x >= 0 for x in load)
+                and abs(load[1] - load[0]) >= LOAD_CHANGE):
+            beside.append(f"the load average went from {load[0]:.2f} to {load[1]:.2f}")
         if beside:
             out[r.key] = beside
     return out
@@ -130,19 +140,11 @@ def _screen(group: Group, records: list[ResultRecord], strategy: Strategy, rule:
     pool = [r for r in records if r.eligible and strategy.fits(r.measurement)]
     if not pool:
         return _Pending(records, [], base, settled=_nobody(group, records, base, strategy))
-    best = min(r.measurement.median_ms for r in pool)
-
-    def within(r: ResultRecord) -> bool:
-        reach = rule.reach_disturbed if r.key in shaken else rule.reach
-        return r.measurement.median_ms <= reach * best
-
-    ranked = sorted(pool, key=lambda r: (r.measurement.median_ms, r.key))
-    near = [r for r in ranked if within(r)][: rule.most]
-    if base is not None and base in pool and base not in near:
-        near.append(base)  # every win is confirmed against eager fp32, in the same rounds
-    contenders = sorted(near, key=lambda r: _order_key(r, base, rank))
-    left_out = [r.candidate for r in ranked if r not in contenders]
-    return _Pending(records, contenders, base, left_out=left_out)
+    by_key = {r.key: r for r in pool}
+    near, left_out = screen({k: r.measurement.median_ms for k, r in by_key.items()},
+                            base.key if base is not None and base in pool else None, rule, set(shaken))
+    contenders = sorted((by_key[k] for k in near), key=lambda r: _order_key(r, base, rank))
+    return _Pending(records, contenders, base, left_out=[by_key[k].candidate for k in left_out])
 
 
 def _order_key(r: ResultRecord, base: ResultRecord | None, rank: Rank | None) -> tuple:

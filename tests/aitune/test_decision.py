@@ -155,3 +155,16 @@ def test_real_rounds_of_the_same_callable_stop_at_a_tie_or_the_cap_and_take_the_
     # one callable can't beat itself beyond noise in rotated rounds: a tie or the cap, and the order decides
     assert verdict.stop in ("tie", "cap")
     assert verdict.winner == "b" and verdict.ties == ["a"]
+
+
+def test_screening_keeps_the_near_ones_the_disturbed_from_further_and_the_baseline_always():
+    from aitune.decision import screen
+
+    first = {"eager": 40.0, "a": 10.0, "b": 14.0, "c": 16.0, "d": 24.0, "e": 30.0}
+    near, out = screen(first, "eager", DecisionRule())
+    assert near == ["a", "b", "eager"] and out == ["c", "d", "e"]  # 1.5x of the best, eager on top
+    near, _ = screen(first, "eager", DecisionRule(), disturbed={"d", "e"})
+    assert near == ["a", "b", "d", "eager"]  # d within 2.5x, measured beside a build: compared again
+    near, _ = screen(first, None, DecisionRule(most=1))
+    assert near == ["a"]
+    assert screen({}, "eager", DecisionRule()) == ([], [])

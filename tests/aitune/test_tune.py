@@ -318,3 +318,19 @@ def test_throughput_and_latency_of_synthetic_measurements():
     assert m.median_ms == pytest.approx(4.0)
     assert m.throughput == pytest.approx(2000.0)
     assert math.isfinite(m.p99_ms) and m.p99_ms >= m.median_ms
+
+
+def test_tune_decides_in_interleaved_rounds_against_the_baseline():
+    # the candidate runs the forward twice: beaten beyond noise by eager in the same rounds,
+    # unless screening already left it out (more than 1.5x slower)
+    result = aitune.tune(SleepyModule(), [Sample.of(torch.randn(2, 8))], [DoubleWorkBackend()], "cpu",
+                         measure_config=FAST, decision=aitune.decision.DecisionRule(reach=3.0, reach_disturbed=3.0))
+    assert result.winner is result.baseline
+    d = result.decision
+    assert d["stop"] == "resolved" and d["rounds"] >= 10 and d["p_best"] > 0.9
+    assert d["contenders"] == [BASELINE, "DoubleWorkBackend(defaults)"]
+    assert "fastest beyond noise" in result.reason
+    slower = by_name(result)["DoubleWorkBackend(defaults)"]
+    assert slower.speedup == pytest.approx(0.5, rel=0.2)  # paired, in the rounds
+    assert slower.backend is None  # deactivated again after the rounds
+    assert slower.decided is not None and slower.decided.count >= 10 and slower.decided.median_ms > slower.measurement.median_ms * 0.5

@@ -232,7 +232,7 @@ def _worker(wid: str, node: str = "n1") -> dict:
 
 def test_a_first_measurement_taken_beside_a_build_on_its_node_is_compared_from_further_away():
     far = result("far", 20.0)  # 2x the best: out of reach, unless its window was disturbed
-    far.worker, far.context = WorkerInfo.from_dict(_worker("w1")), {"measure": [100.0, 101.0], "load": [1.0, 2.0]}
+    far.worker, far.context = WorkerInfo.from_dict(_worker("w1")), {"measure": [100.0, 101.0], "load": [1.0, 1.5]}
     builder = result("fast", 10.0)
     builder.worker, builder.context = WorkerInfo.from_dict(_worker("w2")), {"build": [99.0, 100.5]}
     elsewhere = result("other-node", 10.0)
@@ -277,3 +277,12 @@ def test_max_throughput_picks_most_samples_per_second():
     sel = only(choose_winners(results, strategy, decide))
     assert sel.winner_key == "b"
     assert sel.speedup == pytest.approx(4.0, rel=0.02)
+
+
+def test_a_first_measurement_during_which_the_load_changed_is_disturbed_too():
+    r = result("a", 5.0)
+    r.worker, r.context = WorkerInfo.from_dict(_worker("w1")), {"measure": [1.0, 2.0], "load": [0.4, 1.9]}
+    calm = result("b", 5.0)
+    calm.worker, calm.context = WorkerInfo.from_dict(_worker("w2")), {"measure": [1.0, 2.0], "load": [0.4, 0.9]}
+    shaken = disturbed([r, calm])
+    assert list(shaken) == ["a"] and "from 0.40 to 1.90" in shaken["a"][0]
