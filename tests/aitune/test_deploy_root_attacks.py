@@ -107,7 +107,9 @@ except layout.DeployRootError as exc:
 
 @pytest.mark.parametrize("limit", [100, 2000])  # device_class.json fails / reference.pt fails
 def test_a_deploy_that_runs_out_of_space_leaves_nothing_half_written_and_the_next_one_works(tmp_path, limit):
-    env = {**os.environ, "PYTHONPATH": str(ROOT_DIR)}
+    from env_helpers import child_env
+
+    env = child_env(ROOT_DIR)
     out = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), limit=limit)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
