@@ -115,8 +115,7 @@ def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.
     finally:
         torch.cuda.set_stream(previous)
     if error is not None:
-        if began:
-            _stop_allocating_to_pool(graph, device_index, pool)
+        _stop_allocating_to_pool(graph, device_index, pool, began)
         raise CudaGraphCaptureError(
             f"CUDA graph capture failed: {type(error).__name__}: {error}; "
             "the CUDA context may be unusable now, start a fresh process before trusting it"
@@ -124,7 +123,7 @@ def capture(graph: torch.cuda.CUDAGraph, call: Callable[[], Any], stream: torch.
     return out
 
 
-def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph, device_index: int, pool) -> None:
+def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph, device_index: int, pool, began: bool) -> None:
     """After a failed capture: end allocation to ``pool`` and drop the failed capture's hold on it.
 
     ``capture_end`` tells the caching allocator that the capture is over only once
@@ -132,14 +131,19 @@ def _stop_allocating_to_pool(graph: torch.cuda.CUDAGraph, device_index: int, poo
     thread's allocations to ``pool``, and the next capture into it fails with "already recording
     to mempool_id". The capture also took a reference to the pool that only a graph whose capture
     ended gives back (``graph.pool()`` raises for one that did not): without giving it back here,
-    the pool's memory is never freed.
+    the pool's memory is never freed. ``capture_begin`` itself may fail after redirecting the
+    allocator (``began`` False): then too, where the allocator was recording to the pool.
     """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    ended_here = False
     if end is not None:
         try:
             end(device_index, pool)
-        except Exception as exc:  # capture_end got that far itself
-            log.debug("after a failed CUDA graph capture, the allocator had already ended pool %s: %s", pool, exc)
+            ended_here = True
+        except Exception as exc:  # capture_end got that far itself, or capture_begin never got there
+            log.debug("after a failed CUDA graph capture, the allocator was not recording to pool %s: %s", pool, exc)
+    if not began and not ended_here:
+        return  # capture_begin failed before it touched the allocator: the pool was never taken
     try:
         graph.pool()
         return  # the capture ended: the graph gives its pool reference back when it goes

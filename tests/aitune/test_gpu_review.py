@@ -91,19 +91,42 @@ def test_a_capture_without_a_pool_gets_its_own_and_ends_it_on_failure(fake_cuda)
     assert fake_cuda[0] == ("end", 3, (0, 77))
 
 
-def test_a_capture_that_ended_its_allocation_keeps_the_pool_for_its_graph(fake_cuda, caplog):
+def test_a_capture_that_ended_its_allocation_keeps_the_pool_for_its_graph(fake_cuda, caplog, monkeypatch):
     """Where capture_end got as far as ending the allocation itself, the second end is refused
     (logged, not hidden) and the pool stays the graph's, for the graph to give back."""
     def refuse(device, pool):
         fake_cuda.append(("end", device, pool))
         raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
 
-    torch._C._cuda_endAllocateToPool = refuse  # restored by the fixture's monkeypatch
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", refuse, raising=False)
     graph = _FakeGraph(RuntimeError("instantiate failed"), ended_allocation=True)
     with caplog.at_level("DEBUG", logger="aitune.torch.cuda_graphs"), pytest.raises(CudaGraphCaptureError):
         capture(graph, lambda: "out", "capture stream", pool=(0, 5))
     assert fake_cuda == [("end", 3, (0, 5))]
     assert "not currently recording" in caplog.text
+
+
+def test_a_capture_begin_that_fails_gives_the_pool_back_only_where_it_took_it(fake_cuda, monkeypatch):
+    class FailingBegin(_FakeGraph):
+        def capture_begin(self, **kwargs):
+            super().capture_begin(**kwargs)
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    # after redirecting the allocator (cudaStreamBeginCapture failed): ended and released
+    with pytest.raises(CudaGraphCaptureError):
+        capture(FailingBegin(), lambda: "out", "capture stream", pool=(0, 5))
+    assert fake_cuda == [("end", 3, (0, 5)), ("release", 3, (0, 5))]
+    # before it (the allocator refuses to end what it never began): the pool is left alone
+    fake_cuda.clear()
+
+    def refuse(device, pool):
+        fake_cuda.append(("end", device, pool))
+        raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", refuse, raising=False)
+    with pytest.raises(CudaGraphCaptureError):
+        capture(FailingBegin(), lambda: "out", "capture stream", pool=(0, 5))
+    assert fake_cuda == [("end", 3, (0, 5))]
 
 
 def test_captures_forbid_unsafe_calls_only_in_their_own_thread(fake_cuda):
