@@ -18,10 +18,12 @@ confidence interval (Bonferroni-corrected for the number of comparisons):
 
 The comparison stops when nothing is open (``resolved``: the leader beat everyone; ``tie``: what
 is left is a declared tie), or at the cap (``cap``: seconds or rounds; what is still open is listed
-as not separated). Among the leader and what it could not separate from, the winner is taken by a
+as not separated). Among the leader and what is declared tied with it, the winner is taken by a
 fixed rule: the baseline (eager fp32) first, then the candidates' order (the spec's order, cheapest
-build first in the default sets). So the same rounds always give the same winner, and a candidate
-must beat eager fp32 beyond noise, in the same window, to replace it.
+build first in the default sets), so the same rounds always give the same winner and the choice
+costs at most ``tie``. At the cap, eager fp32 is kept if nothing beat it beyond noise, else the
+leader wins (the best estimate there is). Either way a candidate must beat eager fp32 beyond
+noise, in the same window, to replace it.
 
 :func:`assess` is the rule on raw round times (no clock, no torch: what tests drive with fake
 timings and what the driver re-runs on a worker's answer); :func:`run_rounds` measures the rounds.
@@ -63,9 +65,9 @@ class DecisionRule:
     #: seconds of rounds per group (past min_rounds)
     cap_s: float = 30.0
     #: screening: a candidate slower than this many times the best is not compared again
-    reach: float = 1.5
+    reach: float = 2.5
     #: ... unless its screening ran beside other work (a build on its node): then this many times
-    reach_disturbed: float = 2.5
+    reach_disturbed: float = 5.0
     #: contenders compared at most (the baseline comes on top)
     most: int = 6
 
@@ -231,12 +233,14 @@ def _median(values: Sequence[float | None]) -> float:
 
 
 def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], rule: DecisionRule,
-           final: bool = False, bootstrap: bool = False) -> Verdict:
+           final: bool = False, bootstrap: bool = False, baseline: str | None = None) -> Verdict:
     """The decision the rounds so far support.
 
     ``order`` ranks the candidates for the fixed tie rule (the baseline first); every name in
     ``times`` must be in it. Not ``final``: ``stop`` is None while something is open. ``final``:
-    what is open is reported as not separated (``cap``).
+    what is open is reported as not separated (``cap``); then the ``baseline``, if it is among
+    them, is kept (nothing beat it beyond noise), else the leader wins: the best estimate there
+    is, not the fixed rule, which is for declared ties, where any choice is within ``tie``.
     """
     names = [n for n in order if n in times]
     missing = set(times) - set(names)
@@ -257,7 +261,10 @@ def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], ru
     if open_ and not final:
         return Verdict(None, None, leader, beaten=beaten, pairs=against_leader, medians=medians, rounds=rounds)
     pool = [n for n in measured if n == leader or against_leader[n].verdict != BEATEN]
-    winner = pool[0]  # measured keeps the order: the fixed tie rule
+    if open_:
+        winner = baseline if baseline in pool else leader
+    else:
+        winner = pool[0]  # measured keeps the order: the fixed tie rule
     stop = "cap" if open_ else ("tie" if len(pool) > 1 else "resolved")
     pairs = {n: pair(times, winner, n, confidence, rule) for n in measured if n != winner}
     verdict = Verdict(winner, stop, leader, [n for n in pool if n != winner], beaten, pairs, medians, rounds)

@@ -219,7 +219,8 @@ def _decide(results: list[CandidateResult], built: dict[int, Backend], base_inde
             for k in order:
                 if built[int(k)].state == BackendState.ACTIVE:
                     built[int(k)].deactivate()
-    verdict = assess(rounds.times_ms, order, rule, final=True, bootstrap=True)
+    verdict = assess(rounds.times_ms, order, rule, final=True, bootstrap=True,
+                     baseline=str(base_index) if str(base_index) in rounds.times_ms else None)
     winner = results[int(verdict.winner)]
     base_key = str(base_index) if str(base_index) in rounds.times_ms else None
     for k in order:
@@ -230,8 +231,8 @@ def _decide(results: list[CandidateResult], built: dict[int, Backend], base_inde
     reason = {"resolved": f"beats every other contender beyond noise in {verdict.rounds} interleaved rounds",
               "tie": f"within +-{rule.tie:.0%} of {', '.join(ties)} in {verdict.rounds} interleaved rounds: the fixed rule "
                      "takes the baseline first, then the candidates' order",
-              "cap": f"not separated from {', '.join(ties)} at the cap ({verdict.rounds} rounds): the fixed rule takes the "
-                     "baseline first, then the candidates' order"}[verdict.stop]
+              "cap": f"not separated from {', '.join(ties)} at the cap ({verdict.rounds} rounds): the baseline is "
+                     "kept if among them, else the fastest by the rounds' medians wins"}[verdict.stop]
     if winner is baseline and verdict.stop == "resolved":
         reason = f"{baseline.name} is fastest beyond noise in {verdict.rounds} interleaved rounds"
     decision = {"stop": verdict.stop, "rounds": verdict.rounds, "seconds": rounds.seconds, "p_best": verdict.p_best,

@@ -185,8 +185,9 @@ def _pair_dict(verdict: Verdict, other: str | None, names: dict[str, str]) -> di
 def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule, shaken: dict[str, list[str]]) -> SelectionRecord:
     rounds = answer.rounds
     order = [r.key for r in first.contenders]
-    verdict = assess({k: rounds.times_ms[k] for k in order}, order, rule, final=True, bootstrap=True)
     by_key = {r.key: r for r in first.contenders}
+    in_rounds = first.baseline.key if first.baseline is not None and first.baseline.key in by_key else None
+    verdict = assess({k: rounds.times_ms[k] for k in order}, order, rule, final=True, bootstrap=True, baseline=in_rounds)
     names = {k: r.candidate for k, r in by_key.items()}
     winner = by_key[verdict.winner]
     base = first.baseline if first.baseline is not None and first.baseline.key in by_key else None
@@ -206,7 +207,8 @@ def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule, 
                   "the fixed rule takes eager fp32 first, then the spec's candidate order")
     else:
         reason = (f"not separated from {', '.join(ties)} at the cap ({n} rounds, {rounds.seconds:.1f} s): "
-                  "the fixed rule takes eager fp32 first, then the spec's candidate order")
+                  + (f"{base_name} is kept, nothing beat it beyond noise" if winner is base
+                     else "the fastest by the rounds' medians wins"))
     decision = {
         "stop": verdict.stop, "rounds": n, "seconds": round(rounds.seconds, 3), "wait_s": round(answer.wait_s, 3),
         "load": rounds.load, "rule": rule.to_dict(), "p_best": verdict.p_best, "p_near": verdict.p_near,

@@ -329,8 +329,8 @@ class DecisionSpec(_Strict):
     min_gain: float = Field(default=0.02, ge=0, lt=0.5)
     #: screening: candidates slower than reach x the best first measurement are not compared again
     #: (reach_disturbed where that measurement ran beside a build on its node)
-    reach: float = Field(default=1.5, ge=1)
-    reach_disturbed: float = Field(default=2.5, ge=1)
+    reach: float = Field(default=2.5, ge=1)
+    reach_disturbed: float = Field(default=5.0, ge=1)
     #: contenders compared at most per group (eager fp32 comes on top)
     most: PositiveInt = 6
 

@@ -44,12 +44,17 @@ def test_while_a_comparison_is_open_the_rule_asks_for_more_rounds_and_names_who_
     assert v.beaten == ["eager"]  # it may sit the next rounds out
 
 
-def test_at_the_cap_what_is_open_is_not_separated_and_the_fixed_rule_chooses():
+def test_at_the_cap_what_is_open_is_not_separated_and_the_leader_wins_unless_eager_is_among_them():
     times = {"eager": noisy(10.0, 12), "a": noisy(5.0, 12, phase=2), "b": noisy(5.05, 12, phase=5)}
-    v = assess(times, ["eager", "b", "a"], RULE, final=True)
+    v = assess(times, ["eager", "b", "a"], RULE, final=True, baseline="eager")
     assert v.stop == "cap"
     assert v.leader == "a"
-    assert v.winner == "b" and v.ties == ["a"]  # b comes first in the order: the fixed rule, not the medians
+    # eager was beaten: the best estimate wins, whatever the order (which is for declared ties)
+    assert v.winner == "a" and v.ties == ["b"]
+    # eager open against the leader at the cap: nothing beat it beyond noise, it is kept
+    close = {"eager": noisy(5.1, 12, phase=1), "a": noisy(5.0, 12, phase=2)}
+    v = assess(close, ["eager", "a"], RULE, final=True, baseline="eager")
+    assert v.stop == "cap" and v.winner == "eager" and v.ties == ["a"]
 
 
 def test_two_candidates_shown_to_be_within_the_tie_band_are_a_declared_tie():
@@ -161,9 +166,10 @@ def test_screening_keeps_the_near_ones_the_disturbed_from_further_and_the_baseli
     from aitune.decision import screen
 
     first = {"eager": 40.0, "a": 10.0, "b": 14.0, "c": 16.0, "d": 24.0, "e": 30.0}
-    near, out = screen(first, "eager", DecisionRule())
+    rule = DecisionRule(reach=1.5, reach_disturbed=2.5)
+    near, out = screen(first, "eager", rule)
     assert near == ["a", "b", "eager"] and out == ["c", "d", "e"]  # 1.5x of the best, eager on top
-    near, _ = screen(first, "eager", DecisionRule(), disturbed={"d", "e"})
+    near, _ = screen(first, "eager", rule, disturbed={"d", "e"})
     assert near == ["a", "b", "d", "eager"]  # d within 2.5x, measured beside a build: compared again
     near, _ = screen(first, None, DecisionRule(most=1))
     assert near == ["a"]
