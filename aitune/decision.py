@@ -275,26 +275,22 @@ def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], ru
 
 def _bootstrap(times: Mapping[str, Sequence[float | None]], names: list[str], winner: str,
                tie: float) -> tuple[float, float]:
-    """Resample rounds with replacement (pairs stay together); how often the winner's median is the
-    lowest, and how often it is within ``tie`` of the lowest."""
-    matrix = np.array([[np.nan if t is None else t for t in times[n]] for n in names], dtype=np.float64)
-    rounds = matrix.shape[1]
+    """How often the winner is the fastest, and within ``tie`` of the fastest, when each pair's
+    rounds are resampled with replacement: paired like every other figure here (each other
+    candidate's time over the winner's, in the rounds both ran), all pairs drawn together."""
     rng = np.random.default_rng(0)
-    w = names.index(winner)
-    best = near = 0
-    for _ in range(BOOTSTRAP):
-        sample = matrix[:, rng.integers(0, rounds, rounds)]
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a candidate with no round drawn
-                medians = np.nanmedian(sample, axis=1)
-        medians = np.where(np.isnan(medians), np.inf, medians)
-        lowest = medians.min()
-        best += medians[w] <= lowest
-        near += medians[w] <= lowest * (1 + tie)
-    return float(best) / BOOTSTRAP, float(near) / BOOTSTRAP
+    best = np.ones(BOOTSTRAP, dtype=bool)
+    near = np.ones(BOOTSTRAP, dtype=bool)
+    for other in names:
+        if other == winner:
+            continue
+        ratios = _paired(times[winner], times[other])
+        if ratios.size == 0:
+            continue
+        medians = np.median(ratios[rng.integers(0, ratios.size, (BOOTSTRAP, ratios.size))], axis=1)
+        best &= medians > 1
+        near &= medians * (1 + tie) >= 1
+    return float(best.mean()), float(near.mean())
 
 
 def load_average() -> float:
