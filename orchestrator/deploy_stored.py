@@ -164,6 +164,7 @@ def rollback_stored(store_root: str | Path, *, models: list[str] | None = None, 
     """On each target node (once per node and device class), switch ``current`` back one version, verified."""
     import ray
 
+    from aitune.deploy_root import DeployRootError
     from orchestrator.deploy import start_targets, stop_targets, target_infos
 
     with open_existing(store_root) as store:
@@ -174,6 +175,11 @@ def rollback_stored(store_root: str | Path, *, models: list[str] | None = None, 
             _plan_targets(inventory, spec.deploy.targets)
             actors = start_targets(inventory, spec.deploy.targets)
             try:
+                # a root a target can't write (read-only, a file, no permission): refused before anything
+                problems = ray.get([a.check_root.remote(spec.deploy.root) for _, a in actors], timeout=120)
+                for (slot, _), problem in zip(actors, problems):
+                    if problem:
+                        raise DeployRootError(f"target {slot.label}: {problem}")
                 seen, calls = set(), []
                 for (slot, actor), info in zip(actors, target_infos(actors)):
                     place = (info["node_id"], info["device_class_key"])

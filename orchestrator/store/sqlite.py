@@ -12,6 +12,7 @@ Every write is one transaction, committed before the method returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,6 +131,7 @@ class SqliteStore(ResultStore):
         self._conn = self._connect()
         try:
             self._init_schema()
+            self._check_pages()
         except sqlite3.DatabaseError as e:
             self._conn.close()
             raise StoreError(_unusable(self.db_path, e)) from None
@@ -137,16 +139,29 @@ class SqliteStore(ResultStore):
             self._conn.close()
             raise
 
+    def _check_pages(self) -> None:
+        """SQLite's own check of every page, at open: a damaged page is found before anything starts
+        (Ray, workers), not halfway through a sweep."""
+        (answer,) = self._conn.execute("PRAGMA quick_check(1)").fetchone()
+        if answer != "ok":
+            answer = " ".join(str(answer).replace("*** in database main ***", "").split())
+            raise StoreError(f"store database {self.db_path} is damaged ({answer}): move it aside "
+                             f"(or restore a backup) and run again")
+
     def _connect(self) -> sqlite3.Connection:
         try:
             if not self.readonly:
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves, a transaction is one method.
                 conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                # WAL + NORMAL: a commit survives the process being killed (what a driver fears); only a
-                # power cut may drop the last commits, never corrupt the store. FULL would fsync each.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA foreign_keys=ON")
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    # WAL + NORMAL: a commit survives the process being killed (what a driver fears); only a
+                    # power cut may drop the last commits, never corrupt the store. FULL would fsync each.
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.execute("PRAGMA foreign_keys=ON")
+                except BaseException:
+                    conn.close()  # not left open (holding the file) by a store that can't be used
+                    raise
                 return conn
             uri = self.db_path.resolve().as_uri()
             if not self.db_path.with_name(f"{DB_NAME}-wal").exists():
@@ -215,10 +230,19 @@ class SqliteStore(ResultStore):
                 raise StoreError(f"cannot write to store {self.db_path}: {e}") from None
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as e:  # a full disk, an I/O error: one line, saying which
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise StoreError(_unusable(self.db_path, e)) from None
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -267,7 +291,7 @@ class SqliteStore(ResultStore):
 
     def list_sweeps(self) -> list[SweepInfo]:
         rows = self._query(f"SELECT {self._SWEEP_COLUMNS} FROM sweeps ORDER BY started_at, id")
-        return [_sweep_info(row) for row in rows]
+        return [_sweep_info(row, self.db_path) for row in rows]
 
     def latest_sweep_id(self) -> str | None:
         rows = self._query("SELECT id FROM sweeps ORDER BY started_at DESC, id DESC LIMIT 1")
@@ -281,7 +305,7 @@ class SqliteStore(ResultStore):
             total, reused = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(how != ?), 0) FROM results WHERE sweep_id = ?", (BUILT, sweep_id)
             ).fetchone()
-        info = _sweep_info(row)
+        info = _sweep_info(row, self.db_path)
         info.candidates, info.from_store = total, reused
         return info
 
@@ -430,10 +454,7 @@ class SqliteStore(ResultStore):
         return out
 
     def _load(self, blob: str, rid: int, sweep_id: str) -> ResultRecord:
-        try:
-            record = ResultRecord.from_dict(json.loads(blob))
-        except (TypeError, ValueError, KeyError) as e:
-            raise StoreError(f"store {self.db_path}: result {rid} is not a readable record ({e})") from None
+        record = _decode(ResultRecord, blob, f"store {self.db_path}: result {rid} of sweep {sweep_id}")
         record.result_id, record.sweep_id = rid, sweep_id
         return record
 
@@ -458,7 +479,7 @@ class SqliteStore(ResultStore):
         rows = self._query(
             "SELECT record_json FROM selections WHERE sweep_id = ? ORDER BY model, batch_size, device_class_key", (sweep_id,)
         )
-        return [SelectionRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+        return [_decode(SelectionRecord, blob, f"store {self.db_path}: a selection of sweep {sweep_id}") for (blob,) in rows]
 
     def put_deploy(self, sweep_id: str, deploy: DeployRecord) -> None:
         if not isinstance(deploy, DeployRecord):
@@ -473,7 +494,7 @@ class SqliteStore(ResultStore):
         with self._lock:
             self._require_sweep(self._conn, sweep_id)
         rows = self._query("SELECT record_json FROM deployments WHERE sweep_id = ? ORDER BY seq", (sweep_id,))
-        return [DeployRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+        return [_decode(DeployRecord, blob, f"store {self.db_path}: a deployment of sweep {sweep_id}") for (blob,) in rows]
 
     def put_install(self, deploy: DeployRecord) -> None:
         if not isinstance(deploy, DeployRecord) or not deploy.sweep_id:
@@ -485,8 +506,8 @@ class SqliteStore(ResultStore):
                        (deploy.sweep_id, deploy.at or time.time(), blob))
 
     def installs(self) -> list[DeployRecord]:
-        rows = self._query("SELECT record_json FROM installs ORDER BY id")
-        return [DeployRecord.from_dict(json.loads(blob)) for (blob,) in rows]
+        rows = self._query("SELECT id, record_json FROM installs ORDER BY id")
+        return [_decode(DeployRecord, blob, f"store {self.db_path}: install record {rid}") for rid, blob in rows]
 
     # -- files --------------------------------------------------------------------------------
 
@@ -640,7 +661,22 @@ def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
     return path
 
 
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system under ``folder`` has (almost) no space left for SQLite's files."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 256 * 1024
+
+
 def _unusable(db_path: Path, e: Exception) -> str:
+    name = getattr(e, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or "disk is full" in str(e) or ("I/O error" in str(e) and _disk_full(db_path.parent)):
+        return (f"store database {db_path} can't be written: the disk is full ({e}); the store is intact: "
+                f"free space on {db_path.parent} and run again")
+    if name.startswith("SQLITE_READONLY") or "readonly database" in str(e):
+        return f"store database {db_path} can't be written: it is read-only ({e})"
     return (f"store database {db_path} can't be read ({e}): it is damaged or not an orchestrator store; "
             f"move it aside (or restore a backup) and run again")
 
@@ -652,9 +688,42 @@ def _dumps(value: Any, what: str) -> str:
         raise TypeError(f"{what} is not JSON-serialisable: {e}") from e
 
 
-def _sweep_info(row: tuple) -> SweepInfo:
+#: field types a stored record's fields are checked against (others are left to the record's own from_dict)
+_SIMPLE_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+                 "dict[str, Any]": (dict,), "list": (list,)}
+
+
+def _decode(cls, blob: Any, where: str):
+    """A stored JSON record read back (trusted for nothing): StoreError naming where, if it is no ``cls``."""
+    import dataclasses
+
+    try:
+        data = json.loads(blob)
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        record = cls.from_dict(data)
+        for f in dataclasses.fields(record):
+            kind = str(f.type).replace(" ", "")
+            optional = kind.endswith("|None")
+            base = kind.removesuffix("|None").replace(",", ", ")
+            value = getattr(record, f.name)
+            if base in _SIMPLE_TYPES and not (value is None and (optional or f.default is None)):
+                if not isinstance(value, _SIMPLE_TYPES[base]) or (base in ("int", "float") and isinstance(value, bool)):
+                    raise TypeError(f"{f.name} is {type(value).__name__}, not {base}")
+        return record
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        why = "nested too deep" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise StoreError(f"{where} is not a readable record ({why}); the store was edited or damaged") from None
+
+
+def _sweep_info(row: tuple, db_path: Path | None = None) -> SweepInfo:
     sweep_id, name, spec_json, started_at, finished_at, status, heartbeat_at, lease_s = row
+    try:
+        spec = json.loads(spec_json)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise StoreError(f"store {db_path}: the spec of sweep {sweep_id} is not JSON ({type(e).__name__}); "
+                         f"the store was edited or damaged") from None
     return SweepInfo(
-        id=sweep_id, name=name, spec=json.loads(spec_json), started_at=started_at, finished_at=finished_at,
+        id=sweep_id, name=name, spec=spec, started_at=started_at, finished_at=finished_at,
         status=effective_status(status, heartbeat_at, lease_s), heartbeat_at=heartbeat_at,
     )

@@ -299,3 +299,34 @@ def test_serve_refuses_a_bad_port_a_port_in_use_and_an_empty_root_in_one_line_be
                      f"python -m orchestrator deploy {tuned['store']}"]
     code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-body-mb", "0")
     assert (code, lines) == (EXIT_BAD_INPUT, ["error: --max-body-mb must be a positive number, got 0.0"])
+
+
+def test_rollback_on_a_read_only_root_is_one_line_and_exit_2(tuned, capsys):
+    import shutil
+
+    ro = tuned["tmp"] / "read-only-root"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: a read-only mount is the real thing
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ro)], capture_output=True).returncode:
+            pytest.skip("can't mount a tmpfs to make read-only")
+    try:
+        shutil.copytree(tuned["root"] / "mlp", ro / "mlp")
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True)
+        else:
+            for p in [ro, *ro.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o555)
+        before = snapshot(ro)
+        code, lines = cli(capsys, "rollback", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(ro))
+        assert code == EXIT_BAD_INPUT
+        (line,) = lines
+        assert line.startswith(f"error: target cpu0: deploy root {ro} can't be written: "), line
+        assert snapshot(ro) == before
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+        else:
+            for p in [ro, *ro.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o755)
