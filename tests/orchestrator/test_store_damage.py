@@ -15,15 +15,14 @@ import pytest
 
 from orchestrator.records import SelectionRecord
 from orchestrator.store import DB_NAME, Store, StoreError
+from env_helpers import child_env
 from sweep_helpers import EAGER, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=child_env(drop=("RAY_ADDRESS",)), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
