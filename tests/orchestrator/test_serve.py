@@ -292,7 +292,7 @@ def test_status_shows_paths_relative_to_the_deploy_root(served):
     root = served["root"]
     folder = batch_folder(root)
     serving = layout.current_version(folder)
-    wait_for(lambda: status(served)["versions"]["mlp"] == {"2": serving})
+    wait_for(lambda: status(served)["versions"]["mlp"] == {"2": serving} and not status(served)["refused"])
     broken = folder / "v0099-000000000000"
     shutil.copytree(folder / serving, broken)
     (broken / layout.INSTALL).write_text("{}")
@@ -304,3 +304,36 @@ def test_status_shows_paths_relative_to_the_deploy_root(served):
     finally:
         (folder / "current").write_text(serving + "\n")
         shutil.rmtree(broken)
+
+
+def test_a_spoofed_version_or_batch_in_install_json_is_refused_and_the_verified_one_keeps_serving(served):
+    """install.json's version and batch must be the folder's: a copy under another version name, or
+    in another batch's folder, is refused (it used to be served under the name it claimed, and a
+    batch-4 folder holding batch 2's install took batch 2's route)."""
+    root = served["root"]
+    folder = batch_folder(root)
+    serving = layout.current_version(folder)
+    wait_for(lambda: status(served)["versions"]["mlp"] == {"2": serving} and not status(served)["refused"])
+    spoof = folder / f"v0042-{serving.split('-')[1]}"  # install.json inside still says `serving`
+    shutil.copytree(folder / serving, spoof)
+    other_batch = folder.parent / "b4"
+    try:
+        (folder / "current").write_text(spoof.name + "\n")
+        refused = wait_for(lambda: status(served)["refused"].get("mlp"))
+        assert f"describes mlp/{folder.parent.name}/b2/{serving}, not the folder" in refused and spoof.name in refused
+        code, answer = post(served["url"], request(torch.randn(2, 16)))
+        assert code == 200 and answer["version"] == serving
+        (folder / "current").write_text(serving + "\n")
+        wait_for(lambda: not status(served)["refused"].get("mlp"))
+        other_batch.mkdir()
+        shutil.copytree(folder / serving, other_batch / serving)
+        (other_batch / "current").write_text(serving + "\n")
+        refused = wait_for(lambda: status(served)["refused"].get("mlp"))
+        assert f"not the folder mlp/{folder.parent.name}/b4/{serving}" in refused
+        code, answer = post(served["url"], request(torch.randn(2, 16)))
+        assert code == 200 and answer["version"] == serving
+        assert status(served)["versions"]["mlp"] == {"2": serving}
+    finally:
+        (folder / "current").write_text(serving + "\n")
+        shutil.rmtree(spoof, ignore_errors=True)
+        shutil.rmtree(other_batch, ignore_errors=True)
