@@ -117,8 +117,9 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     for r in rows:  # one line per place: easy to read and to grep
         latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
+        when = f"{r.action} at {format_when(r.at)}" if r.at else "no install record"
         _say(console, f"{r.model} b{r.batch_size} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
-                      f"winner {r.winner}, verified {latency}, {r.action} at {format_when(r.at)}")
+                      f"winner {r.winner}, verified {latency}, {when}" + (f"; DISAGREES {r.disk}" if r.disk else ""))
     return EXIT_OK
 
 

@@ -211,10 +211,17 @@ class LiveRow:
     median_ms: float | None
     at: float
     action: str
+    class_key: str = ""
+    #: where the deploy root on this host disagrees with the store (None: it agrees, or is not on this host)
+    disk: str | None = None
 
 
 def live_deployments(store_root: str | Path) -> list[LiveRow]:
-    """What each (node, deploy root, model, device class, batch) serves: its last successful install."""
+    """What each (node, deploy root, model, device class, batch) serves: its last successful install,
+    checked against the deploy root itself where that root is on this host (``disk`` says where
+    the two disagree, and a version current on disk that the store has no record of is a row too)."""
+    import socket
+
     with open_existing(store_root) as store:
         if not store.list_sweeps():
             raise DeployInputError(f"store {store.root} has no sweeps: run `python -m orchestrator tune SPEC` first")
@@ -226,11 +233,56 @@ def live_deployments(store_root: str | Path) -> list[LiveRow]:
                 node = worker.get("hostname") or worker.get("node_id", "?")
                 latest[(node, rec.root, rec.model, rec.device_class_key, rec.batch_size)] = rec
     rows = []
-    for (node, root, model, _, batch), rec in sorted(latest.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (node, root, model, class_key, batch), rec in sorted(latest.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         worker = rec.worker or {}
         rows.append(LiveRow(node, root or "?", model, batch, worker.get("device_name") or worker.get("device", "?"),
-                            rec.version, rec.sweep_id or "?", (rec.winner_key or "?")[:12], rec.median_ms, rec.at or 0.0, rec.action))
+                            rec.version, rec.sweep_id or "?", (rec.winner_key or "?")[:12], rec.median_ms, rec.at or 0.0,
+                            rec.action, class_key or ""))
+    here = socket.gethostname()
+    for row in rows:
+        if row.node == here and row.root != "?":
+            row.disk = _disk_disagrees(row)
+    rows += _on_disk_only(here, {row.root for row in rows if row.node == here and row.root != "?"}, rows)
     return rows
+
+
+def _disk_disagrees(row: LiveRow) -> str | None:
+    from aitune import deploy_root as layout
+
+    try:
+        folder = layout.batch_dir(Path(row.root), row.model, row.class_key, row.batch_size)
+        if not folder.is_dir():
+            return f"on disk: nothing installed in {folder}"
+        now = layout.current_version(folder)
+    except (layout.DeployRootError, ValueError, OSError) as exc:
+        return f"on disk: {exc}"
+    if now != row.version:
+        return f"on disk: {now or 'nothing current'} is current, not {row.version}"
+    return None
+
+
+def _on_disk_only(here: str, roots: set[str], rows: list[LiveRow]) -> list[LiveRow]:
+    """Versions current in this host's deploy roots that the store has no install record of."""
+    from aitune import deploy_root as layout
+
+    known = {(row.root, row.model, row.class_key[:16], row.batch_size) for row in rows}
+    extra = []
+    for root in sorted(roots):
+        try:
+            entries = layout.live(root)
+        except (layout.DeployRootError, OSError):
+            continue  # each row of that root already says what is wrong with it
+        for e in entries:
+            if (root, e.model, e.class_key[:16], e.batch_size) in known:
+                continue
+            try:
+                install = layout.read_install(e.folder)
+                sweep, winner = install.sweep_id or "?", (install.winner_key or "?")[:12]
+            except layout.DeployRootError:
+                sweep, winner = "?", "?"
+            extra.append(LiveRow(here, root, e.model, e.batch_size, e.device_name or "?", e.version, sweep, winner, None,
+                                 0.0, "?", e.class_key, disk="on disk only: the store has no record of installing it"))
+    return extra
 
 
 def format_when(at: float) -> str:

@@ -330,3 +330,30 @@ def test_rollback_on_a_read_only_root_is_one_line_and_exit_2(tuned, capsys):
             for p in [ro, *ro.rglob("*")]:
                 if p.is_dir():
                     p.chmod(0o755)
+
+
+def test_deployments_reads_the_disk_and_shows_where_it_disagrees_with_the_store(tuned, capsys):
+    import shutil
+
+    root = tuned["tmp"] / "disagreeing-root"
+    code, lines = cli(capsys, "deploy", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root))
+    assert code == EXIT_OK, lines
+    folder = batch_folder(root)
+    version = layout.current_version(folder)
+    code, lines = cli(capsys, "deployments", str(tuned["store"]))
+    (mine,) = [l for l in lines if f" in {root}:" in l]
+    assert version in mine and "DISAGREES" not in mine
+    # someone switched current by hand to a copy the store knows nothing of; another batch appeared
+    other = f"v0007-{version.split('-')[1]}"
+    shutil.copytree(folder / version, folder / other)
+    (folder / layout.CURRENT).write_text(other + "\n")
+    code, lines = cli(capsys, "deployments", str(tuned["store"]))
+    (mine,) = [l for l in lines if f" in {root}:" in l]
+    assert mine.endswith(f"; DISAGREES on disk: {other} is current, not {version}")
+    shutil.rmtree(folder)
+    code, lines = cli(capsys, "deployments", str(tuned["store"]))
+    (mine,) = [l for l in lines if f" in {root}:" in l]
+    assert mine.endswith(f"; DISAGREES on disk: nothing installed in {folder}")
+    shutil.copytree(batch_folder(tuned["root"]), folder.parent / "b8")  # a batch the store never installed here
+    code, lines = cli(capsys, "deployments", str(tuned["store"]))
+    assert any(f"mlp b8 on " in l and f" in {root}:" in l and "DISAGREES on disk only" in l for l in lines), lines
