@@ -46,6 +46,35 @@ class _BodyError(Exception):
 log = logging.getLogger(__name__)
 
 
+def bind_replica_grpc_to_node_ip() -> str | None:
+    """Ray Serve's replica opens its inter-deployment gRPC server on ``[::]:0``, every interface,
+    once the user class is built. Make it listen on this node's Ray address instead (the one the
+    proxies reach it by; 127.0.0.1 on an embedded local Ray). Returns the address, None where this
+    Ray has no such hook (then nothing is changed)."""
+    import ray
+
+    try:
+        from ray.serve._private import replica as replica_module
+    except ImportError:
+        return None
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None:
+        return None
+    if getattr(original, "_aitune_bound", None):
+        return original._aitune_bound
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def bound(server, address: str):
+        if address.startswith(("[::]:", "0.0.0.0:")):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bound._aitune_bound = ip
+    replica_module.add_port_to_grpc_server = bound
+    return ip
+
+
 class TunedServer:
     """One Serve replica: every chosen model, loaded for this replica's device, kept current."""
 
@@ -58,6 +87,7 @@ class TunedServer:
         from orchestrator.worker import pick_device, quiet_libraries
 
         quiet_libraries()
+        bind_replica_grpc_to_node_ip()  # before Ray Serve starts that server, right after this constructor
         torch.set_num_threads(threads)
         self._layout, self._load = layout, load_tuned
         self.root, self.device = root, pick_device(kind)

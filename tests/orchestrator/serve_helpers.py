@@ -74,3 +74,47 @@ def check_answer(root: Path, x: torch.Tensor, answer: dict) -> None:
 
 def request(x: torch.Tensor) -> dict:
     return tensor_json.request(x)
+
+
+def listening_sockets() -> list[tuple[str, int, str]]:
+    """Every listening TCP socket on this machine as (address, port, owning process's command line),
+    read from /proc (Linux): what a port scan from outside would find."""
+    import os
+    import socket as s
+
+    owners: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owners[int(link[8:-1])] = int(pid)
+        except OSError:
+            continue
+    found = []
+    for name, family in (("tcp", s.AF_INET), ("tcp6", s.AF_INET6)):
+        try:
+            rows = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            raw = raw[::-1] if family == s.AF_INET else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+            pid = owners.get(int(fields[9]))
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") if pid else "?"
+            except OSError:
+                cmd = "?"
+            found.append((s.inet_ntop(family, raw), int(hex_port, 16), cmd))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)

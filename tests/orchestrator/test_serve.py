@@ -337,3 +337,18 @@ def test_a_spoofed_version_or_batch_in_install_json_is_refused_and_the_verified_
         (folder / "current").write_text(serving + "\n")
         shutil.rmtree(spoof, ignore_errors=True)
         shutil.rmtree(other_batch, ignore_errors=True)
+
+
+def test_everything_serve_opens_listens_on_loopback_only(served):
+    """The replica's inter-deployment gRPC server used to listen on [::] (every interface)."""
+    from pathlib import Path
+
+    from serve_helpers import is_loopback, listening_sockets
+
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("lists sockets from /proc (Linux)")
+    code, _ = post(served["url"], request(torch.randn(2, 16)))
+    assert code == 200
+    ours = [(a, p, cmd) for a, p, cmd in listening_sockets() if "ServeReplica:aitune" in cmd or "ProxyActor" in cmd]
+    assert any("ServeReplica:aitune" in cmd for _, _, cmd in ours), ours  # the listing sees the replica
+    assert [(a, p, cmd.split()[0]) for a, p, cmd in ours if not is_loopback(a)] == []
