@@ -248,8 +248,22 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
     app = serve.deployment(TunedServer, name="TunedServer").options(
         num_replicas=len(slots), ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
     ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s)
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except Exception as exc:  # Ray says only that the deployment failed; its status says why
+        raise RuntimeError(f"{exc} {_deployment_messages()}".strip()) from None
     return Served(f"http://{host}:{port}", list(models), len(slots))
+
+
+def _deployment_messages() -> str:
+    """The application's deployments' status messages (a failed replica's traceback is there)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        return " ".join(d.message for d in app.deployments.values() if d.message) if app else ""
+    except Exception:  # the status itself is best effort
+        return ""
 
 
 def stop_serving() -> None:

@@ -357,3 +357,25 @@ def test_deployments_reads_the_disk_and_shows_where_it_disagrees_with_the_store(
     shutil.copytree(batch_folder(tuned["root"]), folder.parent / "b8")  # a batch the store never installed here
     code, lines = cli(capsys, "deployments", str(tuned["store"]))
     assert any(f"mlp b8 on " in l and f" in {root}:" in l and "DISAGREES on disk only" in l for l in lines), lines
+
+
+def test_serve_over_a_version_that_fails_its_checks_says_why_in_one_line(tuned, capsys):
+    import shutil
+
+    root = tuned["tmp"] / "serve-damaged-root"
+    shutil.copytree(tuned["root"], root)
+    folder = batch_folder(root)
+    weights = folder / layout.current_version(folder) / "checkpoint" / "artifacts" / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    from serve_helpers import free_port
+
+    code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", tuned["outcome"].sweep_id, "--root", str(root),
+                      "--port", str(free_port()))
+    assert code == EXIT_INCOMPLETE, lines
+    lines = [l for l in lines if "(raylet)" not in l]  # Ray's own log stream on shutdown, not ours
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line.startswith("not done: serving mlp failed: mlp b2 version ") and "weights.pt fails its SHA-256 check" in line
+    assert "deploy first" not in line
