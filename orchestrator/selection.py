@@ -182,12 +182,16 @@ def _pair_dict(verdict: Verdict, other: str | None, names: dict[str, str]) -> di
             "rounds": p.rounds, "verdict": p.verdict}
 
 
-def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule, shaken: dict[str, list[str]]) -> SelectionRecord:
+def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule,
+             shaken: dict[str, list[str]]) -> SelectionRecord | None:
+    """The group's decision from its rounds; None where the rounds hold no time at all."""
     rounds = answer.rounds
     order = [r.key for r in first.contenders]
     by_key = {r.key: r for r in first.contenders}
     in_rounds = first.baseline.key if first.baseline is not None and first.baseline.key in by_key else None
     verdict = assess({k: rounds.times_ms[k] for k in order}, order, rule, final=True, bootstrap=True, baseline=in_rounds)
+    if verdict.winner is None:  # rounds read back with no time in them: the first measurements decide
+        return None
     names = {k: r.candidate for k, r in by_key.items()}
     winner = by_key[verdict.winner]
     base = first.baseline if first.baseline is not None and first.baseline.key in by_key else None
@@ -201,7 +205,8 @@ def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule, 
     base_name = base.candidate if base is not None else "eager fp32"
     if verdict.stop == "resolved":
         reason = (f"{base_name} is fastest beyond noise" if winner is base else
-                  f"beats {base_name} and every other contender beyond noise") + f" in {n} interleaved rounds"
+                  f"beats {base_name} and every other contender beyond noise" if base is not None else
+                  "beats every other contender beyond noise (eager fp32 was not among them)") + f" in {n} interleaved rounds"
     elif verdict.stop == "tie":
         reason = (f"within +-{rule.tie:.0%} of {', '.join(ties)} in {n} interleaved rounds (a declared tie): "
                   "the fixed rule takes eager fp32 first, then the spec's candidate order")
@@ -299,10 +304,14 @@ def choose_winners(
     answers = decide(asks) if decide is not None and asks else {}
     for group, first in pending.items():
         answer = answers.get(group) if group in asks else None
-        if isinstance(answer, Answer) and set(answer.rounds.times_ms) == set(asks[group].keys):
-            decided[group] = _decided(group, first, answer, rule, shaken)
-        else:
-            why = (answer if isinstance(answer, str) else "the rounds named other candidates" if isinstance(answer, Answer)
-                   else "no decision was run" if group in asks else None)
-            decided[group] = _screened(group, first, strategy, rule, why)
+        fair = isinstance(answer, Answer) and set(answer.rounds.times_ms) == set(asks[group].keys)
+        made = _decided(group, first, answer, rule, shaken) if fair else None
+        if made is not None:
+            decided[group] = made
+            continue
+        why = (answer if isinstance(answer, str) else
+               "the rounds hold no times" if fair else
+               "the rounds named other candidates" if isinstance(answer, Answer) else
+               "no decision was run" if group in asks else None)
+        decided[group] = _screened(group, first, strategy, rule, why)
     return [decided[g] for g in sorted(decided)]

@@ -286,3 +286,14 @@ def test_a_first_measurement_during_which_the_load_changed_is_disturbed_too():
     calm.worker, calm.context = WorkerInfo.from_dict(_worker("w2")), {"measure": [1.0, 2.0], "load": [0.4, 0.9]}
     shaken = disturbed([r, calm])
     assert list(shaken) == ["a"] and "from 0.40 to 1.90" in shaken["a"][0]
+
+
+def test_rounds_without_a_single_time_are_not_trusted():
+    results = [eager(), result("a", 5.0)]
+
+    def decide(asks):
+        (group, ask), = asks.items()
+        return {group: Answer(Rounds({k: [None] * 12 for k in ask.keys}))}
+
+    sel = only(choose_winners(results, MIN_LATENCY, decide))
+    assert sel.decision["stop"] == "screening" and "hold no times" in sel.reason and sel.winner_key == "a"
