@@ -497,3 +497,16 @@ def test_duplicate_model_names_and_batch_sizes_are_refused():
 
 def test_deploy_target_asking_for_true_gpus_is_refused():
     assert "deploy.targets[0]: deploy target {'gpus': True} must ask for a positive number" in error_of(base(deploy={"targets": [{"gpus": True}]}))
+
+
+def test_the_decision_section_has_defaults_and_refuses_bad_values_with_their_paths():
+    rule = parse_spec(base()).decision.rule()
+    assert (rule.cap_s, rule.min_rounds, rule.max_rounds, rule.tie, rule.reach) == (30.0, 10, 1000, 0.03, 2.5)
+    custom = parse_spec(base(decision={"cap_s": 5, "min_rounds": 20, "tie": 0.01})).decision.rule()
+    assert (custom.cap_s, custom.min_rounds, custom.tie) == (5.0, 20, 0.01)
+    message = error_of(base(decision={"min_rounds": 50, "max_rounds": 20, "cap_s": 0, "tie": 0.7, "reach": 3,
+                                      "reach_disturbed": 2, "rounds": 5}))
+    for path in ("decision.cap_s", "decision.tie", "decision.rounds"):  # every field problem at once
+        assert path in message, (path, message)
+    assert "min_rounds 50 is above max_rounds 20" in error_of(base(decision={"min_rounds": 50, "max_rounds": 20}))
+    assert "reach_disturbed 2.0 is below reach 3.0" in error_of(base(decision={"reach": 3, "reach_disturbed": 2}))
