@@ -149,7 +149,9 @@ class ModelSpec(_Strict):
     inputs: list[InputSpec] | None = None
     #: import path of ``f(batch_size: int, seed: int) -> aitune.Sample`` (instead of ``inputs``)
     sample_factory: str | None = None
-    seed: int = 0
+    #: the check samples' seed; at most 2**40, so that the per-batch seed the samples are drawn
+    #: with (seed x 1,000,003 + batch) fits torch's 64-bit generator seed
+    seed: int = Field(default=0, ge=0, le=2**40)
     #: this model's batch sizes, instead of the sweep's
     batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
     #: "decisions": tune only the family's top-k candidates when another member was tuned

@@ -452,3 +452,21 @@ def test_the_readme_backend_example_tunes_saves_and_deploys(module, tmp_path, mo
     save_checkpoint(mine.backend, tmp_path / "ckpt")
     served = deploy_checkpoint(tmp_path / "ckpt", "cpu", allow_factories=[FACTORY], allow_backends=["my_backends:NoGradEager"])
     torch.testing.assert_close(served.infer(X), expected(module))
+
+
+def test_a_plugin_may_set_its_config_the_natural_way_in_its_constructor(module, tmp_path):
+    # the published API has no ``config`` attribute: a plug-in that writes ``self.config = ...``
+    # used to fail at construction ("property 'config' ... has no setter")
+    class SelfConfigured(PublishedBackend):
+        def __init__(self, config: PublishedConfig | None = None):
+            Backend.__init__(self)
+            self.config = config or PublishedConfig(inference_mode=False)
+
+    backend = SelfConfigured()
+    assert backend.config == PublishedConfig(inference_mode=False)
+    assert backend.describe() == PublishedConfig(inference_mode=False).describe()
+    assert backend.key() != SelfConfigured(PublishedConfig()).key()  # the config it set is the one keyed
+    backend.build(module, SPEC, [SAMPLE], "cpu", tmp_path / "build")
+    torch.testing.assert_close(backend.infer(X), expected(module))
+    with pytest.raises(TypeError, match="must be a BackendConfig"):
+        backend.config = {"inference_mode": True}

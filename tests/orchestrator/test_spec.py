@@ -510,3 +510,16 @@ def test_the_decision_section_has_defaults_and_refuses_bad_values_with_their_pat
         assert path in message, (path, message)
     assert "min_rounds 50 is above max_rounds 20" in error_of(base(decision={"min_rounds": 50, "max_rounds": 20}))
     assert "reach_disturbed 2.0 is below reach 3.0" in error_of(base(decision={"reach": 3, "reach_disturbed": 2}))
+
+
+@pytest.mark.parametrize("seed", [10**23, 2**40 + 1, -1])
+def test_a_seed_torch_cant_take_is_refused_before_anything_starts(seed):
+    # 10**23 used to pass, start Ray, then fail with "Overflow when unpacking long long"
+    assert "models[0].seed" in error_of(with_model(seed=seed))
+
+
+def test_the_largest_seed_makes_samples():
+    from orchestrator.candidates import make_sample
+
+    spec = parse_spec(with_model(seed=2**40))
+    assert make_sample(spec.models[0], 64).args[0].shape == (64, 8)

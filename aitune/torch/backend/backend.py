@@ -176,6 +176,14 @@ class Backend(abc.ABC):
     def config(self) -> BackendConfig | None:
         return self._config
 
+    @config.setter
+    def config(self, value: BackendConfig | None) -> None:
+        # The published API has no ``config`` attribute, so a plug-in may well write
+        # ``self.config = config or MyConfig()`` in its constructor: that is its config then.
+        if value is not None and not isinstance(value, BackendConfig):
+            raise TypeError(f"{self.name}.config must be a BackendConfig, got {type(value).__name__}")
+        self._config = value
+
     @property
     def device(self) -> torch.device | None:
         return self._device
