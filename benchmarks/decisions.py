@@ -14,9 +14,10 @@ nothing rebuilt (``--fresh``: a new store, everything rebuilt, each run). Run ``
 Then, with nothing else running, every correct candidate of every group is measured again in this
 one process, interleaved, ``--remeasure-s`` seconds each (3 by default), pinned to one core: the
 independent answer. For each run and group the script prints the winner, why its comparison
-stopped, its margins over the runner-up and eager fp32 (their time over the winner's, in the same
-rounds, with the 95% interval), P(best), the **regret** (the winner's median in the independent
-re-measure over the best one's, minus 1), and the seconds of its rounds. Goals:
+stopped, the seconds of its rounds and of loading its contenders' checkpoints on the worker
+(``load``), its margins over the runner-up and eager fp32 (their time over the winner's, in the
+same rounds, with the 95% interval), P(best), and the **regret** (the winner's median in the
+independent re-measure over the best one's, minus 1). Goals:
 
     regret <= 3% in every group of every run
     the same winner, or one within the other run's declared ties, in every run
@@ -184,7 +185,7 @@ def main() -> int:
         shares.append(share)
         print(f"\nrun {i}{' (CPU burner beside it)' if i == args.burn else ''}: tune {outcome.tune_s:.1f} s, "
               f"choosing {outcome.decide_s:.1f} s = {share:.0%} of tuning and choosing (goal <= {GOALS['share']:.0%})")
-        print(f"  {'group':<16} {'winner':<34} {'stopped':<9} {'rounds':>6} {'s':>5} {'vs runner-up':>18} "
+        print(f"  {'group':<16} {'winner':<34} {'stopped':<9} {'rounds':>6} {'s':>5} {'load':>5} {'vs runner-up':>18} "
               f"{'vs eager':>18} {'P(best)':>7} {'regret':>7}")
         by_key = {r.key: r for r in outcome.results}
         for s in sorted(outcome.selections, key=lambda s: (s.model, s.batch_size)):
@@ -199,7 +200,8 @@ def main() -> int:
             best = f" (best: {short(by_key[best_key].candidate)})" if best_key and best_key != s.winner_key else ""
             p_best = d.get("p_best")
             print(f"  {s.model + ' b' + str(s.batch_size):<16} {short(s.winner):<34} {str(d.get('stop')):<9} "
-                  f"{d.get('rounds', 0):>6} {d.get('seconds', 0.0):>5.1f} {margin(d.get('runner_up')):>18} "
+                  f"{d.get('rounds', 0):>6} {d.get('seconds', 0.0):>5.1f} {d.get('load_s', 0.0):>5.1f} "
+                  f"{margin(d.get('runner_up')):>18} "
                   f"{margin(d.get('baseline')):>18} {p_best if p_best is None else format(p_best, '.2f'):>7} "
                   f"{'-' if regret is None else format(regret, '.1%'):>7}{best}")
     agree = 0

@@ -248,10 +248,11 @@ def decisions_line(selections: Iterable[SelectionRecord], decide_s: float, tune_
     stops = Counter(str(d.get("stop")) for d in decided)
     rounds_s = sum(float(d.get("seconds") or 0.0) for d in with_rounds)
     wait_s = sum(float(d.get("wait_s") or 0.0) for d in with_rounds)
+    load_s = sum(float(d.get("load_s") or 0.0) for d in with_rounds)
     share = decide_s / (tune_s + decide_s) if tune_s + decide_s > 0 else 0.0
     return (f"decisions: {len(decided)} group(s): {', '.join(f'{n} {k}' for k, n in sorted(stops.items()))}; "
-            f"{rounds_s:.1f} s of interleaved rounds, {wait_s:.1f} s waiting for a worker; choosing took "
-            f"{decide_s:.1f} s, {share:.0%} of tuning and choosing")
+            f"{rounds_s:.1f} s of interleaved rounds, {load_s:.1f} s loading checkpoints for them, {wait_s:.1f} s "
+            f"waiting for a worker; choosing took {decide_s:.1f} s, {share:.0%} of tuning and choosing")
 
 
 def _reason(s: SelectionRecord, reuse: bool = True) -> str:

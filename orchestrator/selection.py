@@ -46,6 +46,8 @@ class Answer:
     rounds: Rounds
     #: seconds the group waited for an idle worker before its rounds began
     wait_s: float = 0.0
+    #: seconds the worker took to load the contenders' checkpoints (a compiled one compiles again)
+    load_s: float = 0.0
     #: what else ran on the worker's node meanwhile (other groups' rounds)
     beside: list[str] = field(default_factory=list)
 
@@ -215,7 +217,7 @@ def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule,
                   + (f"{base_name} is kept, nothing beat it beyond noise" if winner is base
                      else "the fastest by the rounds' medians wins"))
     decision = {
-        "stop": verdict.stop, "rounds": n, "seconds": round(rounds.seconds, 3), "wait_s": round(answer.wait_s, 3),
+        "stop": verdict.stop, "rounds": n, "seconds": round(rounds.seconds, 3), "wait_s": round(answer.wait_s, 3), "load_s": round(answer.load_s, 3),
         "load": rounds.load, "rule": rule.to_dict(), "p_best": verdict.p_best, "p_near": verdict.p_near,
         "leader": verdict.leader, "contenders": order, "left_out": first.left_out,
         "runner_up": _pair_dict(verdict, runner_up, names),

@@ -462,7 +462,9 @@ def _decider(workers: "Workers", store: ResultStore, spec: SweepSpec, clock=time
                 log.warning("no decision rounds for %s b%s: the worker's answer is not rounds (%s)", group[0], group[1], exc)
                 out[group] = f"the worker's answer is not rounds ({exc})"
                 continue
-            out[group] = Answer(rounds, wait_s=max(0.0, sent.get(group, start) - start))
+            load_s = answer.get("load_s") if isinstance(answer, dict) else None
+            out[group] = Answer(rounds, wait_s=max(0.0, sent.get(group, start) - start),
+                                load_s=float(load_s) if isinstance(load_s, (int, float)) and load_s >= 0 else 0.0)
             window = answer.get("window") if isinstance(answer, dict) else None
             if isinstance(window, list) and len(window) == 2 and all(isinstance(t, (int, float)) for t in window):
                 where[group] = (str(answer.get("node")), float(window[0]), float(window[1]))

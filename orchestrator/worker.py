@@ -380,6 +380,7 @@ class TuneWorker:
         """A group's decision rounds: its stored checkpoints (by result key: backend, manifest
         SHA-256, bytes) measured interleaved on this device until the rule resolves them or its
         cap is reached (aitune.decision.run_rounds); returns the raw rounds for the driver to assess."""
+        start = time.perf_counter()
         _, sample, _ = self._reference(model, batch)
         backends = {}
         for key, (backend_name, manifest_sha, data) in checkpoints.items():
@@ -388,13 +389,13 @@ class TuneWorker:
             backends[key] = self._load_stored(job, manifest_sha, data)
         m = self.spec.measure
         warmup = MeasureConfig(warmup_iters=m.warmup_iters, threads=self.threads)
-        wall = time.time()
+        load_s, wall = time.perf_counter() - start, time.time()
         with self._quiet_node(True):
             rounds = run_rounds({k: b.infer for k, b in backends.items()}, sample, self.device,
                                 DecisionRule(**rule), order, threads=self.threads, warmup=warmup)
         backends.clear()
         return {**rounds.to_dict(), "window": [wall, time.time()], "node": self.info()["node_id"],
-                "worker": self.worker_id}
+                "worker": self.worker_id, "load_s": load_s}
 
     def ping(self) -> str:
         return self.worker_id
