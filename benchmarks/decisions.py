@@ -138,6 +138,13 @@ def remeasure(store: Path, outcome, seconds: float, models: list[str]) -> dict[t
     return medians
 
 
+def wait_idle(limit_s: float) -> float:
+    start = time.monotonic()
+    while os.getloadavg()[0] >= 0.7 and time.monotonic() - start < limit_s:
+        time.sleep(10)
+    return time.monotonic() - start
+
+
 def short(name: str | None) -> str:
     return (name or "-").replace("Backend", "").replace("(defaults)", "").replace("precision=", "")
 
@@ -156,6 +163,9 @@ def main() -> int:
     parser.add_argument("--store", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("--fresh", action="store_true", help="every run on a new store (rebuild everything)")
     parser.add_argument("--models", default=",".join(n for n, _, _ in MODELS))
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                        help="before the independent re-measure, wait up to S seconds for the 1-minute load "
+                             "average to fall below 0.7 (runs beside other work, a clean answer after)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     ensure_transformers()
@@ -171,6 +181,9 @@ def main() -> int:
         runs.append((store, outcome, wall))
         print(f"  tune {outcome.tune_s:.1f} s, choosing {outcome.decide_s:.1f} s, whole run {wall:.1f} s", flush=True)
 
+    if args.wait_idle:
+        waited = wait_idle(args.wait_idle)
+        print(f"waited {waited:.0f} s for the machine to go idle (load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"independent re-measure, {args.remeasure_s:g} s per candidate, one process, one core ...", flush=True)
     truth: dict[int, dict] = {}
     for i, (store, outcome, _) in enumerate(runs, 1):
