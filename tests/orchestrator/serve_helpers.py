@@ -76,9 +76,18 @@ def request(x: torch.Tensor) -> dict:
     return tensor_json.request(x)
 
 
-def listening_sockets() -> list[tuple[str, int, str]]:
+def _parent_of(pid: int | None) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])  # the command may hold spaces and parentheses
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def listening_sockets(children_of: int | None = None) -> list[tuple[str, int, str]]:
     """Every listening TCP socket on this machine as (address, port, owning process's command line),
-    read from /proc (Linux): what a port scan from outside would find."""
+    read from /proc (Linux): what a port scan from outside would find. ``children_of``: only those
+    of that process's children (a raylet's: one Ray node's workers, not another test's or user's)."""
     import os
     import socket as s
 
@@ -105,6 +114,8 @@ def listening_sockets() -> list[tuple[str, int, str]]:
             raw = bytes.fromhex(hex_ip)
             raw = raw[::-1] if family == s.AF_INET else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
             pid = owners.get(int(fields[9]))
+            if children_of is not None and _parent_of(pid) != children_of:
+                continue
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") if pid else "?"
             except OSError:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import ray
 import torch
 
 from aitune import deploy_root as layout
@@ -349,6 +350,10 @@ def test_everything_serve_opens_listens_on_loopback_only(served):
         pytest.skip("lists sockets from /proc (Linux)")
     code, _ = post(served["url"], request(torch.randn(2, 16)))
     assert code == 200
-    ours = [(a, p, cmd) for a, p, cmd in listening_sockets() if "ServeReplica:aitune" in cmd or "ProxyActor" in cmd]
+    # this Ray node's workers only (their parent is its raylet): other Rays on the machine, a user's
+    # or another test's still shutting down, are not this serve's doing
+    raylet = ray.get(ray.remote(lambda: __import__("os").getppid()).remote())  # by value: workers can't import tests
+    ours = [(a, p, cmd) for a, p, cmd in listening_sockets(children_of=raylet)
+            if "ServeReplica:aitune" in cmd or "ProxyActor" in cmd]
     assert any("ServeReplica:aitune" in cmd for _, _, cmd in ours), ours  # the listing sees the replica
     assert [(a, p, cmd.split()[0]) for a, p, cmd in ours if not is_loopback(a)] == []
