@@ -7,17 +7,20 @@ candidate still in the race, in a rotated order, so that whatever disturbs the m
 comparison hits all of them alike. Every comparison is paired: the ratio of two candidates' times
 in the same round.
 
-After each batch of rounds (never fewer than ``min_rounds``) the leader (lowest median) is compared
-with each other candidate by the median of their paired ratios and its distribution-free
-confidence interval (Bonferroni-corrected for the number of comparisons):
+After each batch of rounds (never fewer than ``min_rounds``) each pair of candidates is compared by
+the median of their paired ratios and its distribution-free confidence interval
+(Bonferroni-corrected for the number of comparisons), in the rounds both ran:
 
-- **beaten**: the leader is faster beyond noise (the interval is above 1, and the median gain is
-  at least ``min_gain``); a beaten candidate sits the following rounds out;
+- **beaten**: some other candidate is faster beyond noise (the interval is above 1, and the median
+  gain is at least ``min_gain``); a beaten candidate sits the following rounds out and can't win.
+
+The leader is the candidate with the lowest median of those not beaten; each other one is, against it:
+
 - **tie**: the whole interval lies within ``tie`` of 1 (the two are shown to be that close);
 - **open**: neither yet.
 
-The comparison stops when nothing is open (``resolved``: the leader beat everyone; ``tie``: what
-is left is a declared tie), or at the cap (``cap``: seconds or rounds; what is still open is listed
+The comparison stops when nothing is open (``resolved``: all but the leader were beaten; ``tie``:
+what is left is a declared tie), or at the cap (``cap``: seconds or rounds; what is still open is listed
 as not separated). Among the leader and what is declared tied with it, the winner is taken by a
 fixed rule: the baseline (eager fp32) first, then the candidates' order (the spec's order, cheapest
 build first in the default sets), so the same rounds always give the same winner and the choice
@@ -187,7 +190,7 @@ class Verdict:
     stop: str | None
     leader: str | None = None
     ties: list[str] = field(default_factory=list)
-    #: the candidates beaten beyond noise by the leader (they sit out later rounds)
+    #: the candidates some other one beat beyond noise (they sit out later rounds, and can't win)
     beaten: list[str] = field(default_factory=list)
     pairs: dict[str, Pair] = field(default_factory=dict)
     medians: dict[str, float] = field(default_factory=dict)
@@ -253,14 +256,19 @@ def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], ru
     rounds = max(len(times[n]) for n in names)
     if len(measured) == 1:
         return Verdict(measured[0], "alone", measured[0], medians=medians, rounds=rounds, p_best=1.0, p_near=1.0)
-    leader = min(measured, key=lambda n: (medians[n], names.index(n)))
     confidence = 1 - (1 - rule.confidence) / max(1, len(measured) - 1)
+    # Beaten by anyone, in the rounds both ran, stays beaten: a candidate that sat out the later
+    # rounds after an early leader beat it is not brought back by a later leader it shared only a
+    # few rounds with (their pair's interval is wide; it was beaten all the same).
+    beaten = [n for n in measured
+              if any(pair(times, m, n, confidence, rule).verdict == BEATEN for m in measured if m != n)]
+    alive = [n for n in measured if n not in beaten] or measured
+    leader = min(alive, key=lambda n: (medians[n], names.index(n)))
     against_leader = {n: pair(times, leader, n, confidence, rule) for n in measured if n != leader}
-    open_ = [n for n, p in against_leader.items() if p.verdict == OPEN]
-    beaten = [n for n, p in against_leader.items() if p.verdict == BEATEN]
+    open_ = [n for n in alive if n != leader and against_leader[n].verdict == OPEN]
     if open_ and not final:
         return Verdict(None, None, leader, beaten=beaten, pairs=against_leader, medians=medians, rounds=rounds)
-    pool = [n for n in measured if n == leader or against_leader[n].verdict != BEATEN]
+    pool = [n for n in alive if n == leader or against_leader[n].verdict != BEATEN]
     if open_:
         winner = baseline if baseline in pool else leader
     else:

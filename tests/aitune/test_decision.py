@@ -174,3 +174,22 @@ def test_screening_keeps_the_near_ones_the_disturbed_from_further_and_the_baseli
     near, _ = screen(first, None, DecisionRule(most=1))
     assert near == ["a"]
     assert screen({}, "eager", DecisionRule()) == ([], [])
+
+
+def test_a_candidate_beaten_early_stays_beaten_when_a_later_leader_shared_few_rounds_with_it():
+    # eager is beaten beyond noise by a in the first 10 rounds and sits out the rest; b, whose
+    # first rounds were wild, leads at the end but shares only those 10 rounds with eager (a wide
+    # interval). Eager must not come back as "not separated" and be kept at the cap.
+    wild = [2.0, 20.0] * 5
+    times = {
+        "eager": noisy(10.0, 10, spread=0.01) + [None] * 30,
+        "a": noisy(5.0, 40, spread=0.05, phase=3),
+        "b": wild + noisy(4.98, 30, spread=0.05, phase=7),
+    }
+    from aitune.decision import pair
+
+    conf = 1 - (1 - RULE.confidence) / 2
+    assert pair(times, "b", "eager", conf, RULE).verdict == OPEN  # what the old rule looked at
+    v = assess(times, ["eager", "a", "b"], RULE, final=True, baseline="eager")
+    assert "eager" in v.beaten and v.winner != "eager"
+    assert v.stop == "cap" and v.winner == v.leader
