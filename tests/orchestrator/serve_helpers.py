@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -84,10 +85,22 @@ def _parent_of(pid: int | None) -> int | None:
         return None
 
 
-def listening_sockets(children_of: int | None = None) -> list[tuple[str, int, str]]:
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (a CLI's Ray: its raylet and GCS, and their workers)."""
+    parents = {int(p): _parent_of(int(p)) for p in filter(str.isdigit, os.listdir("/proc"))}
+    found, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def listening_sockets(children_of: int | None = None, within: set[int] | None = None) -> list[tuple[str, int, str]]:
     """Every listening TCP socket on this machine as (address, port, owning process's command line),
     read from /proc (Linux): what a port scan from outside would find. ``children_of``: only those
-    of that process's children (a raylet's: one Ray node's workers, not another test's or user's)."""
+    of that process's children (a raylet's: one Ray node's workers, not another test's or user's);
+    ``within``: only those of these processes."""
     import os
     import socket as s
 
@@ -115,6 +128,8 @@ def listening_sockets(children_of: int | None = None) -> list[tuple[str, int, st
             raw = raw[::-1] if family == s.AF_INET else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
             pid = owners.get(int(fields[9]))
             if children_of is not None and _parent_of(pid) != children_of:
+                continue
+            if within is not None and pid not in within:
                 continue
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") if pid else "?"

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import ray
 import torch
 
 from aitune import deploy_root as layout
@@ -341,19 +340,43 @@ def test_a_spoofed_version_or_batch_in_install_json_is_refused_and_the_verified_
 
 
 def test_everything_serve_opens_listens_on_loopback_only(served):
-    """The replica's inter-deployment gRPC server used to listen on [::] (every interface)."""
+    """The replica's inter-deployment gRPC server used to listen on [::] (every interface). Checked
+    as a user meets it: ``python -m orchestrator serve`` in its own process (a fresh Ray), and only
+    the sockets of that process and what it started."""
+    import subprocess
+    import sys
     from pathlib import Path
 
-    from serve_helpers import is_loopback, listening_sockets
+    from env_helpers import child_env
+    from serve_helpers import descendants, is_loopback, listening_sockets
 
     if not Path("/proc/net/tcp").exists():
         pytest.skip("lists sockets from /proc (Linux)")
-    code, _ = post(served["url"], request(torch.randn(2, 16)))
-    assert code == 200
-    # this Ray node's workers only (their parent is its raylet): other Rays on the machine, a user's
-    # or another test's still shutting down, are not this serve's doing
-    raylet = ray.get(ray.remote(lambda: __import__("os").getppid()).remote())  # by value: workers can't import tests
-    ours = [(a, p, cmd) for a, p, cmd in listening_sockets(children_of=raylet)
-            if "ServeReplica:aitune" in cmd or "ProxyActor" in cmd]
-    assert any("ServeReplica:aitune" in cmd for _, _, cmd in ours), ours  # the listing sees the replica
-    assert [(a, p, cmd.split()[0]) for a, p, cmd in ours if not is_loopback(a)] == []
+    port = free_port()
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", str(served["spec"].store), "--port", str(port),
+                             "--root", str(served["root"])], cwd=repo, env=child_env(repo, drop=("RAY_ADDRESS",)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        code = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                code, _ = post(f"http://127.0.0.1:{port}/mlp", request(torch.randn(2, 16)), timeout=5)
+            except (OSError, ValueError):  # not up yet: refused, or a proxy's non-JSON 503
+                code = None
+            if code == 200:
+                break
+            time.sleep(1)
+        assert code == 200, f"serve exited with {proc.poll()}" if proc.poll() is not None else "no answer in 180 s"
+        ours = listening_sockets(within=descendants(proc.pid))
+        assert any("ServeReplica:aitune" in cmd for _, _, cmd in ours), ours  # the listing sees the replica
+        assert any(p == port for _, p, _ in ours), ours  # and the HTTP port
+        assert [(a, p, cmd.split()[0]) for a, p, cmd in ours if not is_loopback(a)] == []
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
