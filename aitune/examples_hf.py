@@ -1,7 +1,7 @@
 """Real Hugging Face architectures built from a config, with random weights (nothing is downloaded).
 
 For trying the tuner on the models users bring, and for ``benchmarks/decisions.py``. Needs the
-optional ``transformers`` package (``pip install transformers``); it is imported only when one of
+optional ``transformers`` package (the ``hf`` extra: ``pip install -e '.[hf]'``); it is imported only when one of
 these is called. The sizes default to small members of each family so that a 2-core machine tunes
 them in minutes; pass the base sizes (e.g. ``layers=12, hidden=768``) for the real thing.
 
@@ -20,7 +20,8 @@ def _transformers():
     try:
         import transformers
     except ImportError as exc:  # an optional extra: say how to get it
-        raise ImportError("these example models need the optional 'transformers' package: pip install transformers") from exc
+        raise ImportError("these example models need the optional 'transformers' package: "
+                          "pip install -e '.[hf]' (or pip install transformers)") from exc
     return transformers
 
 
