@@ -361,7 +361,7 @@ def run_rounds(
             verdict = assess(times, names, rule)
             if verdict.stop is not None or done >= rule.max_rounds or elapsed >= rule.cap_s:
                 break
-            # a candidate the leader beat beyond noise sits the next rounds out
+            # a candidate some other one beat beyond noise sits the next rounds out
             active = [n for n in active if n not in verdict.beaten] or active
     return Rounds(times, clock() - start, load, "cuda_event" if cuda else "perf_counter_ns", used_threads,
                   getattr(sample, "batch_size", 1), {n: w[0] for n, w in warmed.items()})
