@@ -257,14 +257,20 @@ def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], ru
     if len(measured) == 1:
         return Verdict(measured[0], "alone", measured[0], medians=medians, rounds=rounds, p_best=1.0, p_near=1.0)
     confidence = 1 - (1 - rule.confidence) / max(1, len(measured) - 1)
+    pairs_seen: dict[tuple[str, str], Pair] = {}
+
+    def of(a: str, b: str) -> Pair:  # each ordered pair once, however many questions ask for it
+        if (a, b) not in pairs_seen:
+            pairs_seen[(a, b)] = pair(times, a, b, confidence, rule)
+        return pairs_seen[(a, b)]
+
     # Beaten by anyone, in the rounds both ran, stays beaten: a candidate that sat out the later
     # rounds after an early leader beat it is not brought back by a later leader it shared only a
     # few rounds with (their pair's interval is wide; it was beaten all the same).
-    beaten = [n for n in measured
-              if any(pair(times, m, n, confidence, rule).verdict == BEATEN for m in measured if m != n)]
+    beaten = [n for n in measured if any(of(m, n).verdict == BEATEN for m in measured if m != n)]
     alive = [n for n in measured if n not in beaten] or measured
     leader = min(alive, key=lambda n: (medians[n], names.index(n)))
-    against_leader = {n: pair(times, leader, n, confidence, rule) for n in measured if n != leader}
+    against_leader = {n: of(leader, n) for n in measured if n != leader}
     open_ = [n for n in alive if n != leader and against_leader[n].verdict == OPEN]
     if open_ and not final:
         return Verdict(None, None, leader, beaten=beaten, pairs=against_leader, medians=medians, rounds=rounds)
@@ -274,11 +280,29 @@ def assess(times: Mapping[str, Sequence[float | None]], order: Sequence[str], ru
     else:
         winner = pool[0]  # measured keeps the order: the fixed tie rule
     stop = "cap" if open_ else ("tie" if len(pool) > 1 else "resolved")
-    pairs = {n: pair(times, winner, n, confidence, rule) for n in measured if n != winner}
+    pairs = {n: of(winner, n) for n in measured if n != winner}
     verdict = Verdict(winner, stop, leader, [n for n in pool if n != winner], beaten, pairs, medians, rounds)
     if bootstrap:
         verdict.p_best, verdict.p_near = _bootstrap(times, measured, winner, rule.tie)
     return verdict
+
+
+def explain(verdict: Verdict, names: Mapping[str, str], baseline: str | None, rule: DecisionRule, seconds: float) -> str:
+    """Why ``verdict``'s winner won, in one sentence: the same words for a sweep and ``aitune.tune``.
+    ``names``: each candidate's display name; ``baseline``: eager fp32's, if it was in the rounds."""
+    base = names[baseline] if baseline is not None else "eager fp32"
+    ties, n = ", ".join(names[k] for k in verdict.ties), verdict.rounds
+    if verdict.stop == "resolved":
+        said = (f"{base} is fastest beyond noise" if verdict.winner == baseline else
+                f"beats {base} and every other contender beyond noise" if baseline is not None else
+                "beats every other contender beyond noise (eager fp32 was not among them)")
+        return f"{said} in {n} interleaved rounds"
+    if verdict.stop == "tie":
+        return (f"within +-{rule.tie:.0%} of {ties} in {n} interleaved rounds (a declared tie): "
+                "the fixed rule takes eager fp32 first, then the spec's candidate order")
+    return (f"not separated from {ties} at the cap ({n} rounds, {seconds:.1f} s): "
+            + (f"{base} is kept, nothing beat it beyond noise" if verdict.winner == baseline
+               else "the fastest by the rounds' medians wins"))
 
 
 def _bootstrap(times: Mapping[str, Sequence[float | None]], names: list[str], winner: str,

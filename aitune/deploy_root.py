@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 from aitune.canonical import sha256_of
 from aitune.checkpoint import CheckpointError, load_checkpoint, manifest_sha256, verify_checkpoint
 from aitune.environment import describe_environment
+from aitune.files import fsync_dir, write_atomic
 
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
@@ -133,31 +134,6 @@ def check_no_links(root: Path, path: Path) -> None:
         here = here / part
         if here.is_symlink():
             raise DeployRootError(f"{here} is a symbolic link; a deploy root holds no links")
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def read_small(path: Path, limit: int = 1 << 20) -> bytes:
@@ -520,9 +496,9 @@ def stage(
                 write_atomic(tmp / REFERENCE, reference)
                 write_atomic(tmp / INSTALL, (json.dumps(install.to_dict(), indent=2, sort_keys=True) + "\n").encode())
                 for sub in [tmp / CHECKPOINT, *sorted(p for p in (tmp / CHECKPOINT).rglob("*") if p.is_dir()), tmp]:
-                    _fsync_dir(sub)
+                    fsync_dir(sub)
                 os.replace(tmp, folder / version)
-                _fsync_dir(folder)
+                fsync_dir(folder)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from aitune.check import CheckResult, Tolerance, tolerance_for
-from aitune.decision import DecisionRule, assess, paired_ratio, run_rounds, screen
+from aitune.decision import DecisionRule, assess, explain, paired_ratio, run_rounds, screen
 from aitune.judge import judge
 from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
@@ -219,22 +219,15 @@ def _decide(results: list[CandidateResult], built: dict[int, Backend], base_inde
             for k in order:
                 if built[int(k)].state == BackendState.ACTIVE:
                     built[int(k)].deactivate()
-    verdict = assess(rounds.times_ms, order, rule, final=True, bootstrap=True,
-                     baseline=str(base_index) if str(base_index) in rounds.times_ms else None)
-    winner = results[int(verdict.winner)]
     base_key = str(base_index) if str(base_index) in rounds.times_ms else None
+    verdict = assess(rounds.times_ms, order, rule, final=True, bootstrap=True, baseline=base_key)
+    winner = results[int(verdict.winner)]
     for k in order:
         results[int(k)].decided = rounds.measurement(k)
         if base_key is not None:  # paired, in the same rounds, like the orchestrator's tables
             results[int(k)].speedup = paired_ratio(rounds.times_ms[k], rounds.times_ms[base_key])
     ties = tuple(results[int(k)].name for k in verdict.ties)
-    reason = {"resolved": f"beats every other contender beyond noise in {verdict.rounds} interleaved rounds",
-              "tie": f"within +-{rule.tie:.0%} of {', '.join(ties)} in {verdict.rounds} interleaved rounds: the fixed rule "
-                     "takes the baseline first, then the candidates' order",
-              "cap": f"not separated from {', '.join(ties)} at the cap ({verdict.rounds} rounds): the baseline is "
-                     "kept if among them, else the fastest by the rounds' medians wins"}[verdict.stop]
-    if winner is baseline and verdict.stop == "resolved":
-        reason = f"{baseline.name} is fastest beyond noise in {verdict.rounds} interleaved rounds"
+    reason = explain(verdict, {k: results[int(k)].name for k in order}, base_key, rule, rounds.seconds)
     decision = {"stop": verdict.stop, "rounds": verdict.rounds, "seconds": rounds.seconds, "p_best": verdict.p_best,
                 "p_near": verdict.p_near, "contenders": [results[int(k)].name for k in order],
                 "medians": {results[int(k)].name: m for k, m in verdict.medians.items()}}

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from aitune.decision import DecisionRule, Rounds, Verdict, assess, paired_ratio, screen
+from aitune.decision import DecisionRule, Rounds, Verdict, assess, explain, paired_ratio, screen
 from aitune.defaults import is_baseline
 from aitune.strategy import Strategy, select, speedup
 from orchestrator.error_text import summarize
@@ -190,34 +190,23 @@ def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule,
     rounds = answer.rounds
     order = [r.key for r in first.contenders]
     by_key = {r.key: r for r in first.contenders}
-    in_rounds = first.baseline.key if first.baseline is not None and first.baseline.key in by_key else None
+    base = first.baseline if first.baseline is not None and first.baseline.key in by_key else None
+    in_rounds = base.key if base is not None else None
     verdict = assess({k: rounds.times_ms[k] for k in order}, order, rule, final=True, bootstrap=True, baseline=in_rounds)
     if verdict.winner is None:  # rounds read back with no time in them: the first measurements decide
         return None
     names = {k: r.candidate for k, r in by_key.items()}
     winner = by_key[verdict.winner]
-    base = first.baseline if first.baseline is not None and first.baseline.key in by_key else None
     others = [k for k in order if k != verdict.winner and math.isfinite(verdict.medians.get(k, math.inf))]
     runner_up = min(others, key=lambda k: (verdict.medians[k], order.index(k))) if others else None
     measured = {k: rounds.measurement(k) for k in order}
     # the speedup is paired, like every figure of the rounds: eager's time over the winner's, round by round
     gain = paired_ratio(rounds.times_ms[winner.key], rounds.times_ms[base.key]) if base is not None else None
     ties = [names[k] for k in verdict.ties]
-    n = verdict.rounds
-    base_name = base.candidate if base is not None else "eager fp32"
-    if verdict.stop == "resolved":
-        reason = (f"{base_name} is fastest beyond noise" if winner is base else
-                  f"beats {base_name} and every other contender beyond noise" if base is not None else
-                  "beats every other contender beyond noise (eager fp32 was not among them)") + f" in {n} interleaved rounds"
-    elif verdict.stop == "tie":
-        reason = (f"within +-{rule.tie:.0%} of {', '.join(ties)} in {n} interleaved rounds (a declared tie): "
-                  "the fixed rule takes eager fp32 first, then the spec's candidate order")
-    else:
-        reason = (f"not separated from {', '.join(ties)} at the cap ({n} rounds, {rounds.seconds:.1f} s): "
-                  + (f"{base_name} is kept, nothing beat it beyond noise" if winner is base
-                     else "the fastest by the rounds' medians wins"))
+    reason = explain(verdict, names, in_rounds, rule, rounds.seconds)
     decision = {
-        "stop": verdict.stop, "rounds": n, "seconds": round(rounds.seconds, 3), "wait_s": round(answer.wait_s, 3), "load_s": round(answer.load_s, 3),
+        "stop": verdict.stop, "rounds": verdict.rounds, "seconds": round(rounds.seconds, 3),
+        "wait_s": round(answer.wait_s, 3), "load_s": round(answer.load_s, 3),
         "load": rounds.load, "rule": rule.to_dict(), "p_best": verdict.p_best, "p_near": verdict.p_near,
         "leader": verdict.leader, "contenders": order, "left_out": first.left_out,
         "runner_up": _pair_dict(verdict, runner_up, names),

@@ -20,7 +20,6 @@ import secrets
 import shutil
 import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aitune.canonical import sha256_file
+from aitune.files import write_atomic
 from orchestrator.records import BUILT, REUSED, DeployRecord, ResultRecord, SelectionRecord
 from orchestrator.store.base import (
     DEFAULT_LEASE_S, RUNNING, DamagedCheckpoint, ResultStore, StoreError, SweepInfo, check_key, effective_status,
@@ -647,18 +647,8 @@ def _checkpoint_problem(path: Path, manifest_sha: str) -> str | None:
 
 def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    write_atomic(folder / name, data)
+    return folder / name
 
 
 def _disk_full(folder: Path) -> bool:
