@@ -168,6 +168,10 @@ def main() -> int:
                              "average to fall below 0.7 (runs beside other work, a clean answer after)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
+    known = [n for n, _, _ in MODELS]
+    unknown = [m for m in models if m not in known]
+    if unknown or not models:
+        parser.error(f"--models {args.models!r}: give some of {', '.join(known)}, comma-separated")
     ensure_transformers()
     base = args.store or Path(tempfile.mkdtemp(prefix="aitune-decisions-"))
     print(f"decisions benchmark: {len(models)} models x batch 1, 8; default CPU candidates; 2 CPU slots; "
