@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,12 +39,13 @@ from typing import Any, Iterator
 
 import torch
 
-log = logging.getLogger(__name__)
-
 from aitune.canonical import sha256_of
 from aitune.checkpoint import CheckpointError, load_checkpoint, manifest_sha256, verify_checkpoint
 from aitune.environment import describe_environment
 from aitune.files import fsync_dir, write_atomic
+from aitune.reference import ReferenceFormatError, unpack_reference
+
+log = logging.getLogger(__name__)
 
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
@@ -265,31 +265,12 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return tensors + [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
 
 
-def pack_reference(sample, outputs) -> bytes:
-    """``reference.pt``: a sample and its eager fp32 outputs (flattened), loadable with ``weights_only=True``.
-
-    The same format the orchestrator's workers send to the store.
-    """
-    from aitune.torch.tree import flatten_tensors
-
-    flat = flatten_tensors(outputs)
-    buf = io.BytesIO()
-    torch.save({"args": [a.cpu() if isinstance(a, torch.Tensor) else a for a in sample.args],
-                "kwargs": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()},
-                "paths": [p for p, _ in flat], "outputs": [t.cpu() for _, t in flat]}, buf)
-    return buf.getvalue()
-
-
-def unpack_reference(data: bytes, where: Path | str) -> dict[str, Any]:
+def _read_reference(data: bytes, where: Path | str) -> dict[str, Any]:
     """A ``reference.pt``'s content, its form checked; DeployRootError naming ``where`` if it is not one."""
     try:
-        ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError from a damaged zip...
-        raise DeployRootError(f"{where}: not a reference this deploy root wrote ({type(exc).__name__})") from None
-    if not (isinstance(ref, dict) and isinstance(ref.get("args"), (list, tuple)) and isinstance(ref.get("kwargs"), dict)
-            and isinstance(ref.get("outputs"), (list, tuple)) and all(isinstance(t, torch.Tensor) for t in ref["outputs"])):
-        raise DeployRootError(f"{where}: not a reference this deploy root wrote (args, kwargs, outputs)")
-    return ref
+        return unpack_reference(data)
+    except ReferenceFormatError as exc:
+        raise DeployRootError(f"{where}: {str(exc).replace('this project', 'this deploy root')}") from None
 
 
 def install(root, checkpoint_dir: Path, reference: bytes, *, device: torch.device | str, model: str, batch_size: int,
@@ -453,7 +434,7 @@ def stage(
     folder = batch_dir(root, model, class_key, batch_size)
     sha = manifest_sha256(checkpoint_dir)
     manifest = verify_checkpoint(checkpoint_dir, sha)
-    sample = unpack_reference(reference, "the reference being installed")
+    sample = _read_reference(reference, "the reference being installed")
     try:
         with _locked(root, folder):
             class_file = folder.parent / DEVICE_CLASS
@@ -540,7 +521,7 @@ def read_reference(version_dir: Path, install: Install) -> dict[str, Any]:
         raise DeployRootError(f"{version_dir / REFERENCE}: can't be read: {exc.strerror or exc}") from None
     if hashlib.sha256(data).hexdigest() != install.reference_sha256:
         raise DeployRootError(f"{version_dir / REFERENCE}: changed since it was installed")
-    return unpack_reference(data, version_dir / REFERENCE)
+    return _read_reference(data, version_dir / REFERENCE)
 
 
 def verify_version(version_dir: Path, device: torch.device | str, latency_s: float = 0.1, threads: int = 1) -> Verified:

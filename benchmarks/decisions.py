@@ -89,7 +89,7 @@ class Burner:
 
 
 def one_run(store: Path, run: int, budget_s: float, burn: bool, models: list[str]):
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
     from orchestrator.sweep import run_sweep
 
     spec = parse_spec(spec_of(store, run, budget_s, models))
@@ -109,8 +109,8 @@ def remeasure(store: Path, outcome, seconds: float, models: list[str]) -> dict[t
 
     from aitune.checkpoint import load_checkpoint
     from aitune.measure import MeasureConfig, interleaved
-    from orchestrator.candidates import make_sample
-    from orchestrator.spec import parse_spec
+    from orchestrator.planning.candidates import make_sample
+    from orchestrator.spec.schema import parse_spec
 
     spec = parse_spec(spec_of(store, 0, 1.0, models))
     if hasattr(os, "sched_setaffinity"):

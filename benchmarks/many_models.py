@@ -48,11 +48,11 @@ def main() -> int:
 
     from cluster import Inventory, connect, plan_worker_slots
     from cluster.node_share import start_node_shares
-    from orchestrator.candidates import identify_models
-    from orchestrator.plan import expand
-    from orchestrator.pool import RayPool
+    from orchestrator.planning.candidates import identify_models
+    from orchestrator.planning.keys import expand
+    from orchestrator.worker.ray_pool import RayPool
     from orchestrator.records import WorkerInfo
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     models = [{"name": f"m{i:02d}", "factory": "aitune.examples:mlp", "kwargs": {"width": 512, "depth": 3, "seed": i},
                "inputs": [{"name": "x", "shape": [512]}]} for i in range(args.models)]

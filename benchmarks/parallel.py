@@ -45,7 +45,7 @@ GOAL = 1.6
 
 
 def run_once(spec_path: Path, slots: int, verbose: bool, exclusive: bool = False, medians: dict | None = None):
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.merge import load_spec
     from orchestrator.sweep import run_sweep
 
     spec = load_spec(spec_path)

@@ -79,7 +79,7 @@ ARCHITECTURES = {
 
 
 def spec_for(models: int, reuse: str, top_k: int, which: str, store: str, architecture: str = "encoder"):
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     candidates = [{"backend": b, "config": c} for b, c in candidate_set(which)]
     factory, kwargs, inputs = ARCHITECTURES[architecture]

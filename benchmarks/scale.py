@@ -44,7 +44,7 @@ GOAL = 0.9
 
 
 def make_spec(store: str, candidates: int, seconds: float):
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     return parse_spec({
         "name": "scale",
@@ -52,7 +52,7 @@ def make_spec(store: str, candidates: int, seconds: float):
                     "inputs": [{"name": "x", "shape": [8]}]}],
         "batch_sizes": [2],
         "candidates": [
-            {"backend": "orchestrator.fault_backends:FaultBackend", "config": {"fault": "sleep", "seconds": seconds, "phase": "build", "tag": str(i)}}
+            {"backend": "orchestrator.sim.fault_backends:FaultBackend", "config": {"fault": "sleep", "seconds": seconds, "phase": "build", "tag": str(i)}}
             for i in range(candidates)
         ],
         "measure": {"budget_s": 0.01, "min_iters": 3, "warmup_iters": 1},
@@ -86,9 +86,9 @@ class DriverTimers:
         self._undo.append((owner, attr, original))
 
     def install(self) -> None:
-        from orchestrator import scheduler
-        from orchestrator.pool import RayPool
-        from orchestrator.progress import Progress
+        from orchestrator.dispatch import scheduler
+        from orchestrator.worker.ray_pool import RayPool
+        from orchestrator.dispatch.progress import Progress
         from orchestrator.store.sqlite import SqliteStore
 
         self.wrap(RayPool, "wait", "pool.wait (blocked on workers)")

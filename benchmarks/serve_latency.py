@@ -50,9 +50,9 @@ def main() -> None:
 
     import aitune
     from cluster import Inventory, connect, plan_deploy_targets
-    from orchestrator import tensor_json
-    from orchestrator.serve import start_serving, stop_serving
-    from orchestrator.spec import parse_spec
+    from orchestrator.deploy import tensor_json
+    from orchestrator.deploy.serve import start_serving, stop_serving
+    from orchestrator.spec.schema import parse_spec
     from orchestrator.sweep import run_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-latency-"))

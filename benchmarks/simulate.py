@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.simulated_sweep import run_simulation  # noqa: E402
+from orchestrator.sim.sweep import run_simulation  # noqa: E402
 
 GOAL = 0.99
 

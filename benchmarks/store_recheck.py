@@ -39,7 +39,8 @@ def main() -> int:
     from rich.console import Console
 
     from cluster import connect
-    from orchestrator.spec import ToleranceSpec, load_spec
+    from orchestrator.spec.merge import load_spec
+    from orchestrator.spec.schema import ToleranceSpec
     from orchestrator.sweep import run_sweep
 
     from benchmarks.store_reuse import time_stages

@@ -38,7 +38,7 @@ GOAL = 0.05
 def time_stages() -> dict[str, float]:
     """Seconds run_sweep spends starting workers and choosing winners (patched in, no code edits)."""
     from orchestrator import sweep
-    from orchestrator.scheduler import Scheduler
+    from orchestrator.dispatch.scheduler import Scheduler
 
     seconds: dict[str, float] = collections.defaultdict(float)
 
@@ -66,7 +66,7 @@ def main() -> int:
     import ray
 
     from cluster import connect
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.merge import load_spec
     from orchestrator.sweep import run_sweep
 
     spec = load_spec(args.spec)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def spec(store: Path, n: int, sleep_s: float) -> dict:
     cands = [{"backend": "TorchEagerBackend"}] + [
-        {"backend": "orchestrator.fault_backends:FaultBackend",
+        {"backend": "orchestrator.sim.fault_backends:FaultBackend",
          "config": {"fault": "sleep", "seconds": sleep_s, "tag": f"c{i}"}} for i in range(n)
     ]
     return {

@@ -2,7 +2,7 @@
 do and cost (running nothing), ``report STORE`` prints a past one; ``deploy STORE`` installs stored
 winners on targets, ``rollback STORE`` switches them back one version, ``deployments STORE`` shows
 what is live where, ``serve STORE`` serves them with Ray Serve. Several specs make one sweep: models
-concatenated, other settings given once or alike (see orchestrator/spec_merge.py).
+concatenated, other settings given once or alike (see orchestrator/spec/merge.py).
 
 Exit codes: 0 when everything asked for was done (tuned, selected, deployed); 2 for bad input
 (the spec, the store, the models, the arguments), refused before anything starts; 3 when the
@@ -28,9 +28,9 @@ def _say(console: Console, text: str) -> None:
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.candidates import ModelLoadError
-    from orchestrator.spec import SpecError
-    from orchestrator.spec_merge import load_specs
+    from orchestrator.planning.candidates import ModelLoadError
+    from orchestrator.spec.merge import load_specs
+    from orchestrator.spec.schema import SpecError
     from orchestrator.store import StoreError
     from orchestrator.sweep import run_sweep
 
@@ -75,15 +75,15 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
 
 def _targets(args: argparse.Namespace) -> list | None:
-    from orchestrator.deploy_stored import parse_target
+    from orchestrator.deploy.stored import parse_target
 
     return [parse_target(t) for t in args.target] if args.target else None
 
 
 def _deploy(args: argparse.Namespace, console: Console) -> int:
     from aitune.deploy_root import DeployRootError
-    from orchestrator.deploy import NoWinnerForTarget
-    from orchestrator.deploy_stored import DeployInputError, deploy_stored, rollback_stored
+    from orchestrator.deploy.install import NoWinnerForTarget
+    from orchestrator.deploy.stored import DeployInputError, deploy_stored, rollback_stored
     from orchestrator.store import StoreError
 
     run = deploy_stored if args.command == "deploy" else rollback_stored
@@ -104,7 +104,7 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
 
 def _deployments(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.deploy_stored import DeployInputError, format_when, live_deployments
+    from orchestrator.deploy.stored import DeployInputError, format_when, live_deployments
     from orchestrator.store import StoreError
 
     try:
@@ -172,8 +172,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     import time
 
     from cluster import Inventory, connect, plan_deploy_targets
-    from orchestrator.deploy_stored import DeployInputError, choose, open_existing, with_targets
-    from orchestrator.serve import start_serving, stop_serving
+    from orchestrator.deploy.serve import start_serving, stop_serving
+    from orchestrator.deploy.stored import DeployInputError, choose, open_existing, with_targets
     from orchestrator.store import StoreError
 
     try:
@@ -219,10 +219,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 def _plan(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from orchestrator.candidates import ModelLoadError
-    from orchestrator.forecast import forecast, write_plan
-    from orchestrator.spec import SpecError
-    from orchestrator.spec_merge import load_specs
+    from orchestrator.planning.candidates import ModelLoadError
+    from orchestrator.planning.forecast import forecast, write_plan
+    from orchestrator.spec.merge import load_specs
+    from orchestrator.spec.schema import SpecError
     from orchestrator.store import DB_NAME, MemoryStore, SqliteStore, StoreError
 
     try:
@@ -247,7 +247,7 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.report import report_store
+    from orchestrator.outcome.report import report_store
     from orchestrator.store import StoreError
 
     try:

@@ -23,19 +23,21 @@ from rich.console import Console
 
 from aitune.decision import Rounds
 from orchestrator import records as R
-from orchestrator.candidates import Toolchains, identify_models
-from orchestrator.deploy import deploy_winners
-from orchestrator.diff import SweepDiff, diff_sweeps
-from orchestrator.families import NARROWED, FamilyGate, Waves
-from orchestrator.plan import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
-from orchestrator.progress import Progress
-from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
-from orchestrator.report import decisions_line, render, write_reports
-from orchestrator.scheduler import JobGate, Limits, Scheduler
+from orchestrator.deploy.install import deploy_winners
+from orchestrator.dispatch.progress import Progress
+from orchestrator.dispatch.scheduler import JobGate, Limits, Scheduler
 from orchestrator.error_text import summarize
-from orchestrator.selection import Answer, Ask, Group, choose_winners
-from orchestrator.spec import SweepSpec
+from orchestrator.outcome.diff import SweepDiff, diff_sweeps
+from orchestrator.outcome.report import decisions_line, render, write_reports
+from orchestrator.outcome.selection import Answer, Ask, Group, choose_winners
+from orchestrator.planning.candidates import Toolchains, candidate_specs, identify_models
+from orchestrator.planning.families import NARROWED, FamilyGate, Waves
+from orchestrator.planning.forecast import job_estimator
+from orchestrator.planning.keys import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, expand, recheck
+from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord, WorkerInfo
+from orchestrator.spec.schema import SweepSpec, parse_spec
 from orchestrator.store import DB_NAME, ResultStore, SqliteStore
+from orchestrator.worker.ray_pool import RayPool
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,8 @@ def run_sweep(
         with Heartbeat(store, sweep_id):
             asks = ReferenceAsks(store)
             scheduler = Scheduler(slots, spec.model_dump(mode="json"), _limits(spec),
-                                  on_result=_committer(store, sweep_id, asks), events=progress, toolchain=Toolchains())
+                                  on_result=_committer(store, sweep_id, asks), events=progress, pool=RayPool(),
+                                  toolchain=Toolchains())
             workers = Workers(scheduler, slots, local=handle.embedded)
             with progress:
                 jobs = _plan(spec, identities, workers.classes())
@@ -306,8 +309,6 @@ class Workers:
             return self._infos
         from aitune.canonical import sha256_of
         from aitune.environment import describe_environment
-        from orchestrator.records import WorkerInfo
-
         device_class = describe_environment("cpu").device_class()
         key = sha256_of(device_class)
         self._planned = {key}
@@ -419,8 +420,6 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
         gate = FamilyGate(gate, waves, store, sweep_id, to_run, results)
     if not to_run:
         return results  # everything came from the store: no worker needs to start
-    from orchestrator.forecast import job_estimator
-
     # Longest first, by the store's phase history: a long build that starts last holds up the end.
     ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload, estimate=job_estimator(store))
     return results + [r for r in ran if r.error_class != NARROWED]
@@ -480,8 +479,6 @@ def _ranker(spec: SweepSpec):
     """A candidate's place in the spec's list (the default set's where the spec has none): the
     fixed tie rule's second key."""
     from aitune.torch.backend.registry import display_name
-    from orchestrator.candidates import candidate_specs
-
     places: dict[str, dict[str, int]] = {}
 
     def rank(record: ResultRecord) -> int:
@@ -508,8 +505,6 @@ def _origin(record: ResultRecord) -> tuple[int | None, str]:
 
 def _previous_selection(store: ResultStore, spec: SweepSpec, this_sweep: str):
     """An earlier sweep's decision for a group whose results all come from the store unchanged."""
-    from orchestrator.spec import parse_spec
-
     strategy = spec.strategy().describe()
     origins_by_sweep: dict[str, dict] = {}
 

@@ -176,7 +176,7 @@ def chosen_models(args) -> dict[str, list[int]]:
 
 def build_spec(args, candidates: list | None = None, total_s: float = 300.0, decision_cap_s: float | None = None) -> dict:
     """The sweep spec; ``candidates`` (backend, config) pairs, ``None`` for the device's default set."""
-    from orchestrator.spec import SweepSpec
+    from orchestrator.spec.schema import SweepSpec
 
     chosen = chosen_models(args)
     models = [{"name": name, **MODELS[name], "batch_sizes": chosen[name]} for name in MODELS if name in chosen]
@@ -214,14 +214,14 @@ def confirm_top3(outcome, console: Console, device: torch.device, deadline: floa
     from aitune.checkpoint import load_checkpoint
     from aitune.measure import MeasureConfig, interleaved
     from aitune.torch.precision import use_fp32_reference_settings
-    from orchestrator.candidates import make_sample
-    from orchestrator.spec import parse_spec
-    from orchestrator.store import Store
+    from orchestrator.planning.candidates import make_sample
+    from orchestrator.spec.schema import parse_spec
+    from orchestrator.store import SqliteStore
 
     spec = parse_spec(outcome.spec_dict)
     use_fp32_reference_settings(device)  # as in the sweep's GPU workers
     left_out = []
-    with Store(outcome.store) as store:
+    with SqliteStore(outcome.store) as store:
         for sel in outcome.selections:
             if time.monotonic() + CONFIRM_S > deadline:
                 left_out.append(f"{sel.model} b{sel.batch_size}")
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
 def _run(args, plan: Plan, console: Console, device: torch.device, start: float, stop: HardStop) -> int:
     from aitune.defaults import candidates_for
     from aitune.torch.backend.registry import display_name
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
     from orchestrator.sweep import run_sweep
 
     everything = candidates_for(device.type)

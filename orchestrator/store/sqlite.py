@@ -32,7 +32,14 @@ from aitune.canonical import sha256_file
 from aitune.files import write_atomic
 from orchestrator.records import BUILT, REUSED, DeployRecord, ResultRecord, SelectionRecord
 from orchestrator.store.base import (
-    DEFAULT_LEASE_S, RUNNING, DamagedCheckpoint, ResultStore, StoreError, SweepInfo, check_key, effective_status,
+    DEFAULT_LEASE_S,
+    RUNNING,
+    DamagedCheckpoint,
+    ResultStore,
+    StoreError,
+    SweepInfo,
+    check_key,
+    effective_status,
 )
 from orchestrator.transfer import pack_dir, unpack_to
 

@@ -141,7 +141,7 @@ def _args(tmp_path, **changes):
 
 def test_gpu_check_script_spec_is_valid_and_it_refuses_to_run_without_a_gpu(tmp_path):
     gpu_check = _gpu_check()
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     spec = parse_spec(gpu_check.build_spec(_args(tmp_path)))
     assert {m.name: spec.batches_of(m) for m in spec.models} == {"resnet50": [1, 32], "bert_base": [8], "mlp_12x512": [1]}
@@ -153,7 +153,7 @@ def test_gpu_check_script_spec_is_valid_and_it_refuses_to_run_without_a_gpu(tmp_
 
 def test_gpu_check_takes_fewer_models_on_a_lent_machine(tmp_path):
     gpu_check = _gpu_check()
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     spec = parse_spec(gpu_check.build_spec(_args(tmp_path, time_left_s=400.0)))
     assert {m.name: spec.batches_of(m) for m in spec.models} == {"mlp_12x512": [1], "resnet50": [32]}
@@ -369,7 +369,7 @@ def _gpu_check():
 
 def test_gpu_check_runs_aotinductor_first_on_every_model(tmp_path):
     gpu_check = _gpu_check()
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     for device in ("cpu", "cuda"):
         everything = candidates_for(device)

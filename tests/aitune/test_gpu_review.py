@@ -268,7 +268,7 @@ def test_the_test_device_name_wins_over_a_real_gpu(monkeypatch):
     import dataclasses
 
     from aitune.environment import describe_environment
-    from orchestrator.pretend_gpus import ENV_VAR, pretend_device
+    from orchestrator.worker.pretend_gpus import ENV_VAR, pretend_device
 
     real_gpu = dataclasses.replace(describe_environment(torch.device("cpu")), device_type="cuda", device_name="NVIDIA H100")
     monkeypatch.setenv(ENV_VAR, "A100")
@@ -471,7 +471,7 @@ def test_fp32_reference_settings_turn_tf32_off_on_cuda_only_and_restore_it():
 
 def test_the_worker_and_the_gpu_check_use_the_same_settings():
     root = Path(__file__).resolve().parents[2]
-    for path in ("orchestrator/worker.py", "scripts/gpu_check.py"):
+    for path in ("orchestrator/worker/actor.py", "scripts/gpu_check.py"):
         text = (root / path).read_text()
         assert "use_fp32_reference_settings" in text and "allow_tf32 = False" not in text, path
 

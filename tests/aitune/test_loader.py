@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aitune.reference import pack_reference
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ def checkpoint(tmp_path, batch: int, precision: str = "float32"):
     path = tmp_path / f"ckpt-{batch}-{precision}"
     save_checkpoint(backend, path)
     with torch.inference_mode():
-        reference = layout.pack_reference(s, model()(*s.args))
+        reference = pack_reference(s, model()(*s.args))
     return path, reference
 
 

@@ -394,10 +394,10 @@ def test_a_sweep_builds_and_deploys_a_plugin_named_by_import_path(plugin_ray, tm
     from rich.console import Console
 
     from orchestrator import records as R
-    from orchestrator.deploy import DEPLOYED, DeployWorker
+    from orchestrator.deploy.install import DEPLOYED, DeployWorker
     from orchestrator.records import DeployRecord
-    from orchestrator.spec import parse_spec
-    from orchestrator.store import Store
+    from orchestrator.spec.schema import parse_spec
+    from orchestrator.store import SqliteStore
     from orchestrator.sweep import run_sweep
     from orchestrator.transfer import pack_dir
 
@@ -420,7 +420,7 @@ def test_a_sweep_builds_and_deploys_a_plugin_named_by_import_path(plugin_ray, tm
     assert by_backend[PLAIN].candidate == "PublishedPlainBackend(plain eager)"
     # built, checked and measured in a worker; its checkpoint saved there names the import path
     assert by_backend[PLAIN].status == R.ERROR and "not saved" in by_backend[PLAIN].error
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         folder = store.checkpoint_path(plugin)
         reference = store.reference_bytes(plugin.reference_key)
     assert read_manifest(folder).backend == PATH

@@ -14,8 +14,8 @@ import torch
 from aitune import deploy_root as layout
 from aitune.check import tolerance_for
 from aitune.examples import mlp
-from orchestrator import tensor_json
-from orchestrator.store import Store
+from orchestrator.deploy import tensor_json
+from orchestrator.store import SqliteStore
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
 
@@ -36,7 +36,7 @@ def install_runner_up(spec, outcome, root: Path) -> Path:
     """Install the candidate that did not win as a new version (what a later deploy would do)."""
     (selection,) = outcome.selections
     other = next(r for r in outcome.results if r.key != selection.winner_key and r.status == "ok")
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         folder, reference = store.checkpoint_path(other), store.reference_bytes(other.reference_key)
     precision = other.config.get("precision", "float32")
     version, verified = layout.install(root, folder, reference, device="cpu", model="mlp", batch_size=2,

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.spec.schema import SweepSpec, parse_spec
 
 RAY_INIT = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": 200 * 1024**2}  # CPU slots, even on a GPU machine
 
@@ -33,7 +33,7 @@ def tiny_spec(store, candidates: list[dict[str, Any]], **changes) -> SweepSpec:
 
 
 def fault(kind: str, phase: str = "build", **extra) -> dict[str, Any]:
-    return {"backend": "orchestrator.fault_backends:FaultBackend", "config": {"fault": kind, "phase": phase, **extra}}
+    return {"backend": "orchestrator.sim.fault_backends:FaultBackend", "config": {"fault": kind, "phase": phase, **extra}}
 
 
 EAGER = {"backend": "TorchEagerBackend", "config": {}}

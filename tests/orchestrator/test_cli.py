@@ -16,9 +16,9 @@ from rich.console import Console
 
 from aitune.measure import Measurement
 from orchestrator import records as R
-from orchestrator.progress import Progress
+from orchestrator.dispatch.progress import Progress
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
-from orchestrator.store import DB_NAME, Store
+from orchestrator.store import DB_NAME, SqliteStore
 from sweep_helpers import check_result, worker_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ def handmade_store(tmp_path):
                                 reason="beats eager-fp32 beyond noise by min_latency", speedup=2.0)  # fmt: skip
     deploy = DeployRecord(model="mlp", batch_size=2, target="cpu0", status="deployed", winner_key="k-bf16",
                           max_abs_err=1e-3, median_ms=2.1)  # fmt: skip
-    with Store(root) as store:
+    with SqliteStore(root) as store:
         sweep_id = store.begin_sweep("handmade", {"name": "handmade"})
         for r in results:
             store.add_result(sweep_id, r)
@@ -178,7 +178,7 @@ def test_report_of_an_empty_directory_exits_2_and_creates_nothing(tmp_path):
 
 def test_report_of_a_store_without_sweeps_exits_2(tmp_path):
     root = tmp_path / "store"
-    Store(root).close()
+    SqliteStore(root).close()
     proc = cli("report", str(root))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out

@@ -12,9 +12,9 @@ import ray
 import torch
 
 from orchestrator import records as R
-from orchestrator.deploy import DEPLOYED, REFUSED, DeployWorker
+from orchestrator.deploy.install import DEPLOYED, REFUSED, DeployWorker
 from orchestrator.records import DeployRecord
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from orchestrator.sweep import run_sweep
 from orchestrator.transfer import pack_dir
 from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
@@ -48,7 +48,7 @@ def test_winner_is_deployed_and_verified_on_every_target(deployed_sweep):
         assert d.median_ms is not None and d.median_ms > 0
         assert d.reason is None
         assert d.worker is not None and d.worker["device"] == "cpu"
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         stored = store.deployments(outcome.sweep_id)
     assert [d.to_dict() for d in stored] == [d.to_dict() for d in outcome.deployments]
 
@@ -62,7 +62,7 @@ def winner(deployed_sweep):
     spec, outcome = deployed_sweep
     (selection,) = outcome.selections
     record = next(r for r in outcome.results if r.key == selection.winner_key)
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         folder = store.checkpoint_path(record)
         reference = store.reference_bytes(record.reference_key)
     assert folder is not None and reference is not None

@@ -12,7 +12,7 @@ import pytest
 from aitune import deploy_root as layout
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, main
 from orchestrator.records import SelectionRecord
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from serve_helpers import batch_folder, install_runner_up, tuned_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -35,7 +35,7 @@ def cli(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def installs(tuned) -> list:
-    with Store(tuned["store"]) as store:
+    with SqliteStore(tuned["store"]) as store:
         return store.installs()
 
 
@@ -58,7 +58,7 @@ def test_tune_installs_the_verified_winner_and_the_store_records_it(tuned):
 
 def test_deploy_installs_stored_winners_without_tuning(tuned, capsys):
     other_root = tuned["tmp"] / "second-root"
-    with Store(tuned["store"]) as store:
+    with SqliteStore(tuned["store"]) as store:
         sweeps_before = len(store.list_sweeps())
     code, lines = cli(capsys, "deploy", str(tuned["store"]), "--root", str(other_root), "--target", "cpu_slots=1")
     assert code == EXIT_OK, lines
@@ -67,7 +67,7 @@ def test_deploy_installs_stored_winners_without_tuning(tuned, capsys):
     (selection,) = tuned["outcome"].selections
     (entry,) = layout.live(other_root, "mlp")
     assert layout.read_install(entry.folder).winner_key == selection.winner_key
-    with Store(tuned["store"]) as store:
+    with SqliteStore(tuned["store"]) as store:
         assert len(store.list_sweeps()) == sweeps_before  # nothing was tuned
         assert store.deployments(tuned["outcome"].sweep_id) == tuned["outcome"].deployments  # its report is unchanged
     code, lines = cli(capsys, "deployments", str(tuned["store"]))
@@ -117,7 +117,7 @@ def test_rollback_to_a_version_edited_after_install_is_refused_and_current_stays
 
 
 def test_a_store_with_no_sweeps_is_refused(tmp_path):
-    Store(tmp_path / "empty").close()
+    SqliteStore(tmp_path / "empty").close()
     from env_helpers import child_env
 
     env = child_env(ROOT_DIR)
@@ -137,7 +137,7 @@ def test_an_unknown_model_is_refused(tuned, capsys):
 
 def test_a_target_whose_device_class_has_no_winner_is_refused_listing_the_classes_that_have_one(tuned, capsys):
     (selection,) = tuned["outcome"].selections
-    with Store(tuned["store"]) as store:  # a sweep that tuned only for another device class
+    with SqliteStore(tuned["store"]) as store:  # a sweep that tuned only for another device class
         sweep = store.begin_sweep("elsewhere", tuned["spec"].model_dump(mode="json"))
         store.put_selection(sweep, SelectionRecord("mlp", 2, "f" * 64, selection.winner_key, selection.winner, "fastest"))
         store.finish_sweep(sweep, "done")
@@ -166,13 +166,13 @@ def test_a_bad_target_is_refused(tuned, capsys):
 
 
 def test_deployments_of_a_store_with_no_sweeps_is_refused(tmp_path, capsys):
-    Store(tmp_path / "empty").close()
+    SqliteStore(tmp_path / "empty").close()
     code, lines = cli(capsys, "deployments", str(tmp_path / "empty"))
     assert code == EXIT_BAD_INPUT and len(lines) == 1 and "has no sweeps" in lines[0]
 
 
 def test_serve_and_rollback_refuse_a_store_with_no_sweeps_before_ray(tmp_path, capsys):
-    Store(tmp_path / "empty").close()
+    SqliteStore(tmp_path / "empty").close()
     for command in ("serve", "rollback"):
         code, lines = cli(capsys, command, str(tmp_path / "empty"))
         assert code == EXIT_BAD_INPUT

@@ -36,7 +36,7 @@ def test_tune_refuses_an_unseeded_factory_before_ray_starts(tmp_path):
 
 
 def test_a_factory_that_differs_between_processes_fails_its_jobs_on_the_workers(ray_session, tmp_path):
-    models = [{"name": "by-pid", "factory": "orchestrator.fault_backends:process_seeded_mlp", "kwargs": {"width": 16},
+    models = [{"name": "by-pid", "factory": "orchestrator.sim.fault_backends:process_seeded_mlp", "kwargs": {"width": 16},
                "inputs": [{"name": "x", "shape": [16]}]}]
     spec = tiny_spec(tmp_path / "store", [EAGER], models=models)
     outcome = run_sweep(spec, console=quiet(), deploy=False, write_report=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.diff import diff_sweeps
+from orchestrator.outcome.diff import diff_sweeps
 from orchestrator.records import SelectionRecord, WorkerInfo
 from orchestrator.store import MemoryStore
 from sweep_helpers import measurement, result_stub

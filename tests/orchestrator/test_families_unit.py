@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from orchestrator import records as R
-from orchestrator.families import Waves
-from orchestrator.plan import BUILD, Decision, expand
-from orchestrator.spec import parse_spec
+from orchestrator.planning.families import Waves
+from orchestrator.planning.keys import BUILD, Decision, expand
+from orchestrator.spec.schema import parse_spec
 from sweep_helpers import measurement
 
 CANDS = [{"backend": "TorchEagerBackend"}, {"backend": "TorchEagerBackend", "config": {"precision": "bfloat16", "autocast": True}},
@@ -59,9 +59,9 @@ def test_a_follower_none_of_whose_top_k_is_correct_runs_the_rest():
 
 
 def test_a_worker_with_nothing_to_do_runs_a_follower_on_the_heads_top_k_so_far_and_the_final_top_k_decides():
-    from orchestrator.families import NARROWED, FamilyGate
-    from orchestrator.scheduler import JobGate
-    from orchestrator.store.memory import MemoryStore
+    from orchestrator.planning.families import NARROWED, FamilyGate
+    from orchestrator.dispatch.scheduler import JobGate
+    from orchestrator.store.in_memory import MemoryStore
 
     spec, ds = decisions(k=1)
     waves = Waves.split(spec, ds)

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from orchestrator import records as R
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec
 
@@ -87,7 +87,7 @@ def test_dead_and_hung_workers_are_replaced(fault_sweep):
 
 def test_no_finished_result_is_lost(fault_sweep):
     spec, outcome = fault_sweep
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         stored = store.sweep_results(outcome.sweep_id)
         assert {r.key for r in stored} == {r.key for r in outcome.results}
         for r in stored:
@@ -106,7 +106,7 @@ def test_rerun_reuses_every_result(fault_sweep):
     (selection,) = again.selections
     assert selection.winner_key == first.selections[0].winner_key
     assert selection.decided_in == first.sweep_id
-    with Store(spec.store) as store:
+    with SqliteStore(spec.store) as store:
         assert all(r.from_store for r in store.sweep_results(again.sweep_id))
 
 
@@ -137,7 +137,7 @@ def test_inputs_the_model_cant_take_fail_each_job_with_its_own_error_and_the_sel
 
 
 def test_a_model_whose_outputs_change_between_calls_is_named_as_not_repeatable(ray_session, tmp_path):
-    models = [{"name": "counting", "factory": "orchestrator.fault_backends:stateful_mlp", "kwargs": {"width": 16},
+    models = [{"name": "counting", "factory": "orchestrator.sim.fault_backends:stateful_mlp", "kwargs": {"width": 16},
                "inputs": [{"name": "x", "shape": [16]}]}]
     outcome = run_sweep(tiny_spec(tmp_path / "store", [EAGER_BF16], models=models), console=quiet(),
                         write_report=False, deploy=False)

@@ -8,61 +8,61 @@ from rich.console import Console
 
 from cluster import connect
 from aitune.torch.cuda_graphs import CudaGraphCaptureError
-from orchestrator import memory
-from orchestrator.memory import MB, MemorySnapshot
+from orchestrator.worker import hygiene
+from orchestrator.worker.hygiene import MB, MemorySnapshot
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, RAY_INIT, fault, tiny_spec
 
 
 def test_recycle_when_more_than_the_margin_is_left_behind():
     before, after = MemorySnapshot(100 * MB, 200 * MB), MemorySnapshot(500 * MB, 600 * MB)
-    reason = memory.recycle_reason(before, after, 256, oom=False)
+    reason = hygiene.recycle_reason(before, after, 256, oom=False)
     assert reason is not None and "400 MB behind" in reason and "256" in reason
-    assert memory.recycle_reason(before, MemorySnapshot(300 * MB, 300 * MB), 256, oom=False) is None
+    assert hygiene.recycle_reason(before, MemorySnapshot(300 * MB, 300 * MB), 256, oom=False) is None
 
 
 def test_device_wide_growth_outside_the_allocator_counts_as_left_behind():
     # AOTInductor weights and TensorRT engines: device memory in use grows, the allocator's doesn't
     before = MemorySnapshot(100 * MB, 200 * MB, 1000 * MB)
     after = MemorySnapshot(100 * MB, 200 * MB, 1600 * MB)
-    assert memory.left_behind(before, after) == (600 * MB, 600 * MB)
-    reason = memory.recycle_reason(before, after, 256, oom=False)
+    assert hygiene.left_behind(before, after) == (600 * MB, 600 * MB)
+    reason = hygiene.recycle_reason(before, after, 256, oom=False)
     assert reason is not None and "600 MB behind, 600 MB of it outside the caching allocator" in reason
     # the allocator's allocated tensors count too, on top
     after = MemorySnapshot(250 * MB, 400 * MB, 1400 * MB)  # outside: 800 MB before, 1000 MB after
-    assert memory.left_behind(before, after) == (150 * MB + 200 * MB, 200 * MB)
+    assert hygiene.left_behind(before, after) == (150 * MB + 200 * MB, 200 * MB)
 
 
 def test_memory_the_allocator_only_caches_is_not_a_leak():
     before = MemorySnapshot(100 * MB, 200 * MB, 1000 * MB)
     after = MemorySnapshot(100 * MB, 700 * MB, 1500 * MB)  # 500 MB more reserved, none of it in use
-    assert memory.left_behind(before, after) == (0, 0)
-    assert memory.recycle_reason(before, after, 256, oom=False) is None
+    assert hygiene.left_behind(before, after) == (0, 0)
+    assert hygiene.recycle_reason(before, after, 256, oom=False) is None
 
 
 def test_memory_freed_outside_the_allocator_does_not_hide_a_tensor_leak():
     before = MemorySnapshot(100 * MB, 200 * MB, 2000 * MB)
     after = MemorySnapshot(400 * MB, 500 * MB, 1500 * MB)  # an earlier engine freed, 300 MB of tensors kept
-    assert memory.left_behind(before, after) == (300 * MB, 0)
-    assert "300 MB behind (margin 256 MB)" in memory.recycle_reason(before, after, 256, oom=False)
+    assert hygiene.left_behind(before, after) == (300 * MB, 0)
+    assert "300 MB behind (margin 256 MB)" in hygiene.recycle_reason(before, after, 256, oom=False)
 
 
 def test_without_device_figures_only_the_allocator_or_resident_size_counts():
     # the CPU (resident set size), or a GPU whose context could not be asked
     before, after = MemorySnapshot(100 * MB, 100 * MB), MemorySnapshot(150 * MB, 150 * MB, 5000 * MB)
-    assert memory.left_behind(before, after) == (50 * MB, 0)
-    assert memory.snapshot(torch.device("cpu")).device_used is None
+    assert hygiene.left_behind(before, after) == (50 * MB, 0)
+    assert hygiene.snapshot(torch.device("cpu")).device_used is None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: device-wide used memory")
 def test_gpu_snapshot_records_device_wide_used_memory():
-    snap = memory.snapshot(torch.device("cuda", 0))
+    snap = hygiene.snapshot(torch.device("cuda", 0))
     assert snap.device_used is not None and snap.device_used >= snap.reserved >= snap.allocated
 
 
 def test_a_failed_capture_or_a_sticky_cuda_error_must_recycle_the_worker():
-    reason = memory.must_recycle(CudaGraphCaptureError("CUDA graph capture failed: RuntimeError: boom"))
+    reason = hygiene.must_recycle(CudaGraphCaptureError("CUDA graph capture failed: RuntimeError: boom"))
     assert reason is not None and "capture failed" in reason and "can't be trusted" in reason
     try:  # wrapped by a backend: found through the cause
         try:
@@ -70,28 +70,28 @@ def test_a_failed_capture_or_a_sticky_cuda_error_must_recycle_the_worker():
         except CudaGraphCaptureError as inner:
             raise ValueError("the backend gave up") from inner
     except ValueError as outer:
-        assert "capture failed" in memory.must_recycle(outer)
+        assert "capture failed" in hygiene.must_recycle(outer)
     sticky = RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
-    assert "illegal memory access" in memory.must_recycle(sticky)
-    assert memory.must_recycle(ValueError("shape mismatch")) is None
-    assert memory.must_recycle(torch.cuda.OutOfMemoryError("CUDA out of memory")) is None  # recycled as OOM
+    assert "illegal memory access" in hygiene.must_recycle(sticky)
+    assert hygiene.must_recycle(ValueError("shape mismatch")) is None
+    assert hygiene.must_recycle(torch.cuda.OutOfMemoryError("CUDA out of memory")) is None  # recycled as OOM
 
 
 def test_out_of_memory_always_recycles():
     snap = MemorySnapshot(0, 0)
-    assert "out of memory" in memory.recycle_reason(snap, snap, None, oom=True)
-    assert memory.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
-    assert not memory.is_oom(ValueError("shape mismatch"))
+    assert "out of memory" in hygiene.recycle_reason(snap, snap, None, oom=True)
+    assert hygiene.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert not hygiene.is_oom(ValueError("shape mismatch"))
 
 
 def test_default_margin_is_for_gpus_only():
-    assert memory.margin_mb(None, torch.device("cpu")) is None
-    assert memory.margin_mb(None, torch.device("cuda")) == memory.GPU_DEFAULT_MARGIN_MB
-    assert memory.margin_mb(64, torch.device("cpu")) == 64
+    assert hygiene.margin_mb(None, torch.device("cpu")) is None
+    assert hygiene.margin_mb(None, torch.device("cuda")) == hygiene.GPU_DEFAULT_MARGIN_MB
+    assert hygiene.margin_mb(64, torch.device("cpu")) == 64
 
 
 def test_cpu_snapshot_reads_resident_memory():
-    snap = memory.snapshot(torch.device("cpu"))
+    snap = hygiene.snapshot(torch.device("cpu"))
     assert snap.allocated > 10 * MB  # a Python process with torch loaded
 
 

@@ -3,7 +3,7 @@ node lost mid-sweep.
 
 Eight one-GPU nodes on a ``ray.cluster_utils.Cluster``, four advertising ``accelerator_type:H100``
 and four ``accelerator_type:A100``; each node sets ``AITUNE_TEST_DEVICE_NAME`` so that its
-pretend GPU takes that name as its device class (see ``orchestrator.pretend_gpus``).
+pretend GPU takes that name as its device class (see ``orchestrator.worker.pretend_gpus``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 
 from cluster import connect, loopback_only
 from orchestrator import records as R
-from orchestrator.pretend_gpus import ENV_VAR
+from orchestrator.worker.pretend_gpus import ENV_VAR
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec
 

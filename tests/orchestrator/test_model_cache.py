@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from orchestrator import records as R
-from orchestrator.candidates import ModelLoadError, identify_models, structure_key
-from orchestrator.plan import expand
-from orchestrator.model_cache import ModelCache, tensor_bytes
-from orchestrator.spec import parse_spec
+from orchestrator.planning.candidates import ModelLoadError, identify_models, structure_key
+from orchestrator.planning.keys import expand
+from orchestrator.worker.model_cache import ModelCache, tensor_bytes
+from orchestrator.spec.schema import parse_spec
 
 
 def linear(n: int) -> torch.nn.Module:
@@ -69,9 +69,9 @@ def test_a_seeded_factory_passes_and_its_structure_ignores_the_weights():
 
 
 def test_the_worker_fails_a_job_whose_model_is_not_the_drivers(monkeypatch):
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
-    spec = _spec(factory="orchestrator.fault_backends:process_seeded_mlp", kwargs={"width": 8, "depth": 1})
+    spec = _spec(factory="orchestrator.sim.fault_backends:process_seeded_mlp", kwargs={"width": 8, "depth": 1})
     worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
     job = R.Job(key="k" * 64, model="m", batch_size=1, backend="TorchEagerBackend", config={}, candidate="eager",
                 device_class_key="d" * 64, model_fingerprint="0" * 64)  # as the driver saw it in another process
@@ -81,7 +81,7 @@ def test_the_worker_fails_a_job_whose_model_is_not_the_drivers(monkeypatch):
 
 
 def test_a_worker_keeps_at_most_its_cache_bound_of_models():
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
     models = [{"name": f"m{i}", "factory": "aitune.examples:mlp", "kwargs": {"width": 32, "depth": 2, "seed": i},
                "inputs": [{"shape": [32]}]} for i in range(4)]
@@ -107,7 +107,7 @@ def test_a_worker_keeps_at_most_its_cache_bound_of_models():
 def test_a_workers_onnx_candidates_of_one_model_export_it_once_each_checked_on_its_own_weights(tmp_path, monkeypatch):
     # ft1 is ft0's architecture with other weights: its export is ft0's translation filled in
     pytest.importorskip("onnxscript", reason="the ONNX exporter's packages (onnx, onnxscript) are not installed")
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
     monkeypatch.setenv("AITUNE_ONNX_TEMPLATES", str(tmp_path / "templates"))  # nothing translated yet
 
@@ -151,8 +151,8 @@ def test_a_worker_that_exits_leaves_no_scratch_or_export_directories_behind(tmp_
 
     script = (
         "import json, sys\n"
-        "from orchestrator.spec import parse_spec\n"
-        "from orchestrator.worker import TuneWorker\n"
+        "from orchestrator.spec.schema import parse_spec\n"
+        "from orchestrator.worker.actor import TuneWorker\n"
         "spec = parse_spec({'models': [{'name': 'm', 'factory': 'aitune.examples:mlp', 'kwargs': {'width': 8, 'depth': 1},"
         " 'inputs': [{'shape': [8]}]}], 'batch_sizes': [1]})\n"
         "w = TuneWorker({'kind': 'cpu', 'threads': 1, 'label': 't'}, spec.model_dump(mode='json'), 't-0')\n"
@@ -175,7 +175,7 @@ def test_a_model_load_leaves_the_next_full_collection_where_it_was():
     import gc
     import time
 
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
     spec = parse_spec({"models": [{"name": "m", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
                                    "inputs": [{"shape": [16]}]}], "batch_sizes": [1]})
@@ -193,7 +193,7 @@ def test_a_model_load_that_evicts_one_collects_it_even_from_among_the_frozen():
     import time
     import weakref
 
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
     models = [{"name": n, "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
                "inputs": [{"shape": [16]}]} for n in ("a", "b")]
@@ -215,7 +215,7 @@ def test_a_model_load_that_evicts_one_collects_it_even_from_among_the_frozen():
 def test_a_failed_build_records_how_long_it_took():
     # the plan's estimates and the job-seconds of a sweep count failed builds too
     pytest.importorskip("onnxscript", reason="the ONNX exporter's packages (onnx, onnxscript) are not installed")
-    from orchestrator.worker import TuneWorker
+    from orchestrator.worker.actor import TuneWorker
 
     spec = parse_spec({"models": [{"name": "enc", "factory": "aitune.examples:small_encoder",
                                    "kwargs": {"dim": 32, "layers": 1},

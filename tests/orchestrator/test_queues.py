@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.queues import ModelQueues
+from orchestrator.dispatch.queues import ModelQueues
 from orchestrator.records import Job
 
 CHAINS = {"Eager": None, "Jit": "inductor", "Aot": "inductor", "Ort": "onnx"}

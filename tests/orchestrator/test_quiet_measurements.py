@@ -11,7 +11,7 @@ from cluster import Inventory, plan_worker_slots
 from cluster.node_share import node_share, start_node_shares
 from cluster.placement import core_block
 from orchestrator import records as R
-from orchestrator.pool import RayPool
+from orchestrator.worker.ray_pool import RayPool
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
 
@@ -78,7 +78,7 @@ def test_inductor_compile_threads_are_bounded_to_the_share_without_importing_ind
 
     code = (
         "import sys\n"
-        "from orchestrator.worker import _bound_compile_threads\n"
+        "from orchestrator.worker.actor import _bound_compile_threads\n"
         "_bound_compile_threads(2)\n"
         "assert 'torch._inductor.config' not in sys.modules, 'inductor imported at worker start'\n"
         "import torch._inductor.config as c\n"

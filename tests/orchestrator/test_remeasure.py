@@ -16,9 +16,9 @@ import ray
 from ray import cloudpickle
 
 from cluster.placement import Slot
-from orchestrator.pool import RayPool
+from orchestrator.worker.ray_pool import RayPool
 from orchestrator.records import WorkerInfo
-from orchestrator.scheduler import Limits, Scheduler
+from orchestrator.dispatch.scheduler import Limits, Scheduler
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,10 +7,10 @@ import pytest
 from rich.console import Console
 
 from orchestrator.records import BUILD_ERROR, INCORRECT, OK, DeployRecord, ResultRecord, SelectionRecord
-from orchestrator.report import ROW_COLUMNS, render, report_rows, report_store, write_reports
-from orchestrator.selection import baseline_of
+from orchestrator.outcome.report import ROW_COLUMNS, render, report_rows, report_store, write_reports
+from orchestrator.outcome.selection import baseline_of
 from sweep_helpers import check_result, measurement, worker_info
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 
 DEVICE = "d" * 64
 WORKER = worker_info()
@@ -169,7 +169,7 @@ def test_plot_without_any_success_still_writes_a_png(tmp_path):
 def test_report_store_reads_latest_sweep(sweep, tmp_path):
     results, selections, deployments = sweep
     root = tmp_path / "store"
-    with Store(root) as store:
+    with SqliteStore(root) as store:
         old = store.begin_sweep("old", {})
         sweep_id = store.begin_sweep("new", {})
         for r in results:
@@ -200,13 +200,13 @@ def test_report_store_on_empty_dir_is_a_clear_error_and_creates_nothing(tmp_path
 
 
 def test_report_store_without_sweeps_is_a_clear_error(tmp_path):
-    Store(tmp_path).close()
+    SqliteStore(tmp_path).close()
     with pytest.raises(LookupError, match="no sweeps"):
         report_store(tmp_path, console=Console(record=True))
 
 
 def test_report_store_unknown_sweep_lists_known(tmp_path):
-    with Store(tmp_path) as store:
+    with SqliteStore(tmp_path) as store:
         known = store.begin_sweep("s", {})
     with pytest.raises(KeyError, match=known):
         report_store(tmp_path, sweep_id="nope", console=Console(record=True))
@@ -238,9 +238,9 @@ def test_where_decisions_came_from_prints_whole_however_long_the_reason(sweep):
 
 
 def _decided(results, times: dict[str, list[float]], winner: str):
-    """A group decided in rounds: the selection as orchestrator.selection makes it, from these times."""
+    """A group decided in rounds: the selection as orchestrator.outcome.selection makes it, from these times."""
     from aitune.decision import Rounds
-    from orchestrator.selection import Answer, choose_winners
+    from orchestrator.outcome.selection import Answer, choose_winners
     from aitune.strategy import Strategy
 
     def decide(asks):

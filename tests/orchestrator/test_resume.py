@@ -21,7 +21,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator import records as R
-from orchestrator.store import DB_NAME, Store
+from orchestrator.store import DB_NAME, SqliteStore
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, RAY_INIT, fault, tiny_spec
 
@@ -130,7 +130,7 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
     before = stored_rows(db)
     assert len(before) == 2, "the killed driver should have committed exactly the two quick candidates"
     time.sleep(LEASE_S + 0.5)  # its heartbeat has stopped for longer than its lease
-    with Store(store_root) as store:
+    with SqliteStore(store_root) as store:
         (killed,) = store.list_sweeps()
         assert killed.status == "interrupted" and killed.finished_at is None  # it never finished
         finished = {r.key: r for r in store.sweep_results(killed.id)}
@@ -147,7 +147,7 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
     ran = [r for r in again.results if not r.from_store]
     assert reused == set(before)
     (sleeper,) = ran
-    assert sleeper.backend == "orchestrator.fault_backends:FaultBackend" and sleeper.config["fault"] == "sleep"
+    assert sleeper.backend == "orchestrator.sim.fault_backends:FaultBackend" and sleeper.config["fault"] == "sleep"
     assert sleeper.status == R.OK
     assert sleeper.key not in before
     assert len(again.selections) == 1 and again.selections[0].winner_key is not None
@@ -156,7 +156,7 @@ def test_killed_driver_resumes_without_redoing_finished_candidates(tmp_path):
     assert set(after) == set(before) | {sleeper.key}  # one row per key, no duplicates
     for key in before:  # the finished ones were not redone: their stored records are untouched
         assert after[key] == before[key]
-    with Store(store_root) as store:
+    with SqliteStore(store_root) as store:
         sweeps = store.list_sweeps()
         assert len(sweeps) == 2 and sweeps[-1].id == again.sweep_id and sweeps[-1].status == "done"
         assert sweeps[0].status == "interrupted"

@@ -9,9 +9,9 @@ import pytest
 
 from cluster.placement import Slot
 from orchestrator import records as R
-from orchestrator.pool import CallFailed, WorkerDied, WorkerPool
+from orchestrator.dispatch.pool import CallFailed, WorkerDied, WorkerPool
 from orchestrator.records import Job, ResultRecord, WorkerInfo
-from orchestrator.scheduler import JobGate, Limits, Scheduler
+from orchestrator.dispatch.scheduler import JobGate, Limits, Scheduler
 
 DC = "d" * 64
 PENDING = object()
@@ -328,7 +328,7 @@ class Follows(JobGate):
 
 
 def test_a_job_held_for_another_result_starts_when_that_result_comes_not_at_the_next_poll(monkeypatch):
-    import orchestrator.scheduler as S
+    import orchestrator.dispatch.scheduler as S
 
     monkeypatch.setattr(S, "POLL_S", 60.0)  # were it only polled on the clock, it would wait a minute
     committed: list[ResultRecord] = []

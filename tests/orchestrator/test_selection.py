@@ -10,7 +10,7 @@ from aitune.measure import Measurement
 from aitune.strategy import Strategy
 from orchestrator import records as R
 from orchestrator.records import ResultRecord, WorkerInfo
-from orchestrator.selection import Answer, choose_winners, disturbed
+from orchestrator.outcome.selection import Answer, choose_winners, disturbed
 
 DC = "c" * 64
 OTHER_DC = "g" * 64

@@ -11,8 +11,8 @@ import torch
 
 from aitune import deploy_root as layout
 from cluster import Inventory, plan_deploy_targets
-from orchestrator.serve import start_serving, stop_serving
-from orchestrator import tensor_json
+from orchestrator.deploy.serve import start_serving, stop_serving
+from orchestrator.deploy import tensor_json
 from serve_helpers import REFERENCE, batch_folder, check_answer, free_port, install_runner_up, post, request, tuned_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -3,6 +3,7 @@ a broken pointer is logged once per change, not every look (issue 32, item 15)."
 
 from __future__ import annotations
 
+from aitune.reference import pack_reference
 import logging
 import time
 
@@ -15,7 +16,7 @@ from aitune.checkpoint import save_checkpoint
 from aitune.examples import mlp
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend import TorchEagerBackend
-from orchestrator.serve import TunedServer
+from orchestrator.deploy.serve import TunedServer
 
 FACTORY, KWARGS = "aitune.examples:mlp", {"width": 16, "depth": 2}
 
@@ -27,7 +28,7 @@ def root(tmp_path):
     backend = TorchEagerBackend().build(model, GraphSpec.from_sample(s), [s], "cpu", tmp_path / "build")
     save_checkpoint(backend, tmp_path / "ckpt")
     with torch.inference_mode():
-        reference = layout.pack_reference(s, model(*s.args))
+        reference = pack_reference(s, model(*s.args))
     root = tmp_path / "deploy"
     _, verified = layout.install(root, tmp_path / "ckpt", reference, device="cpu", model="mlp", batch_size=2,
                                  tolerance={"atol": 1e-4, "rtol": 1e-3}, factory=FACTORY)
@@ -40,7 +41,7 @@ def test_a_broken_pointer_is_logged_once_per_change_not_every_look(root, caplog)
     try:
         folder = layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 2)
         current = layout.current_version(folder)
-        caplog.set_level(logging.WARNING, logger="orchestrator.serve")
+        caplog.set_level(logging.WARNING, logger="orchestrator.deploy.serve")
         (folder / layout.CURRENT).write_text("v0007-000000000000\n")  # broken: no such version
         deadline = time.monotonic() + 30
         while not caplog.records and time.monotonic() < deadline:

@@ -8,10 +8,10 @@ import collections
 import pytest
 
 from orchestrator import records as R
-from orchestrator.simulated_sweep import gpu_slots, run_simulation
-from orchestrator.simulation import SimClock, SimNode, SimulatedPool, Timing
+from orchestrator.sim.sweep import gpu_slots, run_simulation
+from orchestrator.sim.pool import SimClock, SimNode, SimulatedPool, Timing
 from orchestrator.records import Job
-from orchestrator.scheduler import Limits, Scheduler
+from orchestrator.dispatch.scheduler import Limits, Scheduler
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from aitune.specs import Sample
-from orchestrator.spec import SpecError, load_spec, parse_spec
+from orchestrator.spec.merge import load_spec
+from orchestrator.spec.schema import SpecError, parse_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -457,7 +458,7 @@ def test_candidate_config_without_a_json_form_is_refused():
 def test_candidate_config_of_the_right_types_is_accepted():
     spec = parse_spec(candidate("OnnxRuntimeBackend", providers=["CPUExecutionProvider"], opset=17, io_binding=False))
     assert spec.candidates[0].make_config().providers == ("CPUExecutionProvider",)
-    assert parse_spec(candidate("orchestrator.fault_backends:FaultBackend", seconds=2)).candidates[0].make_config().seconds == 2  # int for a float
+    assert parse_spec(candidate("orchestrator.sim.fault_backends:FaultBackend", seconds=2)).candidates[0].make_config().seconds == 2  # int for a float
 
 
 def test_wrong_types_in_the_specs_own_fields_are_refused():
@@ -519,7 +520,7 @@ def test_a_seed_torch_cant_take_is_refused_before_anything_starts(seed):
 
 
 def test_the_largest_seed_makes_samples():
-    from orchestrator.candidates import make_sample
+    from orchestrator.planning.candidates import make_sample
 
     spec = parse_spec(with_model(seed=2**40))
     assert make_sample(spec.models[0], 64).args[0].shape == (64, 8)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, load_spec
-from orchestrator.spec_merge import load_specs
+from orchestrator.spec.merge import load_spec
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.merge import load_specs
 
 
 def model(name: str, seed: int = 0) -> dict:

@@ -80,7 +80,7 @@ def _record(name: str = "eager", model: str = "mlp", batch: int = 1, status: str
 
 
 def _rechecked(prior: ResultRecord, ok: bool = False) -> ResultRecord:
-    """What the driver makes of a stored result it judges again (as orchestrator.plan.recheck does)."""
+    """What the driver makes of a stored result it judges again (as orchestrator.planning.keys.recheck does)."""
     record = ResultRecord.from_dict(prior.to_dict())
     record.result_id = None
     record.how, record.source = RECHECKED, {"sweep": prior.sweep_id, "result": prior.result_id}

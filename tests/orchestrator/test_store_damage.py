@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.records import SelectionRecord
-from orchestrator.store import DB_NAME, Store, StoreError
+from orchestrator.store import DB_NAME, SqliteStore, StoreError
 from env_helpers import child_env
 from sweep_helpers import EAGER, tiny_spec
 
@@ -29,7 +29,7 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def a_store(tmp_path: Path, selections: int = 1) -> tuple[Path, str]:
     root = tmp_path / "store"
     spec = tiny_spec(root, [EAGER], deploy={"targets": [{"cpu_slots": 1}], "root": str(tmp_path / "deploy")})
-    with Store(root) as store:
+    with SqliteStore(root) as store:
         sweep = store.begin_sweep("s", spec.model_dump(mode="json"))
         for i in range(selections):
             store.put_selection(sweep, SelectionRecord("mlp" if i == 0 else f"m{i}", 2, "f" * 64, "a" * 64, "eager", "fastest " * 20))
@@ -74,7 +74,7 @@ def test_a_garbage_install_record_is_one_line(tmp_path):
     from orchestrator.records import DeployRecord
 
     root, sweep = a_store(tmp_path)
-    with Store(root) as store:
+    with SqliteStore(root) as store:
         store.put_install(DeployRecord("mlp", 2, "cpu0", "deployed", "a" * 64, version="v0001-aaaaaaaaaaaa", sweep_id=sweep))
     edit(root, "UPDATE installs SET record_json = json_set(record_json, '$.batch_size', json('[1]'))")
     proc = cli("deployments", str(root))
@@ -135,13 +135,13 @@ def test_a_full_disk_under_the_store_is_said_to_be_full_not_damaged(tmp_path):
             except OSError:
                 pass
         with pytest.raises(StoreError) as info:  # at open (SQLite's -shm file) or at a write
-            with Store(root) as store:
+            with SqliteStore(root) as store:
                 for i in range(200):
                     store.put_selection(sweep, SelectionRecord(f"x{i}", 2, "f" * 64, "a" * 64, "eager", "y" * 2000))
         text = str(info.value)
         assert "\n" not in text and "the disk is full" in text and "damaged" not in text and str(root / DB_NAME) in text
         filler.unlink()
-        with Store(root) as store:  # intact: it opens, passes its page check, and holds what it held
+        with SqliteStore(root) as store:  # intact: it opens, passes its page check, and holds what it held
             assert [s.model for s in store.selections(sweep)][:1] == ["mlp"]
     finally:
         out = subprocess.run(["umount", str(disk)], capture_output=True, text=True)

@@ -23,9 +23,9 @@ import pytest
 from rich.console import Console
 
 from orchestrator import records as R
-from orchestrator.progress import Progress
-from orchestrator.report import report_store
-from orchestrator.store import DB_NAME, Store
+from orchestrator.dispatch.progress import Progress
+from orchestrator.outcome.report import report_store
+from orchestrator.store import DB_NAME, SqliteStore
 from orchestrator.sweep import run_sweep
 from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, result_stub, tiny_spec
 
@@ -109,7 +109,7 @@ def test_a_past_sweeps_report_is_unchanged_after_force(ray_session, tmp_path):
     assert after["rows"] == before["rows"] and after["results"] == before["results"]
     assert after["selections"] == before["selections"]
     old_times = {r["key"]: r["measurement"]["times_ms"] for r in before["results"]}
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         new_times = {r.key: r.measurement.times_ms for r in s.sweep_results(forced.sweep_id)}
         assert len(s.results_for(old_times)[next(iter(old_times))]) == 2  # both builds kept, newest first
     assert new_times != old_times  # the forced sweep measured again, and kept its own numbers
@@ -159,7 +159,7 @@ def test_an_edited_manifest_runs_no_code_and_the_artifact_is_rebuilt(ray_session
     assert rebuilt.how == R.BUILT and rebuilt.status == R.OK, "a changed manifest counts as no checkpoint at all"
     assert [d.status for d in again.deployments] == ["deployed"]
     assert not marker.exists(), "no code named by the edited manifest may run"
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         assert s.checkpoint_problem(rebuilt) is None  # the edited folder was replaced by the rebuilt one
 
 
@@ -185,7 +185,7 @@ def test_a_damaged_checkpoint_is_rebuilt_and_the_sweep_goes_on(ray_session, tmp_
     how = {r.key: r.how for r in again.results}
     assert how[victim.key] == R.BUILT and list(how.values()).count(R.REUSED) == 1
     assert again.reports and all(p.exists() for p in again.reports.values())
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         assert s.checkpoint_problem(next(r for r in again.results if r.key == victim.key)) is None
     assert not (folder / "artifacts" / "link").exists() and not (folder / "artifacts" / "extra.py").exists()
 
@@ -242,7 +242,7 @@ def test_a_read_only_store_can_still_be_reported(ray_session, tmp_path):
 
 def test_an_interrupted_sweep_reports_itself_incomplete(tmp_path):
     store = tmp_path / "store"
-    with Store(store, lease_s=0.1) as s:
+    with SqliteStore(store, lease_s=0.1) as s:
         sweep_id = s.begin_sweep("cut-short", {"name": "cut-short"})
         s.add_result(sweep_id, result_stub())
     import time
@@ -277,7 +277,7 @@ def test_deploy_targets_the_cluster_cannot_satisfy_are_refused_before_any_worker
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "deploy.targets" in out and "64 CPU slots" in out and "Traceback" not in out
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         assert s.list_sweeps() == []  # nothing was recorded: nothing ran
 
 
@@ -302,7 +302,7 @@ def test_tune_exits_3_and_names_what_was_not_done_when_a_deploy_fails(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out
     assert "not done: mlp b2 on" in out and "injected failure" in out
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         (info,) = s.list_sweeps()
         assert info.status == "done"  # the sweep itself finished; the exit code says what did not happen
         assert [d.status for d in s.deployments(info.id)] == ["refused"]
@@ -349,7 +349,7 @@ def test_two_drivers_on_one_store_build_each_key_once_and_both_complete(tmp_path
         assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
     built = _built_per_key(tmp_path / "store")
     assert len(built) == 5 and set(built.values()) == {1}, built
-    with Store(tmp_path / "store") as s:
+    with SqliteStore(tmp_path / "store") as s:
         sweeps = s.list_sweeps()
         assert [i.status for i in sweeps] == ["done", "done"]
         assert [len(s.sweep_results(i.id)) for i in sweeps] == [5, 5]
@@ -383,7 +383,7 @@ def test_a_dead_drivers_claims_expire_and_another_driver_builds_them(tmp_path):
     assert survivor.wait(timeout=300) == 0, (tmp_path / "survivor.log").read_text()[-4000:]
     built = _built_per_key(store)
     assert set(built.values()) == {1} and len(built) == 2, built  # the sleeper built once, by the survivor
-    with Store(store) as s:
+    with SqliteStore(store) as s:
         dead, alive = s.list_sweeps()
         assert dead.status == "interrupted" and alive.status == "done"
         assert len(s.sweep_results(alive.id)) == 2

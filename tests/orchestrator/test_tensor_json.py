@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from orchestrator.tensor_json import TensorJsonError, decode, decode_outputs, decode_request, encode, encode_outputs, request
+from orchestrator.deploy.tensor_json import TensorJsonError, decode, decode_outputs, decode_request, encode, encode_outputs, request
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.bool])

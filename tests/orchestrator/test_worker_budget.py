@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 from orchestrator import records as R
-from orchestrator.candidates import identify_models
-from orchestrator.plan import expand
-from orchestrator.spec import parse_spec
-from orchestrator.worker import TuneWorker
+from orchestrator.planning.candidates import identify_models
+from orchestrator.planning.keys import expand
+from orchestrator.spec.schema import parse_spec
+from orchestrator.worker.actor import TuneWorker
 
 
 def _worker_and_job(start_by: float | None):
@@ -44,7 +44,7 @@ def test_a_job_still_within_its_start_by_runs():
 def test_a_workers_log_says_a_failed_build_in_one_line_and_keeps_the_traceback_out(caplog):
     import logging
 
-    from orchestrator.worker import quiet_libraries
+    from orchestrator.worker.actor import quiet_libraries
 
     quiet_libraries()
     quiet_libraries()  # once is enough: a second call adds no second filter

@@ -13,8 +13,8 @@ CHILD = r'''
 import gc, json, tempfile, time, weakref
 from cluster.placement import Slot
 from orchestrator import sweep as S
-from orchestrator import worker as W
-from orchestrator.spec import parse_spec
+from orchestrator.worker import actor as W
+from orchestrator.spec.schema import parse_spec
 
 spec = parse_spec({"name": "heap", "models": [{"name": "m", "factory": "aitune.examples:mlp",
                    "kwargs": {"width": 16, "depth": 2}, "inputs": [{"name": "x", "shape": [16]}]}],

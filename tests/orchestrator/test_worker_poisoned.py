@@ -4,12 +4,12 @@ marked to recycle (issue 31, item 13)."""
 from __future__ import annotations
 
 from orchestrator import records as R
-from orchestrator import worker as worker_module
-from orchestrator.candidates import identify_models
-from orchestrator.plan import expand
-from orchestrator.spec import parse_spec
+from orchestrator.worker import actor as worker_module
+from orchestrator.planning.candidates import identify_models
+from orchestrator.planning.keys import expand
+from orchestrator.spec.schema import parse_spec
 
-FAULT = "orchestrator.fault_backends:FaultBackend"
+FAULT = "orchestrator.sim.fault_backends:FaultBackend"
 
 
 def _worker_and_job():
@@ -34,7 +34,7 @@ def test_a_poisoned_finish_answers_marked_to_recycle_without_reading_the_referen
     def poisoned_read(sample, outputs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(worker_module, "reference_bytes", poisoned_read)
+    monkeypatch.setattr(worker_module, "pack_reference", poisoned_read)
     assert worker.build(job.to_dict())["status"] == R.OK
     record, checkpoint, outputs, reference = worker.finish(job.to_dict(), want_reference=True)
     assert record["status"] == R.ERROR and "capture" in record["error"]

@@ -46,10 +46,6 @@ def known_backends() -> list[str]:
     return sorted(set(_BUILTIN) | set(_EXTRA))
 
 
-def is_builtin(name: str) -> bool:
-    return name in _BUILTIN
-
-
 def is_import_path(name: str) -> bool:
     return ":" in name
 

@@ -1,4 +1,4 @@
-"""Tensors as JSON for the HTTP API of ``orchestrator.serve``.
+"""Tensors as JSON for the HTTP API of ``orchestrator.deploy.serve``.
 
 A tensor is ``{"dtype": "float32", "shape": [2, 16], "data": [...]}`` with ``data`` the values
 flattened in row-major (C) order. A request is ``{"inputs": [TENSOR, ...]}`` (the model's

@@ -29,7 +29,7 @@ from aitune.canonical import CanonicalError, canonicalize
 Loc = tuple[str | int, ...]
 Problems = list[tuple[Loc, str]]
 
-#: what ``orchestrator.candidates.make_sample`` makes: floats drawn in float32 and cast, integers
+#: what ``orchestrator.planning.candidates.make_sample`` makes: floats drawn in float32 and cast, integers
 #: from ``torch.randint``, bools all True. Not complex, quantized, float8 or sub-byte types (it
 #: can't draw them), nor uint16/32/64 (PyTorch runs few operators on them).
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")

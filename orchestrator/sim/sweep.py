@@ -1,8 +1,8 @@
 """A whole simulated sweep: jobs with drawn phase times, a cluster, faults, and what came of it.
 
 ``run_simulation`` builds the jobs (log-uniform build and measure seconds over some models), a
-:class:`~orchestrator.simulation.SimulatedPool` of nodes, picks crashing candidates and nodes to
-lose, and runs the real :class:`~orchestrator.scheduler.Scheduler` over it. Used by
+:class:`~orchestrator.sim.pool.SimulatedPool` of nodes, picks crashing candidates and nodes to
+lose, and runs the real :class:`~orchestrator.dispatch.scheduler.Scheduler` over it. Used by
 ``tests/orchestrator/test_simulation.py`` (small) and ``benchmarks/simulate.py`` (1,000 GPUs).
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 
 from cluster.placement import Slot
 from orchestrator import records as R
+from orchestrator.dispatch.scheduler import Limits, Scheduler
 from orchestrator.records import Job
-from orchestrator.simulation import SimClock, SimNode, SimulatedPool, Timing
+from orchestrator.sim.pool import SimClock, SimNode, SimulatedPool, Timing
 
 
 def log_uniform(rng: random.Random, low: float, high: float) -> float:
@@ -99,8 +100,6 @@ def run_simulation(
     by a lognormal factor of this sigma (0.7: within 2x either way for most jobs), as an
     estimate from the store's history of similar builds would be; None gives it none.
     """
-    from orchestrator.scheduler import Limits, Scheduler
-
     rng = random.Random(seed)
     classes = list(classes)
     job_list, timings = make_jobs(jobs, models, classes, rng, low_s, high_s)

@@ -26,11 +26,13 @@ from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
+from aitune.reference import load_reference
 from aitune.torch.tree import flatten_tensors
-from orchestrator.pretend_gpus import pretend_device
 from orchestrator.records import DeployRecord
+from orchestrator.store import DamagedCheckpoint
 from orchestrator.transfer import unpack_to
-from orchestrator.worker import load_reference, pick_device, quiet_libraries
+from orchestrator.worker.actor import pick_device, quiet_libraries
+from orchestrator.worker.pretend_gpus import pretend_device
 
 DEPLOYED, REFUSED = "deployed", "refused"
 
@@ -251,8 +253,6 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
     :class:`NoWinnerForTarget` before installing anything when a target's device class has no winner.
     """
     import ray
-
-    from orchestrator.store import DamagedCheckpoint
 
     by_key = {r.key: r for r in results}
     actors = start_targets(inventory, spec.deploy.targets)

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import records as R
+from orchestrator.dispatch.events import SweepEvents
 from orchestrator.error_text import summarize
-from orchestrator.events import SweepEvents
 
 
 def _what(job) -> str:

@@ -22,10 +22,10 @@ from typing import Any
 
 from aitune.canonical import sha256_of
 from orchestrator import records as R
-from orchestrator.candidates import identify_models
-from orchestrator.families import Waves
-from orchestrator.plan import BUILD, EVALUATE, RECHECK, REUSE, Policy, decide, expand
-from orchestrator.spec import SweepSpec
+from orchestrator.planning.candidates import identify_models
+from orchestrator.planning.families import Waves
+from orchestrator.planning.keys import BUILD, EVALUATE, RECHECK, REUSE, Policy, decide, expand
+from orchestrator.spec.schema import SweepSpec
 from orchestrator.store import ResultStore
 
 

@@ -1,8 +1,8 @@
 """A simulated cluster for the real scheduler: no Ray, no processes, a simulated clock.
 
-:class:`SimulatedPool` is a :class:`~orchestrator.pool.WorkerPool` whose workers are records on
+:class:`SimulatedPool` is a :class:`~orchestrator.dispatch.pool.WorkerPool` whose workers are records on
 simulated nodes, and whose calls finish at simulated times drawn by the caller. It lets the real
-:class:`~orchestrator.scheduler.Scheduler` run a thousand workers and a hundred thousand jobs on
+:class:`~orchestrator.dispatch.scheduler.Scheduler` run a thousand workers and a hundred thousand jobs on
 one core in a minute, with worker crashes and node losses, to find what the driver costs at a
 scale no test machine has.
 
@@ -12,7 +12,7 @@ scale no test machine has.
 - A worker loads a model on its first job of that model (``load_s``), as a real one does.
 - ``crash_keys``: jobs whose candidate kills its worker part way through its build (a crash).
 - ``lose_node(node_id, at)``: the node goes away at that time with every worker on it; its
-  calls fail with :class:`~orchestrator.pool.WorkerDied` and ``node_alive`` turns false. A fresh
+  calls fail with :class:`~orchestrator.dispatch.pool.WorkerDied` and ``node_alive`` turns false. A fresh
   node of the same class joins ``node_return_s`` later (as an autoscaler would bring one).
 - A worker takes ``start_s`` to start; a worker that finds no free device waits for one.
 - A worker runs its calls one after another, in the order they were made, as a Ray actor does: a
@@ -31,9 +31,9 @@ from typing import Any, Collection
 
 from cluster.placement import Slot
 from orchestrator import records as R
-from orchestrator.pool import WorkerDied, WorkerPool
+from orchestrator.dispatch.pool import WorkerDied, WorkerPool
+from orchestrator.dispatch.scheduler import Clock
 from orchestrator.records import Job, WorkerInfo, result_for
-from orchestrator.scheduler import Clock
 
 
 class SimClock(Clock):

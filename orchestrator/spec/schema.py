@@ -29,13 +29,16 @@ from aitune.canonical import CanonicalError, canonicalize, dtype_name
 from aitune.check import DEFAULT_TOLERANCES, tolerance_for
 from aitune.measure import WARMUP_MAX_ITERS, MeasureConfig
 from aitune.torch.backend.registry import (
-    InvalidBackendError, UnknownBackendError, config_class_of, get_backend_class, make_backend,
+    InvalidBackendError,
+    UnknownBackendError,
+    config_class_of,
+    get_backend_class,
+    make_backend,
 )
 from aitune.torch.module_ref import ImportPathError, import_object
 from aitune.torch.precision import ALIASES as PRECISION_ALIASES
-
-from orchestrator import spec_checks as checks
-from orchestrator.spec_yaml import SpecStructureError, SpecSyntaxError, read_spec_text
+from orchestrator.spec import checks
+from orchestrator.spec.reader import SpecStructureError, SpecSyntaxError, read_spec_text
 
 
 class SpecError(ValueError):
@@ -547,17 +550,6 @@ def parse_spec(data: Any, source: str = "<dict>") -> SweepSpec:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc, source)) from None
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read a YAML or JSON spec; relative store paths stay relative to the working directory.
-
-    ``include: [other.yaml]`` (paths relative to the including file) merges other specs in, by
-    the rules of :mod:`orchestrator.spec_merge`.
-    """
-    from orchestrator.spec_merge import load_specs
-
-    return load_specs([path])
 
 
 def read_spec_file(path: str | Path) -> Any:

@@ -21,9 +21,9 @@ from rich.table import Table
 from aitune.decision import Rounds, paired_ratio
 from aitune.strategy import speedup
 from orchestrator.error_text import summarize
+from orchestrator.outcome.selection import baseline_of
 from orchestrator.records import OK, DeployRecord, ResultRecord, SelectionRecord
-from orchestrator.selection import baseline_of
-
+from orchestrator.store import DB_NAME, SqliteStore
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
@@ -320,7 +320,7 @@ def write_reports(
     deployments: Iterable[DeployRecord],
     diff: dict | None = None,
 ) -> dict[str, Path]:
-    """``diff``: :meth:`orchestrator.diff.SweepDiff.to_dict` against the previous sweep, if any."""
+    """``diff``: :meth:`orchestrator.outcome.diff.SweepDiff.to_dict` against the previous sweep, if any."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, selections, deployments = list(results), list(selections), list(deployments)
@@ -468,8 +468,6 @@ def report_store(
     The store is opened read-only: reporting never changes it, and works on a read-only disk
     (then the files go to ``out_dir`` only, or are not written).
     """
-    from orchestrator.store import DB_NAME, SqliteStore
-
     console = console or Console()
     root = Path(store_root)
     # Check first: opening a store on a wrong path must not quietly create an empty one there.

@@ -8,7 +8,7 @@ is current for its device class with :func:`aitune.load_tuned` and answers
     POST http://127.0.0.1:8000/MODEL   {"inputs": [{"dtype": "float32", "shape": [1, 3, 32, 32], "data": [...]}]}
     ->                                 {"model": "MODEL", "version": "v0002-...", "outputs": [{"path": "output", ...}]}
 
-(the tensor format is in :mod:`orchestrator.tensor_json`). HTTP listens on 127.0.0.1 unless told
+(the tensor format is in :mod:`orchestrator.deploy.tensor_json`). HTTP listens on 127.0.0.1 unless told
 otherwise. Rollover: every replica watches the ``current`` pointers of its models; when a deploy
 (or rollback) switches one, the replica loads the new version beside the old one and swaps it in
 only once it loaded and passed its checks, so no request is lost or answered by a half-loaded
@@ -82,9 +82,9 @@ class TunedServer:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         import torch
 
-        from aitune import load_tuned
         from aitune import deploy_root as layout
-        from orchestrator.worker import pick_device, quiet_libraries
+        from aitune import load_tuned
+        from orchestrator.worker.actor import pick_device, quiet_libraries
 
         quiet_libraries()
         bind_replica_grpc_to_node_ip()  # before Ray Serve starts that server, right after this constructor
@@ -148,7 +148,7 @@ class TunedServer:
         import torch
 
         from aitune.loader import UntunedShape
-        from orchestrator.tensor_json import TensorJsonError, decode_request, encode_outputs
+        from orchestrator.deploy.tensor_json import TensorJsonError, decode_request, encode_outputs
 
         tuned = self.models.get(model)
         if tuned is None:

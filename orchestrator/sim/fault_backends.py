@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from aitune.specs import Sample
 from aitune.torch.backend.backend import UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.cuda_graphs import CudaGraphCaptureError
-from aitune.specs import Sample
 
 FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom", "capture")
 

@@ -27,7 +27,7 @@ _TARGET_FORMS = "all_gpus, gpus=N, cpu_slots=N or accelerator_type=NAME"
 
 def parse_target(text: str) -> str | dict[str, Any]:
     """``all_gpus``, ``gpus=2``, ``cpu_slots=2``, ``accelerator_type=H200``: the spec's target forms."""
-    from orchestrator.spec import DeploySpec
+    from orchestrator.spec.schema import DeploySpec
 
     if text == "all_gpus":
         target: str | dict[str, Any] = text
@@ -73,7 +73,7 @@ class Chosen:
 
 def choose(store: ResultStore, sweep_id: str | None, models: list[str] | None) -> Chosen:
     """The sweep (given, else the latest finished one with a winner) and its selections for ``models``."""
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec.schema import parse_spec
 
     sweeps = store.list_sweeps()
     if not sweeps:
@@ -144,7 +144,7 @@ def deploy_stored(store_root: str | Path, *, sweep_id: str | None = None, models
                   targets: list | None = None, address: str | None = None, root: str | None = None,
                   ray_init: dict | None = None) -> list[DeployRecord]:
     """Install a past sweep's winners on the targets (the sweep's own unless given), verified there."""
-    from orchestrator.deploy import deploy_winners
+    from orchestrator.deploy.install import deploy_winners
 
     with open_existing(store_root) as store:
         chosen = choose(store, sweep_id, models)
@@ -165,7 +165,7 @@ def rollback_stored(store_root: str | Path, *, models: list[str] | None = None, 
     import ray
 
     from aitune.deploy_root import DeployRootError
-    from orchestrator.deploy import start_targets, stop_targets, target_infos
+    from orchestrator.deploy.install import start_targets, stop_targets, target_infos
 
     with open_existing(store_root) as store:
         chosen = choose(store, sweep_id, models)

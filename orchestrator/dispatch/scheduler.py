@@ -16,13 +16,13 @@ worker's node is still alive a short grace later (the candidate killed it) and `
 node went away, in which case the job is retried on another worker, at most twice. Other workers
 go on meanwhile: the grace is a deadline of the loop, not a pause.
 
-The scheduler drives a :class:`~orchestrator.pool.WorkerPool` and never calls Ray itself, and
+The scheduler drives a :class:`~orchestrator.dispatch.pool.WorkerPool` and never calls Ray itself, and
 reads time from a :class:`Clock` (a simulation passes its own). A :class:`JobGate` decides, job by
 job, whether this driver builds it now (another driver sharing the store may be building the
 same artifact) and resolves the jobs it deferred.
 
 Each event costs O(1) whatever the number of workers: free workers are kept per device class,
-deadlines in a heap, and jobs wait per device class and model (:mod:`orchestrator.queues`), so
+deadlines in a heap, and jobs wait per device class and model (:mod:`orchestrator.dispatch.queues`), so
 that a worker is given jobs of the models it already holds.
 """
 
@@ -39,9 +39,9 @@ from typing import Any, Callable
 
 from cluster.placement import Slot
 from orchestrator import records as R
-from orchestrator.events import SweepEvents
-from orchestrator.pool import CallFailed, WorkerDied, WorkerPool
-from orchestrator.queues import ModelQueues
+from orchestrator.dispatch.events import SweepEvents
+from orchestrator.dispatch.pool import CallFailed, WorkerDied, WorkerPool
+from orchestrator.dispatch.queues import ModelQueues
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 
 log = logging.getLogger(__name__)
@@ -162,18 +162,15 @@ class Scheduler:
         spec_dict: dict[str, Any],
         limits: Limits,
         on_result: ResultSink,
+        *,
+        pool: WorkerPool,
         events: SweepEvents | None = None,
-        pool: WorkerPool | None = None,
         clock: Clock | None = None,
         prefetch: int = 1,
         toolchain: Callable[[Job], str | None] | None = None,
     ) -> None:
         """``toolchain``: what a job's backend starts in a worker on its first build (see
         :class:`ModelQueues`); None treats every job alike."""
-        if pool is None:
-            from orchestrator.pool import RayPool
-
-            pool = RayPool()
         self.pool = pool
         self.clock = clock or Clock()
         #: jobs sent to a busy worker ahead of time, at most, while more jobs wait than workers;

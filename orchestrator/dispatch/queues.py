@@ -42,7 +42,6 @@ from typing import Callable, Collection, Iterable, Iterator
 
 from orchestrator.records import Job
 
-
 #: what ``_chain_for`` answers when a worker should leave a model's jobs to others
 _WAIT = object()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SpecError, SweepSpec, parse_spec, read_spec_file
+from orchestrator.spec.schema import SpecError, SweepSpec, parse_spec, read_spec_file
 
 
 def _includes(data: dict[str, Any], path: Path) -> list[Path]:
@@ -144,3 +144,12 @@ def load_specs(paths: list[str | Path]) -> SweepSpec:
         return parse_spec(data, str(path))
     source = " + ".join(str(p) for p, _ in parts)
     return parse_spec(merge_data(parts), source)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a YAML or JSON spec; relative store paths stay relative to the working directory.
+
+    ``include: [other.yaml]`` (paths relative to the including file) merges other specs in, by
+    the rules above.
+    """
+    return load_specs([path])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import logging
 import os
 import shutil
@@ -27,27 +26,27 @@ import torch
 
 from aitune.canonical import sha256_of
 from aitune.check import tolerance_for
-from aitune.judge import judge
 from aitune.checkpoint import load_checkpoint, save_checkpoint
-from aitune.environment import describe_environment
 from aitune.decision import DecisionRule, load_average, run_rounds
+from aitune.environment import describe_environment
+from aitune.judge import judge
 from aitune.measure import MeasureConfig
+from aitune.reference import pack_outputs, pack_reference
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.precision import use_fp32_reference_settings
 from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
 from aitune.torch.backend.registry import make_backend
 from aitune.torch.export_cache import machine_export_cache
-from aitune.torch.tree import flatten_tensors, map_tensors
-from orchestrator import memory
+from aitune.torch.precision import use_fp32_reference_settings
+from aitune.torch.tree import map_tensors
 from orchestrator import records as R
-from orchestrator.candidates import load_model, make_sample, model_fingerprint, not_deterministic
 from orchestrator.error_text import summarize
-from orchestrator.model_cache import ModelCache, default_limit_bytes
-from orchestrator.plan import outputs_bytes
-from orchestrator.pretend_gpus import pretend_device
+from orchestrator.planning.candidates import load_model, make_sample, model_fingerprint, not_deterministic
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
-from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.spec.schema import SweepSpec, parse_spec
 from orchestrator.transfer import pack_dir, unpack_to
+from orchestrator.worker import hygiene
+from orchestrator.worker.model_cache import ModelCache, default_limit_bytes
+from orchestrator.worker.pretend_gpus import pretend_device
 
 
 def pick_device(kind: str) -> torch.device:
@@ -85,27 +84,6 @@ def quiet_libraries() -> None:
         backend_log.addFilter(OneLineFailures())
 
 
-def reference_bytes(sample: Sample, outputs: Any) -> bytes:
-    """Sample and flattened reference outputs, loadable with ``weights_only=True``."""
-    flat = flatten_tensors(outputs)
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "args": [a.cpu() if isinstance(a, torch.Tensor) else a for a in sample.args],
-            "kwargs": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()},
-            "paths": [p for p, _ in flat],
-            "outputs": [t.cpu() for _, t in flat],
-        },
-        buf,
-    )
-    return buf.getvalue()
-
-
-def load_reference(data: bytes) -> tuple[Sample, list[torch.Tensor]]:
-    ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return Sample(tuple(ref["args"]), dict(ref["kwargs"])), list(ref["outputs"])
-
-
 class TuneWorker:
     def __init__(self, slot: dict[str, Any], spec: dict[str, Any], worker_id: str) -> None:
         quiet_libraries()
@@ -129,7 +107,7 @@ class TuneWorker:
         #: wall-clock windows of this candidate's phases and the load around its measurement
         self._context: dict[str, Any] = {}
         self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
-        self._before: memory.MemorySnapshot | None = None
+        self._before: hygiene.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
         # the ONNX Runtime and TensorRT candidates of one model export it once between them, and
         # a graph translated before (by any worker of this machine) is filled rather than translated
@@ -191,7 +169,7 @@ class TuneWorker:
                 with torch.inference_mode():
                     out = map_tensors(sample(module), lambda t: t.detach().clone())
             except Exception as exc:
-                if memory.is_oom(exc) or memory.must_recycle(exc):
+                if hygiene.is_oom(exc) or hygiene.must_recycle(exc):
                     raise  # the device's trouble, not the model's: handled as such
                 raise ReferenceFailed(str(exc)) from exc
             self._cache.add_reference(model_name, batch, sample, out)
@@ -206,7 +184,7 @@ class TuneWorker:
         many from a translation another process left on disk)."""
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
-                "rss_bytes": memory.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
+                "rss_bytes": hygiene.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
                 **{f"{kind}_rss_bytes": n for kind, n in _rss_parts().items()},
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "exports": {"entries": len(self._exports), "bytes": self._exports.nbytes,
@@ -232,7 +210,7 @@ class TuneWorker:
         except Exception as exc:
             return self._failure(job, R.ERROR, exc)
         # Models and references stay loaded on purpose: what is above this line is not a leak.
-        self._before = memory.snapshot(self.device)
+        self._before = hygiene.snapshot(self.device)
         start, wall = time.perf_counter(), time.time()
         cache = self._scratch / job.key[:16]
         try:
@@ -307,7 +285,7 @@ class TuneWorker:
         outputs = None
         try:
             _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
-            self._before = memory.snapshot(self.device)
+            self._before = hygiene.snapshot(self.device)
             start = time.perf_counter()
             self._backend = self._load_stored(job, prior.manifest_sha256, checkpoint)
             self._phases["load_checkpoint"] = time.perf_counter() - start
@@ -338,7 +316,7 @@ class TuneWorker:
             record.measurement = verdict.measurement
         if verdict.status != R.OK:
             record.status, record.error, record.error_class = R.INCORRECT, verdict.error, "IncorrectOutput"
-        return outputs_bytes(verdict.outputs)
+        return pack_outputs(verdict.outputs)
 
     def _load_stored(self, job: Job, manifest_sha: str | None, checkpoint: bytes) -> Backend:
         """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""
@@ -356,7 +334,7 @@ class TuneWorker:
         record.status = R.ERROR
         record.error, record.error_class = _error_of(exc)
         record.measurement = None
-        poisoned = memory.must_recycle(exc)
+        poisoned = hygiene.must_recycle(exc)
         if poisoned:
             # This process must go whatever memory it left, and a poisoned CUDA context can't be
             # asked for memory figures (a sticky error makes every query raise): _close skips them.
@@ -372,7 +350,7 @@ class TuneWorker:
         if collected:
             record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
         self._settle_heap(collected)
-        ref = reference_bytes(sample, reference) if want_reference else None
+        ref = pack_reference(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, outputs, ref
 
     def decide(self, checkpoints: dict[str, tuple[str | None, str | None, bytes]], model: str, batch: int,
@@ -397,9 +375,6 @@ class TuneWorker:
         return {**rounds.to_dict(), "window": [wall, time.time()], "node": self.info()["node_id"],
                 "worker": self.worker_id, "load_s": load_s}
 
-    def ping(self) -> str:
-        return self.worker_id
-
     @contextlib.contextmanager
     def _quiet_node(self, measuring: bool):
         """With ``measure.exclusive: node``, hold the node's measurement lock while measuring."""
@@ -423,8 +398,8 @@ class TuneWorker:
 
     def _failure(self, job: Job, status: str, exc: BaseException) -> dict[str, Any]:
         """A build that failed: its result record, with what it left in memory."""
-        oom = memory.is_oom(exc)
-        poisoned = memory.must_recycle(exc)
+        oom = hygiene.is_oom(exc)
+        poisoned = hygiene.must_recycle(exc)
         if poisoned:  # no memory figures from a poisoned CUDA context (see _failed)
             self._before = None
         self._release()
@@ -438,16 +413,16 @@ class TuneWorker:
     def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:
         """What the candidate left behind once released, and whether this worker should be recycled."""
         gc.collect()
-        after = memory.snapshot(self.device)
-        margin = memory.margin_mb(self.spec.workers.recycle_margin_mb, self.device)
-        reason = memory.recycle_reason(self._before, after, margin, oom)
+        after = hygiene.snapshot(self.device)
+        margin = hygiene.margin_mb(self.spec.workers.recycle_margin_mb, self.device)
+        reason = hygiene.recycle_reason(self._before, after, margin, oom)
         if reason is not None and not oom and gc.get_freeze_count():
             # Before calling it a leak: garbage among frozen objects (see _settle_heap) counts too.
             gc.unfreeze()
             gc.collect()
-            after = memory.snapshot(self.device)
-            reason = memory.recycle_reason(self._before, after, margin, oom)
-        left, outside = memory.left_behind(self._before, after)
+            after = hygiene.snapshot(self.device)
+            reason = hygiene.recycle_reason(self._before, after, margin, oom)
+        left, outside = hygiene.left_behind(self._before, after)
         figures = {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}
         if after.device_used is not None:  # GPUs: what the caching allocator does not see counts too
             figures.update(device_used_after=after.device_used, left_outside_allocator=outside)
@@ -589,4 +564,4 @@ def _error_of(exc: BaseException) -> tuple[str, str]:
     own traceback, marked so (no candidate of it can be checked)."""
     if isinstance(exc, ReferenceFailed):
         return _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
-    return _trace(exc), "OutOfMemoryError" if memory.is_oom(exc) else type(exc).__name__
+    return _trace(exc), "OutOfMemoryError" if hygiene.is_oom(exc) else type(exc).__name__

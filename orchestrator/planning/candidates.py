@@ -11,7 +11,7 @@ from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
-from orchestrator.spec import CandidateSpec, ModelSpec, SweepSpec
+from orchestrator.spec.schema import CandidateSpec, ModelSpec, SweepSpec
 
 
 def load_model(spec: ModelSpec) -> torch.nn.Module:
@@ -164,8 +164,3 @@ def identify_models(spec: SweepSpec, check_deterministic: bool = True) -> dict[s
                 raise ModelLoadError(f"models[{i}]: {not_deterministic(model.name, model.factory)}")
         found[model.name] = (fingerprint, structure)
     return found
-
-
-def fingerprint_models(spec: SweepSpec) -> dict[str, str]:
-    """Each model's weights fingerprint (see :func:`identify_models`)."""
-    return {name: fp for name, (fp, _) in identify_models(spec).items()}

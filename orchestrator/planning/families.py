@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator import records as R
-from orchestrator.plan import Decision
+from orchestrator.dispatch.scheduler import JobGate
+from orchestrator.planning.keys import Decision
 from orchestrator.records import ResultRecord, SelectionRecord
-from orchestrator.scheduler import JobGate
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.schema import SweepSpec
 
 
 def _rank_value(record: ResultRecord, objective: str) -> float:

@@ -16,19 +16,17 @@ again), or build.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
+from aitune.reference import load_reference, unpack_outputs
 from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
-from orchestrator.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
+from orchestrator.planning.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
 from orchestrator.records import Job, ResultRecord
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.schema import SweepSpec
 
 #: statuses a later sweep always runs again: they say nothing about the candidate itself
 NOT_REUSABLE = (R.INFRA, R.SKIPPED)
@@ -158,20 +156,9 @@ def decide(job: Job, priors: list[ResultRecord], policy: Policy, checkpoint_prob
     return Decision(job, REUSE, prior)  # incorrect under the same check: measuring would change nothing
 
 
-def outputs_bytes(outputs: list[Any]) -> bytes:
-    """A candidate's flattened outputs per sample, loadable with ``weights_only=True``."""
-    from aitune.torch.tree import flatten_tensors
-
-    buf = io.BytesIO()
-    torch.save({"samples": [[t.cpu() for _, t in flatten_tensors(o)] for o in outputs]}, buf)
-    return buf.getvalue()
-
-
 def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spec: SweepSpec) -> ResultRecord:
     """Judge stored outputs again under this sweep's tolerance: no worker, no rebuild."""
-    from orchestrator.worker import load_reference
-
-    stored = torch.load(io.BytesIO(outputs), map_location="cpu", weights_only=True)["samples"]
+    stored = unpack_outputs(outputs)
     _, expected = load_reference(reference)
     check: CheckResult = compare_outputs(expected, stored[0], tolerance_for(job.precision, spec.tolerance_overrides()))
     record = ResultRecord.from_dict(prior.to_dict())

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from orchestrator.records import BUILT, REUSED, DeployRecord, ResultRecord, SelectionRecord
 from orchestrator.store.base import (
-    DEFAULT_LEASE_S, RUNNING, DamagedCheckpoint, ResultStore, SweepInfo, check_key, effective_status,
+    DEFAULT_LEASE_S,
+    RUNNING,
+    DamagedCheckpoint,
+    ResultStore,
+    SweepInfo,
+    check_key,
+    effective_status,
 )
 
 
