@@ -7,32 +7,109 @@ the edges, through ``to_dict``/``from_dict``: the Ray calls and the SQLite store
 from __future__ import annotations
 
 import dataclasses
+import enum
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult
 from aitune.measure import Measurement
 
-#: Result statuses. ``ok`` is the only one eligible to win.
-OK = "ok"
-BUILD_ERROR = "build_error"
-INCORRECT = "incorrect"
-UNSUPPORTED = "unsupported"
-TIMEOUT = "timeout"
-CRASH = "crash"
-INFRA = "infra"
-ERROR = "error"  # anything else that went wrong in a phase (infer raised, measure raised)
-SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    class StrEnum(str, enum.Enum):  # type: ignore[no-redef]
+        """A string that is also an enum member (``enum.StrEnum`` from Python 3.11)."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+        __format__ = str.__format__
+
+
+class Status(StrEnum):
+    """A result's status. ``ok`` is the only one eligible to win."""
+
+    OK = "ok"
+    BUILD_ERROR = "build_error"
+    INCORRECT = "incorrect"
+    UNSUPPORTED = "unsupported"
+    TIMEOUT = "timeout"
+    CRASH = "crash"
+    INFRA = "infra"
+    ERROR = "error"  # anything else that went wrong in a phase (infer raised, measure raised)
+    SKIPPED = "skipped"  # not run: the sweep's total time budget ran out
+
+
+class How(StrEnum):
+    """How a sweep came by a result: it built it, took it from the store as it was, or took the
+    stored artifact and judged it again under this sweep's settings."""
+
+    BUILT = "built"
+    REUSED = "reused"
+    RECHECKED = "re-checked"
+    REMEASURED = "re-measured"
+    RECHECKED_REMEASURED = "re-checked+re-measured"
+
+
+class JobMode(StrEnum):
+    """What a worker does with a job: build it (build, check, measure, save), or evaluate the
+    stored artifact again (load it, then check and/or measure it: the job's ``redo``)."""
+
+    BUILD = "build"
+    EVALUATE = "evaluate"
+
+
+class Redo(StrEnum):
+    """What an evaluation job does again."""
+
+    CHECK = "check"
+    MEASURE = "measure"
+
+
+class Phase(StrEnum):
+    """The timed phases of a job (``ResultRecord.phases``)."""
+
+    LOAD = "load"
+    BUILD = "build"
+    CHECK = "check"
+    MEASURE = "measure"
+    SAVE = "save"
+
+
+class DeployStatus(StrEnum):
+    DEPLOYED = "deployed"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class DeployAction(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+
+
+OK, BUILD_ERROR, INCORRECT, UNSUPPORTED = Status.OK, Status.BUILD_ERROR, Status.INCORRECT, Status.UNSUPPORTED
+TIMEOUT, CRASH, INFRA, ERROR, SKIPPED = Status.TIMEOUT, Status.CRASH, Status.INFRA, Status.ERROR, Status.SKIPPED
+STATUSES = tuple(Status)
+BUILT, REUSED, RECHECKED, REMEASURED = How.BUILT, How.REUSED, How.RECHECKED, How.REMEASURED
+HOWS = tuple(How)
 BUDGET_RAN_OUT = "the sweep's total time budget ran out"  # a skipped result's error
 #: error_class of a job whose model's eager fp32 reference itself failed on the spec's inputs
 REFERENCE_FAILED = "ReferenceFailed"
-STATUSES = (OK, BUILD_ERROR, INCORRECT, UNSUPPORTED, TIMEOUT, CRASH, INFRA, ERROR, SKIPPED)
 
-#: How a sweep came by a result: it built it, took it from the store as it was, or took the
-#: stored artifact and judged it again under this sweep's settings.
-BUILT, REUSED, RECHECKED, REMEASURED = "built", "reused", "re-checked", "re-measured"
-HOWS = (BUILT, REUSED, RECHECKED, REMEASURED, f"{RECHECKED}+{REMEASURED}")
+
+class Group(NamedTuple):
+    """What one decision is about: a model at a batch size on a device class."""
+
+    model: str
+    batch_size: int
+    device_class_key: str
+
+
+def candidate_key(backend: str, config: dict[str, Any]) -> str:
+    """The candidate itself, whatever model it is built for."""
+    return sha256_of({"backend": backend, "config": config})
 
 
 class _Record:
@@ -83,14 +160,22 @@ class Job(_Record):
     samples_key: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)
     eval_key: str = ""
-    mode: str = "build"
-    redo: list[str] = field(default_factory=list)  # for mode "evaluate": "check", "measure"
+    mode: JobMode = JobMode.BUILD
+    redo: list[Redo] = field(default_factory=list)  # for mode "evaluate": what it does again
     attempt: int = 0
     #: the model's architecture (class, parameter names, shapes, dtypes), not its weights
     structure_key: str = ""
     #: wall-clock time (``time.time()``) after which the worker skips it rather than start it:
     #: set when it is sent, from the sweep's total budget (None: no budget)
     start_by: float | None = None
+
+    def __post_init__(self) -> None:
+        self.mode = JobMode(self.mode)
+        self.redo = [Redo(r) for r in self.redo]
+
+    @property
+    def group(self) -> Group:
+        return Group(self.model, self.batch_size, self.device_class_key)
 
     @property
     def family_key(self) -> str:
@@ -101,7 +186,7 @@ class Job(_Record):
     @property
     def candidate_key(self) -> str:
         """The candidate itself, whatever model it is built for."""
-        return sha256_of({"backend": self.backend, "config": self.config})
+        return candidate_key(self.backend, self.config)
 
     @property
     def reference_key(self) -> str:
@@ -124,7 +209,7 @@ class ResultRecord(_Record):
     backend: str
     config: dict[str, Any]
     candidate: str
-    status: str
+    status: Status
     device_class_key: str
     eval_key: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)
@@ -145,7 +230,7 @@ class ResultRecord(_Record):
     recycled: str | None = None
     attempts: int = 1
     created_at: float = 0.0
-    how: str = BUILT
+    how: How = How.BUILT
     #: for a result this sweep did not build: the stored result it came from ({"sweep", "result"})
     source: dict[str, Any] | None = None
     #: the weights and architecture it was built from (for diffs: why a key changed)
@@ -160,9 +245,10 @@ class ResultRecord(_Record):
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(f"unknown result status {self.status!r}; expected one of {STATUSES}")
+            raise ValueError(f"unknown result status {str(self.status)!r}; expected one of {tuple(map(str, STATUSES))}")
         if self.how not in HOWS:
-            raise ValueError(f"unknown result origin {self.how!r}; expected one of {HOWS}")
+            raise ValueError(f"unknown result origin {str(self.how)!r}; expected one of {tuple(map(str, HOWS))}")
+        self.status, self.how = Status(self.status), How(self.how)
         if isinstance(self.measurement, dict):
             self.measurement = Measurement.from_dict(self.measurement)
         if isinstance(self.check, dict):
@@ -176,6 +262,15 @@ class ResultRecord(_Record):
         d["check"] = self.check.to_dict() if self.check else None
         d["worker"] = self.worker.to_dict() if self.worker else None
         return d
+
+    @property
+    def group(self) -> Group:
+        return Group(self.model, self.batch_size, self.device_class_key)
+
+    @property
+    def candidate_key(self) -> str:
+        """The candidate itself, whatever model it was built for."""
+        return candidate_key(self.backend, self.config)
 
     @property
     def from_store(self) -> bool:
@@ -214,8 +309,6 @@ class ResultRecord(_Record):
 def result_for(job: Job, status: str, error: str | None = None, error_class: str | None = None,
                worker: WorkerInfo | None = None) -> ResultRecord:
     """The one mapping from a job to its (not yet filled) result record."""
-    import time
-
     return ResultRecord(
         key=job.key, model=job.model, batch_size=job.batch_size, backend=job.backend, config=job.config,
         candidate=job.candidate, status=status, device_class_key=job.device_class_key, eval_key=job.eval_key,
@@ -249,6 +342,10 @@ class SelectionRecord(_Record):
     #: ({"model", "candidates"}); None when this group was tuned fully
     decisions_from: dict[str, Any] | None = None
 
+    @property
+    def group(self) -> Group:
+        return Group(self.model, self.batch_size, self.device_class_key)
+
 
 @dataclass
 class DeployRecord(_Record):
@@ -257,17 +354,20 @@ class DeployRecord(_Record):
     model: str
     batch_size: int
     target: str  # e.g. "cpu-slot-0 on node abc123" or "cuda:0 on node ..."
-    status: str  # "deployed" | "refused" | "failed"
+    status: DeployStatus
     winner_key: str | None
     reason: str | None = None
     max_abs_err: float | None = None
     median_ms: float | None = None
     worker: dict[str, Any] | None = None
     #: what was installed where (aitune.deploy_root): None for a deploy that installs nothing
-    action: str = "deploy"  # "deploy" | "rollback"
+    action: DeployAction = DeployAction.DEPLOY
     sweep_id: str | None = None
     device_class_key: str | None = None
     root: str | None = None
     version: str | None = None
     previous: str | None = None
     at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status, self.action = DeployStatus(self.status), DeployAction(self.action)

@@ -28,13 +28,13 @@ from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.reference import load_reference
 from aitune.torch.tree import flatten_tensors
-from orchestrator.records import DeployRecord
+from orchestrator.records import DeployAction, DeployRecord, DeployStatus
 from orchestrator.store import DamagedCheckpoint
 from orchestrator.transfer import unpack_to
 from orchestrator.worker.actor import pick_device, quiet_libraries
 from orchestrator.worker.pretend_gpus import pretend_device
 
-DEPLOYED, REFUSED = "deployed", "refused"
+DEPLOYED, REFUSED, FAILED = DeployStatus.DEPLOYED, DeployStatus.REFUSED, DeployStatus.FAILED
 
 
 class DeployWorker:
@@ -175,7 +175,7 @@ class DeployWorker:
     def rollback(self, root: str | None, model: str, batch_size: int, latency_s: float, sweep_id: str | None) -> dict[str, Any]:
         """Switch this node's ``current`` for (model, this device class, batch) to the version before, verified."""
         record = DeployRecord(model=model, batch_size=batch_size, target=self.target, status=REFUSED, winner_key=None,
-                              worker=self.info(), action="rollback", device_class_key=self.device_class_key, at=time.time(),
+                              worker=self.info(), action=DeployAction.ROLLBACK, device_class_key=self.device_class_key, at=time.time(),
                               root=str(root), sweep_id=sweep_id)
         try:
             record.root = str(layout.resolve_root(root))
@@ -317,7 +317,7 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
             try:
                 rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
             except Exception as exc:
-                rec = DeployRecord(sel.model, sel.batch_size, slot.label, "failed", sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
+                rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
             keep(rec)
     finally:
         stop_targets(actors)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.records import DeployRecord
+from orchestrator.records import DeployRecord, DeployStatus
 from orchestrator.store import DB_NAME, ResultStore, SqliteStore
 
 
@@ -227,7 +227,7 @@ def live_deployments(store_root: str | Path) -> list[LiveRow]:
             raise DeployInputError(f"store {store.root} has no sweeps: run `python -m orchestrator tune SPEC` first")
         latest: dict[tuple, DeployRecord] = {}
         for rec in store.installs():
-            if rec.status == "deployed" and rec.version:
+            if rec.status == DeployStatus.DEPLOYED and rec.version:
                 # the host, not Ray's node id: an embedded Ray gets a new node id every run
                 worker = rec.worker or {}
                 node = worker.get("hostname") or worker.get("node_id", "?")

@@ -30,13 +30,7 @@ ROW_COLUMNS = (
     "first_median_ms", "window", "max_abs_err", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
 
-Group = tuple[str, int, str]  # (model, batch size, device class key)
-
 log = logging.getLogger(__name__)
-
-
-def _group(record: ResultRecord | SelectionRecord) -> Group:
-    return (record.model, record.batch_size, record.device_class_key)
 
 
 def decision_rounds(selection: SelectionRecord | None) -> Rounds | None:
@@ -56,14 +50,14 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
     are those of the rounds (what the decision rests on), its first measurement beside them."""
     results = list(results)
     baselines = baseline_of(results)
-    chosen = {_group(s): s for s in selections}
+    chosen = {s.group: s for s in selections}
     in_rounds = {g: decision_rounds(s) for g, s in chosen.items()}
     rows = []
     for r in results:
-        base = baselines.get(_group(r))
-        selection = chosen.get(_group(r))
+        base = baselines.get(r.group)
+        selection = chosen.get(r.group)
         ties = selection.ties if selection is not None else []
-        rounds = in_rounds.get(_group(r))
+        rounds = in_rounds.get(r.group)
         mine = rounds.measurement(r.key) if rounds is not None and r.eligible else None
         # one window for both: paired in the rounds where both ran in them, else both first measurements
         if mine is not None and base is not None and base.key in rounds.times_ms:
@@ -301,7 +295,7 @@ def _winner_speedups(selections: list[SelectionRecord], rows: list[dict]) -> lis
     # The selector's own speedup if it gave one, otherwise the winner row's speedup over the baseline.
     by_key = {row["key"]: row for row in rows}
     out = []
-    for s in sorted(selections, key=lambda s: (s.model, s.batch_size, s.device_class_key)):
+    for s in sorted(selections, key=lambda s: s.group):
         speedup = s.speedup
         if speedup is None and s.winner_key in by_key:
             speedup = by_key[s.winner_key]["speedup"]

@@ -19,9 +19,7 @@ from aitune.decision import DecisionRule, Rounds, Verdict, assess, explain, pair
 from aitune.defaults import is_baseline
 from aitune.strategy import Strategy, select, speedup
 from orchestrator.error_text import summarize
-from orchestrator.records import INCORRECT, REFERENCE_FAILED, ResultRecord, SelectionRecord
-
-Group = tuple[str, int, str]  # model, batch size, device class key
+from orchestrator.records import INCORRECT, REFERENCE_FAILED, Group, ResultRecord, SelectionRecord
 
 
 @dataclass
@@ -64,7 +62,7 @@ Rank = Callable[[ResultRecord], int]
 def group_results(results: Iterable[ResultRecord]) -> dict[Group, list[ResultRecord]]:
     groups: dict[Group, list[ResultRecord]] = collections.defaultdict(list)
     for r in results:
-        groups[(r.model, r.batch_size, r.device_class_key)].append(r)
+        groups[r.group].append(r)
     return dict(groups)
 
 
@@ -74,7 +72,7 @@ def baseline_of(records: Iterable[ResultRecord]) -> dict[Group, ResultRecord]:
     for record in records:
         if not is_baseline(record.backend, record.config):
             continue
-        group = (record.model, record.batch_size, record.device_class_key)
+        group = record.group
         current = found.get(group)
         if current is None or (record.eligible and not current.eligible):  # prefer a measured one
             found[group] = record
@@ -132,7 +130,7 @@ class _Pending:
     contenders: list[ResultRecord]
     baseline: ResultRecord | None
     #: where no candidate can win: the selection to record as it is
-    settled: SelectionRecord | None = None
+    foregone: SelectionRecord | None = None  # no contest: decided without rounds
     left_out: list[str] = field(default_factory=list)
 
 
@@ -141,7 +139,7 @@ def _screen(group: Group, records: list[ResultRecord], strategy: Strategy, rule:
     base = baseline_of(records).get(group)
     pool = [r for r in records if r.eligible and strategy.fits(r.measurement)]
     if not pool:
-        return _Pending(records, [], base, settled=_nobody(group, records, base, strategy))
+        return _Pending(records, [], base, foregone=_nobody(group, records, base, strategy))
     by_key = {r.key: r for r in pool}
     near, left_out = screen({k: r.measurement.median_ms for k, r in by_key.items()},
                             base.key if base is not None and base in pool else None, rule, set(shaken))
@@ -287,8 +285,8 @@ def choose_winners(
             decided[group] = earlier
             continue
         first = _screen(group, records, strategy, rule, rank, shaken)
-        if first.settled is not None:
-            decided[group] = first.settled
+        if first.foregone is not None:
+            decided[group] = first.foregone
         else:
             pending[group] = first
     asks = {g: Ask(p.contenders, rule, _estimate(p.contenders, rule)) for g, p in pending.items() if len(p.contenders) > 1}

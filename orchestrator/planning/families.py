@@ -65,12 +65,12 @@ class Waves:
         held = self.held.get(fam, [])
         head = self.heads[fam]
         ranked = self.ranked(fam, results)
-        top_keys = {_candidate_key(r) for r in ranked[:self.spec.reuse_top_k]}
+        top_keys = {r.candidate_key for r in ranked[:self.spec.reuse_top_k]}
         if not top_keys:  # the head has no correct candidate: nothing to narrow by
             return list(held)
         chosen = []
         for d in held:
-            group = (d.job.model, d.job.batch_size, d.job.device_class_key)
+            group = d.job.group
             self.sources[group] = {"model": head, "candidates": [r.candidate for r in ranked[:self.spec.reuse_top_k]]}
             if d.job.candidate_key in top_keys:
                 chosen.append(d)
@@ -94,7 +94,7 @@ class Waves:
 
     def fallback(self, results: list[ResultRecord]) -> list[Decision]:
         """The other candidates of follower groups none of whose top-k turned out correct."""
-        winners = {(r.model, r.batch_size, r.device_class_key) for r in results if r.eligible}
+        winners = {r.group for r in results if r.eligible}
         have = {r.key for r in results}
         out: list[Decision] = []
         for group, rest in self.rest.items():
@@ -107,20 +107,14 @@ class Waves:
         """Say on each follower's selection whose decisions it reused, and which other candidates
         of ``results`` it ran ahead of its head's end (``ahead``: they were its top-k so far)."""
         for s in selections:
-            group = (s.model, s.batch_size, s.device_class_key)
+            group = s.group
             source = self.sources.get(group)
             if source is not None:
                 s.decisions_from = dict(source)
                 extra = sorted({r.candidate for r in results if r.key in self.ahead and r.status != R.SKIPPED
-                                and (r.model, r.batch_size, r.device_class_key) == group} - set(source["candidates"]))
+                                and r.group == group} - set(source["candidates"]))
                 if extra:
                     s.decisions_from["ahead"] = extra
-
-
-def _candidate_key(record: ResultRecord) -> str:
-    from aitune.canonical import sha256_of
-
-    return sha256_of({"backend": record.backend, "config": record.config})
 
 
 def _family_of(record: ResultRecord, held: list[Decision]) -> str | None:
@@ -144,10 +138,10 @@ class FamilyGate(JobGate):
     (it is never stored); the job is kept in ``waves.rest`` for the fallback.
     """
 
-    def __init__(self, inner, waves: Waves, store, sweep_id: str, to_run: list, settled: list[ResultRecord]) -> None:
+    def __init__(self, inner, waves: Waves, store, sweep_id: str, to_run: list, done: list[ResultRecord]) -> None:
         self.inner, self.waves, self.store, self.sweep_id = inner, waves, store, sweep_id
         self.family_of = {d.job.key: fam for fam, held in waves.held.items() for d in held}
-        self.results = list(settled)
+        self.results = list(done)
         running = {j.key for j in to_run}
         self.pending: dict[str, set[str]] = {
             fam: {d.job.key for d in waves.first if d.job.model == waves.heads[fam] and d.job.family_key == fam
@@ -198,11 +192,11 @@ class FamilyGate(JobGate):
             if fam is None or fam in self.top or job.device_class_key not in classes or job.key in self.waves.ahead:
                 continue
             if fam not in provisional:
-                provisional[fam] = {_candidate_key(r) for r in self.waves.ranked(fam, self.results)[:self.waves.spec.reuse_top_k]}
+                provisional[fam] = {r.candidate_key for r in self.waves.ranked(fam, self.results)[:self.waves.spec.reuse_top_k]}
             if job.candidate_key not in provisional[fam]:
                 continue
-            group = (job.model, job.batch_size, job.device_class_key)
-            chosen = [j for j in deferred if (j.model, j.batch_size, j.device_class_key) == group
+            group = job.group
+            chosen = [j for j in deferred if j.group == group
                       and self.family_of.get(j.key) == fam and j.candidate_key in provisional[fam]
                       and j.key not in self.waves.ahead]
             self.waves.ahead.update(j.key for j in chosen)

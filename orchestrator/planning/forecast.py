@@ -137,7 +137,7 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
     kept = list(waves.first)
     per_group: Counter = Counter()
     for d in waves.second(head_results):
-        group = (d.job.model, d.job.batch_size, d.job.device_class_key)
+        group = d.job.group
         if group in waves.sources or per_group[group] < spec.reuse_top_k:
             per_group[group] += 1
             kept.append(d)

@@ -25,13 +25,26 @@ from aitune.reference import load_reference, unpack_outputs
 from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
 from orchestrator.planning.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
-from orchestrator.records import Job, ResultRecord
+from orchestrator.records import Job, Redo, ResultRecord, StrEnum
 from orchestrator.spec.schema import SweepSpec
 
 #: statuses a later sweep always runs again: they say nothing about the candidate itself
 NOT_REUSABLE = (R.INFRA, R.SKIPPED)
 
-REUSE, RECHECK, EVALUATE, BUILD = "reuse", "recheck", "evaluate", "build"
+
+
+class Action(StrEnum):
+    """What a planned job needs: take the stored result, re-check its stored outputs on the driver,
+    evaluate the stored artifact again on a worker, or build it."""
+
+    REUSE = "reuse"
+    RECHECK = "recheck"
+    EVALUATE = "evaluate"
+    BUILD = "build"
+
+
+REUSE, RECHECK, EVALUATE, BUILD = Action.REUSE, Action.RECHECK, Action.EVALUATE, Action.BUILD
+CHECK_ONLY, CHECK_AND_MEASURE, MEASURE_ONLY = [Redo.CHECK], [Redo.CHECK, Redo.MEASURE], [Redo.MEASURE]
 
 
 def implementation_version(backend_cls: type) -> str:
@@ -99,10 +112,13 @@ def expand(
 @dataclass
 class Decision:
     job: Job
-    action: str  # reuse | recheck | evaluate | build
+    action: Action
     prior: ResultRecord | None = None
-    redo: list[str] = field(default_factory=list)
+    redo: list[Redo] = field(default_factory=list)
     why: str = ""
+
+    def __post_init__(self) -> None:
+        self.action, self.redo = Action(self.action), [Redo(r) for r in self.redo]
 
 
 @dataclass
@@ -147,12 +163,12 @@ def decide(job: Job, priors: list[ResultRecord], policy: Policy, checkpoint_prob
     if check_changed:
         needs_measure = measure_changed or prior.status == R.INCORRECT or prior.measurement is None
         if samples_changed or not prior.outputs:
-            return Decision(job, EVALUATE, prior, ["check", "measure"] if needs_measure else ["check"], "other check samples")
+            return Decision(job, EVALUATE, prior, list(CHECK_AND_MEASURE if needs_measure else CHECK_ONLY), "other check samples")
         if needs_measure:
-            return Decision(job, EVALUATE, prior, ["check", "measure"], "another tolerance, and not measured as asked")
-        return Decision(job, RECHECK, prior, ["check"], "another tolerance")
+            return Decision(job, EVALUATE, prior, list(CHECK_AND_MEASURE), "another tolerance, and not measured as asked")
+        return Decision(job, RECHECK, prior, list(CHECK_ONLY), "another tolerance")
     if measure_changed and prior.status == R.OK:
-        return Decision(job, EVALUATE, prior, ["measure"], "other measure settings or threads")
+        return Decision(job, EVALUATE, prior, list(MEASURE_ONLY), "other measure settings or threads")
     return Decision(job, REUSE, prior)  # incorrect under the same check: measuring would change nothing
 
 
