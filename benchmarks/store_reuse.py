@@ -30,15 +30,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
 GOAL = 0.05
 
 
 def time_stages() -> dict[str, float]:
     """Seconds run_sweep spends starting workers and choosing winners (patched in, no code edits)."""
-    from orchestrator import sweep
     from orchestrator.dispatch.scheduler import Scheduler
+    from orchestrator.sweep import session as sweep
 
     seconds: dict[str, float] = collections.defaultdict(float)
 

@@ -17,8 +17,11 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 from rich.console import Console
+
+from orchestrator.records import DeployStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -32,7 +35,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.spec.merge import load_specs
     from orchestrator.spec.schema import SpecError
     from orchestrator.store import StoreError
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep import SweepOptions, run_sweep
 
     try:
         spec = load_specs(args.spec)
@@ -51,14 +54,13 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     if args.threads is not None:
         spec.workers.threads_per_slot = args.threads
     try:
-        outcome = run_sweep(
-            spec, address=args.address, store_root=args.store, force=args.force, retry_failed=args.retry_failed,
-            deploy=not args.no_deploy, console=console,
-        )
+        options = SweepOptions(address=args.address, store_root=args.store, force=args.force,
+                               retry_failed=args.retry_failed, deploy=not args.no_deploy, console=console)
+        outcome = run_sweep(spec, options)
     except (StoreError, ModelLoadError) as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT
-    done = [d for d in outcome.deployments if d.status == "deployed"]
+    done = [d for d in outcome.deployments if d.status == DeployStatus.DEPLOYED]
     how = ", ".join(f"{n} {k}" for k, n in sorted(outcome.how.items()))
     _say(console, f"sweep {outcome.sweep_id}: {outcome.ran} run, {outcome.reused} from store ({how or 'nothing'}), "
                   f"{len(outcome.selections)} winner group(s), {len(done)}/{len(outcome.deployments)} deployments "
@@ -67,17 +69,14 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     for problem in problems:
         _say(console, f"not done: {problem}")
     if spec.deploy.serve and not args.no_deploy and not problems:  # deploy: {serve: true}
-        serve_args = argparse.Namespace(store=str(outcome.store), sweep=outcome.sweep_id, model=None, target=None,
-                                        root=None, address=args.address, host="127.0.0.1", port=8000,
-                                        max_body_mb=64.0, body_timeout_s=10.0)
-        return _serve(serve_args, console)
+        return serve(ServeRequest(store=str(outcome.store), sweep=outcome.sweep_id, address=args.address), console)
     return EXIT_INCOMPLETE if problems else EXIT_OK
 
 
-def _targets(args: argparse.Namespace) -> list | None:
+def _targets(given: list[str] | None) -> list | None:
     from orchestrator.deploy.stored import parse_target
 
-    return [parse_target(t) for t in args.target] if args.target else None
+    return [parse_target(t) for t in given] if given else None
 
 
 def _deploy(args: argparse.Namespace, console: Console) -> int:
@@ -88,19 +87,19 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
     run = deploy_stored if args.command == "deploy" else rollback_stored
     try:
-        records = run(args.store, sweep_id=args.sweep, models=args.model, targets=_targets(args), address=args.address, root=args.root)
+        records = run(args.store, sweep_id=args.sweep, models=args.model, targets=_targets(args.target), address=args.address, root=args.root)
     except (DeployInputError, NoWinnerForTarget, DeployRootError, StoreError) as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT
     for r in records:
         where = f"{r.target} ({(r.worker or {}).get('device_name', '?')})"
-        if r.status == "deployed":
+        if r.status == DeployStatus.DEPLOYED:
             latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
             _say(console, f"{r.action}: {r.model} b{r.batch_size} on {where}: {r.version} current in {r.root} "
                           f"(was {r.previous or 'none'}), verified, median {latency}")
         else:
             _say(console, f"not done: {r.model} b{r.batch_size} on {where}: {r.action} {r.status}: {r.reason}")
-    return EXIT_OK if records and all(r.status == "deployed" for r in records) else EXIT_INCOMPLETE
+    return EXIT_OK if records and all(r.status == DeployStatus.DEPLOYED for r in records) else EXIT_INCOMPLETE
 
 
 def _deployments(args: argparse.Namespace, console: Console) -> int:
@@ -123,7 +122,30 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _serve_problem(args: argparse.Namespace) -> str | None:
+@dataclass
+class ServeRequest:
+    """What ``serve`` is asked: which store's winners (sweep, models), where to place them
+    (targets, deploy root, cluster address), and the HTTP listener's address and limits."""
+
+    store: str
+    sweep: str | None = None
+    model: list[str] | None = None
+    target: list[str] | None = None
+    root: str | None = None
+    address: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_mb: float = 64.0
+    body_timeout_s: float = 10.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeRequest":
+        return cls(store=args.store, sweep=args.sweep, model=args.model, target=args.target, root=args.root,
+                   address=args.address, host=args.host, port=args.port, max_body_mb=args.max_body_mb,
+                   body_timeout_s=args.body_timeout_s)
+
+
+def _serve_problem(args: ServeRequest) -> str | None:
     """Bad serve arguments, found before Ray starts: the port, the limits, the address to listen on."""
     import socket
 
@@ -169,6 +191,11 @@ def _replica_error(exc: Exception) -> str:
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
+    return serve(ServeRequest.from_args(args), console)
+
+
+def serve(args: ServeRequest, console: Console) -> int:
+    """Serve the installed winners of a store until interrupted; the exit code."""
     import time
 
     from cluster import Inventory, connect, plan_deploy_targets
@@ -179,7 +206,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
         with open_existing(args.store) as store:
             chosen = choose(store, args.sweep, args.model)
-        spec = with_targets(chosen.spec, _targets(args), args.root)
+        spec = with_targets(chosen.spec, _targets(args.target), args.root)
     except (DeployInputError, StoreError) as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT

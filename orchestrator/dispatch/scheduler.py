@@ -376,8 +376,10 @@ class Scheduler:
         gate: JobGate | None = None,
         payload: Payload | None = None,
         estimate: Callable[[Job], float] | None = None,
+        limits: Limits | None = None,
     ) -> list[ResultRecord]:
-        """Run ``jobs``; ``estimate`` (a job's expected seconds, if known) sends the longest first."""
+        """Run ``jobs``; ``estimate`` (a job's expected seconds, if known) sends the longest first.
+        ``limits`` (default: the scheduler's) bound this run: pass what is left of a total budget."""
         gate = gate or JobGate()
         clock = self.clock
         self._queues = collections.defaultdict(lambda: self._new_queue(estimate))
@@ -397,7 +399,8 @@ class Scheduler:
         self._want_reference, self._payload = want_reference, payload
         self._ahead = set()
         results: list[ResultRecord] = []
-        self._ends_at = clock.now() + self.limits.total_s if self.limits.total_s is not None else None
+        total_s = (limits or self.limits).total_s
+        self._ends_at = clock.now() + total_s if total_s is not None else None
         last_poll, polled_at = float("-inf"), 0
 
         def emit(record: ResultRecord, checkpoint: bytes | None = None, outputs: bytes | None = None,

@@ -186,3 +186,12 @@ def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spe
     else:
         record.status, record.error, record.error_class = R.INCORRECT, check.reason, "IncorrectOutput"
     return record
+
+
+def jobs_for(spec: SweepSpec, identities: dict[str, tuple[str, str]], infos) -> list[Job]:
+    """Every job of a sweep for the workers ``infos`` describe: ``identities`` maps each model to its
+    (weights fingerprint, architecture key)."""
+    device_classes = {i.device_class_key: i.device_class for i in infos}
+    threads = {i.device_class_key: i.threads for i in infos}
+    return expand(spec, {n: fp for n, (fp, _) in identities.items()}, device_classes, threads,
+                  structures={n: st for n, (_, st) in identities.items()})

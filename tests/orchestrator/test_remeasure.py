@@ -96,7 +96,7 @@ def test_a_sweep_decides_in_rounds_and_a_checkpoint_damaged_meanwhile_keeps_the_
     """Real sweep: FaultBackend(fault=none) runs the module eagerly, so each group's candidates are
     near-ties, decided in interleaved rounds; one group's checkpoint is damaged on disk after tuning."""
     from aitune.checkpoint import MANIFEST
-    from orchestrator import sweep as sweep_module
+    from orchestrator.sweep import session as sweep_module
     from orchestrator.sweep import run_sweep
     from sweep_helpers import EAGER, fault, quiet, tiny_spec
 

@@ -12,7 +12,9 @@ import sys
 CHILD = r'''
 import gc, json, tempfile, time, weakref
 from cluster.placement import Slot
-from orchestrator import sweep as S
+from orchestrator.planning.candidates import identify_models
+from orchestrator.planning.keys import jobs_for
+from orchestrator.sweep.workers import Workers
 from orchestrator.worker import actor as W
 from orchestrator.spec.schema import parse_spec
 
@@ -22,7 +24,7 @@ spec = parse_spec({"name": "heap", "models": [{"name": "m", "factory": "aitune.e
                    "measure": {"budget_s": 0.01, "min_iters": 3, "warmup_iters": 1},
                    "store": tempfile.mkdtemp()})
 slots = [Slot(index=0, kind="cpu", num_cpus=1, num_gpus=0, threads=1, label="t")]
-[job] = S._plan(spec, S.identify_models(spec), S.Workers(None, slots, local=True).classes())
+[job] = jobs_for(spec, identify_models(spec), Workers(None, slots, local=True).classes())
 full = []                  # (seconds) of each full collection the worker makes
 freeze_heap = W._freeze_heap
 def timed_freeze():
