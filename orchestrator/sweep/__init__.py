@@ -1,5 +1,4 @@
-"""Import ``run_sweep`` (and ``SweepOptions``, ``SweepOutcome``) from here: one sweep from spec to
-report, as the pipeline in ``run.py``. May import every other orchestrator folder and ``cluster``.
+"""One sweep from spec to report (``run_sweep``, ``SweepOptions``, ``SweepOutcome``), as the pipeline in ``run.py``. Imports every other stage and cluster.
 
 - ``options``: what a sweep is asked to do beyond its spec, and what it did;
 - ``prepare``: the store and the models, settled before Ray starts;
