@@ -10,6 +10,10 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Serve's controller, proxy and replicas log to their files only, not to stderr, which Ray
+# forwards to this process and which would print among the test results (set before Ray starts:
+# the local cluster's processes inherit it)
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 # The machine's shared folders (aitune.cache_folders): ONNX translations (torch/template_dir.py)
 # and Inductor's vector-ISA probe answers (torch/vec_isa_memo.py), the session's own, not the
 # user's cache; set before any Ray worker starts, so that the workers inherit them
