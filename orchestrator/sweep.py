@@ -9,7 +9,6 @@ Every step is a function below; ``run_sweep`` only strings them together.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import threading
@@ -233,10 +232,10 @@ def run_sweep(
                 results = _run(spec, store, sweep_id, workers, waves.first + waves.followers(), progress, asks, known, waves)
                 more = waves.fallback(results)  # followers none of whose top-k was correct
                 if more:
+                    left = None
                     if spec.budgets.total_s is not None:  # the fallback shares the sweep's one budget
                         left = max(spec.budgets.total_s - (time.monotonic() - start), 1e-3)
-                        scheduler.limits = dataclasses.replace(scheduler.limits, total_s=left)
-                    results += _run(spec, store, sweep_id, workers, more, progress, asks, known)
+                    results += _run(spec, store, sweep_id, workers, more, progress, asks, known, budget_s=left)
                 tune_s = time.monotonic() - start
             decide_start = time.monotonic()
             selections = choose_winners(results, spec.strategy(), decide=_decider(workers, store, spec),
@@ -379,8 +378,10 @@ def _committer(store: ResultStore, sweep_id: str, asks: ReferenceAsks):
 
 
 def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers", decisions: list[Decision],
-         progress: Progress, asks: ReferenceAsks, known: dict[str, set], waves: Waves | None = None) -> list[ResultRecord]:
-    """Reuse and re-check what the store holds; evaluate and build the rest on the workers."""
+         progress: Progress, asks: ReferenceAsks, known: dict[str, set], waves: Waves | None = None,
+         budget_s: float | None = None) -> list[ResultRecord]:
+    """Reuse and re-check what the store holds; evaluate and build the rest on the workers
+    (``budget_s``: the seconds they may take; None: the sweep's ``total_s``)."""
     results: list[ResultRecord] = []
     to_run: list[Job] = []
     priors: dict[str, ResultRecord] = {}
@@ -421,7 +422,8 @@ def _run(spec: SweepSpec, store: ResultStore, sweep_id: str, workers: "Workers",
     if not to_run:
         return results  # everything came from the store: no worker needs to start
     # Longest first, by the store's phase history: a long build that starts last holds up the end.
-    ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload, estimate=job_estimator(store))
+    ran = workers.started().run(to_run, asks.want, gate=gate, payload=payload, estimate=job_estimator(store),
+                                budget_s=budget_s)
     return results + [r for r in ran if r.error_class != NARROWED]
 
 
