@@ -173,6 +173,20 @@ class ModelQueues:
         """A worker that held ``model`` is gone."""
         _take_one(self._holders, model)
 
+    def joined(self, models: Iterable[str], toolchains: Iterable[str]) -> None:
+        """A live worker of this class holds ``models`` and has started ``toolchains``."""
+        for model in models:
+            self.hold(model)
+        for chain in toolchains:
+            self.started(chain)
+
+    def left(self, models: Iterable[str], toolchains: Iterable[str]) -> None:
+        """A worker that held ``models`` and had started ``toolchains`` is gone."""
+        for model in models:
+            self.release(model)
+        for chain in toolchains:
+            self.stopped(chain)
+
     def drain(self) -> Iterator[Job]:
         """Every waiting job, model by model, in queue order; the queue is empty afterwards."""
         by_model, self._by_model, self._size = self._by_model, {}, 0

@@ -96,6 +96,8 @@ class _Run:
 
 
 class Scheduler:
+    """Runs jobs on a fleet of workers, one :meth:`run` at a time; see the module's docstring."""
+
     def __init__(
         self,
         slots: list[Slot],
@@ -164,12 +166,8 @@ class Scheduler:
                estimate: Callable[[Job], float] | None, budget_s: float | None) -> _Run:
         queues = ClassQueues(lambda dc: ModelQueues(estimate, self.toolchain, self.start_cost.rule(dc)))
         for w in self.fleet.workers.values():
-            if w.info is None:
-                continue
-            for model in w.models:
-                queues[w.info.device_class_key].hold(model)
-            for chain in w.toolchains:
-                queues[w.info.device_class_key].started(chain)
+            if w.info is not None:
+                queues[w.info.device_class_key].joined(w.models, w.toolchains)
         deferred: list[Job] = []
         for job in jobs:
             if job.mode == "build" and gate.holds(job):
@@ -431,11 +429,7 @@ class Scheduler:
         if back is None:
             return
         if w.info is not None:
-            queue = run.queues[w.info.device_class_key]
-            for model in w.models:
-                queue.release(model)
-            for chain in w.toolchains:
-                queue.stopped(chain)
+            run.queues[w.info.device_class_key].left(w.models, w.toolchains)
         # Jobs sent ahead that it never started go back to the front, not counted as attempts.
         for job in back:
             run.queues[job.device_class_key].append(job, front=True)
