@@ -17,9 +17,9 @@ it worth a start (those workers are all in one long build, or the toolchain's jo
 take its workers longer than a start costs, or, before what the start and the jobs cost has been
 seen, more than twice as many of its jobs wait, in all models, as workers that started it); and
 never for a job sent ahead to it while it is busy; else it tries the other models the same way,
-and else it waits. Each toolchain's start is paid by one
-worker while the others go on with the rest, and the last job of a toolchain is not taken, at
-the cost of that start, by a worker that frees a moment before the one that has it started.
+and else it waits. Each toolchain's start is paid by one worker while the others go on with the
+rest, and the last job of a toolchain is not taken, at the cost of that start, by a worker that
+frees a moment before the one that has it started.
 
 Within a model, jobs go first in, first out, unless the queue is given ``estimate`` (a job's
 expected seconds): then the longest go first, so that the sweep does not end waiting on one
