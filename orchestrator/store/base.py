@@ -258,7 +258,7 @@ class ResultStore(Storage):
         with self._write() as tx:
             self._require_sweep(tx, sweep_id)
             # A later decision for the same group replaces the sweep's earlier one.
-            self._put_selection(tx, sweep_id, (selection.model, selection.batch_size, selection.device_class_key), blob)
+            self._put_selection(tx, sweep_id, selection.group, blob)
 
     def selections(self, sweep_id: str) -> list[SelectionRecord]:
         """The sweep's decisions, by model, batch size and device class."""

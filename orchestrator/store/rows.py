@@ -7,12 +7,13 @@ is a ``StoreError`` naming where it was found (:func:`decode`), never a tracebac
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from orchestrator.records import StrEnum
 
 #: seconds a claim or a sweep's heartbeat holds without renewal
 DEFAULT_LEASE_S = 30.0
@@ -27,18 +28,6 @@ class StoreError(RuntimeError):
 
 class DamagedCheckpoint(StoreError):
     """A stored checkpoint is missing, changed or holds something it shouldn't; it counts as absent."""
-
-
-try:
-    from enum import StrEnum
-except ImportError:  # Python 3.10
-    class StrEnum(str, enum.Enum):  # type: ignore[no-redef]
-        """A string that is also an enum member (``enum.StrEnum`` from Python 3.11)."""
-
-        def __str__(self) -> str:
-            return str(self.value)
-
-        __format__ = str.__format__
 
 
 class SweepStatus(StrEnum):
