@@ -31,8 +31,8 @@ from aitune.torch.tree import flatten_tensors
 from orchestrator.records import DeployRecord
 from orchestrator.store import DamagedCheckpoint
 from orchestrator.transfer import unpack_to
-from orchestrator.worker.actor import pick_device, quiet_libraries
 from orchestrator.worker.pretend_gpus import pretend_device
+from orchestrator.worker.process import pick_device, quiet_libraries
 
 DEPLOYED, REFUSED = "deployed", "refused"
 

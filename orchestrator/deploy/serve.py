@@ -84,7 +84,7 @@ class TunedServer:
 
         from aitune import deploy_root as layout
         from aitune import load_tuned
-        from orchestrator.worker.actor import pick_device, quiet_libraries
+        from orchestrator.worker.process import pick_device, quiet_libraries
 
         quiet_libraries()
         bind_replica_grpc_to_node_ip()  # before Ray Serve starts that server, right after this constructor
