@@ -10,7 +10,7 @@ import torch
 from aitune.specs import Sample
 from aitune.torch.tree import map_tensors
 from orchestrator.planning.candidates import load_model, make_sample, model_fingerprint, not_deterministic
-from orchestrator.spec.schema import ModelSpec
+from orchestrator.spec.models import ModelSpec
 from orchestrator.worker import hygiene
 from orchestrator.worker.failures import NotDeterministicModel, ReferenceFailed
 
