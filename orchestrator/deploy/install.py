@@ -202,18 +202,15 @@ class NoWinnerForTarget(ValueError):
 
 def start_targets(inventory, targets) -> list:
     """One deploy actor per target slot: [(slot, actor)]."""
-    import ray
-
     from cluster import plan_deploy_targets
+    from cluster.actor_options import one_life_actor, slot_options
 
     slots = plan_deploy_targets(inventory, targets)
-    actor_class = ray.remote(max_restarts=0)(DeployWorker)
+    actor_class = one_life_actor(DeployWorker)
     actors = []
     for slot in slots:
-        options = dict(slot.actor_options())
-        if slot.env():
-            options["runtime_env"] = {"env_vars": slot.env()}
-        actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
+        config = {"kind": slot.kind, "threads": slot.threads}
+        actors.append((slot, actor_class.options(**slot_options(slot)).remote(config, slot.label)))
     return actors
 
 
