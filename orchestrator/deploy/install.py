@@ -24,6 +24,7 @@ from aitune import deploy_root as layout
 from aitune.canonical import sha256_of
 from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.reference import load_reference
@@ -287,11 +288,8 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
                 refuse_all(sel, str(exc))
                 continue
             reference = store.reference_bytes(winner.reference_key) if winner.reference_key else None
-            trust = {
-                "manifest_sha256": winner.manifest_sha256,
-                "factories": [spec.model(winner.model).factory],
-                "backends": [winner.backend] if ":" in winner.backend else [],
-            }
+            factories, backends = candidate_allowlists(spec.model(winner.model).factory, winner.backend)
+            trust = {"manifest_sha256": winner.manifest_sha256, "factories": factories, "backends": backends}
             ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
             for (slot, actor), device_class in zip(actors, classes):
                 if device_class != sel.device_class_key:

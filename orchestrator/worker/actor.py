@@ -24,6 +24,7 @@ import torch
 from aitune.canonical import sha256_of
 from aitune.check import tolerance_for
 from aitune.checkpoint import load_checkpoint, save_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.decision import DecisionRule, load_average, run_rounds
 from aitune.environment import describe_environment
 from aitune.judge import judge
@@ -266,11 +267,9 @@ class TuneWorker:
         """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""
         path = self._scratch / f"stored-{job.key[:16]}-{time.monotonic_ns()}"
         unpack_to(checkpoint, path)
-        backend = load_checkpoint(
-            path, self.device, manifest_sha256=manifest_sha,
-            allow_factories=[self.spec.model(job.model).factory],
-            allow_backends=[job.backend] if ":" in job.backend else [],
-        )
+        factories, backends = candidate_allowlists(self.spec.model(job.model).factory, job.backend)
+        backend = load_checkpoint(path, self.device, manifest_sha256=manifest_sha,
+                                  allow_factories=factories, allow_backends=backends)
         backend.deploy(self.device)
         return backend
 
