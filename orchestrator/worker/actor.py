@@ -27,11 +27,12 @@ from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.checkpoint_trust import candidate_allowlists
 from aitune.decision import DecisionRule, load_average, run_rounds
 from aitune.environment import describe_environment
+from aitune.failures import build_failure_status
 from aitune.judge import judge
 from aitune.measure import MeasureConfig
 from aitune.reference import pack_outputs, pack_reference
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
+from aitune.torch.backend.backend import Backend, build_sharing
 from aitune.torch.backend.registry import make_backend
 from aitune.torch.export_cache import machine_export_cache
 from aitune.torch.precision import use_fp32_reference_settings
@@ -160,7 +161,7 @@ class TuneWorker:
             build_sharing(backend, module, graph_spec, [sample], self.device, cache, self._exports)
         except Exception as exc:  # a failed build's seconds are part of its record too
             self._phases["build"] = time.perf_counter() - start
-            return self._failure(job, R.UNSUPPORTED if isinstance(exc, UnsupportedDeviceError) else R.BUILD_ERROR, exc)
+            return self._failure(job, build_failure_status(exc), exc)
         self._phases["build"] = time.perf_counter() - start
         self._context["build"] = [wall, time.time()]
         self._backend, self._built_key = backend, job.key

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import traceback
-
+from aitune.failures import trace
 from orchestrator import records as R
 from orchestrator.worker import hygiene
 
@@ -16,13 +15,9 @@ class ReferenceFailed(RuntimeError):
     """The model in eager fp32 failed on its spec's inputs (or its sample factory failed)."""
 
 
-def _trace(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).strip()
-
-
 def error_of(exc: BaseException) -> tuple[str, str]:
     """(error, error_class) of a failed record: a model that failed on its spec's inputs keeps its
     own traceback, marked so (no candidate of it can be checked)."""
     if isinstance(exc, ReferenceFailed):
-        return _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
-    return _trace(exc), "OutOfMemoryError" if hygiene.is_oom(exc) else type(exc).__name__
+        return trace(exc.__cause__ or exc), R.REFERENCE_FAILED
+    return trace(exc), "OutOfMemoryError" if hygiene.is_oom(exc) else type(exc).__name__

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 import warnings
 
 import torch
 
+from aitune.failures import trace
 from aitune.torch.backend.backend import Backend
 from orchestrator.error_text import summarize
 
@@ -32,7 +32,7 @@ class OneLineFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            said = summarize("".join(traceback.format_exception(exc)), 240)
+            said = summarize(trace(exc), 240)
             record.msg = f"{record.getMessage()}: {said} (its traceback: the result's error, in report.json)"
             record.args = None
             record.exc_info = record.exc_text = None
