@@ -14,7 +14,7 @@ from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, field_va
 from aitune.check import DEFAULT_TOLERANCES, tolerance_for
 from aitune.decision import DecisionRule
 from aitune.deploy_root import root_problem
-from aitune.measure import WARMUP_MAX_ITERS, MeasureConfig
+from aitune.measure import MeasureConfig, min_iters_problem, warmup_iters_problem
 from aitune.torch.precision import ALIASES as PRECISION_ALIASES
 from orchestrator.spec import checks
 from orchestrator.spec.strict import Strict
@@ -61,12 +61,9 @@ class BudgetSpec(Strict):
     total_s: PositiveFloat | None = None
 
 
-# The worker measures with MeasureConfig's default max_iters, which min_iters may not exceed.
-_MAX_ITERS = MeasureConfig().max_iters
-
-
 class MeasureSpec(Strict):
-    """Passed to ``aitune.measure.MeasureConfig`` in every worker: its rules, checked here."""
+    """Passed to ``aitune.measure.MeasureConfig`` in every worker (``config``): its rules, checked here
+    (aitune.measure's own, for what MeasureConfig would cut short or refuse)."""
 
     budget_s: PositiveFloat = 1.0
     #: stop when the median's 95% confidence half-width is this fraction of the median
@@ -80,18 +77,27 @@ class MeasureSpec(Strict):
     @field_validator("warmup_iters")
     @classmethod
     def _warmup(cls, value: int) -> int:
-        if value > WARMUP_MAX_ITERS:
-            raise ValueError(f"warm-up stops at {WARMUP_MAX_ITERS} iterations whatever is asked; "
-                             f"give 0 to {WARMUP_MAX_ITERS}")
+        problem = warmup_iters_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("min_iters")
     @classmethod
     def _min_iters(cls, value: int) -> int:
-        if value > _MAX_ITERS:
-            raise ValueError(f"min_iters {value} is above the {_MAX_ITERS} iterations a measurement may take; "
-                             f"give 1 to {_MAX_ITERS}")
+        problem = min_iters_problem(value)  # the worker measures with MeasureConfig's default max_iters
+        if problem:
+            raise ValueError(problem)
         return value
+
+    def config(self, threads: int) -> MeasureConfig:
+        """How a worker measures a candidate with these settings, on ``threads`` threads."""
+        return MeasureConfig(warmup_iters=self.warmup_iters, min_iters=self.min_iters,
+                             target_rel_ci=self.target_rel_ci, budget_s=self.budget_s, threads=threads)
+
+    def warmup(self, threads: int) -> MeasureConfig:
+        """How a worker warms each contender up before decision rounds (which time it themselves)."""
+        return MeasureConfig(warmup_iters=self.warmup_iters, threads=threads)
 
 
 class DecisionSpec(Strict):

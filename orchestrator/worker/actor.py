@@ -29,7 +29,6 @@ from aitune.decision import DecisionRule, load_average, run_rounds
 from aitune.environment import describe_environment
 from aitune.failures import build_failure_status
 from aitune.judge import judge
-from aitune.measure import MeasureConfig
 from aitune.reference import pack_outputs, pack_reference
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, build_sharing
@@ -243,11 +242,7 @@ class TuneWorker:
 
     def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
                redo: list[str], previous_check) -> bytes:
-        m = self.spec.measure
-        config = MeasureConfig(
-            warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
-            budget_s=m.budget_s, threads=self.threads,
-        )
+        config = self.spec.measure.config(self.threads)
         tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
         with self._quiet_node("measure" in redo):
             # after the node's lock: that is measure_wait
@@ -309,8 +304,7 @@ class TuneWorker:
             job = Job(key=key, model=model, batch_size=batch, backend=backend_name, config={}, candidate="",
                       device_class_key="", model_fingerprint="")
             backends[key] = self._load_stored(job, manifest_sha, data)
-        m = self.spec.measure
-        warmup = MeasureConfig(warmup_iters=m.warmup_iters, threads=self.threads)
+        warmup = self.spec.measure.warmup(self.threads)
         load_s, wall = time.perf_counter() - start, time.time()
         with self._quiet_node(True):
             rounds = run_rounds({k: b.infer for k, b in backends.items()}, sample, self.device,
