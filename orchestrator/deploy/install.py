@@ -24,6 +24,7 @@ from aitune import deploy_root as layout
 from aitune.canonical import sha256_of
 from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.reference import load_reference
@@ -31,8 +32,8 @@ from aitune.torch.tree import flatten_tensors
 from orchestrator.records import DeployAction, DeployRecord, DeployStatus
 from orchestrator.store import DamagedCheckpoint
 from orchestrator.transfer import unpack_to
-from orchestrator.worker.actor import pick_device, quiet_libraries
 from orchestrator.worker.pretend_gpus import pretend_device
+from orchestrator.worker.process import pick_device, quiet_libraries
 
 DEPLOYED, REFUSED, FAILED = DeployStatus.DEPLOYED, DeployStatus.REFUSED, DeployStatus.FAILED
 
@@ -202,18 +203,15 @@ class NoWinnerForTarget(ValueError):
 
 def start_targets(inventory, targets) -> list:
     """One deploy actor per target slot: [(slot, actor)]."""
-    import ray
-
     from cluster import plan_deploy_targets
+    from cluster.actor_options import one_life_actor, slot_options
 
     slots = plan_deploy_targets(inventory, targets)
-    actor_class = ray.remote(max_restarts=0)(DeployWorker)
+    actor_class = one_life_actor(DeployWorker)
     actors = []
     for slot in slots:
-        options = dict(slot.actor_options())
-        if slot.env():
-            options["runtime_env"] = {"env_vars": slot.env()}
-        actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
+        config = {"kind": slot.kind, "threads": slot.threads}
+        actors.append((slot, actor_class.options(**slot_options(slot)).remote(config, slot.label)))
     return actors
 
 
@@ -290,11 +288,8 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
                 refuse_all(sel, str(exc))
                 continue
             reference = store.reference_bytes(winner.reference_key) if winner.reference_key else None
-            trust = {
-                "manifest_sha256": winner.manifest_sha256,
-                "factories": [spec.model(winner.model).factory],
-                "backends": [winner.backend] if ":" in winner.backend else [],
-            }
+            factories, backends = candidate_allowlists(spec.model(winner.model).factory, winner.backend)
+            trust = {"manifest_sha256": winner.manifest_sha256, "factories": factories, "backends": backends}
             ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
             for (slot, actor), device_class in zip(actors, classes):
                 if device_class != sel.device_class_key:
