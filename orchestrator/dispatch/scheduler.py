@@ -222,8 +222,8 @@ class Scheduler:
         for record in done:
             run.results.append(record)
             self.events.result(record)
-        settled = {r.key for r in done} | {j.key for j in runnable}
-        run.deferred[:] = [j for j in run.deferred if j.key not in settled]
+        resolved = {r.key for r in done} | {j.key for j in runnable}
+        run.deferred[:] = [j for j in run.deferred if j.key not in resolved]
         for job in runnable:
             run.queues[job.device_class_key].append(job, front=True)
         return bool(runnable)

@@ -288,7 +288,7 @@ class TuneWorker:
         collected = self._before is not None
         if collected:
             record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
-        self._heap.settle(self.device, collected)
+        self._heap.freeze_or_thaw(self.device, collected)
         ref = pack_reference(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, outputs, ref
 

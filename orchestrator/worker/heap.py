@@ -58,7 +58,7 @@ class HeapClock:
         else:
             freeze_heap()
 
-    def settle(self, device: torch.device, collected: bool) -> None:
+    def freeze_or_thaw(self, device: torch.device, collected: bool) -> None:
         """Freeze what outlived the candidate just released (``collected``: the memory check has
         just collected the heap), or thaw and collect it whole where that is due.
 
