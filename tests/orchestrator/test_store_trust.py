@@ -359,7 +359,7 @@ def test_a_dead_drivers_claims_expire_and_another_driver_builds_them(tmp_path):
     import signal
     import time
 
-    spec = _slow_spec(tmp_path, n=1, seconds=30.0)  # the dead driver dies holding this claim
+    spec = _slow_spec(tmp_path, n=1, seconds=12.0)  # the dead driver dies holding this claim (killed within 1 s of it)
     store = tmp_path / "store"
     doomed = _driver(spec, tmp_path / "doomed.log", lease_s=3.0)
     deadline = time.monotonic() + 120
