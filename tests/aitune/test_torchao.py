@@ -101,7 +101,8 @@ def test_topk_relative_error_and_top1_agreement():
     refs = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
     assert top1_agreement(torch.tensor([[2.0, 1.0], [3.0, 1.0]]), refs) == 0.5
     # several samples' outputs (a list) are one tree: their rows count together
-    assert top1_agreement([refs, torch.tensor([[2.0, 1.0]])], [refs, torch.tensor([[1.0, 2.0]])]) == pytest.approx(2 / 3)
+    two_samples = top1_agreement([refs, torch.tensor([[2.0, 1.0]])], [refs, torch.tensor([[1.0, 2.0]])])
+    assert two_samples == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         topk_max_rel_err(ref, ref, k=0)
 

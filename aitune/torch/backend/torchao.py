@@ -77,7 +77,9 @@ def _torchao():
         import torchao
         import torchao.quantization as quantization
     except ImportError as exc:
-        raise UnsupportedDeviceError(f"torchao is not installed: {INSTALL_HINT} to use TorchAOBackend ({exc})") from None
+        raise UnsupportedDeviceError(
+            f"torchao is not installed: {INSTALL_HINT} to use TorchAOBackend ({exc})"
+        ) from None
     version = str(getattr(torchao, "__version__", "0"))
     if _version_tuple(version) < MIN_TORCHAO:
         wanted = ".".join(map(str, MIN_TORCHAO))
@@ -110,7 +112,8 @@ def unsupported_reason(scheme: str, device: torch.device) -> str | None:
     if scheme not in FLOAT8_SCHEMES:
         return None
     need = ".".join(map(str, MIN_FLOAT8_CAPABILITY))
-    what = f"TorchAOBackend scheme {scheme} needs a CUDA GPU of compute capability >= {need} (Ada Lovelace, Hopper or newer)"
+    what = f"TorchAOBackend scheme {scheme} needs a CUDA GPU of compute capability >= {need}"
+    what += " (Ada Lovelace, Hopper or newer)"
     if device.type != "cuda":
         return f"{what}; device {device} is not a CUDA GPU"
     capability = torch.cuda.get_device_capability(device)
@@ -132,7 +135,9 @@ def quantize_module(module: torch.nn.Module, scheme: str, patterns: Sequence[str
     q = _torchao()
 
     def wanted(mod: torch.nn.Module, name: str) -> bool:
-        return isinstance(mod, torch.nn.Linear) and _is_plain(mod.weight) and not keeps_full_precision(patterns, mod, name)
+        if not isinstance(mod, torch.nn.Linear) or not _is_plain(mod.weight):
+            return False
+        return not keeps_full_precision(patterns, mod, name)
 
     q.quantize_(module, scheme_config(scheme), filter_fn=wanted)
     return module
@@ -193,7 +198,9 @@ class TorchAOConfig(ModuleRunConfig):
         if self.autocast:
             raise ValueError(f"{owner}: autocast can't run quantized layers; give the precision alone (weights cast)")
         if isinstance(self.filter, str) or not all(isinstance(p, str) and p for p in self.filter):
-            raise ValueError(f"{owner}: filter must be a list of module type names or name patterns, got {self.filter!r}")
+            raise ValueError(
+                f"{owner}: filter must be a list of module type names or name patterns, got {self.filter!r}"
+            )
         self.filter = tuple(self.filter)
 
 
