@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,7 +60,6 @@ from aitune.torch.module_ref import load_module, save_weights
 from aitune.torch.random_inputs import sample_from_spec
 from aitune.torch.vec_isa_memo import remember_vec_isa
 
-log = logging.getLogger(__name__)
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic")
 FLOAT8_SCHEMES = frozenset({"float8_weight_only", "float8_dynamic"})
@@ -144,7 +143,7 @@ def quantize_module(module: torch.nn.Module, scheme: str, patterns: Sequence[str
 
 
 def _is_plain(t: torch.Tensor) -> bool:
-    """A plain tensor or parameter, not a tensor subclass (a weight shared by two layers is quantized once)."""
+    """A plain tensor or parameter, not a tensor subclass: a weight already quantized is left as it is."""
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
@@ -154,7 +153,9 @@ def _components(t: torch.Tensor, prefix: str) -> list[tuple[str, Any]]:
     if type(data) is torch.Tensor or not hasattr(data, "__tensor_flatten__"):
         return [(prefix, data)]
     names, meta = data.__tensor_flatten__()
-    parts: list[tuple[str, Any]] = [(f"{prefix}#{type(data).__name__}", repr(meta))]
+    # metadata by its repr (block sizes, dtypes, enums); an object's address is not part of it
+    meta_text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(meta))
+    parts: list[tuple[str, Any]] = [(f"{prefix}#{type(data).__name__}", meta_text)]
     for name in names:
         parts.extend(_components(getattr(data, name), f"{prefix}.{name}"))
     return parts
@@ -213,9 +214,10 @@ class TorchAOBackend(ModuleBackend):
     def __init__(self, config: TorchAOConfig | None = None) -> None:
         super().__init__(config)
         self._compiled: Callable[..., Any] | None = None
-        #: SHA-256 of the quantized state and the device type it was made on (see quantized_digest)
+        #: SHA-256 of the quantized state (see quantized_digest), the device type and torchao it was made with
         self._digest: str | None = None
         self._digest_device: str | None = None
+        self._digest_torchao: str | None = None
 
     @property
     def is_jit(self) -> bool:
@@ -235,6 +237,7 @@ class TorchAOBackend(ModuleBackend):
         self._weights = save_weights(self._module, cache_dir / WEIGHTS_FILE)
         self._quantize(self._module)
         self._digest, self._digest_device = quantized_digest(self._module), self.device.type
+        self._digest_torchao = torchao_version()
         self._compile()
         if self.config.compile:  # compile now: the cost lands in the build, not the first inference
             for sample in data:
@@ -281,12 +284,15 @@ class TorchAOBackend(ModuleBackend):
             return
         raise RuntimeError(
             f"{self.name}: the checkpoint's weights quantize to other tensors on {device.type} than when it was "
-            f"built (torchao {torchao_version()} now): the accuracy it was checked for does not hold; tune it again"
+            f"built (torchao {self._digest_torchao} then, {torchao_version()} now): the accuracy it was checked "
+            "for does not hold; tune it again"
         )
 
     def to_dict(self) -> dict[str, Any]:
         state = super().to_dict()
-        state["quantized"] = {"sha256": self._digest, "device_type": self._digest_device, "torchao": torchao_version()}
+        state["quantized"] = {
+            "sha256": self._digest, "device_type": self._digest_device, "torchao": self._digest_torchao,
+        }  # fmt: skip
         return state
 
     @classmethod
@@ -296,4 +302,5 @@ class TorchAOBackend(ModuleBackend):
         if not isinstance(quantized, dict):
             raise ValueError(f"{cls.__name__}: state entry 'quantized' must be a mapping, got {quantized!r}")
         backend._digest, backend._digest_device = quantized.get("sha256"), quantized.get("device_type")
+        backend._digest_torchao = quantized.get("torchao")
         return backend
