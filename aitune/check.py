@@ -17,9 +17,9 @@ import torch
 
 from aitune.canonical import dtype_name
 
-# _children is the walker behind flatten_tensors; reusing it keeps the paths of non-tensor
+# children is the walker behind flatten_tensors; reusing it keeps the paths of non-tensor
 # leaves identical to those of tensors.
-from aitune.torch.tree import _children, flatten_tensors
+from aitune.torch.tree import children, flatten_tensors
 
 _ROOT = "output"
 _TINY = torch.finfo(torch.float64).tiny
@@ -198,12 +198,12 @@ def _compare_tensor(path: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
 def _scalar_leaves(value: Any, path: str, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, torch.Tensor):
         return out
-    children = _children(value)
-    if children is None:
+    items = children(value)
+    if items is None:
         if isinstance(value, _SCALARS):
             out[path] = value
         return out
-    for suffix, child in children:
+    for suffix, child in items:
         _scalar_leaves(child, path + suffix, out)
     return out
 

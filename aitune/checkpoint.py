@@ -304,7 +304,7 @@ def _rebuild(root: Path, manifest: Manifest, cls: type[Backend], device: torch.d
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {cls.__name__} refused the backend state: {type(exc).__name__}: {exc}") from exc
     # deploy(device) later checks the device it is given, not only the one named here
-    backend._deploy_check = lambda target: check_device_compatible(manifest, target)
+    backend.set_deploy_check(lambda target: check_device_compatible(manifest, target))
     return backend
 
 

@@ -59,6 +59,14 @@ def factories_in(value: Any) -> list[str]:
     return found
 
 
+def candidate_allowlists(factory: str | None, backend: str) -> tuple[list[str], list[str]]:
+    """``(allow_factories, allow_backends)`` for a checkpoint of one candidate: its model's factory
+    (none without one), and its backend where that is a plug-in import path (a built-in backend
+    needs no allowing). What the store, a sweep's spec or a deploy root's ``install.json`` names
+    for the candidate, and nothing else its manifest names, may be imported."""
+    return ([factory] if factory else []), ([backend] if is_import_path(backend) else [])
+
+
 def _allowed(name: str, allow: Allowlist, what: str) -> bool:
     if allow is True:
         return True

@@ -41,6 +41,7 @@ import torch
 
 from aitune.canonical import sha256_of
 from aitune.checkpoint import CheckpointError, load_checkpoint, manifest_sha256, verify_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.files import fsync_dir, write_atomic
 from aitune.reference import ReferenceFormatError, unpack_reference
@@ -502,8 +503,7 @@ def load_version(version_dir: Path, device: torch.device | str, allow_factories=
         raise DeployRootError(f"{version_dir / INSTALL}: input_shapes {_short(install.input_shapes)} are not those of "
                               f"its reference sample {input_shapes(args, kwargs)}")
     install.input_dtypes = input_dtypes(args, kwargs)
-    factories = [install.factory] if install.factory else []
-    backends = [install.backend] if ":" in install.backend else []
+    factories, backends = candidate_allowlists(install.factory, install.backend)
     backend = load_checkpoint(
         version_dir / CHECKPOINT, device, manifest_sha256=install.manifest_sha256,
         allow_factories=factories if allow_factories is None else allow_factories,

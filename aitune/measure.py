@@ -28,6 +28,8 @@ STOP_REASONS = ("converged", "budget", "max_iters")
 # not steady after this is not helped by warming it longer, and the time is better spent timing.
 WARMUP_MAX_ITERS = 50
 WARMUP_MAX_S = 1.0
+#: the timed iterations a measurement takes at most, unless its config says otherwise
+MAX_ITERS = 10_000
 
 _CHUNK = 10
 # Up to here the binomial sums are cheap and exact; beyond, the normal approximation is within a
@@ -47,7 +49,7 @@ class MeasureConfig:
     warmup_iters: int = 5
     warmup_s: float = 0.1
     min_iters: int = 10
-    max_iters: int = 10_000
+    max_iters: int = MAX_ITERS
     target_rel_ci: float = 0.02
     budget_s: float = 1.0
     threads: int | None = None
@@ -67,13 +69,29 @@ class MeasureConfig:
         require(is_number(self.warmup_s) and self.warmup_s >= 0, "warmup_s", "a number >= 0")
         require(is_int(self.min_iters) and self.min_iters >= 1, "min_iters", "an int >= 1")
         require(
-            is_int(self.max_iters) and self.max_iters >= self.min_iters,
+            is_int(self.max_iters) and min_iters_problem(self.min_iters, self.max_iters) is None,
             "max_iters",
             f"an int >= min_iters ({self.min_iters})",
         )
         require(is_number(self.target_rel_ci) and self.target_rel_ci >= 0, "target_rel_ci", "a number >= 0")
         require(is_number(self.budget_s) and self.budget_s > 0, "budget_s", "a number > 0")
         require(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads", "None or an int >= 1")
+
+
+def warmup_iters_problem(warmup_iters: int) -> str | None:
+    """Why ``warmup_iters`` asks for what no measurement does (warm-up stops at WARMUP_MAX_ITERS
+    whatever is asked), for a caller that refuses it rather than have it cut short; None: it is fine."""
+    if warmup_iters > WARMUP_MAX_ITERS:
+        return f"warm-up stops at {WARMUP_MAX_ITERS} iterations whatever is asked; give 0 to {WARMUP_MAX_ITERS}"
+    return None
+
+
+def min_iters_problem(min_iters: int, max_iters: int = MAX_ITERS) -> str | None:
+    """Why ``min_iters`` can't be met by a measurement of at most ``max_iters``; None: it can."""
+    if min_iters > max_iters:
+        return (f"min_iters {min_iters} is above the {max_iters} iterations a measurement may take; "
+                f"give 1 to {max_iters}")
+    return None
 
 
 def _median_ci_sorted(xs: Sequence[float], confidence: float) -> tuple[float, float]:

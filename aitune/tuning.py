@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,11 +16,12 @@ import torch
 
 from aitune.check import CheckResult, Tolerance, tolerance_for
 from aitune.decision import DecisionRule, assess, explain, paired_ratio, run_rounds, screen
+from aitune.failures import UNSUPPORTED, build_failure_status, trace
 from aitune.judge import judge
 from aitune.measure import MeasureConfig, Measurement
 from aitune.specs import GraphSpec, Sample
 from aitune.strategy import Selection, Strategy, select, speedup
-from aitune.torch.backend.backend import Backend, BackendState, UnsupportedDeviceError, build_sharing
+from aitune.torch.backend.backend import Backend, BackendState, build_sharing
 from aitune.torch.export_cache import ExportCache, machine_export_cache
 from aitune.defaults import CPU_CANDIDATES, candidates_for, is_baseline, make_backend
 from aitune.torch.backend.eager import TorchEagerBackend
@@ -259,11 +259,9 @@ def evaluate(
     start = time.perf_counter()
     try:
         build_sharing(backend, module, graph_spec, samples, device, cache_dir, exports)
-    except UnsupportedDeviceError as exc:
-        result.status, result.error = "unsupported", str(exc)
-        return result
     except Exception as exc:
-        result.status, result.error = "build_error", _format_error(exc)
+        result.status = build_failure_status(exc)
+        result.error = str(exc) if result.status == UNSUPPORTED else trace(exc)
         return result
     finally:
         result.build_s = time.perf_counter() - start
@@ -274,12 +272,8 @@ def evaluate(
         result.status, result.error = verdict.status, verdict.error
         result.check, result.measurement = verdict.check, verdict.measurement
     except Exception as exc:
-        result.status, result.error = "error", _format_error(exc)
+        result.status, result.error = "error", trace(exc)
     return result
-
-
-def _format_error(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).strip()
 
 
 def format_table(results: Sequence[CandidateResult], winner: CandidateResult | None = None) -> str:

@@ -40,7 +40,7 @@ def main() -> int:
 
     from cluster import connect
     from orchestrator.spec.merge import load_spec
-    from orchestrator.spec.schema import ToleranceSpec
+    from orchestrator.spec.sections import ToleranceSpec
     from orchestrator.sweep import run_sweep
 
     from benchmarks.store_reuse import time_stages

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from cluster.actor_options import one_life_actor
 from cluster.placement import core_block
 
 PREFIX = "aitune-node-"
@@ -44,9 +45,7 @@ class NodeShare:
 
 
 def _actor_class():
-    import ray
-
-    return ray.remote(num_cpus=0, max_restarts=0)(NodeShare)
+    return one_life_actor(NodeShare, num_cpus=0)
 
 
 def start_node_shares(node_ids: list[str]) -> list:

@@ -37,14 +37,14 @@ class Slot:
             raise ValueError(f"slot threads must be positive, not {self.threads}")
 
     def actor_options(self) -> dict[str, float]:
-        """Keyword arguments for ``SomeActor.options(...)``; pair them with ``env()``."""
+        """The Ray resources it reserves; ``cluster.actor_options.slot_options`` adds ``env()`` to them."""
         options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind == "gpu" else 0}
         if self.resources:
             options["resources"] = dict(self.resources)
         return options
 
     def env(self) -> dict[str, str]:
-        """Environment for the worker, for ``runtime_env={"env_vars": slot.env()}``.
+        """Environment for the worker: ``runtime_env={"env_vars": slot.env()}`` (``cluster.actor_options``).
 
         Ray sets CUDA_VISIBLE_DEVICES only for actors granted a GPU: a CPU worker on a GPU
         node would otherwise see every GPU. Ray also sets OMP_NUM_THREADS=1 in workers.

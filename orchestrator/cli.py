@@ -288,9 +288,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch-internal, raised inside torch.export
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,7 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     live = sub.add_parser("deployments", help="what is live where: the last verified install per node, model, device and batch")
     live.add_argument("store", help="store directory")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch-internal, raised inside torch.export
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Reports are tables: keep them readable when output goes to a file or a CI log.
     console = Console() if sys.stdout.isatty() else Console(width=200)

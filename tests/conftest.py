@@ -36,7 +36,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _backend_log_filters_restored():
     """A worker made in this process (not through Ray) adds its one-line filter to the backend
-    log (orchestrator.worker.actor.quiet_libraries): each test gets the filters it started with."""
+    log (orchestrator.worker.process.quiet_libraries): each test gets the filters it started with."""
     log = logging.getLogger("aitune.torch.backend.backend")
     before = list(log.filters)
     yield

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from aitune.torch.tree import DICT, LIST, NAMEDTUPLE, TUPLE, container
+
 _CONSTANTS = (type(None), bool, int, float, str)
 
 
@@ -41,10 +43,6 @@ def _type_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _is_namedtuple(value: Any) -> bool:
-    return isinstance(value, tuple) and hasattr(type(value), "_fields")
-
-
 def _constant(value: Any, path: str) -> dict[str, Any]:
     if isinstance(value, float) and not math.isfinite(value):
         raise OutputTreeError(f"{path} is {value}, which a compiled model's output can't keep")
@@ -52,35 +50,33 @@ def _constant(value: Any, path: str) -> dict[str, Any]:
 
 
 def describe(value: Any, tensors: list[torch.Tensor], path: str = "output") -> dict[str, Any]:
-    """The JSON tree of ``value``, appending its tensors to ``tensors`` in the order it numbers them."""
+    """The JSON tree of ``value``, appending its tensors to ``tensors`` in the order it numbers them.
+    Containers are told from leaves as every walk of an output tells them (aitune.torch.tree.container)."""
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return {"tensor": len(tensors) - 1}
     if isinstance(value, _CONSTANTS):
         return _constant(value, path)
-    if _is_namedtuple(value):
-        items = [describe(v, tensors, f"{path}.{f}") for f, v in zip(type(value)._fields, value)]
-        return {"namedtuple": _type_path(type(value)), "fields": list(type(value)._fields), "items": items}
-    if isinstance(value, (tuple, list)):
-        kind = "tuple" if isinstance(value, tuple) else "list"
-        return {kind: [describe(v, tensors, f"{path}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, dict):  # HF ModelOutput too: a dict subclass
-        for k in value:
+    found = container(value)
+    if found is None:
+        raise OutputTreeError(
+            f"{path} is a {type(value).__name__}: a compiled model's output can hold tensors, numbers, strings and "
+            "None, in tuples, lists, dicts, dataclasses and objects"
+        )
+    kind, items = found
+    if kind == NAMEDTUPLE:
+        described = [describe(v, tensors, f"{path}.{k}") for k, v in items]
+        return {"namedtuple": _type_path(type(value)), "fields": list(type(value)._fields), "items": described}
+    if kind in (TUPLE, LIST):
+        return {kind: [describe(v, tensors, f"{path}[{i}]") for i, v in items]}
+    if kind == DICT:  # HF ModelOutput too: a dict subclass
+        for k, _ in items:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise OutputTreeError(f"{path} has key {k!r}: only str and int keys can be kept")
-        items = [[k, describe(v, tensors, f"{path}[{k!r}]")] for k, v in value.items()]
-        return {"dict": items} if type(value) is dict else {"mapping": _type_path(type(value)), "items": items}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [[f.name, describe(getattr(value, f.name), tensors, f"{path}.{f.name}")] for f in dataclasses.fields(value)]
-        return {"dataclass": _type_path(type(value)), "fields": fields}
-    attrs = getattr(value, "__dict__", None)
-    if isinstance(attrs, dict) and any(isinstance(v, torch.Tensor) for v in attrs.values()):
-        fields = [[k, describe(v, tensors, f"{path}.{k}")] for k, v in attrs.items() if not k.startswith("_")]
-        return {"object": _type_path(type(value)), "fields": fields}
-    raise OutputTreeError(
-        f"{path} is a {type(value).__name__}: a compiled model's output can hold tensors, numbers, strings and "
-        "None, in tuples, lists, dicts, dataclasses and objects"
-    )
+        pairs = [[k, describe(v, tensors, f"{path}[{k!r}]")] for k, v in items]
+        return {"dict": pairs} if type(value) is dict else {"mapping": _type_path(type(value)), "items": pairs}
+    # a dataclass instance, or a plain object holding tensors: its fields, or public attributes
+    return {kind: _type_path(type(value)), "fields": [[k, describe(v, tensors, f"{path}.{k}")] for k, v in items]}
 
 
 def _torch_keeps(value: Any) -> bool:
@@ -133,7 +129,8 @@ def flat_tree(record: dict[str, Any], out_spec: pytree.TreeSpec) -> "OutputTree 
     tree = OutputTree.read(record.get("tree"))
     if tree is None:
         return None
-    flat = out_spec.type is tuple and out_spec.num_children == tree.count and all(c.is_leaf() for c in out_spec.children())
+    flat = (out_spec.type is tuple and out_spec.num_children == tree.count
+            and all(c.is_leaf() for c in out_spec.children()))
     return tree if flat else None
 
 
@@ -224,7 +221,8 @@ def _compile(node: Any, slots: set[int]) -> _Builder:
     if set(node) == {"namedtuple", "fields", "items"}:
         fields = _names(node["fields"], "a named tuple's")
         if not isinstance(node["items"], list) or len(node["items"]) != len(fields):
-            raise OutputTreeError(f"output tree: named tuple {node['namedtuple']!r} has {len(fields)} fields but not as many items")
+            raise OutputTreeError(f"output tree: named tuple {node['namedtuple']!r} has {len(fields)} fields "
+                                  "but not as many items")
         path = _checked_path(node["namedtuple"], "a named tuple")  # checked now, the type found on first use
         cls = functools.cache(lambda: _namedtuple_type(path, fields))
         parts = [_compile(child, slots) for child in node["items"]]
@@ -233,24 +231,7 @@ def _compile(node: Any, slots: set[int]) -> _Builder:
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["dict"], "a dict", (str, int))]
         return lambda tensors: {k: part(tensors) for k, part in pairs}
     if set(node) == {"mapping", "items"}:
-        path = _checked_path(node["mapping"], "a mapping")
-        found = functools.cache(lambda: _loaded_type(path))
-        pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["items"], "a mapping", (str, int))]
-
-        def mapping(tensors: list[torch.Tensor]) -> Any:
-            items = {k: part(tensors) for k, part in pairs}
-            cls = found()
-            if cls is None or not issubclass(cls, dict):
-                return items
-            try:  # HF ModelOutput: set item by item (its update() refuses)
-                new = cls()
-                for k, v in items.items():
-                    new[k] = v
-                return new
-            except Exception:  # noqa: BLE001 - a subclass that needs arguments: the items as a dict
-                return items
-
-        return mapping
+        return _mapping(node, slots)
     if set(node) == {"dataclass", "fields"}:
         pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["fields"], "a dataclass", (str,))]
         names = _names([k for k, _ in pairs], "a dataclass's")
@@ -258,21 +239,48 @@ def _compile(node: Any, slots: set[int]) -> _Builder:
         cls = functools.cache(lambda: _dataclass_type(path, names))
         return lambda tensors: _fill(cls(), {k: part(tensors) for k, part in pairs})
     if set(node) == {"object", "fields"}:
-        pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["fields"], "an object", (str,))]
-        _names([k for k, _ in pairs], "an object's")
-        path = _checked_path(node["object"], "an object")
-        found = functools.cache(lambda: _loaded_type(path))
-
-        def obj(tensors: list[torch.Tensor]) -> Any:
-            values = {k: part(tensors) for k, part in pairs}
-            cls = found()
-            try:
-                return _fill(cls, values) if cls is not None else types.SimpleNamespace(**values)
-            except Exception:  # noqa: BLE001 - a type that can't be made without its __init__
-                return types.SimpleNamespace(**values)
-
-        return obj
+        return _object(node, slots)
     raise OutputTreeError(f"output tree: unknown node {sorted(node)}")
+
+
+def _mapping(node: dict[str, Any], slots: set[int]) -> _Builder:
+    """A dict subclass's node (HF ModelOutput): its type where it is loaded and can be made, else a dict."""
+    path = _checked_path(node["mapping"], "a mapping")
+    found = functools.cache(lambda: _loaded_type(path))
+    pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["items"], "a mapping", (str, int))]
+
+    def mapping(tensors: list[torch.Tensor]) -> Any:
+        items = {k: part(tensors) for k, part in pairs}
+        cls = found()
+        if cls is None or not issubclass(cls, dict):
+            return items
+        try:  # HF ModelOutput: set item by item (its update() refuses)
+            new = cls()
+            for k, v in items.items():
+                new[k] = v
+            return new
+        except Exception:  # noqa: BLE001 - a subclass that needs arguments: the items as a dict
+            return items
+
+    return mapping
+
+
+def _object(node: dict[str, Any], slots: set[int]) -> _Builder:
+    """A plain object's node: its type where it is loaded and can be made, else a namespace."""
+    pairs = [(k, _compile(v, slots)) for k, v in _pairs(node["fields"], "an object", (str,))]
+    _names([k for k, _ in pairs], "an object's")
+    path = _checked_path(node["object"], "an object")
+    found = functools.cache(lambda: _loaded_type(path))
+
+    def obj(tensors: list[torch.Tensor]) -> Any:
+        values = {k: part(tensors) for k, part in pairs}
+        cls = found()
+        try:
+            return _fill(cls, values) if cls is not None else types.SimpleNamespace(**values)
+        except Exception:  # noqa: BLE001 - a type that can't be made without its __init__
+            return types.SimpleNamespace(**values)
+
+    return obj
 
 
 class OutputTree:
@@ -289,7 +297,8 @@ class OutputTree:
     def rebuild(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
         tensors = list(tensors)
         if len(tensors) != self.count:
-            raise OutputTreeError(f"output tree: the compiled model returned {len(tensors)} tensors, the tree holds {self.count}")
+            raise OutputTreeError(f"output tree: the compiled model returned {len(tensors)} tensors, "
+                                  f"the tree holds {self.count}")
         return self._build(tensors)
 
     @classmethod

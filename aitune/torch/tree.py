@@ -4,42 +4,57 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-
-def _plain_object_attrs(value: Any) -> dict[str, Any] | None:
-    """The public attributes of a plain object that holds tensors directly (None for any other value):
-    the one rule by which both walks below treat objects that are no container."""
-    attrs = getattr(value, "__dict__", None)
-    if attrs and any(isinstance(v, torch.Tensor) for v in attrs.values()):
-        return {k: v for k, v in attrs.items() if not k.startswith("_")}
-    return None
+#: the kinds of container :func:`container` tells apart (the names an output tree's JSON uses too)
+NAMEDTUPLE, TUPLE, LIST, DICT, DATACLASS, OBJECT = "namedtuple", "tuple", "list", "dict", "dataclass", "object"
+_SEQUENCES = (NAMEDTUPLE, TUPLE, LIST)
 
 
-def _children(value: Any) -> Iterator[tuple[str, Any]] | None:
-    if isinstance(value, dict):  # also HF ModelOutput, an OrderedDict subclass
-        return ((f"[{k!r}]", v) for k, v in value.items())
+def container(value: Any) -> tuple[str, list[tuple[Any, Any]]] | None:
+    """``(kind, items)``: what kind of container ``value`` is, and its ``(key, item)`` pairs in a
+    stable order; None for a leaf (a tensor, a constant, anything else). The one rule by which
+    every walk of a model's output (:func:`flatten_tensors`, :func:`map_tensors`, and
+    ``aitune.torch.output_tree``, which keeps an output's tree through ``torch.export``) tells a
+    container from a leaf.
+
+    Keys: a named tuple's field names, a tuple's or list's indices, a dict's keys (any dict, HF
+    ``ModelOutput`` too, which is also a dataclass), a dataclass instance's field names, and the
+    public attributes of a plain object that holds tensors directly.
+    """
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        return NAMEDTUPLE, list(zip(type(value)._fields, value))
     if isinstance(value, (tuple, list)):
-        return ((f"[{i}]", v) for i, v in enumerate(value))
+        return (TUPLE if isinstance(value, tuple) else LIST), list(enumerate(value))
+    if isinstance(value, dict):
+        return DICT, list(value.items())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return ((f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
-    attrs = _plain_object_attrs(value)
-    if attrs is not None:
-        return ((f".{k}", v) for k, v in attrs.items())
+        return DATACLASS, [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict) and any(isinstance(v, torch.Tensor) for v in attrs.values()):
+        return OBJECT, [(k, v) for k, v in attrs.items() if not k.startswith("_")]
     return None
+
+
+def children(value: Any) -> list[tuple[str, Any]] | None:
+    """``value``'s items, each with the suffix of the path that reaches it (``[0]``, ``['key']``,
+    ``.field``); None for a leaf. The paths of :func:`flatten_tensors` and of the output check."""
+    found = container(value)
+    if found is None:
+        return None
+    kind, items = found
+    return [(f"[{i}]" if kind in _SEQUENCES else f"[{key!r}]" if kind == DICT else f".{key}", child)
+            for i, (key, child) in enumerate(items)]
 
 
 def flatten_tensors(value: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
     """Every tensor in ``value`` with the path that reaches it, in a stable order."""
     if isinstance(value, torch.Tensor):
         return [(path, value)]
-    children = _children(value)
-    if children is None:
-        return []
     out: list[tuple[str, torch.Tensor]] = []
-    for suffix, child in children:
+    for suffix, child in children(value) or []:
         out.extend(flatten_tensors(child, path + suffix))
     return out
 
@@ -50,34 +65,33 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     Tuples (named ones too), lists and dicts are rebuilt; dict subclasses (model-output objects),
     dataclass instances and plain objects holding tensors (the objects :func:`flatten_tensors`
     walks into) are shallow-copied and their entries, fields or public attributes replaced, so
-    the original is left as it was; anything else is returned as it is.
+    the original is left as it was (a clone of a graph's outputs shares none of them); anything
+    else is returned as it is.
     """
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(map_tensors(v, fn) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    if isinstance(value, dict) and type(value) is dict:
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
-    if not isinstance(value, dict) and not is_dataclass:
-        attrs = _plain_object_attrs(value)
-        if attrs is None:
-            return value
-        # A plain object that holds tensors (what flatten_tensors walks into): a shallow copy
-        # with those attributes mapped, or a clone of a graph's outputs would still share them.
-        new = copy.copy(value)
-        for k, v in attrs.items():
-            new.__dict__[k] = map_tensors(v, fn)
-        return new
+    found = container(value)
+    if found is None:
+        return value
+    kind, items = found
+    mapped = [(k, map_tensors(v, fn)) for k, v in items]
+    if kind == NAMEDTUPLE:
+        return type(value)(*(v for _, v in mapped))
+    if kind in (TUPLE, LIST):
+        return type(value)(v for _, v in mapped)
+    if kind == DICT and type(value) is dict:
+        return dict(mapped)
     new = copy.copy(value)
-    if isinstance(value, dict):
-        for k, v in value.items():
-            new[k] = map_tensors(v, fn)
-    if is_dataclass:
-        for f in dataclasses.fields(value):
-            # an entry already mapped above is the same value (model outputs keep both in step)
-            mapped = new[f.name] if isinstance(value, dict) and f.name in value else map_tensors(getattr(value, f.name), fn)
-            object.__setattr__(new, f.name, mapped)
+    if kind == OBJECT:
+        new.__dict__.update(mapped)
+    elif kind == DATACLASS:
+        for k, v in mapped:
+            object.__setattr__(new, k, v)
+    else:  # a dict subclass; a model output is a dataclass too, whose fields follow its entries
+        for k, v in mapped:
+            new[k] = v
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                field = new[f.name] if f.name in value else map_tensors(getattr(value, f.name), fn)
+                object.__setattr__(new, f.name, field)
     return new

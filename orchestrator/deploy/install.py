@@ -24,6 +24,7 @@ from aitune import deploy_root as layout
 from aitune.canonical import sha256_of
 from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.reference import load_reference
@@ -31,8 +32,8 @@ from aitune.torch.tree import flatten_tensors
 from orchestrator.records import DeployAction, DeployRecord, DeployStatus
 from orchestrator.store import DamagedCheckpoint
 from orchestrator.transfer import unpack_to
-from orchestrator.worker.actor import pick_device, quiet_libraries
 from orchestrator.worker.pretend_gpus import pretend_device
+from orchestrator.worker.process import pick_device, quiet_libraries
 
 DEPLOYED, REFUSED, FAILED = DeployStatus.DEPLOYED, DeployStatus.REFUSED, DeployStatus.FAILED
 
@@ -202,18 +203,15 @@ class NoWinnerForTarget(ValueError):
 
 def start_targets(inventory, targets) -> list:
     """One deploy actor per target slot: [(slot, actor)]."""
-    import ray
-
     from cluster import plan_deploy_targets
+    from cluster.actor_options import one_life_actor, slot_options
 
     slots = plan_deploy_targets(inventory, targets)
-    actor_class = ray.remote(max_restarts=0)(DeployWorker)
+    actor_class = one_life_actor(DeployWorker)
     actors = []
     for slot in slots:
-        options = dict(slot.actor_options())
-        if slot.env():
-            options["runtime_env"] = {"env_vars": slot.env()}
-        actors.append((slot, actor_class.options(**options).remote({"kind": slot.kind, "threads": slot.threads}, slot.label)))
+        config = {"kind": slot.kind, "threads": slot.threads}
+        actors.append((slot, actor_class.options(**slot_options(slot)).remote(config, slot.label)))
     return actors
 
 
@@ -252,73 +250,88 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
     past winners leaves that sweep's report as it was). ``require_winners``: raise
     :class:`NoWinnerForTarget` before installing anything when a target's device class has no winner.
     """
-    import ray
-
-    by_key = {r.key: r for r in results}
     actors = start_targets(inventory, spec.deploy.targets)
-    records: list[DeployRecord] = []
-    install = {"root": spec.deploy.root, "sweep_id": sweep_id}
-
-    def keep(rec: DeployRecord) -> None:
-        rec.sweep_id = rec.sweep_id or sweep_id
-        rec.at = rec.at or time.time()
-        if in_sweep:
-            store.put_deploy(sweep_id, rec)
-        store.put_install(rec)
-        records.append(rec)
-
-    def refuse_all(sel, reason: str) -> None:
-        for slot, _ in actors:
-            keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=reason))
-
+    rollout = _Rollout(spec, store, sweep_id, actors, in_sweep)
     try:
         classes = [info["device_class_key"] for info in target_infos(actors)]
         if require_winners:
             check_winners_for_targets(actors, selections, results)
-            problems = ray.get([a.check_root.remote(spec.deploy.root) for _, a in actors], timeout=120)
-            for (slot, _), problem in zip(actors, problems):
-                if problem:
-                    raise layout.DeployRootError(f"target {slot.label}: {problem}")
-        calls = []
-        for sel in selections:
-            if sel.winner_key is None:
-                continue
-            winner = by_key[sel.winner_key]
-            try:
-                checkpoint = store.checkpoint_bytes(winner)
-            except DamagedCheckpoint as exc:
-                refuse_all(sel, str(exc))
-                continue
-            reference = store.reference_bytes(winner.reference_key) if winner.reference_key else None
-            trust = {
-                "manifest_sha256": winner.manifest_sha256,
-                "factories": [spec.model(winner.model).factory],
-                "backends": [winner.backend] if ":" in winner.backend else [],
-            }
-            ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
-            for (slot, actor), device_class in zip(actors, classes):
-                if device_class != sel.device_class_key:
-                    continue  # a winner goes to the targets of its own device class only
-                calls.append((sel, slot, actor.deploy.remote(
+            rollout.check_roots()
+        by_key = {r.key: r for r in results}
+        calls = [call for sel in selections if sel.winner_key is not None
+                 for call in rollout.send(sel, by_key[sel.winner_key], classes)]
+        rollout.refuse_classless(selections, results, classes)
+        rollout.collect(calls)
+    finally:
+        stop_targets(actors)
+    return rollout.records
+
+
+class _Rollout:
+    """One ``deploy_winners`` call: its targets, and the records it keeps (in the store as it goes)."""
+
+    def __init__(self, spec, store, sweep_id: str, actors, in_sweep: bool) -> None:
+        self.spec, self.store, self.sweep_id, self.actors, self.in_sweep = spec, store, sweep_id, actors, in_sweep
+        self.install = {"root": spec.deploy.root, "sweep_id": sweep_id}
+        self.records: list[DeployRecord] = []
+
+    def keep(self, rec: DeployRecord) -> None:
+        rec.sweep_id = rec.sweep_id or self.sweep_id
+        rec.at = rec.at or time.time()
+        if self.in_sweep:
+            self.store.put_deploy(self.sweep_id, rec)
+        self.store.put_install(rec)
+        self.records.append(rec)
+
+    def check_roots(self) -> None:
+        """Every target's deploy root is usable, before anything is installed."""
+        import ray
+
+        problems = ray.get([a.check_root.remote(self.spec.deploy.root) for _, a in self.actors], timeout=120)
+        for (slot, _), problem in zip(self.actors, problems):
+            if problem:
+                raise layout.DeployRootError(f"target {slot.label}: {problem}")
+
+    def send(self, sel, winner, classes: list[str]) -> list:
+        """The winner's deploy calls, one per target of its device class: [(selection, slot, ref)]."""
+        import ray
+
+        try:
+            checkpoint = self.store.checkpoint_bytes(winner)
+        except DamagedCheckpoint as exc:
+            for slot, _ in self.actors:
+                self.keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=str(exc)))
+            return []
+        reference = self.store.reference_bytes(winner.reference_key) if winner.reference_key else None
+        factories, backends = candidate_allowlists(self.spec.model(winner.model).factory, winner.backend)
+        trust = {"manifest_sha256": winner.manifest_sha256, "factories": factories, "backends": backends}
+        ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
+        return [(sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
-                    spec.tolerance_overrides(), spec.deploy.latency_check_s, trust, install)))
-        # A target whose device class has no winner for a (model, batch) another class has one for
-        # was asked for and gets nothing: say so, naming the classes that have one.
+                    self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, self.install))
+                for (slot, actor), device_class in zip(self.actors, classes)
+                if device_class == sel.device_class_key]  # a winner goes to the targets of its own device class only
+
+    def refuse_classless(self, selections, results, classes: list[str]) -> None:
+        """A target whose device class has no winner for a (model, batch) another class has one for
+        was asked for and gets nothing: say so, naming the classes that have one."""
         names = {r.device_class_key: r.device_name for r in results}
         for (model, batch) in sorted({(s.model, s.batch_size) for s in selections if s.winner_key}):
             have = {s.device_class_key for s in selections if (s.model, s.batch_size) == (model, batch) and s.winner_key}
-            for (slot, _), device_class in zip(actors, classes):
+            for (slot, _), device_class in zip(self.actors, classes):
                 if device_class not in have:
                     listed = ", ".join(sorted(f"{names.get(k) or '?'} [{k[:12]}]" for k in have))
-                    keep(DeployRecord(model, batch, slot.label, REFUSED, None,
-                                      reason=f"no winner for this target's device class [{device_class[:12]}]; "
-                                             f"device classes with one: {listed}"))
+                    self.keep(DeployRecord(model, batch, slot.label, REFUSED, None,
+                                           reason=f"no winner for this target's device class [{device_class[:12]}]; "
+                                                  f"device classes with one: {listed}"))
+
+    def collect(self, calls) -> None:
+        import ray
+
         for sel, slot, ref in calls:
             try:
-                rec = DeployRecord.from_dict(ray.get(ref, timeout=spec.budgets.build_timeout_s))
+                rec = DeployRecord.from_dict(ray.get(ref, timeout=self.spec.budgets.build_timeout_s))
             except Exception as exc:
-                rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key, reason=f"{type(exc).__name__}: {exc}")
-            keep(rec)
-    finally:
-        stop_targets(actors)
-    return records
+                rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key,
+                                   reason=f"{type(exc).__name__}: {exc}")
+            self.keep(rec)

@@ -84,7 +84,7 @@ class TunedServer:
 
         from aitune import deploy_root as layout
         from aitune import load_tuned
-        from orchestrator.worker.actor import pick_device, quiet_libraries
+        from orchestrator.worker.process import pick_device, quiet_libraries
 
         quiet_libraries()
         bind_replica_grpc_to_node_ip()  # before Ray Serve starts that server, right after this constructor
@@ -237,13 +237,13 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
     """Run the application on a connected Ray: one replica per slot (all slots of one kind)."""
     from ray import serve
 
+    from cluster.actor_options import slot_options
+
     kinds = {s.kind for s in slots}
     if len(kinds) != 1:
         raise ValueError(f"serve: the targets mix {' and '.join(sorted(kinds))} slots; serve one kind of device at a time")
     slot = slots[0]
-    options: dict[str, Any] = dict(slot.actor_options())
-    if slot.env():
-        options["runtime_env"] = {"env_vars": slot.env()}
+    options = slot_options(slot)
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(TunedServer, name="TunedServer").options(
         num_replicas=len(slots), ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,

@@ -27,7 +27,7 @@ _TARGET_FORMS = "all_gpus, gpus=N, cpu_slots=N or accelerator_type=NAME"
 
 def parse_target(text: str) -> str | dict[str, Any]:
     """``all_gpus``, ``gpus=2``, ``cpu_slots=2``, ``accelerator_type=H200``: the spec's target forms."""
-    from orchestrator.spec.schema import DeploySpec
+    from orchestrator.spec.sections import DeploySpec
 
     if text == "all_gpus":
         target: str | dict[str, Any] = text

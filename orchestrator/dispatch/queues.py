@@ -12,14 +12,14 @@ takes, in this order:
 Within that model, given ``toolchain`` (what a job's backend starts in a worker process on its
 first build: ``torch.compile``'s compiler, the ONNX exporter, seconds each), it takes a job of a
 toolchain it has started, else of one no live worker has started, else of one other workers
-started only where the scheduler judges it worth a start (see ``Scheduler``: those workers are
-all in one long build, or the toolchain's jobs waiting would take its workers longer than a
-start costs), or, before it has seen what the start and the jobs cost, while more than twice
-as many of its jobs wait (in all models) as workers that started it; and never for a job sent
-ahead to it while it is busy; else it
-tries the other models the same way, and else it waits. Each toolchain's start is paid by one
-worker while the others go on with the rest, and the last job of a toolchain is not taken, at
-the cost of that start, by a worker that frees a moment before the one that has it started.
+started only where the queue's start-cost rule (:mod:`orchestrator.dispatch.start_cost`) judges
+it worth a start (those workers are all in one long build, or the toolchain's jobs waiting would
+take its workers longer than a start costs, or, before what the start and the jobs cost has been
+seen, more than twice as many of its jobs wait, in all models, as workers that started it); and
+never for a job sent ahead to it while it is busy; else it tries the other models the same way,
+and else it waits. Each toolchain's start is paid by one worker while the others go on with the
+rest, and the last job of a toolchain is not taken, at the cost of that start, by a worker that
+frees a moment before the one that has it started.
 
 Within a model, jobs go first in, first out, unless the queue is given ``estimate`` (a job's
 expected seconds): then the longest go first, so that the sweep does not end waiting on one
@@ -40,6 +40,7 @@ import itertools
 import math
 from typing import Callable, Collection, Iterable, Iterator
 
+from orchestrator.dispatch.start_cost import ByCount, StartRule
 from orchestrator.records import Job
 
 #: what ``_chain_for`` answers when a worker should leave a model's jobs to others
@@ -48,9 +49,11 @@ _WAIT = object()
 
 class ModelQueues:
     def __init__(self, estimate: Callable[[Job], float] | None = None,
-                 toolchain: Callable[[Job], str | None] | None = None) -> None:
+                 toolchain: Callable[[Job], str | None] | None = None, start_cost: StartRule | None = None) -> None:
+        """``start_cost``: whether a worker starts a toolchain others started (:class:`ByCount` if None)."""
         self._estimate = estimate
         self._toolchain = toolchain
+        self._start_cost = start_cost if start_cost is not None else ByCount()
         # model -> toolchain -> heap of (priority, sequence, job)
         self._by_model: dict[str, dict[str | None, list[tuple[float, int, Job]]]] = {}
         self._work: collections.Counter[str] = collections.Counter()  # model -> work waiting
@@ -70,7 +73,10 @@ class ModelQueues:
     def append(self, job: Job, *, front: bool = False) -> None:
         """Queue ``job`` among its model's jobs, or ahead of them (a retry, a job now runnable)."""
         cost = self._estimate(job) if self._estimate is not None else 1.0
-        key = (-math.inf, next(self._fronts)) if front else (-cost if self._estimate is not None else 0.0, next(self._seq))
+        if front:
+            key = (-math.inf, next(self._fronts))
+        else:
+            key = (-cost if self._estimate is not None else 0.0, next(self._seq))
         chain = self.toolchain(job)
         heapq.heappush(self._by_model.setdefault(job.model, {}).setdefault(chain, []), (*key, job))
         self._waiting[chain] += 1
@@ -85,9 +91,9 @@ class ModelQueues:
                 share: bool | Callable[[str], bool] = True) -> Job | None:
         """The next job for a worker that holds ``held``, ran ``last`` most recently and has
         ``started`` these toolchains; None: what waits is better left to the workers that have
-        its toolchain started (it must wait). ``share``: False, never a toolchain other workers
-        started (for a job sent ahead to a busy worker, which may free after they do); a
-        predicate, such a toolchain also when it says so (its workers are all in long builds)."""
+        its toolchain started (it must wait). ``share``: whether it may start a toolchain other
+        workers started: True, where the start-cost rule says so; False, never (for a job sent
+        ahead to a busy worker, which may free after they do); a predicate, where it says so."""
         if not self._size:
             raise IndexError("pop from an empty queue")
         model = last if last in self._by_model else next((m for m in held if m in self._by_model), None)
@@ -98,7 +104,8 @@ class ModelQueues:
             rest = [m for m in held if m in self._by_model and m != model]
             seen = {model, *rest}
             rest += sorted((m for m in self._by_model if m not in seen), key=self._share, reverse=True)
-            found = next(((m, c) for m in rest for c in (self._chain_for(self._by_model[m], started, share),) if c is not _WAIT), None)
+            found = next(((m, c) for m in rest for c in (self._chain_for(self._by_model[m], started, share),)
+                          if c is not _WAIT), None)
             if found is None:
                 return None
             model, chain = found
@@ -126,26 +133,21 @@ class ModelQueues:
         if len(chains) == 1 and None in chains:  # nothing to keep to (and every job, without toolchains)
             return None
         first = {chain: queue[0][:2] for chain, queue in chains.items()}
-        rules = (lambda c: first[c][0] == -math.inf, lambda c: c is None or c in started, lambda c: not self._started[c],
-                 lambda c: self._shares(c, share))
-        for rule in rules:  # in turn: the last asks the scheduler about the workers
+        rules = (lambda c: first[c][0] == -math.inf, lambda c: c is None or c in started,
+                 lambda c: not self._started[c], lambda c: self._shares(c, share))
+        for rule in rules:  # in turn: the last asks the start-cost rule
             choice = [c for c in chains if rule(c)]
             if choice:
                 return min(choice, key=first.__getitem__)
         return _WAIT
 
-    def _shares(self, chain: str, share: bool | Callable[[str], bool | None]) -> bool:
-        """Whether a worker takes a job of ``chain``, which other live workers started: as
-        ``share(chain)`` says where it has a view (the scheduler's, from what it has seen the
-        toolchain's start and its jobs cost), else when more than twice as many of its jobs wait
-        as workers that started it (fewer, and those are likely done with them before this one
-        has started it)."""
+    def _shares(self, chain: str, share: bool | Callable[[str], bool]) -> bool:
+        """Whether a worker takes a job of ``chain``, which other live workers started (see :meth:`pop_for`)."""
         if share is False:
             return False
-        verdict = share(chain) if callable(share) else None
-        if verdict is not None:
-            return bool(verdict)
-        return self._waiting[chain] > 2 * self._started[chain]
+        if callable(share):
+            return bool(share(chain))
+        return self._start_cost.worth_starting(chain, self._waiting[chain], self._started[chain])
 
     def waiting(self, chain: str | None) -> int:
         """How many jobs of ``chain`` wait."""
@@ -171,6 +173,20 @@ class ModelQueues:
         """A worker that held ``model`` is gone."""
         _take_one(self._holders, model)
 
+    def joined(self, models: Iterable[str], toolchains: Iterable[str]) -> None:
+        """A live worker of this class holds ``models`` and has started ``toolchains``."""
+        for model in models:
+            self.hold(model)
+        for chain in toolchains:
+            self.started(chain)
+
+    def left(self, models: Iterable[str], toolchains: Iterable[str]) -> None:
+        """A worker that held ``models`` and had started ``toolchains`` is gone."""
+        for model in models:
+            self.release(model)
+        for chain in toolchains:
+            self.stopped(chain)
+
     def drain(self) -> Iterator[Job]:
         """Every waiting job, model by model, in queue order; the queue is empty afterwards."""
         by_model, self._by_model, self._size = self._by_model, {}, 0
@@ -179,6 +195,18 @@ class ModelQueues:
         for chains in by_model.values():
             queue = sorted(entry for heap in chains.values() for entry in heap)
             yield from (job for *_, job in queue)
+
+
+class ClassQueues(dict[str, ModelQueues]):
+    """Each device class's :class:`ModelQueues`, made by ``make(device_class_key)`` on first use."""
+
+    def __init__(self, make: Callable[[str], ModelQueues]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, device_class_key: str) -> ModelQueues:
+        queue = self[device_class_key] = self._make(device_class_key)
+        return queue
 
 
 def _take_one(counts: collections.Counter, key) -> None:

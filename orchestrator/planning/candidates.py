@@ -11,7 +11,8 @@ from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
-from orchestrator.spec.schema import CandidateSpec, ModelSpec, SweepSpec
+from orchestrator.spec.models import CandidateSpec, ModelSpec
+from orchestrator.spec.schema import SweepSpec
 
 
 def load_model(spec: ModelSpec) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator import records as R
-from orchestrator.dispatch.scheduler import JobGate
+from orchestrator.dispatch.gate import JobGate
 from orchestrator.planning.keys import Decision
 from orchestrator.records import ResultRecord, SelectionRecord
 from orchestrator.spec.schema import SweepSpec

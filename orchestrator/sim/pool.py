@@ -31,8 +31,8 @@ from typing import Any, Collection
 
 from cluster.placement import Slot
 from orchestrator import records as R
+from orchestrator.dispatch.clock import Clock
 from orchestrator.dispatch.pool import WorkerDied, WorkerPool
-from orchestrator.dispatch.scheduler import Clock
 from orchestrator.records import Job, WorkerInfo, result_for
 
 

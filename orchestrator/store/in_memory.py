@@ -1,264 +1,167 @@
-"""A store that lives in one process's memory: the same rules as SQLite, for tests and simulations."""
+"""A store that lives in one process's memory: the rules of ``ResultStore``, rows in dicts, for tests and simulations.
+
+Records are kept as the JSON SQLite would keep, so what is read back is a fresh copy that shares nothing
+with the caller's, exactly as from the embedded store.
+"""
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import io
 import itertools
-import secrets
-import tarfile
 import threading
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from orchestrator.records import BUILT, REUSED, DeployRecord, ResultRecord, SelectionRecord
-from orchestrator.store.base import (
-    DEFAULT_LEASE_S,
-    RUNNING,
-    DamagedCheckpoint,
-    ResultStore,
-    SweepInfo,
-    check_key,
-    effective_status,
-)
+from orchestrator.records import BUILT, REUSED, ResultRecord
+from orchestrator.store.base import ResultStore
+from orchestrator.store.blobs import manifest_sha
+from orchestrator.store.rows import DEFAULT_LEASE_S, ResultRow, SweepRow
 
-
-@dataclass
-class _Sweep:
-    info: SweepInfo
-    lease_s: float
+_PREFIX = "memory:"
 
 
 class MemoryStore(ResultStore):
     root = None
+    _where = "memory store"
 
     def __init__(self, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.lease_s = lease_s
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._sweeps: dict[str, _Sweep] = {}
-        self._rows: dict[int, tuple[str, str, ResultRecord | None, int | None]] = {}  # id -> sweep, how, record, source
+        self._sweeps: dict[str, SweepRow] = {}
+        #: id -> the row, and what it sorts by within its sweep (model, batch size, candidate, key)
+        self._rows: dict[int, tuple[ResultRow, tuple]] = {}
+        self._recorded: set[tuple[str, str]] = set()  # (sweep id, key) of every row
         self._claims: dict[str, tuple[str, float]] = {}
-        self._selections: dict[str, list[SelectionRecord]] = {}
-        self._deploys: dict[str, list[DeployRecord]] = {}
+        self._selections: dict[str, dict[tuple, str]] = {}
+        self._deploys: dict[str, list[str]] = {}
+        self._installs: list[str] = []
         self._refs: dict[str, bytes] = {}
-        self._installs: list[DeployRecord] = []
         self._blobs: dict[str, bytes] = {}  # sha256 -> bytes (checkpoints by manifest sha, outputs by their own)
 
-    def _sweep(self, sweep_id: str) -> _Sweep:
-        if sweep_id not in self._sweeps:
-            raise KeyError(f"unknown sweep id {sweep_id!r}; known sweeps: {sorted(self._sweeps) or 'none'}")
-        return self._sweeps[sweep_id]
-
-    def begin_sweep(self, name: str, spec: dict) -> str:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"sweep name must be a non-empty string, got {name!r}")
-        now = time.time()
-        sweep_id = f"{now:.6f}-{secrets.token_hex(3)}"
+    @contextmanager
+    def _write(self) -> Iterator[None]:
         with self._lock:
-            self._sweeps[sweep_id] = _Sweep(SweepInfo(sweep_id, name, dict(spec), now, None, RUNNING, now), self.lease_s)
-        return sweep_id
+            yield None
 
-    def heartbeat(self, sweep_id: str) -> None:
-        now = time.time()
-        with self._lock:
-            self._sweep(sweep_id).info.heartbeat_at = now
-            for key, (owner, _) in list(self._claims.items()):
-                if owner == sweep_id:
-                    self._claims[key] = (owner, now + self.lease_s)
+    _read = _write
 
-    def finish_sweep(self, sweep_id: str, status: str) -> None:
-        with self._lock:
-            sweep = self._sweep(sweep_id)
-            sweep.info.status, sweep.info.finished_at = status, time.time()
-            self._claims = {k: v for k, v in self._claims.items() if v[0] != sweep_id}
+    # -- sweeps -------------------------------------------------------------------------------
 
-    def _info(self, sweep: _Sweep) -> SweepInfo:
-        info = SweepInfo(**{**sweep.info.__dict__})
-        info.status = effective_status(info.status, info.heartbeat_at, sweep.lease_s)
-        rows = [r for r in self._rows.values() if r[0] == info.id]
-        info.candidates, info.from_store = len(rows), sum(1 for r in rows if r[1] != BUILT)
-        return info
+    def _insert_sweep(self, tx: None, row: SweepRow) -> None:
+        self._sweeps[row.id] = SweepRow(**row.__dict__)
 
-    def list_sweeps(self) -> list[SweepInfo]:
-        with self._lock:
-            return [self._info(s) for s in sorted(self._sweeps.values(), key=lambda s: (s.info.started_at, s.info.id))]
+    def _set_heartbeat(self, tx: None, sweep_id: str, at: float) -> None:
+        if sweep_id in self._sweeps:
+            self._sweeps[sweep_id].heartbeat_at = at
 
-    def sweep_info(self, sweep_id: str) -> SweepInfo:
-        with self._lock:
-            return self._info(self._sweep(sweep_id))
+    def _set_finished(self, tx: None, sweep_id: str, status: str, at: float) -> None:
+        self._sweeps[sweep_id].status, self._sweeps[sweep_id].finished_at = status, at
 
-    def claim(self, key: str, owner: str) -> str | None:
-        now = time.time()
-        with self._lock:
-            held = self._claims.get(key)
-            if held is not None and held[0] != owner and held[1] > now:
-                return held[0]
-            self._claims[key] = (owner, now + self.lease_s)
-        return None
+    def _has_sweep(self, tx: None, sweep_id: str) -> bool:
+        return sweep_id in self._sweeps
 
-    def release(self, key: str, owner: str) -> None:
-        with self._lock:
-            if self._claims.get(key, ("",))[0] == owner:
-                del self._claims[key]
+    def _sweep_ids(self, tx: None) -> list[str]:
+        return [s.id for s in sorted(self._sweeps.values(), key=lambda s: (s.started_at, s.id))]
 
-    def add_result(self, sweep_id, record, checkpoint=None, outputs=None) -> ResultRecord:
-        check_key(record.key, "result key")
-        if record.how == REUSED:
-            raise ValueError("a reused result is recorded with add_reuse, which points at what it reuses")
-        stored = _copy(record)
-        stored.created_at = record.created_at or time.time()
-        if checkpoint is not None:
-            sha = _manifest_sha(bytes(checkpoint))
-            self._blobs[sha] = bytes(checkpoint)
-            stored.checkpoint, stored.manifest_sha256 = f"memory:{sha}", sha
-        elif record.source is None:
-            stored.checkpoint = stored.manifest_sha256 = None
-        if outputs is not None:
-            sha = hashlib.sha256(outputs).hexdigest()
-            self._blobs[sha] = bytes(outputs)
-            stored.outputs = f"memory:{sha}"
-        with self._lock:
-            self._sweep(sweep_id)
-            self._require_new(sweep_id, record.key)
-            if record.source is not None:
-                origin = self._origin((record.source or {}).get("result"), record.key)
-                if origin is None:
-                    raise KeyError(f"result {record.key[:12]} names source result {record.source.get('result')}, "
-                                   "which the store does not hold")
-                stored.source = {"sweep": self._rows[origin][0], "result": origin}
-                if checkpoint is None:  # it judged the source's artifact again: it keeps that checkpoint
-                    kept = self._rows[origin][2]
-                    stored.checkpoint, stored.manifest_sha256 = kept.checkpoint, kept.manifest_sha256
-            rid = next(self._ids)
-            stored.result_id, stored.sweep_id = rid, sweep_id
-            self._rows[rid] = (sweep_id, stored.how, stored, None)
-            if self._claims.get(record.key, ("",))[0] == sweep_id:
-                del self._claims[record.key]
-        return _copy(stored)
+    def _sweep_rows(self, tx: None, sweep_id: str | None = None) -> list[SweepRow]:
+        counts: dict[str, list[int]] = {}
+        for row, _ in self._rows.values():
+            n = counts.setdefault(row.sweep_id, [0, 0])
+            n[0], n[1] = n[0] + 1, n[1] + (row.how != BUILT)
+        return [SweepRow(**{**self._sweeps[i].__dict__, "candidates": counts.get(i, [0, 0])[0],
+                            "from_store": counts.get(i, [0, 0])[1]})
+                for i in self._sweep_ids(tx) if sweep_id in (None, i)]
 
-    def add_reuse(self, sweep_id: str, source: ResultRecord) -> ResultRecord:
-        with self._lock:
-            self._sweep(sweep_id)
-            # A reused record stands for what it reuses: point at that, never at another reuse row.
-            origin = self._origin(source.result_id, source.key)
-            if origin is None:
-                raise KeyError(f"cannot mark {source.key!r} as reused in sweep {sweep_id}: no stored result {source.result_id}")
-            self._require_new(sweep_id, source.key)
-            rid = next(self._ids)
-            self._rows[rid] = (sweep_id, REUSED, None, origin)
-            reused = _copy(self._rows[origin][2])
-        reused.how, reused.source = REUSED, {"sweep": self._rows[origin][0], "result": origin}
-        reused.result_id, reused.sweep_id = rid, sweep_id
-        return reused
+    # -- claims -------------------------------------------------------------------------------
 
-    def _origin(self, result_id: int | None, key: str) -> int | None:
-        """The id of the stored result ``result_id`` stands for: itself, or what it reuses."""
-        row = self._rows.get(result_id)
-        if row is not None and row[2] is None:
-            result_id, row = row[3], self._rows.get(row[3])
-        return result_id if row is not None and row[2] is not None and row[2].key == key else None
+    def _claim_of(self, tx: None, key: str) -> tuple[str, float] | None:
+        return self._claims.get(key)
 
-    def _require_new(self, sweep_id: str, key: str) -> None:
-        if any(r[0] == sweep_id and (r[2] or self._rows[r[3]][2]).key == key for r in self._rows.values()):
-            raise ValueError(f"sweep {sweep_id} already recorded a result for {key[:12]}")
+    def _put_claim(self, tx: None, key: str, owner: str, expires_at: float) -> None:
+        self._claims[key] = (owner, expires_at)
 
-    def results_for(self, keys: Iterable[str]) -> dict[str, list[ResultRecord]]:
+    def _drop_claims(self, tx: None, owner: str, key: str | None = None) -> None:
+        if key is None:
+            self._claims = {k: v for k, v in self._claims.items() if v[0] != owner}
+        elif self._claims.get(key, ("",))[0] == owner:
+            del self._claims[key]
+
+    def _renew_claims(self, tx: None, owner: str, expires_at: float) -> None:
+        for key, (held_by, _) in list(self._claims.items()):
+            if held_by == owner:
+                self._claims[key] = (owner, expires_at)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _result_row(self, tx: None, result_id: Any) -> ResultRow | None:
+        found = self._rows.get(result_id) if isinstance(result_id, int) else None
+        return None if found is None else found[0]
+
+    def _has_result(self, tx: None, sweep_id: str, key: str) -> bool:
+        return (sweep_id, key) in self._recorded
+
+    def _insert_result(self, tx: None, sweep_id: str, record: ResultRecord, how: str, source_id: int | None,
+                       blob: str | None, created_at: float) -> int:
+        rid = next(self._ids)
+        order = (record.model, record.batch_size, record.candidate, record.key)
+        self._rows[rid] = (ResultRow(rid, sweep_id, record.key, blob, source_id, how), order)
+        self._recorded.add((sweep_id, record.key))
+        return rid
+
+    def _rows_for_keys(self, tx: None, keys: list[str]) -> list[ResultRow]:
         wanted = set(keys)
-        found: dict[str, list[ResultRecord]] = {}
-        with self._lock:
-            for rid in sorted(self._rows, reverse=True):
-                _, how, record, _ = self._rows[rid]
-                if record is not None and record.key in wanted:
-                    found.setdefault(record.key, []).append(_copy(record))
-        return found
+        return [row for row, _ in sorted(self._rows.values(), key=lambda r: -r[0].id)
+                if row.key in wanted and row.how != REUSED]
 
-    def sweep_results(self, sweep_id: str) -> list[ResultRecord]:
-        out = []
-        with self._lock:
-            self._sweep(sweep_id)
-            for rid, (sweep, how, record, source) in sorted(self._rows.items()):
-                if sweep != sweep_id:
-                    continue
-                if record is None:
-                    record = _copy(self._rows[source][2])
-                    record.how, record.source = REUSED, {"sweep": self._rows[source][0], "result": source}
-                    record.result_id, record.sweep_id = rid, sweep_id
-                out.append(_copy(record))
-        return sorted(out, key=lambda r: (r.model, r.batch_size, r.candidate, r.key))
+    def _sweep_result_rows(self, tx: None, sweep_id: str) -> list[tuple[ResultRow, ResultRow | None]]:
+        mine = sorted((r for r in self._rows.values() if r[0].sweep_id == sweep_id), key=lambda r: r[1])
+        return [(row, self._result_row(tx, row.source_id)) for row, _ in mine]
 
-    def put_selection(self, sweep_id, selection) -> None:
-        with self._lock:
-            self._sweep(sweep_id)
-            group = (selection.model, selection.batch_size, selection.device_class_key)
-            # A later decision for the same group replaces the sweep's earlier one.
-            kept = [s for s in self._selections.get(sweep_id, []) if (s.model, s.batch_size, s.device_class_key) != group]
-            self._selections[sweep_id] = [*kept, SelectionRecord.from_dict(selection.to_dict())]
+    # -- selections and deployments -----------------------------------------------------------
 
-    def selections(self, sweep_id):
-        with self._lock:
-            self._sweep(sweep_id)
-            return sorted((SelectionRecord.from_dict(s.to_dict()) for s in self._selections.get(sweep_id, [])),
-                          key=lambda s: (s.model, s.batch_size, s.device_class_key))
+    def _put_selection(self, tx: None, sweep_id: str, group: tuple[str, int, str], blob: str) -> None:
+        self._selections.setdefault(sweep_id, {})[group] = blob
 
-    def put_deploy(self, sweep_id, deploy) -> None:
-        with self._lock:
-            self._sweep(sweep_id)
-            self._deploys.setdefault(sweep_id, []).append(DeployRecord.from_dict(deploy.to_dict()))
+    def _selection_blobs(self, tx: None, sweep_id: str) -> list[str]:
+        return [blob for _, blob in sorted(self._selections.get(sweep_id, {}).items())]
 
-    def deployments(self, sweep_id):
-        with self._lock:
-            self._sweep(sweep_id)
-            return [DeployRecord.from_dict(d.to_dict()) for d in self._deploys.get(sweep_id, [])]
+    def _append_deploy(self, tx: None, sweep_id: str, blob: str) -> None:
+        self._deploys.setdefault(sweep_id, []).append(blob)
 
-    def put_install(self, deploy) -> None:
-        if not isinstance(deploy, DeployRecord) or not deploy.sweep_id:
-            raise TypeError("put_install expects a DeployRecord naming its sweep_id")
-        with self._lock:
-            self._sweep(deploy.sweep_id)
-            self._installs.append(DeployRecord.from_dict(deploy.to_dict()))
+    def _deploy_blobs(self, tx: None, sweep_id: str) -> list[str]:
+        return list(self._deploys.get(sweep_id, []))
 
-    def installs(self):
-        with self._lock:
-            return [DeployRecord.from_dict(d.to_dict()) for d in self._installs]
+    def _append_install(self, tx: None, sweep_id: str, at: float, blob: str) -> None:
+        self._installs.append(blob)
 
-    def put_reference(self, ref_key: str, data: bytes) -> None:
-        check_key(ref_key, "reference key")
-        self._refs[ref_key] = bytes(data)
+    def _install_rows(self, tx: None) -> list[tuple[int, str]]:
+        return list(enumerate(self._installs, start=1))
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _put_checkpoint(self, data: bytes) -> tuple[str, str]:
+        sha = manifest_sha(data)
+        self._blobs[sha] = data
+        return f"{_PREFIX}{sha}", sha
+
+    def _put_outputs(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self._blobs[sha] = data
+        return f"{_PREFIX}{sha}"
+
+    def _put_reference(self, ref_key: str, data: bytes) -> None:
+        self._refs[ref_key] = data
 
     def reference_bytes(self, ref_key: str) -> bytes | None:
         return self._refs.get(ref_key)
 
-    def checkpoint_problem(self, record: ResultRecord) -> str | None:
-        if not record.manifest_sha256 or record.manifest_sha256 not in self._blobs:
-            return "the result has no stored checkpoint"
-        return None
+    def _checkpoint_problem(self, where: str, manifest_sha: str) -> str | None:
+        return None if manifest_sha in self._blobs else "the result has no stored checkpoint"
 
-    def checkpoint_bytes(self, record: ResultRecord) -> bytes:
-        problem = self.checkpoint_problem(record)
-        if problem:
-            raise DamagedCheckpoint(f"stored checkpoint of {record.candidate} ({record.key[:12]}): {problem}")
-        return self._blobs[record.manifest_sha256]
+    def _checkpoint_bytes(self, where: str) -> bytes:
+        return self._blobs[where.removeprefix(_PREFIX)]
 
-    def outputs_bytes(self, record: ResultRecord) -> bytes | None:
-        return self._blobs.get((record.outputs or "").removeprefix("memory:"))
-
-
-def _copy(record: ResultRecord) -> ResultRecord:
-    """A deep copy: records hold dicts and lists, which the caller must not share with the store."""
-    return copy.deepcopy(record)
-
-
-def _manifest_sha(packed: bytes) -> str:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(packed), mode="r:") as tar:
-            member = tar.extractfile("manifest.json")
-            if member is None:
-                raise KeyError("manifest.json")
-            return hashlib.sha256(member.read()).hexdigest()
-    except KeyError:
-        raise ValueError("the worker's checkpoint has no manifest.json") from None
-    except tarfile.TarError as e:
-        raise ValueError(f"not a valid checkpoint archive ({e})") from None
+    def _outputs_bytes(self, where: str) -> bytes | None:
+        return self._blobs.get(where.removeprefix(_PREFIX))

@@ -17,7 +17,7 @@ from orchestrator.outcome.selection import Answer, Ask
 from orchestrator.planning.candidates import candidate_specs
 from orchestrator.records import Group, ResultRecord, SelectionRecord
 from orchestrator.spec.schema import SweepSpec, parse_spec
-from orchestrator.store import ResultStore
+from orchestrator.store import ResultStore, SweepStatus
 from orchestrator.sweep.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class EarlierDecisions:
             return None
         origins = {origin(r) for r in records}
         for sweep in reversed(self.store.list_sweeps()):
-            if sweep.id == self.this_sweep or sweep.status != "done" or not self._same_objective(sweep):
+            if sweep.id == self.this_sweep or sweep.status != SweepStatus.DONE or not self._same_objective(sweep):
                 continue
             for sel in self.store.selections(sweep.id):
                 if sel.group == group and self._group_origins(sweep.id, group) == origins:

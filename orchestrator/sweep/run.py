@@ -17,6 +17,7 @@ from orchestrator.dispatch.progress import Progress
 from orchestrator.dispatch.scheduler import Limits, Scheduler
 from orchestrator.planning.candidates import Toolchains
 from orchestrator.spec.schema import SweepSpec
+from orchestrator.store import SweepStatus
 from orchestrator.sweep.options import SweepOptions, SweepOutcome
 from orchestrator.sweep.prepare import prepare
 from orchestrator.sweep.session import SweepSession
@@ -53,7 +54,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
                 raise ValueError(f"deploy.targets: {exc}") from None
         # Owned by the driver: they hand out core blocks and the measure lock for the whole sweep.
         node_shares = start_node_shares([n.node_id for n in inventory.alive_nodes])  # noqa: F841
-        sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"))  # MERGE: objective=
+        sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"), objective=spec.strategy().describe())
         console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); "
                       f"store {store.root or 'in memory'}", markup=False, highlight=False)
         progress = Progress(console, live=options.live)
@@ -68,14 +69,14 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
             scheduler.shutdown()
             scheduler = None
             deployments = session.deploy(tuned, selections, inventory)
-        store.finish_sweep(sweep_id, "done")
+        store.finish_sweep(sweep_id, SweepStatus.DONE)
         outcome = session.outcome(tuned, selections, deployments, decide_s)
         if options.write_report:
             session.report(outcome)
         return outcome
     except BaseException as exc:
         if sweep_id is not None:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}"
+            status = SweepStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}"
             try:
                 store.finish_sweep(sweep_id, status)
             except Exception as inner:  # the original error matters more

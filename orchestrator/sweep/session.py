@@ -122,11 +122,9 @@ class SweepSession:
             gate = FamilyGate(gate, waves, self.store, self.sweep_id, to_run, results)
         if not to_run:
             return results  # everything came from the store: no worker needs to start
-        scheduler = self.workers.started()
-        limits = scheduler.limits if budget_s is None else dataclasses.replace(scheduler.limits, total_s=budget_s)
         # Longest first, by the store's phase history: a long build that starts last holds up the end.
-        ran = scheduler.run(to_run, self.asks.want, gate=gate, payload=self._payload,
-                            estimate=job_estimator(self.store), limits=limits)
+        ran = self.workers.started().run(to_run, self.asks.want, gate=gate, payload=self._payload,
+                                         estimate=job_estimator(self.store), budget_s=budget_s)
         return results + [r for r in ran if r.error_class != NARROWED]
 
     # -- select -------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import threading
 from aitune.canonical import sha256_of
 from aitune.environment import describe_environment
 from orchestrator import records as R
-from orchestrator.dispatch.scheduler import JobGate, Scheduler
+from orchestrator.dispatch.gate import JobGate
+from orchestrator.dispatch.scheduler import Scheduler
 from orchestrator.records import Job, ResultRecord, WorkerInfo
 from orchestrator.store import ResultStore
 

@@ -2,86 +2,51 @@
 
 The actor keeps each model and its eager fp32 reference between candidates. Each candidate runs
 in two calls, ``build`` then ``finish`` (check, measure, save), so that the driver can hold each
-phase to its own timeout and kill the actor when one hangs.
+phase to its own timeout and kill the actor when one hangs. Its process set-up is in
+``process`` and ``on_node``, its memory checks in ``hygiene`` and ``heap``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
-import traceback
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from aitune.canonical import sha256_of
 from aitune.check import tolerance_for
 from aitune.checkpoint import load_checkpoint, save_checkpoint
+from aitune.checkpoint_trust import candidate_allowlists
 from aitune.decision import DecisionRule, load_average, run_rounds
 from aitune.environment import describe_environment
+from aitune.failures import build_failure_status
 from aitune.judge import judge
-from aitune.measure import MeasureConfig
 from aitune.reference import pack_outputs, pack_reference
 from aitune.specs import GraphSpec, Sample
-from aitune.torch.backend.backend import Backend, UnsupportedDeviceError, build_sharing
+from aitune.torch.backend.backend import Backend, build_sharing
 from aitune.torch.backend.registry import make_backend
 from aitune.torch.export_cache import machine_export_cache
 from aitune.torch.precision import use_fp32_reference_settings
-from aitune.torch.tree import map_tensors
 from orchestrator import records as R
-from orchestrator.error_text import summarize
-from orchestrator.planning.candidates import load_model, make_sample, model_fingerprint, not_deterministic
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 from orchestrator.spec.schema import SweepSpec, parse_spec
 from orchestrator.transfer import pack_dir, unpack_to
 from orchestrator.worker import hygiene
+from orchestrator.worker.failures import NotDeterministicModel, error_of
+from orchestrator.worker.heap import HeapClock
 from orchestrator.worker.model_cache import ModelCache, default_limit_bytes
+from orchestrator.worker.on_node import measuring_alone, pin_to_share
 from orchestrator.worker.pretend_gpus import pretend_device
-
-
-def pick_device(kind: str) -> torch.device:
-    """What torch sees decides the device, not what Ray granted (pretend GPUs have no CUDA)."""
-    if kind == "gpu" and torch.cuda.is_available():
-        return torch.device("cuda:0")  # Ray's CUDA_VISIBLE_DEVICES leaves this actor one GPU
-    return torch.device("cpu")
-
-
-class OneLineFailures(logging.Filter):
-    """A failed build's traceback is its result's error (in the store and report.json); the
-    worker's log, which Ray prints on the driver's console, says it in one line: a sweep of many
-    models whose exports fail would otherwise print a page of torch.export's traceback for each."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None:
-            said = summarize("".join(traceback.format_exception(exc)), 240)
-            record.msg, record.args = f"{record.getMessage()}: {said} (its traceback: the result's error, in report.json)", None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def quiet_libraries() -> None:
-    """Keep worker logs to what matters: the ONNX exporter and torch's pytree are chatty, and a
-    failed build is a line, not its traceback."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    # a data-dependent branch makes it print the graph it traced, page after page, before the
-    # export fails with an error that says the same in a line (the result's)
-    logging.getLogger("torch.fx.experimental.symbolic_shapes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    backend_log = logging.getLogger(Backend.__module__)
-    if not any(isinstance(f, OneLineFailures) for f in backend_log.filters):
-        backend_log.addFilter(OneLineFailures())
+from orchestrator.worker.process import pick_device, quiet_libraries
+from orchestrator.worker.references import load_checked, run_reference
 
 
 class TuneWorker:
@@ -99,14 +64,14 @@ class TuneWorker:
         self.env = pretend_device(describe_environment(self.device), slot.get("kind"))  # test-only name
         slots_here = max(1, (os.cpu_count() or 1) // max(self.threads, 1))
         self._cache = ModelCache(default_limit_bytes(self.spec.workers.model_cache_mb, self.device, slots_here))
-        self.cores = _pin_to_share(slot, worker_id)
+        self.cores = pin_to_share(slot, worker_id)
         self._info: dict[str, Any] | None = None
         self._backend: Backend | None = None
         self._built_key: str | None = None  # the job whose build ``_backend`` holds
         self._phases: dict[str, float] = {}
         #: wall-clock windows of this candidate's phases and the load around its measurement
         self._context: dict[str, Any] = {}
-        self._thaw_at = 0.0  # time.monotonic() from which the next candidate's close thaws the heap
+        self._heap = HeapClock()
         self._before: hygiene.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
         # the ONNX Runtime and TensorRT candidates of one model export it once between them, and
@@ -114,7 +79,7 @@ class TuneWorker:
         self._exports = machine_export_cache(Path(tempfile.mkdtemp(prefix=f"aitune-exports-{worker_id}-")))
         for path in (self._scratch, self._exports.root):  # gone with the process when it exits cleanly
             weakref.finalize(self, shutil.rmtree, path, True)
-        self._full_collection()
+        self._heap.full_collection()
 
     # -- identity -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -123,8 +88,6 @@ class TuneWorker:
         return dict(self._info)
 
     def _describe(self) -> dict[str, Any]:
-        import ray
-
         device_class = self.env.device_class()
         return WorkerInfo(
             worker_id=self.worker_id,
@@ -144,36 +107,14 @@ class TuneWorker:
         start = time.perf_counter()
         module = self._cache.module(model_name)
         if module is None:
-            model_spec = self.spec.model(model_name)
-            module = load_model(model_spec)
-            if fingerprint and model_fingerprint(module) != fingerprint:
-                raise NotDeterministicModel(not_deterministic(model_name, model_spec.factory)
-                                            + " (this worker's weights differ from the driver's)")
-            module = module.to(self.device)
+            module = load_checked(self.spec.model(model_name), fingerprint, self.device)
             evictions = self._cache.evictions
             self._cache.add_module(model_name, module)
-            if self._cache.evictions > evictions:
-                # What the cache let go of goes now, even where it is frozen garbage (a model in
-                # a reference cycle): a model's worth of memory is worth a full collection.
-                gc.unfreeze()
-                self._full_collection()
-            else:
-                # Only the new model is frozen with the rest. Not a full collection, so the clock
-                # of the next one stays as it is: timed from this cheap one, a thaw would fall
-                # due within a second, after nearly every model's first candidate.
-                _freeze_heap()
+            self._heap.model_loaded(evicted=self._cache.evictions > evictions)
         ref = self._cache.reference(model_name, batch)
         if ref is None:
-            try:
-                sample = make_sample(self.spec.model(model_name), batch).to(self.device)
-                with torch.inference_mode():
-                    out = map_tensors(sample(module), lambda t: t.detach().clone())
-            except Exception as exc:
-                if hygiene.is_oom(exc) or hygiene.must_recycle(exc):
-                    raise  # the device's trouble, not the model's: handled as such
-                raise ReferenceFailed(str(exc)) from exc
-            self._cache.add_reference(model_name, batch, sample, out)
-            ref = (sample, out)
+            ref = run_reference(self.spec.model(model_name), module, batch, self.device)
+            self._cache.add_reference(model_name, batch, *ref)
         self._phases["load"] = time.perf_counter() - start
         return module, *ref
 
@@ -184,8 +125,9 @@ class TuneWorker:
         many from a translation another process left on disk)."""
         return {"models": self._cache.names, "bytes": self._cache.nbytes, "limit_bytes": self._cache.limit_bytes,
                 "loads": self._cache.loads, "evictions": self._cache.evictions,
-                "rss_bytes": hygiene.snapshot(torch.device("cpu")).allocated, "peak_rss_bytes": _peak_rss_bytes(),
-                **{f"{kind}_rss_bytes": n for kind, n in _rss_parts().items()},
+                "rss_bytes": hygiene.snapshot(torch.device("cpu")).allocated,
+                "peak_rss_bytes": hygiene.peak_rss_bytes(),
+                **{f"{kind}_rss_bytes": n for kind, n in hygiene.rss_parts().items()},
                 "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "exports": {"entries": len(self._exports), "bytes": self._exports.nbytes,
                             "made": self._exports.misses, "shared": self._exports.hits,
@@ -214,10 +156,11 @@ class TuneWorker:
         start, wall = time.perf_counter(), time.time()
         cache = self._scratch / job.key[:16]
         try:
-            build_sharing(backend, module, GraphSpec.from_dict(job.graph_spec), [sample], self.device, cache, self._exports)
+            graph_spec = GraphSpec.from_dict(job.graph_spec)
+            build_sharing(backend, module, graph_spec, [sample], self.device, cache, self._exports)
         except Exception as exc:  # a failed build's seconds are part of its record too
             self._phases["build"] = time.perf_counter() - start
-            return self._failure(job, R.UNSUPPORTED if isinstance(exc, UnsupportedDeviceError) else R.BUILD_ERROR, exc)
+            return self._failure(job, build_failure_status(exc), exc)
         self._phases["build"] = time.perf_counter() - start
         self._context["build"] = [wall, time.time()]
         self._backend, self._built_key = backend, job.key
@@ -240,7 +183,8 @@ class TuneWorker:
             torch.cuda.reset_peak_memory_stats()
         return None
 
-    def finish(self, job_dict: dict[str, Any], want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
+    def finish(self, job_dict: dict[str, Any],
+               want_reference: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
         """Check, measure (if correct), save the checkpoint; returns (record, checkpoint, outputs, reference).
 
         The checkpoint of an incorrect candidate is kept too: a later sweep with another tolerance
@@ -298,14 +242,11 @@ class TuneWorker:
 
     def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
                redo: list[str], previous_check) -> bytes:
-        m = self.spec.measure
-        config = MeasureConfig(
-            warmup_iters=m.warmup_iters, min_iters=m.min_iters, target_rel_ci=m.target_rel_ci,
-            budget_s=m.budget_s, threads=self.threads,
-        )
+        config = self.spec.measure.config(self.threads)
         tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
         with self._quiet_node("measure" in redo):
-            start, wall, load = time.perf_counter(), time.time(), load_average()  # after the node's lock: that is measure_wait
+            # after the node's lock: that is measure_wait
+            start, wall, load = time.perf_counter(), time.time(), load_average()
             verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
                             config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
@@ -322,17 +263,15 @@ class TuneWorker:
         """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""
         path = self._scratch / f"stored-{job.key[:16]}-{time.monotonic_ns()}"
         unpack_to(checkpoint, path)
-        backend = load_checkpoint(
-            path, self.device, manifest_sha256=manifest_sha,
-            allow_factories=[self.spec.model(job.model).factory],
-            allow_backends=[job.backend] if ":" in job.backend else [],
-        )
+        factories, backends = candidate_allowlists(self.spec.model(job.model).factory, job.backend)
+        backend = load_checkpoint(path, self.device, manifest_sha256=manifest_sha,
+                                  allow_factories=factories, allow_backends=backends)
         backend.deploy(self.device)
         return backend
 
     def _failed(self, record: ResultRecord, exc: BaseException) -> None:
         record.status = R.ERROR
-        record.error, record.error_class = _error_of(exc)
+        record.error, record.error_class = error_of(exc)
         record.measurement = None
         poisoned = hygiene.must_recycle(exc)
         if poisoned:
@@ -349,7 +288,7 @@ class TuneWorker:
         collected = self._before is not None
         if collected:
             record.memory, record.recycled = self._memory_after(record.error_class == "OutOfMemoryError")
-        self._settle_heap(collected)
+        self._heap.freeze_or_thaw(self.device, collected)
         ref = pack_reference(sample, reference) if want_reference else None
         return record.to_dict(), checkpoint, outputs, ref
 
@@ -365,8 +304,7 @@ class TuneWorker:
             job = Job(key=key, model=model, batch_size=batch, backend=backend_name, config={}, candidate="",
                       device_class_key="", model_fingerprint="")
             backends[key] = self._load_stored(job, manifest_sha, data)
-        m = self.spec.measure
-        warmup = MeasureConfig(warmup_iters=m.warmup_iters, threads=self.threads)
+        warmup = self.spec.measure.warmup(self.threads)
         load_s, wall = time.perf_counter() - start, time.time()
         with self._quiet_node(True):
             rounds = run_rounds({k: b.infer for k, b in backends.items()}, sample, self.device,
@@ -375,22 +313,11 @@ class TuneWorker:
         return {**rounds.to_dict(), "window": [wall, time.time()], "node": self.info()["node_id"],
                 "worker": self.worker_id, "load_s": load_s}
 
-    @contextlib.contextmanager
-    def _quiet_node(self, measuring: bool):
+    def _quiet_node(self, measuring: bool) -> contextlib.AbstractContextManager:
         """With ``measure.exclusive: node``, hold the node's measurement lock while measuring."""
         if not measuring or self.spec.measure.exclusive != "node":
-            yield
-            return
-        import ray
-
-        from cluster.node_share import node_share
-
-        share = node_share(ray.get_runtime_context().get_node_id())
-        self._phases["measure_wait"] = ray.get(share.acquire.remote(self.worker_id, self.spec.budgets.measure_timeout_s))
-        try:
-            yield
-        finally:
-            share.release.remote(self.worker_id)
+            return contextlib.nullcontext()
+        return measuring_alone(self.worker_id, self.spec.budgets.measure_timeout_s, self._phases)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _record(self, job: Job, status: str, error: str | None = None, error_class: str | None = None) -> ResultRecord:
@@ -404,7 +331,7 @@ class TuneWorker:
             self._before = None
         self._release()
         record = self._record(job, status)
-        record.error, record.error_class = _error_of(exc)
+        record.error, record.error_class = error_of(exc)
         record.phases = dict(self._phases)
         mem, recycled = self._memory_after(oom) if self._before is not None else ({}, None)
         record.memory, record.recycled = mem, poisoned or recycled
@@ -412,54 +339,7 @@ class TuneWorker:
 
     def _memory_after(self, oom: bool) -> tuple[dict[str, int], str | None]:
         """What the candidate left behind once released, and whether this worker should be recycled."""
-        gc.collect()
-        after = hygiene.snapshot(self.device)
-        margin = hygiene.margin_mb(self.spec.workers.recycle_margin_mb, self.device)
-        reason = hygiene.recycle_reason(self._before, after, margin, oom)
-        if reason is not None and not oom and gc.get_freeze_count():
-            # Before calling it a leak: garbage among frozen objects (see _settle_heap) counts too.
-            gc.unfreeze()
-            gc.collect()
-            after = hygiene.snapshot(self.device)
-            reason = hygiene.recycle_reason(self._before, after, margin, oom)
-        left, outside = hygiene.left_behind(self._before, after)
-        figures = {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}
-        if after.device_used is not None:  # GPUs: what the caching allocator does not see counts too
-            figures.update(device_used_after=after.device_used, left_outside_allocator=outside)
-        return figures, reason
-
-    def _settle_heap(self, collected: bool) -> None:
-        """Freeze what outlived the candidate just released (``collected``: the memory check has
-        just collected the heap), so later collections skip it.
-
-        What survives a release is long-lived: the models, and libraries' caches (Inductor's,
-        the ONNX exporter's). Once a worker has compiled and exported, that is ~400k objects, and
-        walking them cost 0.25 s per full collection: most of a small candidate's time. The heap
-        is thawed and collected whole once the time since the last full collection is enough for
-        that collection's cost to be at most THAW_SHARE of it (and before a suspected leak is
-        judged), so objects that turned into garbage after being frozen are not kept for long, and
-        a stream of tiny candidates does not pay a full collection every few of them.
-
-        Only on CPU workers: on a GPU, garbage kept frozen may hold device memory, which the next
-        candidate needs and the leak check (measured from each candidate's start) would not see.
-        """
-        if self.device.type != "cpu":
-            return
-        if time.monotonic() >= self._thaw_at:
-            gc.unfreeze()
-            self._full_collection()
-        elif collected:
-            gc.freeze()
-        else:
-            _freeze_heap()
-
-    def _full_collection(self) -> None:
-        """Collect and freeze the heap (thawed, or never frozen yet), and set when the next thaw
-        is due from what this one cost."""
-        start = time.monotonic()
-        _freeze_heap()
-        now = time.monotonic()
-        self._thaw_at = now + (now - start) / THAW_SHARE
+        return hygiene.memory_after(self._before, self.device, self.spec.workers.recycle_margin_mb, oom)
 
     def _release(self) -> None:
         if self._backend is not None:
@@ -473,95 +353,3 @@ class TuneWorker:
         if not self._scratch.is_dir() or any(self._scratch.iterdir()):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch.mkdir(parents=True, exist_ok=True)
-
-
-class NotDeterministicModel(RuntimeError):
-    """The model this worker built is not the one the driver fingerprinted."""
-
-
-class ReferenceFailed(RuntimeError):
-    """The model in eager fp32 failed on its spec's inputs (or its sample factory failed)."""
-
-
-def _rss_parts() -> dict[str, int]:
-    """This process's resident memory by kind, from /proc (empty where it does not say): its own
-    pages (``anon``), mapped files (``file``: libraries), and shared memory (``shmem``: Ray's
-    object store, whose pages count in RSS once the worker has written results there)."""
-    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
-    parts: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                name = fields.get(line.partition(":")[0])
-                if name:
-                    parts[name] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return parts
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kilobytes
-
-
-def _pin_to_share(slot: dict[str, Any], worker_id: str) -> list[int]:
-    """Pin this process (and so its compilers' child processes) to its slot's block of the
-    node's cores; the node's NodeShare hands the blocks out. Unpinned if anything is missing."""
-    count = int(os.environ.get("AITUNE_SLOT_CORES", "0") or 0)
-    if count <= 0 or not hasattr(os, "sched_setaffinity"):
-        return []
-    try:
-        import ray
-
-        from cluster.node_share import node_share
-
-        available = sorted(os.sched_getaffinity(0))
-        share = node_share(ray.get_runtime_context().get_node_id())
-        cores = ray.get(share.cores.remote(str(slot.get("label", worker_id)), count, available), timeout=30)
-        os.sched_setaffinity(0, cores)
-    except Exception as exc:  # pinning is for quiet measurements; a worker still works without it
-        logging.getLogger(__name__).warning("worker %s not pinned to cores: %s", worker_id, exc)
-        return []
-    _bound_compile_threads(count)
-    return list(cores)
-
-
-def _bound_compile_threads(count: int) -> None:
-    """At most ``count`` Inductor compile threads. Inductor reads TORCHINDUCTOR_COMPILE_THREADS
-    when its config is first imported; importing it here only to set it would add a second or
-    more to every worker's start, so that is done only where something imported it already."""
-    current = int(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "0") or 0)
-    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(min(current, count) if current > 0 else count)
-    config = sys.modules.get("torch._inductor.config")
-    if config is not None and hasattr(config, "compile_threads"):
-        config.compile_threads = min(config.compile_threads or count, count)
-
-
-#: the most of a CPU worker's time that thawing its heap and collecting it whole may take: after a
-#: full collection that took t seconds, the next is due t / THAW_SHARE seconds later (see _settle_heap)
-THAW_SHARE = 0.02
-
-
-def _freeze_heap() -> None:
-    """Move what is alive now (torch, Ray, the models) out of the garbage collector's sight.
-
-    Releasing a candidate runs ``gc.collect()``; over the ~250k long-lived objects of a worker
-    that costs ~0.1 s a time, which on a small machine with many workers was most of the
-    scheduling overhead. Frozen objects are never collected, which is right for these.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def _trace(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).strip()
-
-
-def _error_of(exc: BaseException) -> tuple[str, str]:
-    """(error, error_class) of a failed record: a model that failed on its spec's inputs keeps its
-    own traceback, marked so (no candidate of it can be checked)."""
-    if isinstance(exc, ReferenceFailed):
-        return _trace(exc.__cause__ or exc), R.REFERENCE_FAILED
-    return _trace(exc), "OutOfMemoryError" if hygiene.is_oom(exc) else type(exc).__name__

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +96,48 @@ def recycle_reason(before: MemorySnapshot, after: MemorySnapshot, margin: float 
         where = f", {outside / MB:.0f} MB of it outside the caching allocator" if outside else ""
         return f"the candidate left {left / MB:.0f} MB behind{where} (margin {margin:.0f} MB)"
     return None
+
+
+def memory_after(before: MemorySnapshot, device: torch.device, configured_margin_mb: float | None,
+                 oom: bool) -> tuple[dict[str, int], str | None]:
+    """What a candidate left behind once released (``before``: at its start), as a record's memory
+    figures, and why the worker should be recycled (None: it need not be)."""
+    gc.collect()
+    after = snapshot(device)
+    margin = margin_mb(configured_margin_mb, device)
+    reason = recycle_reason(before, after, margin, oom)
+    if reason is not None and not oom and gc.get_freeze_count():
+        # Before calling it a leak: garbage among frozen objects (see worker/heap.py) counts too.
+        gc.unfreeze()
+        gc.collect()
+        after = snapshot(device)
+        reason = recycle_reason(before, after, margin, oom)
+    left, outside = left_behind(before, after)
+    figures = {"allocated_after": after.allocated, "reserved_after": after.reserved, "left_behind": left}
+    if after.device_used is not None:  # GPUs: what the caching allocator does not see counts too
+        figures.update(device_used_after=after.device_used, left_outside_allocator=outside)
+    return figures, reason
+
+
+def rss_parts() -> dict[str, int]:
+    """This process's resident memory by kind, from /proc (empty where it does not say): its own
+    pages (``anon``), mapped files (``file``: libraries), and shared memory (``shmem``: Ray's
+    object store, whose pages count in RSS once the worker has written results there)."""
+    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    parts: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                name = fields.get(line.partition(":")[0])
+                if name:
+                    parts[name] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return parts
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kilobytes
 
 
 def is_oom(exc: BaseException) -> bool:

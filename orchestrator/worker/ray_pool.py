@@ -11,6 +11,7 @@ from typing import Any, Collection
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
+from cluster.actor_options import one_life_actor, slot_options
 from cluster.inventory import Inventory
 from cluster.placement import Slot
 from orchestrator.dispatch.pool import CallFailed, WorkerDied, WorkerPool
@@ -20,14 +21,10 @@ from orchestrator.worker.actor import TuneWorker
 class RayPool(WorkerPool):
     def __init__(self, actor_class=None) -> None:
         self._ray = ray
-        self._actor_class = actor_class or ray.remote(max_restarts=0, max_task_retries=0)(TuneWorker)
+        self._actor_class = actor_class or one_life_actor(TuneWorker)
 
     def spawn(self, slot: Slot, worker_id: str, spec: dict[str, Any]) -> tuple[Any, Any]:
-        options = dict(slot.actor_options())
-        env = slot.env()
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        actor = self._actor_class.options(**options).remote(
+        actor = self._actor_class.options(**slot_options(slot)).remote(
             {"kind": slot.kind, "threads": slot.threads, "label": slot.label}, spec, worker_id
         )
         return actor, actor.info.remote()

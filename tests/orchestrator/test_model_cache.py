@@ -180,10 +180,10 @@ def test_a_model_load_leaves_the_next_full_collection_where_it_was():
     spec = parse_spec({"models": [{"name": "m", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
                                    "inputs": [{"shape": [16]}]}], "batch_sizes": [1]})
     worker = TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
-    worker._thaw_at = due = time.monotonic() + 3600
+    worker._heap.thaw_at = due = time.monotonic() + 3600
     frozen = gc.get_freeze_count()
     module, _, _ = worker._reference("m", 1)
-    assert worker._thaw_at == due
+    assert worker._heap.thaw_at == due
     assert gc.get_freeze_count() > frozen  # the new model is out of the collector's sight
     assert worker.cache_info()["models"] == ["m"] and isinstance(module, torch.nn.Module)
 
@@ -205,11 +205,11 @@ def test_a_model_load_that_evicts_one_collects_it_even_from_among_the_frozen():
     del first
     gc.collect()
     assert gone() is not None  # frozen: a collection of what is not frozen does not see it
-    worker._thaw_at = due = time.monotonic() + 3600
+    worker._heap.thaw_at = due = time.monotonic() + 3600
     worker._reference("b", 1)
     assert worker.cache_info()["models"] == ["b"] and worker.cache_info()["evictions"] == 1
     assert gone() is None  # the evicted model went at once
-    assert worker._thaw_at != due  # that was a full collection, and the clock starts from it
+    assert worker._heap.thaw_at != due  # that was a full collection, and the clock starts from it
 
 
 def test_a_failed_build_records_how_long_it_took():

@@ -78,7 +78,7 @@ def test_inductor_compile_threads_are_bounded_to_the_share_without_importing_ind
 
     code = (
         "import sys\n"
-        "from orchestrator.worker.actor import _bound_compile_threads\n"
+        "from orchestrator.worker.process import bound_compile_threads as _bound_compile_threads\n"
         "_bound_compile_threads(2)\n"
         "assert 'torch._inductor.config' not in sys.modules, 'inductor imported at worker start'\n"
         "import torch._inductor.config as c\n"

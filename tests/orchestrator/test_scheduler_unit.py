@@ -12,6 +12,7 @@ from orchestrator import records as R
 from orchestrator.dispatch.pool import CallFailed, WorkerDied, WorkerPool
 from orchestrator.records import Job, ResultRecord, WorkerInfo
 from orchestrator.dispatch.scheduler import JobGate, Limits, Scheduler
+from orchestrator.dispatch.start_cost import StartCost
 
 DC = "d" * 64
 PENDING = object()
@@ -397,7 +398,7 @@ def _two_workers(pool, chains):
 
 
 def test_the_last_job_of_a_toolchain_waits_for_its_worker_unless_that_worker_is_in_a_long_build(monkeypatch):
-    monkeypatch.setattr(Scheduler, "LONG_BUILD_S", 0.3)
+    monkeypatch.setattr(StartCost, "LONG_BUILD_S", 0.3)
     chains = {"Ort": "onnx", "Eager": None}
     # two long builds of one toolchain: the second worker starts it too once the first has
     # been building a while, rather than wait all of it

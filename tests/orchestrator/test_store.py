@@ -535,6 +535,28 @@ def test_sweep_lifecycle_and_listing(store):
     assert info.to_dict()["complete"] is False and built.sweep_id == second
 
 
+def test_a_sweep_keeps_its_objective(store):
+    chosen = store.begin_sweep("chosen", {"a": 1}, objective="max_throughput")
+    unsaid = store.begin_sweep("unsaid", {})
+    store.finish_sweep(chosen, DONE)
+    assert store.sweep_info(chosen).objective == "max_throughput"
+    assert store.sweep_info(unsaid).objective is None
+    assert [(s.id, s.objective) for s in store.list_sweeps()] == [(chosen, "max_throughput"), (unsaid, None)]
+    assert store.sweep_info(chosen).to_dict()["objective"] == "max_throughput"
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="sweep objective"):
+            store.begin_sweep("bad", {}, objective=bad)
+    assert [s.id for s in store.list_sweeps()] == [chosen, unsaid]
+
+
+def test_sweep_statuses_are_bare_words_wherever_they_are_written(store):
+    done, running = store.begin_sweep("done", {}), store.begin_sweep("running", {})
+    store.finish_sweep(done, DONE)
+    for info, word in ((store.sweep_info(done), "done"), (store.sweep_info(running), "running")):
+        assert info.status == word and str(info.status) == word and f"{info.status}" == word
+        assert json.dumps(info.to_dict()["status"]) == f'"{word}"' and type(info.to_dict()["status"]) is str
+
+
 def test_an_empty_store_has_no_sweeps(store):
     assert store.latest_sweep_id() is None
     assert store.list_sweeps() == []
@@ -955,6 +977,71 @@ def test_a_store_of_another_schema_version_is_refused_naming_both(tmp_path, vers
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
     assert tables == {"schema_version"}  # nothing of the new schema was added to the old store
+
+
+# The sweeps table of schema version 2, before the objective was stored with the sweep.
+V2_SWEEPS = """CREATE TABLE sweeps_v2 (id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_json TEXT NOT NULL,
+    started_at REAL NOT NULL, finished_at REAL, status TEXT NOT NULL, heartbeat_at REAL, lease_s REAL NOT NULL,
+    host TEXT, pid INTEGER)"""
+
+
+def _a_version_2_store(root: Path) -> tuple[str, ResultRecord]:
+    """A store as schema version 2 left it: one finished sweep with one result, no objective column."""
+    with SqliteStore(root) as store:
+        sweep = store.begin_sweep("old", {"a": 1})
+        built = store.add_result(sweep, _record())
+        store.finish_sweep(sweep, DONE)
+    db = sqlite3.connect(root / DB_NAME)
+    db.executescript(f"""
+        PRAGMA foreign_keys = OFF;
+        {V2_SWEEPS};
+        INSERT INTO sweeps_v2 SELECT id, name, spec_json, started_at, finished_at, status, heartbeat_at, lease_s,
+            host, pid FROM sweeps;
+        DROP TABLE sweeps;
+        ALTER TABLE sweeps_v2 RENAME TO sweeps;
+        DELETE FROM schema_version;
+        INSERT INTO schema_version (version) VALUES (2);
+    """)
+    db.close()
+    return sweep, built
+
+
+def _columns_and_version(root: Path) -> tuple[list[str], int]:
+    db = sqlite3.connect(root / DB_NAME)
+    try:
+        columns = [r[1] for r in db.execute("PRAGMA table_info(sweeps)")]
+        return columns, db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_version_2_store_opens_read_only_as_it_is_with_no_objectives(tmp_path):
+    root = tmp_path / "s"
+    sweep, built = _a_version_2_store(root)
+    assert "objective" not in _columns_and_version(root)[0]
+    with SqliteStore(root, readonly=True) as store:
+        (info,) = store.list_sweeps()
+        assert (info.id, info.status, info.objective, info.candidates) == (sweep, DONE, None, 1)
+        assert store.sweep_info(sweep).objective is None
+        assert store.sweep_results(sweep) == [built]
+    columns, version = _columns_and_version(root)
+    assert "objective" not in columns and version == 2  # nothing was migrated by a reader
+
+
+def test_a_version_2_store_is_migrated_when_opened_for_writing(tmp_path):
+    root = tmp_path / "s"
+    sweep, built = _a_version_2_store(root)
+    with SqliteStore(root) as store:
+        assert store.sweep_info(sweep).objective is None and store.sweep_info(sweep).status == DONE
+        assert store.sweep_results(sweep) == [built]
+        later = store.begin_sweep("new", {}, objective="latency_budget")
+        store.add_reuse(later, built)
+        assert store.sweep_info(later).objective == "latency_budget"
+    columns, version = _columns_and_version(root)
+    assert "objective" in columns and version == SCHEMA_VERSION
+    with SqliteStore(root) as again, SqliteStore(root, readonly=True) as reader:  # migrated once, read alike
+        for store in (again, reader):
+            assert [(s.id, s.objective) for s in store.list_sweeps()] == [(sweep, None), (later, "latency_budget")]
 
 
 def _tree(root: Path) -> dict[str, tuple]:

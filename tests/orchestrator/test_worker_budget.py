@@ -44,7 +44,7 @@ def test_a_job_still_within_its_start_by_runs():
 def test_a_workers_log_says_a_failed_build_in_one_line_and_keeps_the_traceback_out(caplog):
     import logging
 
-    from orchestrator.worker.actor import quiet_libraries
+    from orchestrator.worker.process import quiet_libraries
 
     quiet_libraries()
     quiet_libraries()  # once is enough: a second call adds no second filter

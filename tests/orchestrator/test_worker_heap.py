@@ -16,6 +16,7 @@ from orchestrator.planning.candidates import identify_models
 from orchestrator.planning.keys import jobs_for
 from orchestrator.sweep.workers import Workers
 from orchestrator.worker import actor as W
+from orchestrator.worker import heap as H
 from orchestrator.spec.schema import parse_spec
 
 spec = parse_spec({"name": "heap", "models": [{"name": "m", "factory": "aitune.examples:mlp",
@@ -26,12 +27,12 @@ spec = parse_spec({"name": "heap", "models": [{"name": "m", "factory": "aitune.e
 slots = [Slot(index=0, kind="cpu", num_cpus=1, num_gpus=0, threads=1, label="t")]
 [job] = jobs_for(spec, identify_models(spec), Workers(None, slots, local=True).classes())
 full = []                  # (seconds) of each full collection the worker makes
-freeze_heap = W._freeze_heap
+freeze_heap = H.freeze_heap
 def timed_freeze():
     start = time.monotonic()
     freeze_heap()
     full.append(time.monotonic() - start)
-W._freeze_heap = timed_freeze
+H.freeze_heap = timed_freeze
 worker = W.TuneWorker({"kind": "cpu", "threads": 1, "label": "t"}, spec.model_dump(mode="json"), "t-0")
 
 def candidate():
@@ -49,7 +50,7 @@ candidate()
 # The next thaw falls due from the last full collection (the worker's first, at its start, until
 # then): one here starts its clock where the loop below starts counting.
 gc.unfreeze()
-worker._full_collection()
+worker._heap.full_collection()
 frozen = gc.get_freeze_count()
 tracked = len(gc.get_objects())
 cache.clear()              # dropped later: cyclic garbage, but frozen
@@ -62,7 +63,7 @@ while entry() is not None and time.monotonic() - start < 120:
     candidates += 1
 print(json.dumps({"frozen": frozen, "tracked": tracked, "kept_while_frozen": kept_while_frozen,
                   "freed_at_thaw": entry() is None, "candidates": candidates, "full": full,
-                  "elapsed": time.monotonic() - start, "share": W.THAW_SHARE}))
+                  "elapsed": time.monotonic() - start, "share": H.THAW_SHARE}))
 '''
 
 

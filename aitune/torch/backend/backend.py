@@ -150,7 +150,7 @@ class Backend(abc.ABC):
     _config: BackendConfig | None = None
     _graph_spec: GraphSpec | None = None
     _work_dir: Path | None = None
-    #: set by checkpoint loading: refuses a target the artifacts were not built for
+    #: set by checkpoint loading (``set_deploy_check``): refuses a target the artifacts were not built for
     _deploy_check: Callable[[torch.device], None] | None = None
 
     def __init__(self) -> None:
@@ -264,6 +264,11 @@ class Backend(abc.ABC):
                 self._deactivate()
                 self._clean_memory()
                 self.state = BackendState.INACTIVE
+
+    def set_deploy_check(self, check: Callable[[torch.device], None] | None) -> None:
+        """Have :meth:`deploy` call ``check(target)`` first, which raises for a target this backend's
+        artifacts were not built for (checkpoint loading sets it from the manifest); None: no check."""
+        self._deploy_check = check
 
     def deploy(self, device: torch.device | str | None = None) -> None:
         """Make a checkpoint-loaded backend ready on ``device`` (``None``: the device it was built for)."""
