@@ -21,12 +21,14 @@ failing gate, its figure and where. Pure torch: nothing here imports the orchest
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
+from aitune.check import CheckResult, Tolerance
 from aitune.torch.tree import flatten_tensors
 
 _ROOT = "output"
@@ -242,3 +244,64 @@ def _fmt(value: float, limit: float) -> str:
 # and the backstop where sqnr_db is loosened or unset.
 # No top-k gate: not every output is logits.
 DEFAULT_QUANTIZED_GATES = Gates(cosine=0.999, sqnr_db=30.0)
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """How a candidate's outputs are judged against the eager fp32 reference: elementwise within
+    ``tolerance`` (unless ``elementwise`` is off, as for quantized candidates, which never meet an
+    fp32 tolerance), and within ``gates`` when there are any."""
+
+    tolerance: Tolerance
+    gates: Gates | None = None
+    elementwise: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``check`` part of an evaluation: only what differs from a plain tolerance is written,
+        so that a candidate judged by its tolerance alone keeps its key."""
+        out: dict[str, Any] = {"tolerance": self.tolerance.to_dict()}
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict()
+        if not self.elementwise:
+            out["elementwise"] = False
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Criteria":
+        """Read back (from a job, a stored result or an install record), checked."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("tolerance"), Mapping):
+            raise ValueError(f"criteria need a tolerance, got {d!r}")
+        gates = d.get("gates")
+        if gates is not None and not isinstance(gates, Mapping):
+            raise ValueError(f"criteria gates must be a mapping, got {gates!r}")
+        elementwise = d.get("elementwise", True)
+        if not isinstance(elementwise, bool):
+            raise ValueError(f"criteria elementwise must be true or false, got {elementwise!r}")
+        return cls(Tolerance.from_dict(d["tolerance"]), Gates.from_dict(gates) if gates is not None else None, elementwise)
+
+    def apply(self, elementwise: CheckResult, outputs: Any, reference: Any) -> CheckResult:
+        """The verdict from an elementwise comparison (``elementwise``, under ``self.tolerance``) of
+        ``outputs`` with ``reference`` and the gates on the same outputs: each gate's figure is kept
+        in the result, passed or not."""
+        if self.gates is None:
+            if self.elementwise:
+                return elementwise
+            return dataclasses.replace(elementwise, ok=True, reason=None, elementwise=False)
+        try:
+            report = self.gates.judge(outputs, reference)
+        except ValueError as exc:  # the trees or shapes differ: no figure can be had
+            report = GateReport(reason=f"gates: {exc}", passed={"structure": False})
+        ok_elementwise = elementwise.ok or not self.elementwise
+        reasons = [r for r in (elementwise.reason if self.elementwise else None, report.reason) if r]
+        return dataclasses.replace(elementwise, ok=ok_elementwise and report.ok, reason="; ".join(reasons) or None,
+                                   gates={**report.to_dict(), "limits": self.gates.to_dict()},
+                                   elementwise=self.elementwise)
+
+
+def criteria_for(backend_cls: type, tolerance: Tolerance, gates: Gates | None = None) -> Criteria:
+    """The criteria of a candidate of ``backend_cls``: a quantizing backend (``quantizes = True``) is
+    judged by ``gates`` (default :data:`DEFAULT_QUANTIZED_GATES`), not elementwise; any other by
+    its tolerance, and by ``gates`` as well when some are given."""
+    if getattr(backend_cls, "quantizes", False):
+        return Criteria(tolerance, gates or DEFAULT_QUANTIZED_GATES, elementwise=False)
+    return Criteria(tolerance, gates)

@@ -62,7 +62,8 @@ class Environment:
             "driver": self.driver,
             "tensorrt": self.tensorrt,
             "onnxruntime": self.onnxruntime,
-            "torchao": self.torchao,
+            # only where installed: a machine without torchao keeps the keys it had before torchao was known
+            **({"torchao": self.torchao} if self.torchao else {}),
         }
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ WEIGHTS_FILE = "weights.pt"
 
 def _torchao():
     """The ``torchao.quantization`` module, or ``UnsupportedDeviceError`` saying how to get it."""
+    # torchao warns, on import, of each optional CUDA kernel library a CPU build can't load: noise
+    # on every worker's console, so its logger says only errors while it imports
+    quiet, level = logging.getLogger("torchao"), logging.getLogger("torchao").level
+    quiet.setLevel(logging.ERROR)
     try:
         import torchao
         import torchao.quantization as quantization
@@ -79,6 +84,8 @@ def _torchao():
         raise UnsupportedDeviceError(
             f"torchao is not installed: {INSTALL_HINT} to use TorchAOBackend ({exc})"
         ) from None
+    finally:
+        quiet.setLevel(level)
     version = str(getattr(torchao, "__version__", "0"))
     if _version_tuple(version) < MIN_TORCHAO:
         wanted = ".".join(map(str, MIN_TORCHAO))
@@ -210,6 +217,8 @@ class TorchAOBackend(ModuleBackend):
 
     config_class = TorchAOConfig
     toolchain = "inductor"
+    #: judged by accuracy gates, not by an elementwise tolerance (aitune.accuracy.criteria_for)
+    quantizes = True
 
     def __init__(self, config: TorchAOConfig | None = None) -> None:
         super().__init__(config)
