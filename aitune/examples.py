@@ -73,7 +73,7 @@ class OutlierMLP(nn.Module):
     output does not use it: per-token int8 activation scales then round every other feature to zero,
     so int8 dynamic quantization destroys it while weight-only int8 does not (a model for accuracy gates)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int = 64) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
         with torch.no_grad():

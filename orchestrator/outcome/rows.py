@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
-    "first_median_ms", "window", "max_abs_err", "gates", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
+    "first_median_ms", "window", "max_abs_err", "gates", "kept_full_precision", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
 
 
@@ -71,6 +71,8 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
                 "max_abs_err": r.max_abs_err,
                 # the accuracy gates it was judged by: figures, limits, passed (None: a tolerance alone)
                 "gates": _gates_of(r),
+                # the layers a quantized candidate's build kept in full precision (None: not one of those)
+                "kept_full_precision": _kept_of(r),
                 "peak_memory_mb": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None,
                 "from_store": r.from_store,
                 "how": r.how,
@@ -82,6 +84,13 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
             }
         )
     return rows
+
+
+def _kept_of(record: ResultRecord) -> list[str] | None:
+    """The layers a quantized candidate's build kept out of its scheme (its fallback's choice)."""
+    notes = (record.context or {}).get("notes")
+    kept = notes.get("kept_full_precision") if isinstance(notes, dict) else None
+    return [str(k) for k in kept] if isinstance(kept, list) and kept else None
 
 
 def _gates_of(record: ResultRecord) -> dict | None:
@@ -136,8 +145,9 @@ def fmt_speedup(value: float | None) -> str:
 
 def table_cells(row: dict, mark: str, gated: bool = True) -> list[str]:
     """A result's cells under :func:`table_headers` (``gated``: with the accuracy gates' column)."""
+    kept = row.get("kept_full_precision")
     cells = [
-        row["candidate"],
+        row["candidate"] + (f" [full precision: {', '.join(kept)}]" if kept else ""),
         str(row["batch_size"]),
         row["device"] or "-",
         row["status"],

@@ -111,12 +111,16 @@ def expand(
                 for cand in candidates:
                     backend = make_backend(cand.backend, cand.config)
                     fields = config_fields(backend)
+                    precision = str(fields.get("precision", "float32"))
+                    criteria = criteria_of_candidate(spec, cand, type(backend), precision)
+                    if criteria.gates is not None and fields.get("fallback") and fields.get("fallback_gates") is None:
+                        # a per-layer fallback aims for the gates the candidate is judged by (part of its key)
+                        backend = make_backend(cand.backend, {**cand.config, "fallback_gates": criteria.gates.to_dict()})
+                        fields = config_fields(backend)
                     key = artifact_key(fingerprints[model.name], cand.backend, config_key(backend),
                                        implementation_version(type(backend)), graph, device_class)
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
-                    precision = str(fields.get("precision", "float32"))
-                    criteria = criteria_of_candidate(spec, cand, type(backend), precision)
                     evaluation = evaluation_of(spec, precision, samples, (threads or {}).get(dc_key, 1), criteria)
                     jobs[key] = Job(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,

@@ -163,6 +163,9 @@ class TuneWorker:
             return self._failure(job, build_failure_status(exc), exc)
         self._phases["build"] = time.perf_counter() - start
         self._context["build"] = [wall, time.time()]
+        notes = backend.build_notes()
+        if notes:  # what the build chose (a quantized candidate's layers kept in full precision)
+            self._context["notes"] = notes
         self._backend, self._built_key = backend, job.key
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)

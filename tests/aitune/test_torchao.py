@@ -405,3 +405,51 @@ def test_outliers_fail_the_default_gates_and_a_plain_mlp_passes(ao, tmp_path):
     assert _judged(OutlierMLP().eval(), "int8_weight_only", tmp_path / "weights").ok
     passed = _judged(examples.mlp(64, 3), "int8_dynamic", tmp_path / "mlp")
     assert passed.ok and passed.reason is None, passed.reason
+
+
+# -- per-layer fallback -------------------------------------------------------------------------------
+def test_fallback_settings_are_checked():
+    with pytest.raises(ValueError, match="fallback must be a number of tries"):
+        TorchAOConfig(fallback=-1)
+    with pytest.raises(ValueError, match="fallback must be a number of tries"):
+        TorchAOConfig(fallback=True)
+    with pytest.raises(ValueError, match="no field"):
+        TorchAOConfig(fallback=2, fallback_gates={"cosnie": 0.9})
+    assert TorchAOConfig(fallback=2, fallback_gates={"sqnr_db": 20}).gates().sqnr_db == 20
+    assert TorchAOConfig(fallback=2).gates() == DEFAULT_QUANTIZED_GATES
+
+
+def _fallback_built(ao, module, tmp_path, tries, gates=None):
+    sample = Sample.of(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
+    backend = TorchAOBackend(TorchAOConfig(scheme="int8_dynamic", compile=False, fallback=tries, fallback_gates=gates))
+    backend.build(module, GraphSpec.from_sample(sample), [sample], "cpu", tmp_path)
+    with torch.inference_mode():
+        report = DEFAULT_QUANTIZED_GATES.judge(sample(backend.infer), sample(module))
+    return backend, report
+
+
+@pytest.mark.slow
+def test_fallback_keeps_the_most_sensitive_layer_and_a_checkpoint_keeps_its_choice(ao, tmp_path):
+    backend, report = _fallback_built(ao, examples.outlier_mlp(64), tmp_path / "b", tries=4)
+    assert report.ok, report.reason
+    assert backend.kept == ["fc2"] and backend.build_notes()["kept_full_precision"] == ["fc2"]
+    assert _plain(backend._module.fc2.weight) and not _plain(backend._module.fc1.weight)
+    tried = backend.build_notes()["fallback"]["tried"]
+    assert tried[0][0] == [] and "sqnr_db" in tried[0][1] and tried[-1] == [["fc2"], None]
+    assert TorchAOBackend.from_dict(backend.to_dict()).kept == ["fc2"]  # what a checkpoint re-quantizes
+    with pytest.raises(ValueError, match="kept_full_precision"):
+        TorchAOBackend.from_dict({**backend.to_dict(), "kept_full_precision": "fc2"})
+
+
+@pytest.mark.slow
+def test_fallback_that_finds_nothing_leaves_the_whole_model_and_a_model_that_passes_needs_none(ao, tmp_path):
+    backend, report = _fallback_built(ao, examples.outlier_mlp(64), tmp_path / "none", tries=0)
+    assert not report.ok and backend.kept == [] and backend.build_notes() == {}  # no fallback asked for
+    # gates no mix can meet: quantized whole after the tries, and the check refuses it
+    backend, report = _fallback_built(ao, examples.outlier_mlp(64), tmp_path / "never", tries=4, gates={"sqnr_db": 500})
+    notes = backend.build_notes()["fallback"]
+    # the whole model, then one layer kept: keeping both would quantize nothing, so it is not tried
+    assert backend.kept == [] and notes["kept"] is None and [kept for kept, _ in notes["tried"]] == [[], ["fc2"]]
+    assert not report.ok
+    plain, report = _fallback_built(ao, examples.mlp(64, 3), tmp_path / "plain", tries=4)
+    assert report.ok and plain.kept == [] and plain.build_notes()["fallback"]["needed"] is False

@@ -4,8 +4,11 @@ from stored outputs without a build, and a quantized checkpoint verified by its 
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import ray
+from rich.console import Console
 
 from orchestrator import records as R
 from orchestrator.outcome.report import render
@@ -101,3 +104,44 @@ def test_a_quantized_checkpoint_is_verified_on_its_target_by_its_gates(ray_sessi
         ray.kill(target, no_restart=True)
     assert by_gates.status == R.DeployStatus.DEPLOYED, by_gates.reason
     assert by_tolerance.status == R.DeployStatus.REFUSED and "outputs differ" in by_tolerance.reason
+
+
+@pytest.mark.slow
+def test_a_scheme_that_fails_on_the_whole_model_passes_with_its_most_sensitive_layer_kept(ray_session, tmp_path):
+    """The outlier model under int8_dynamic: the whole model fails its gates; the fallback finds
+    the layer whose int8 activations drown in the outlier, keeps it in full precision, and the
+    result is a candidate like any other: stored with that choice, shown, and deployable."""
+    from orchestrator.deploy.install import DeployWorker, criteria_of_winner
+    from orchestrator.store import SqliteStore
+
+    fallback = {"backend": "TorchAOBackend", "config": {"scheme": "int8_dynamic", "compile": False, "fallback": 4}}
+    spec = tiny_spec(tmp_path / "store", [EAGER, INT8, fallback], models=MODELS[1:], batch_sizes=[8])
+    outcome = run_sweep(spec, console=quiet(), deploy=False, write_report=False)
+    whole = next(r for r in outcome.results if r.backend == "TorchAOBackend" and not r.config.get("fallback"))
+    mixed = next(r for r in outcome.results if r.config.get("fallback"))
+    assert whole.status == R.INCORRECT
+    assert mixed.status == R.OK, mixed.error
+    # the gates it aimed for are the ones it is judged by (and part of its key)
+    assert mixed.config["fallback_gates"]["sqnr_db"] == 30
+    notes = mixed.context["notes"]
+    assert notes["kept_full_precision"] == ["fc2"]
+    assert notes["fallback"]["sensitivity"][0][0] == "fc2"  # the most sensitive first
+    assert notes["fallback"]["sensitivity"][0][1] < notes["fallback"]["sensitivity"][1][1]
+    assert notes["fallback"]["tried"][0][0] == [] and notes["fallback"]["tried"][0][1]  # the whole model, refused
+    console = Console(file=io.StringIO(), width=400)  # wide enough that no cell wraps
+    render(console, outcome.results, outcome.selections, [])
+    assert "[full precision: fc2]" in console.file.getvalue()
+
+    with SqliteStore(tmp_path / "store") as store:
+        checkpoint, reference = store.checkpoint_bytes(mixed), store.reference_bytes(mixed.reference_key)
+    selection = {"model": "outliers", "batch_size": 8, "winner_key": mixed.key,
+                 "device_class_key": mixed.device_class_key, "winner": mixed.candidate}
+    trust = {"manifest_sha256": mixed.manifest_sha256, "factories": ["aitune.examples:outlier_mlp"], "backends": []}
+    target = ray.remote(DeployWorker).remote({"kind": "cpu", "threads": 1}, "t0")
+    try:
+        record = R.DeployRecord.from_dict(ray.get(target.deploy.remote(
+            checkpoint, reference, selection, "float32", {}, 0.05, trust, None, criteria_of_winner(spec, mixed)),
+            timeout=300))
+    finally:
+        ray.kill(target, no_restart=True)
+    assert record.status == R.DeployStatus.DEPLOYED, record.reason  # the same mix, re-quantized on the target

@@ -52,11 +52,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from aitune.accuracy import DEFAULT_QUANTIZED_GATES, Gates
 from aitune.environment import torchao_version
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig, prepare_module
 from aitune.torch.backend.inductor_jit import _raise_recompile_limits
+from aitune.torch.backend.torchao_fallback import quantizable_layers
+from aitune.torch.backend.torchao_fallback import search as fallback_search
 from aitune.torch.module_ref import load_module, save_weights
 from aitune.torch.random_inputs import sample_from_spec
 from aitune.torch.vec_isa_memo import remember_vec_isa
@@ -195,6 +198,11 @@ class TorchAOConfig(ModuleRunConfig):
     compile: bool = True
     #: layers left in full precision: module type names or fnmatch patterns of module names
     filter: tuple[str, ...] = ()
+    #: where the whole model fails ``fallback_gates``: the most mixes tried with its most sensitive
+    #: layers left in full precision (torchao_fallback.py); 0: no fallback
+    fallback: int = 0
+    #: the gates the fallback aims for (aitune.accuracy.Gates fields); None: DEFAULT_QUANTIZED_GATES
+    fallback_gates: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -210,6 +218,16 @@ class TorchAOConfig(ModuleRunConfig):
                 f"{owner}: filter must be a list of module type names or name patterns, got {self.filter!r}"
             )
         self.filter = tuple(self.filter)
+        if isinstance(self.fallback, bool) or not isinstance(self.fallback, int) or not 0 <= self.fallback <= 64:
+            raise ValueError(f"{owner}: fallback must be a number of tries from 0 to 64, got {self.fallback!r}")
+        if self.fallback_gates is not None:
+            if not isinstance(self.fallback_gates, dict):
+                raise ValueError(f"{owner}: fallback_gates must be a mapping of gates, got {self.fallback_gates!r}")
+            Gates.from_dict(self.fallback_gates)  # refused here, naming the field, rather than at build
+
+    def gates(self) -> Gates:
+        """The gates the fallback aims for."""
+        return Gates.from_dict(self.fallback_gates) if self.fallback_gates is not None else DEFAULT_QUANTIZED_GATES
 
 
 class TorchAOBackend(ModuleBackend):
@@ -227,6 +245,9 @@ class TorchAOBackend(ModuleBackend):
         self._digest: str | None = None
         self._digest_device: str | None = None
         self._digest_torchao: str | None = None
+        #: layers the fallback kept in full precision (besides ``filter``), and what it found
+        self.kept: list[str] = []
+        self._fallback: dict[str, Any] | None = None
 
     @property
     def is_jit(self) -> bool:
@@ -244,6 +265,8 @@ class TorchAOBackend(ModuleBackend):
         self._module = self._take_module(module)
         # the unquantized weights, which a checkpoint re-quantizes (see the module docstring)
         self._weights = save_weights(self._module, cache_dir / WEIGHTS_FILE)
+        if self.config.fallback and data:
+            self._choose_kept(data[0].to(self.device))
         self._quantize(self._module)
         self._digest, self._digest_device = quantized_digest(self._module), self.device.type
         self._digest_torchao = torchao_version()
@@ -252,10 +275,29 @@ class TorchAOBackend(ModuleBackend):
             for sample in data:
                 self._run(self._compiled, sample.to(self.device))
 
-    def _quantize(self, module: torch.nn.Module) -> None:
+    def _quantize(self, module: torch.nn.Module, also: Sequence[str] | None = None) -> torch.nn.Module:
         cfg = self.config
+        kept = self.kept if also is None else also
         with torch.no_grad():
-            quantize_module(module, cfg.scheme, cfg.filter)
+            return quantize_module(module, cfg.scheme, [*cfg.filter, *kept])
+
+    def _choose_kept(self, sample: Sample) -> None:
+        """The fallback: which layers to keep in full precision for the gates to pass (if any)."""
+        def run(module: torch.nn.Module) -> Any:
+            with torch.inference_mode():
+                return self._run(module, sample)
+
+        reference = run(self._module)
+        layers = quantizable_layers(self._module, lambda m, n: keeps_full_precision(self.config.filter, m, n))
+        found = fallback_search(self._module, lambda m, kept: self._quantize(m, kept), layers, run, reference,
+                                self.config.gates(), self.config.fallback)
+        self.kept, self._fallback = list(found.kept or []), found.to_dict()
+
+    def build_notes(self) -> dict[str, Any]:
+        """What the build chose: the layers the fallback kept in full precision, and its search."""
+        if self._fallback is None:
+            return {}
+        return {"kept_full_precision": list(self.kept), "fallback": self._fallback}
 
     def _compile(self) -> None:
         if not self.config.compile:
@@ -302,6 +344,7 @@ class TorchAOBackend(ModuleBackend):
         state["quantized"] = {
             "sha256": self._digest, "device_type": self._digest_device, "torchao": self._digest_torchao,
         }  # fmt: skip
+        state["kept_full_precision"] = list(self.kept)
         return state
 
     @classmethod
@@ -312,4 +355,8 @@ class TorchAOBackend(ModuleBackend):
             raise ValueError(f"{cls.__name__}: state entry 'quantized' must be a mapping, got {quantized!r}")
         backend._digest, backend._digest_device = quantized.get("sha256"), quantized.get("device_type")
         backend._digest_torchao = quantized.get("torchao")
+        kept = state_dict.get("kept_full_precision") or []
+        if not isinstance(kept, list) or not all(isinstance(n, str) and n for n in kept):
+            raise ValueError(f"{cls.__name__}: state entry 'kept_full_precision' must be a list of layer names, got {kept!r}")
+        backend.kept = list(kept)
         return backend
