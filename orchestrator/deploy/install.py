@@ -70,13 +70,11 @@ class DeployWorker:
         install: dict[str, Any] | None = None,
         criteria: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """``trust``: the manifest's SHA-256 recorded by the store, and the factories and backends
-        the sweep's spec names; nothing else in the checkpoint is imported. ``install``: ``root``
-        (None: the default on this node) and ``sweep_id``; the verified checkpoint becomes current there.
-        ``criteria``: how the winner was judged in its sweep (aitune.accuracy.Criteria), which the
-        target checks it by; None: ``precision``'s tolerance under ``tolerances``."""
-        trust = trust or {}
-        criteria = criteria or Criteria(tolerance_for(precision, tolerances)).to_dict()
+        """``trust``: the manifest's SHA-256 the store recorded, and the factories and backends the spec
+        names (nothing else is imported). ``install``: ``root`` (None: this node's default) and
+        ``sweep_id``; the verified checkpoint becomes current there. ``criteria``: how it was judged
+        in its sweep (aitune.accuracy.Criteria); None: ``precision``'s tolerance under ``tolerances``."""
+        trust, criteria = trust or {}, criteria or Criteria(tolerance_for(precision, tolerances)).to_dict()
         record = DeployRecord(
             model=selection["model"], batch_size=selection["batch_size"], target=self.target, status=REFUSED,
             winner_key=selection.get("winner_key"), worker=self.info(), device_class_key=self.device_class_key,
