@@ -91,6 +91,10 @@ class DeployWorker:
             return record.to_dict()
         if install is not None:
             return self._install(checkpoint, reference, selection, criteria, latency_s, trust, install, record)
+        return self._load_and_verify(checkpoint, reference, criteria, latency_s, trust, record)
+
+    def _load_and_verify(self, checkpoint, reference, criteria, latency_s, trust, record: DeployRecord) -> dict[str, Any]:
+        """Deploy in this actor only (no deploy root): load, check against the reference, measure."""
         root = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
             path = unpack_to(checkpoint, root / "checkpoint")
