@@ -107,10 +107,18 @@ class CheckResult:
     worst_index: list[int] | None
     reason: str | None
     tolerance: Tolerance
+    #: the accuracy gates' report (aitune.accuracy): each gate's figure, where, passed, the limits
+    gates: dict[str, Any] | None = None
+    #: whether the tolerance decided too (False for quantized candidates: only the gates did)
+    elementwise: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tolerance"] = self.tolerance.to_dict()
+        if self.gates is None:  # a record without gates reads as it always did
+            del d["gates"]
+        if self.elementwise:
+            del d["elementwise"]
         return d
 
     @classmethod
@@ -124,6 +132,8 @@ class CheckResult:
             worst_index=None if index is None else [int(i) for i in index],
             reason=d.get("reason"),
             tolerance=Tolerance.from_dict(d["tolerance"]),
+            gates=dict(d["gates"]) if isinstance(d.get("gates"), Mapping) else None,
+            elementwise=d.get("elementwise", True) is not False,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from aitune.torch.backend.backend import Backend
@@ -11,18 +12,36 @@ CandidateDef = tuple[str, dict[str, Any]]
 
 BASELINE: CandidateDef = ("TorchEagerBackend", {})
 
-CPU_CANDIDATES: list[CandidateDef] = [
+#: the CPU set whatever is installed
+CPU_BASE: tuple[CandidateDef, ...] = (
     BASELINE,
     ("TorchEagerBackend", {"precision": "bfloat16", "autocast": True}),
     ("TorchInductorJitBackend", {}),
     ("TorchInductorAotBackend", {}),
     ("OnnxRuntimeBackend", {}),
-]
+)
+#: added to the CPU set where torchao is installed: int8 weights and activations, compiled
+CPU_TORCHAO: CandidateDef = ("TorchAOBackend", {"scheme": "int8_dynamic", "compile": True})
+
+
+def torchao_installed() -> bool:
+    """Whether ``torchao`` can be found; it is not imported (that takes seconds)."""
+    return importlib.util.find_spec("torchao") is not None
+
+
+def cpu_candidates() -> list[CandidateDef]:
+    """The CPU default set: ``CPU_BASE``, and ``CPU_TORCHAO`` where torchao is installed."""
+    chosen = [*CPU_BASE, *([CPU_TORCHAO] if torchao_installed() else [])]
+    return [(name, dict(fields)) for name, fields in chosen]  # copies: a caller may change its own
+
+
+#: the CPU default set as this process found it at import
+CPU_CANDIDATES: tuple[CandidateDef, ...] = tuple(cpu_candidates())
 
 
 def candidates_for(device_type: str) -> list[CandidateDef]:
     if device_type == "cpu":
-        return list(CPU_CANDIDATES)
+        return cpu_candidates()
     from aitune.gpu_defaults import gpu_candidates  # the GPU set depends on what is installed
 
     return gpu_candidates()

@@ -185,10 +185,15 @@ class Install:
     #: dtypes of the tensor inputs, in the order of ``input_shapes``: read from the verified
     #: ``reference.pt`` at load (not written to ``install.json``)
     input_dtypes: list[str] | None = None
+    #: how the winner was judged when it is more than ``tolerance`` (aitune.accuracy.Criteria: accuracy
+    #: gates; quantized winners' replace the tolerance); None: the tolerance alone
+    criteria: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("input_dtypes")
+        if self.criteria is None:  # an install judged by its tolerance alone reads as it always did
+            d.pop("criteria")
         return d
 
     @classmethod
@@ -235,6 +240,7 @@ class Install:
             winner_key=want("winner_key", is_str, "a string", optional=True),
             candidate=want("candidate", is_str, "a string", optional=True),
             extra=want("extra", lambda v: isinstance(v, dict), "an object", optional=True) or {},
+            criteria=want("criteria", _criteria_ok, "accuracy criteria {tolerance, gates, elementwise}", optional=True),
         )
 
 
@@ -408,6 +414,16 @@ def _installed_copy_problem(version_dir: Path, sha: str, reference: bytes) -> st
     return None
 
 
+def _criteria_ok(value: Any) -> bool:
+    from aitune.accuracy import Criteria
+
+    try:
+        Criteria.from_dict(value)
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
 def stage(
     root: str | os.PathLike | None,
     checkpoint_dir: Path,
@@ -422,6 +438,7 @@ def stage(
     sweep_id: str | None = None,
     winner_key: str | None = None,
     candidate: str | None = None,
+    criteria: dict[str, Any] | None = None,
 ) -> tuple[Path, bool]:
     """Put a checkpoint in a version folder of its own (not current yet); returns (folder, is_new).
 
@@ -466,7 +483,7 @@ def stage(
                 model=model, batch_size=int(batch_size), device_class_key=class_key, version=version, manifest_sha256=sha,
                 factory=factory, backend=manifest.backend, input_shapes=input_shapes(tuple(sample["args"]), dict(sample["kwargs"])),
                 tolerance=dict(tolerance), reference_sha256=hashlib.sha256(reference).hexdigest(), installed_at=time.time(),
-                sweep_id=sweep_id, winner_key=winner_key, candidate=candidate,
+                sweep_id=sweep_id, winner_key=winner_key, candidate=candidate, criteria=criteria,
             )
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".staging", dir=folder))
             try:
@@ -526,6 +543,7 @@ def read_reference(version_dir: Path, install: Install) -> dict[str, Any]:
 
 def verify_version(version_dir: Path, device: torch.device | str, latency_s: float = 0.1, threads: int = 1) -> Verified:
     """Load the installed version here and check it against its stored eager fp32 reference."""
+    from aitune.accuracy import Criteria
     from aitune.check import Tolerance, compare_outputs
     from aitune.measure import MeasureConfig, measure
     from aitune.specs import Sample
@@ -537,7 +555,9 @@ def verify_version(version_dir: Path, device: torch.device | str, latency_s: flo
         sample = Sample(tuple(ref["args"]), dict(ref["kwargs"])).to(device)
         with torch.inference_mode():
             got = [t for _, t in flatten_tensors(sample(backend.infer))]
-        check = compare_outputs(list(ref["outputs"]), got, Tolerance.from_dict(install.tolerance))
+        criteria = Criteria.from_dict(install.criteria) if install.criteria else Criteria(Tolerance.from_dict(install.tolerance))
+        expected = list(ref["outputs"])
+        check = criteria.apply(compare_outputs(expected, got, criteria.tolerance), got, expected)
         if not check.ok:
             return Verified(False, check.max_abs_err, reason=f"{version_dir}: outputs differ from the reference: {check.reason}")
         m = measure(backend.infer, sample, device, MeasureConfig(budget_s=latency_s, min_iters=5, threads=threads))

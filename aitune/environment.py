@@ -42,6 +42,7 @@ class Environment:
     tensorrt: str | None
     python: str
     driver: str | None = None
+    torchao: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +62,8 @@ class Environment:
             "driver": self.driver,
             "tensorrt": self.tensorrt,
             "onnxruntime": self.onnxruntime,
+            # only where installed: a machine without torchao keeps the keys it had before torchao was known
+            **({"torchao": self.torchao} if self.torchao else {}),
         }
 
 
@@ -79,6 +82,11 @@ def tensorrt_version() -> str | None:
         return str(tensorrt.__version__)
     except Exception:  # a broken install: no version to record
         return None
+
+
+def torchao_version() -> str | None:
+    """From the distribution's metadata, so nothing is imported; None where torchao is not installed."""
+    return _version("torchao")
 
 
 def cuda_driver_version() -> str | None:
@@ -110,4 +118,5 @@ def describe_environment(device: torch.device | str = "cpu") -> Environment:
         tensorrt=tensorrt_version(),
         python=platform.python_version(),
         driver=cuda_driver_version() if device.type == "cuda" else None,
+        torchao=torchao_version(),
     )

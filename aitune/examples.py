@@ -68,6 +68,27 @@ def mlp(width: int = 512, depth: int = 12, seed: int = 0) -> MLP:
     return MLP(width, depth).eval()
 
 
+class OutlierMLP(nn.Module):
+    """Two linear layers where one hidden feature is a hundred times larger than the others and the
+    output does not use it: per-token int8 activation scales then round every other feature to zero,
+    so int8 dynamic quantization destroys it while weight-only int8 does not (a model for accuracy gates)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        with torch.no_grad():
+            self.fc1.weight[0].fill_(100.0)
+            self.fc2.weight[:, 0].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def outlier_mlp(width: int = 64, seed: int = 0) -> OutlierMLP:
+    torch.manual_seed(seed)
+    return OutlierMLP(width).eval()
+
+
 def image_sample(batch: int, size: int = 32, seed: int = 0) -> Sample:
     return Sample.of(torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)))
 

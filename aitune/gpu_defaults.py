@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 
-from aitune.defaults import BASELINE, CandidateDef
+from aitune.defaults import BASELINE, CandidateDef, torchao_installed
+
+#: where torchao is installed: int8 (weight-only, and dynamic activations) and float8 dynamic, all
+#: in bfloat16 (torchao's usual GPU precision) and compiled. float8 needs compute capability 8.9
+#: or newer; this set doesn't know the device, so on an older GPU the backend reports it unsupported.
+GPU_TORCHAO: tuple[CandidateDef, ...] = (
+    ("TorchAOBackend", {"scheme": "int8_dynamic", "precision": "bfloat16"}),
+    ("TorchAOBackend", {"scheme": "int8_weight_only", "precision": "bfloat16"}),
+    ("TorchAOBackend", {"scheme": "float8_dynamic", "precision": "bfloat16"}),
+)
 
 
 def tensorrt_installed() -> bool:
@@ -32,7 +41,7 @@ def onnxruntime_cuda_installed() -> bool:
 
 def gpu_candidates(include_max_autotune: bool = False) -> list[CandidateDef]:
     """Eager in three precisions, CUDA graphs, torch.compile, AOTInductor, and TensorRT / ONNX
-    Runtime on CUDA where installed. ``max-autotune`` builds slowly: it is opt-in."""
+    Runtime on CUDA / TorchAO (``GPU_TORCHAO``) where installed. ``max-autotune`` builds slowly: it is opt-in."""
     fp16 = {"precision": "float16"}
     candidates: list[CandidateDef] = [
         BASELINE,
@@ -54,4 +63,6 @@ def gpu_candidates(include_max_autotune: bool = False) -> list[CandidateDef]:
         candidates.append(("TensorRTBackend", dict(fp16) if major is None or major < 11 else {"precision": "float32", "tf32": False}))
     if onnxruntime_cuda_installed():
         candidates.append(("OnnxRuntimeBackend", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}))
+    if torchao_installed():
+        candidates.extend((name, dict(fields)) for name, fields in GPU_TORCHAO)
     return candidates

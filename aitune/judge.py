@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from aitune.accuracy import Criteria
 from aitune.check import CheckResult, Tolerance, check_samples
 from aitune.measure import MeasureConfig, Measurement, measure
 from aitune.specs import Sample
@@ -47,14 +48,20 @@ def judge(
     *,
     check: bool = True,
     previous_check: CheckResult | None = None,
+    criteria: Criteria | None = None,
 ) -> Judgement:
     """Check ``infer`` on ``samples`` against ``reference``; measure it only when it is correct.
 
     ``measure_config=None`` checks only. ``check=False`` keeps ``previous_check`` (a re-measure of
-    an artifact whose check still holds).
+    an artifact whose check still holds). ``criteria`` (with ``tolerance`` as its tolerance) adds
+    accuracy gates, or replaces the elementwise check by them (quantized candidates).
     """
     outputs = run_samples(infer, samples)
-    result = check_samples(list(reference), outputs, tolerance) if check else previous_check
+    result = previous_check
+    if check:
+        result = check_samples(list(reference), outputs, tolerance)
+        if criteria is not None:
+            result = criteria.apply(result, outputs, list(reference))
     if result is not None and not result.ok:
         return Judgement(INCORRECT, result, None, outputs, result.reason)
     measurement = measure(infer, samples[0], device, measure_config) if measure_config is not None else None

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from aitune.accuracy import criteria_for
 from aitune.check import CheckResult, Tolerance, tolerance_for
 from aitune.decision import DecisionRule, assess, explain, paired_ratio, run_rounds, screen
 from aitune.failures import UNSUPPORTED, build_failure_status, trace
@@ -268,7 +269,8 @@ def evaluate(
     result.backend = backend
     try:
         # The same rule as the orchestrator's workers: check, then measure only what is correct.
-        verdict = judge(backend.infer, samples, reference, device, tolerance_for(result.precision, tolerances), measure_config)
+        criteria = criteria_for(type(backend), tolerance_for(result.precision, tolerances))
+        verdict = judge(backend.infer, samples, reference, device, criteria.tolerance, measure_config, criteria=criteria)
         result.status, result.error = verdict.status, verdict.error
         result.check, result.measurement = verdict.check, verdict.measurement
     except Exception as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from aitune import deploy_root as layout
+from aitune.accuracy import Criteria
 from aitune.canonical import sha256_of
 from aitune.check import compare_outputs, tolerance_for
 from aitune.checkpoint import CheckpointError, load_checkpoint
@@ -67,11 +68,13 @@ class DeployWorker:
         latency_s: float,
         trust: dict[str, Any] | None = None,
         install: dict[str, Any] | None = None,
+        criteria: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """``trust``: the manifest's SHA-256 recorded by the store, and the factories and backends
-        the sweep's spec names; nothing else in the checkpoint is imported. ``install``: ``root``
-        (None: the default on this node) and ``sweep_id``; the verified checkpoint becomes current there."""
-        trust = trust or {}
+        """``trust``: the manifest's SHA-256 the store recorded, and the factories and backends the spec
+        names (nothing else is imported). ``install``: ``root`` (None: this node's default) and
+        ``sweep_id``; the verified checkpoint becomes current there. ``criteria``: how it was judged
+        in its sweep (aitune.accuracy.Criteria); None: ``precision``'s tolerance under ``tolerances``."""
+        trust, criteria = trust or {}, criteria or Criteria(tolerance_for(precision, tolerances)).to_dict()
         record = DeployRecord(
             model=selection["model"], batch_size=selection["batch_size"], target=self.target, status=REFUSED,
             winner_key=selection.get("winner_key"), worker=self.info(), device_class_key=self.device_class_key,
@@ -87,7 +90,11 @@ class DeployWorker:
             record.reason = "no stored reference outputs to verify against"
             return record.to_dict()
         if install is not None:
-            return self._install(checkpoint, reference, selection, precision, tolerances, latency_s, trust, install, record)
+            return self._install(checkpoint, reference, selection, criteria, latency_s, trust, install, record)
+        return self._load_and_verify(checkpoint, reference, criteria, latency_s, trust, record)
+
+    def _load_and_verify(self, checkpoint, reference, criteria, latency_s, trust, record: DeployRecord) -> dict[str, Any]:
+        """Deploy in this actor only (no deploy root): load, check against the reference, measure."""
         root = Path(tempfile.mkdtemp(prefix="aitune-deploy-"))
         try:
             path = unpack_to(checkpoint, root / "checkpoint")
@@ -100,7 +107,8 @@ class DeployWorker:
             sample = sample.to(self.device)
             with torch.inference_mode():
                 got = [t for _, t in flatten_tensors(sample(backend.infer))]
-            check = compare_outputs(expected, got, tolerance_for(precision, tolerances))
+            judged = Criteria.from_dict(criteria)
+            check = judged.apply(compare_outputs(expected, got, judged.tolerance), got, expected)
             record.max_abs_err = check.max_abs_err
             if not check.ok:
                 record.reason = f"outputs differ from the reference: {check.reason}"
@@ -118,7 +126,7 @@ class DeployWorker:
             shutil.rmtree(root, ignore_errors=True)
         return record.to_dict()
 
-    def _install(self, checkpoint, reference, selection, precision, tolerances, latency_s, trust, install, record):
+    def _install(self, checkpoint, reference, selection, criteria, latency_s, trust, install, record):
         from aitune.checkpoint import verify_checkpoint
         from aitune.loader import TunedModelError, load_for_class
 
@@ -131,7 +139,7 @@ class DeployWorker:
             factories = trust.get("factories") or []
             version_dir, new = layout.stage(
                 root, path, reference, model=record.model, batch_size=record.batch_size, class_key=self.device_class_key,
-                device_class=self.env.device_class(), tolerance=tolerance_for(precision, tolerances).to_dict(),
+                device_class=self.env.device_class(), tolerance=criteria["tolerance"], criteria=_beyond_tolerance(criteria),
                 factory=factories[0] if factories else None, sweep_id=record.sweep_id, winner_key=record.winner_key,
                 candidate=selection.get("winner"),
             )
@@ -308,7 +316,8 @@ class _Rollout:
         ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
         return [(sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
-                    self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, self.install))
+                    self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, self.install,
+                    criteria_of_winner(self.spec, winner)))
                 for (slot, actor), device_class in zip(self.actors, classes)
                 if device_class == sel.device_class_key]  # a winner goes to the targets of its own device class only
 
@@ -335,3 +344,18 @@ class _Rollout:
                 rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key,
                                    reason=f"{type(exc).__name__}: {exc}")
             self.keep(rec)
+
+
+def criteria_of_winner(spec, winner) -> dict[str, Any]:
+    """How a winner is verified on its targets: as it was judged in its sweep (its evaluation's
+    criteria: tolerance, and gates), else (a record from before gates) by its precision's tolerance."""
+    check = (winner.evaluation or {}).get("check") or {}
+    try:
+        return Criteria.from_dict(check).to_dict()
+    except (ValueError, TypeError, KeyError):
+        return Criteria(tolerance_for(winner.config.get("precision", "float32"), spec.tolerance_overrides())).to_dict()
+
+
+def _beyond_tolerance(criteria: dict[str, Any]) -> dict[str, Any] | None:
+    """What an install records besides its tolerance: None for a tolerance alone."""
+    return criteria if set(criteria) - {"tolerance"} else None

@@ -18,7 +18,6 @@ from rich.table import Table
 from orchestrator.outcome.report_files import write_reports
 from orchestrator.outcome.rows import (
     ROW_COLUMNS,
-    TABLE_HEADERS,
     TABLE_NOTE,
     WINNER_HEADERS,
     fmt_ms,
@@ -28,6 +27,7 @@ from orchestrator.outcome.rows import (
     reused_from,
     rows_by_model,
     table_cells,
+    table_headers,
     winner_cells,
     winner_speedups,
 )
@@ -57,11 +57,13 @@ def render(
     mark = _winner_mark(console)
     for model, model_rows in rows_by_model(rows).items():
         table = Table(title=escape(model), title_justify="left")
-        for header in TABLE_HEADERS:
-            table.add_column(header, justify="right" if header not in ("candidate", "device", "status", "winner") else "left")
+        gated = any(r["gates"] for r in model_rows)
+        for header in table_headers(gated):
+            left = header in ("candidate", "device", "status", "winner", "accuracy gates")
+            table.add_column(header, justify="left" if left else "right")
         for row in model_rows:
             # Candidate names and errors are data, not markup: "[fp16]" must print as written.
-            cells = [escape(c) for c in table_cells(row, mark)]
+            cells = [escape(c) for c in table_cells(row, mark, gated)]
             style = _STATUS_STYLE.get(row["status"], "red")
             cells[3] = f"[{style}]{cells[3]}[/{style}]"
             table.add_row(*cells, style="bold" if row["winner"] else None)

@@ -11,7 +11,6 @@ from typing import Any, Iterable
 
 from orchestrator.outcome.rows import (
     ROW_COLUMNS,
-    TABLE_HEADERS,
     TABLE_NOTE,
     WINNER_HEADERS,
     fmt_ms,
@@ -20,6 +19,7 @@ from orchestrator.outcome.rows import (
     report_rows,
     rows_by_model,
     table_cells,
+    table_headers,
     winner_cells,
     winner_speedups,
 )
@@ -118,7 +118,8 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
     mark = "**WINNER**"
     for model, model_rows in rows_by_model(rows).items():
         lines += [f"## {model}", ""]
-        lines += _md_table(TABLE_HEADERS, (table_cells(row, mark) for row in model_rows))
+        gated = any(row["gates"] for row in model_rows)
+        lines += _md_table(table_headers(gated), (table_cells(row, mark, gated) for row in model_rows))
         failures = [row for row in model_rows if row["error"]]
         for row in failures:
             lines.append(f"- {_md_cell(row['candidate'])} (batch {row['batch_size']}): {_md_cell(row['error'])}")

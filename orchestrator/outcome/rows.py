@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 ROW_COLUMNS = (
     "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
-    "first_median_ms", "window", "max_abs_err", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
+    "first_median_ms", "window", "max_abs_err", "gates", "kept_full_precision", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
 
 
@@ -69,6 +69,10 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
                 "first_median_ms": r.median_ms,
                 "window": "rounds" if mine is not None else ("first" if r.measurement is not None else None),
                 "max_abs_err": r.max_abs_err,
+                # the accuracy gates it was judged by: figures, limits, passed (None: a tolerance alone)
+                "gates": _gates_of(r),
+                # the layers a quantized candidate's build kept in full precision (None: not one of those)
+                "kept_full_precision": _kept_of(r),
                 "peak_memory_mb": r.peak_memory_bytes / 2**20 if r.peak_memory_bytes is not None else None,
                 "from_store": r.from_store,
                 "how": r.how,
@@ -80,6 +84,40 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
             }
         )
     return rows
+
+
+def _kept_of(record: ResultRecord) -> list[str] | None:
+    """The layers a quantized candidate's build kept out of its scheme (its fallback's choice)."""
+    notes = (record.context or {}).get("notes")
+    kept = notes.get("kept_full_precision") if isinstance(notes, dict) else None
+    return [str(k) for k in kept] if isinstance(kept, list) and kept else None
+
+
+def _gates_of(record: ResultRecord) -> dict | None:
+    gates = record.check.gates if record.check is not None else None
+    if not isinstance(gates, dict) or not isinstance(gates.get("figures"), dict):
+        return None
+    limits = gates.get("limits") if isinstance(gates.get("limits"), dict) else {}
+    passed = gates.get("passed") if isinstance(gates.get("passed"), dict) else {}
+    return {name: {"figure": figure, "limit": limits.get(name), "passed": passed.get(name)}
+            for name, figure in gates["figures"].items()}
+
+
+_GATE_LABEL = {"cosine": ("cos", "", ">="), "sqnr_db": ("sqnr", " dB", ">="), "topk_rel_err": ("top-k err", "", "<=")}
+
+
+def fmt_gates(gates: dict | None) -> str:
+    """``cos 0.99995>=0.999 sqnr 39.6>=30 dB``: each gate's figure against its limit (``!`` where it failed)."""
+    if not gates:
+        return "-"
+    parts = []
+    for name, g in gates.items():
+        label, unit, sign = _GATE_LABEL.get(name, (name, "", "vs"))
+        figure, limit = g.get("figure"), g.get("limit")
+        shown = f"{figure:.5g}" if isinstance(figure, (int, float)) else "?"
+        bound = f"{sign}{limit:g}" if isinstance(limit, (int, float)) else ""
+        parts.append(f"{label} {shown}{bound}{unit}{'' if g.get('passed') is not False else ' !'}")
+    return ", ".join(parts)
 
 
 def _device_name(record: ResultRecord) -> str | None:
@@ -105,9 +143,11 @@ def fmt_speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def table_cells(row: dict, mark: str) -> list[str]:
-    return [
-        row["candidate"],
+def table_cells(row: dict, mark: str, gated: bool = True) -> list[str]:
+    """A result's cells under :func:`table_headers` (``gated``: with the accuracy gates' column)."""
+    kept = row.get("kept_full_precision")
+    cells = [
+        row["candidate"] + (f" [full precision: {', '.join(kept)}]" if kept else ""),
         str(row["batch_size"]),
         row["device"] or "-",
         row["status"],
@@ -117,14 +157,23 @@ def table_cells(row: dict, mark: str) -> list[str]:
         fmt_ms(row["p99_ms"]),
         fmt_speedup(row["speedup"]),
         fmt_num(row["max_abs_err"], "{:.2e}"),
+        fmt_gates(row["gates"]),
         fmt_num(row["peak_memory_mb"], "{:.1f}"),
         row["how"] if row["from_store"] else "",
         mark if row["winner"] else ("tie" if row["tie"] else ""),
     ]
+    if not gated:
+        del cells[TABLE_HEADERS.index("accuracy gates")]
+    return cells
+
+
+def table_headers(gated: bool) -> tuple[str, ...]:
+    """The table's headers; the accuracy gates' column only where a row was judged by gates (``gated``)."""
+    return TABLE_HEADERS if gated else tuple(h for h in TABLE_HEADERS if h != "accuracy gates")
 
 
 TABLE_HEADERS = ("candidate", "batch", "device", "status", "build s", "median ms", "first ms", "p99 ms", "speedup",
-                  "worst error", "peak MB", "from store", "winner")  # fmt: skip
+                  "worst error", "accuracy gates", "peak MB", "from store", "winner")  # fmt: skip
 
 
 TABLE_NOTE = ("median ms, p99 ms and speedup: from the group's decision rounds (interleaved with eager fp32; the "

@@ -44,6 +44,8 @@ class Forecast:
     unestimated: int = 0
     #: jobs held for ``reuse: decisions`` (only their family's top-k are counted)
     narrowed: int = 0
+    #: candidate -> the accuracy gates it is judged by (with or instead of its tolerance)
+    gates: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +69,8 @@ class Forecast:
             if self.unestimated:
                 est += f" ({self.unestimated} job(s) with no history for their backend not counted)"
             out.append(est)
+        for candidate, gates in sorted(self.gates.items()):
+            out.append(f"  accuracy: {candidate}: {gates}")
         return out
 
     def markdown(self) -> str:
@@ -76,6 +80,17 @@ class Forecast:
             for dc, c in per_dc.items():
                 lines.append(f"| {model} | {dc} | {c['jobs']} | {c['reuse']} | {c['recheck']} | {c['remeasure']} | {c['new']} |")
         return "\n".join(lines) + "\n"
+
+
+def _gates_line(evaluation: dict[str, Any]) -> str | None:
+    """``cosine >= 0.999, sqnr_db >= 30 (instead of the tolerance)``; None: a tolerance alone."""
+    check = evaluation.get("check") or {}
+    gates = check.get("gates")
+    if not gates:
+        return None
+    said = ", ".join(f"{name} {'<=' if name == 'topk_rel_err' else '>='} {limit:g}"
+                     for name, limit in gates.items() if name != "topk" and limit is not None)
+    return said + (" (instead of the tolerance)" if check.get("elementwise") is False else " (and the tolerance)")
 
 
 def _stored_device_classes(store: ResultStore) -> tuple[dict[str, dict], dict[str, int], int]:
@@ -147,6 +162,7 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
     totals: Counter = Counter()
     serial = 0.0
     for d in kept:
+        fc.gates.setdefault(d.job.candidate, _gates_line(d.job.evaluation)) or fc.gates.pop(d.job.candidate)
         name = str(classes[d.job.device_class_key].get("device_name") or "?")
         c = fc.counts.setdefault(d.job.model, {}).setdefault(name, {"jobs": 0, "reuse": 0, "recheck": 0, "remeasure": 0, "new": 0})
         what = {REUSE: "reuse", RECHECK: "recheck", BUILD: "new"}.get(d.action)

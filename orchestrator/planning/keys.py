@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aitune.accuracy import Criteria, criteria_for
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
 from aitune.reference import load_reference, unpack_outputs
@@ -60,13 +61,29 @@ def artifact_key(fingerprint: str, backend: str, backend_key: str, impl_version:
     })
 
 
-def evaluation_of(spec: SweepSpec, precision: str, samples: str, threads: int) -> dict[str, Any]:
-    tolerance = tolerance_for(precision, spec.tolerance_overrides())
+def evaluation_of(spec: SweepSpec, precision: str, samples: str, threads: int,
+                  criteria: Criteria | None = None) -> dict[str, Any]:
+    """How a candidate is judged: ``criteria`` (default: the precision's tolerance alone) on the
+    check ``samples``, measured with ``threads``, within the spec's limits."""
+    criteria = criteria or Criteria(tolerance_for(precision, spec.tolerance_overrides()))
     return {
-        "check": {"tolerance": tolerance.to_dict(), "samples": samples},
+        "check": {**criteria.to_dict(), "samples": samples},
         "measure": {"threads": int(threads), **spec.measure.model_dump(mode="json", exclude={"exclusive"})},
         "limits": {"build_timeout_s": spec.budgets.build_timeout_s, "measure_timeout_s": spec.budgets.measure_timeout_s},
     }
+
+
+def criteria_of_candidate(spec: SweepSpec, candidate, backend_cls: type, precision: str) -> Criteria:
+    """A candidate's accuracy criteria: its precision's tolerance, and the gates the spec gives it
+    (a quantizing backend's replace the tolerance: aitune.accuracy.criteria_for)."""
+    quantizes = bool(getattr(backend_cls, "quantizes", False))
+    gates = spec.gates_for(candidate, precision, quantizes)
+    return criteria_for(backend_cls, tolerance_for(precision, spec.tolerance_overrides()), gates)
+
+
+def criteria_of(evaluation: dict[str, Any]) -> Criteria:
+    """The criteria an evaluation (a job's, a stored result's) judges by."""
+    return Criteria.from_dict(evaluation.get("check") or {})
 
 
 def evaluation_key(evaluation: dict[str, Any]) -> str:
@@ -94,12 +111,17 @@ def expand(
                 for cand in candidates:
                     backend = make_backend(cand.backend, cand.config)
                     fields = config_fields(backend)
+                    precision = str(fields.get("precision", "float32"))
+                    criteria = criteria_of_candidate(spec, cand, type(backend), precision)
+                    if criteria.gates is not None and fields.get("fallback") and fields.get("fallback_gates") is None:
+                        # a per-layer fallback aims for the gates the candidate is judged by (part of its key)
+                        backend = make_backend(cand.backend, {**cand.config, "fallback_gates": criteria.gates.to_dict()})
+                        fields = config_fields(backend)
                     key = artifact_key(fingerprints[model.name], cand.backend, config_key(backend),
                                        implementation_version(type(backend)), graph, device_class)
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
-                    evaluation = evaluation_of(spec, str(fields.get("precision", "float32")), samples,
-                                               (threads or {}).get(dc_key, 1))
+                    evaluation = evaluation_of(spec, precision, samples, (threads or {}).get(dc_key, 1), criteria)
                     jobs[key] = Job(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
                         candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
@@ -176,7 +198,8 @@ def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spe
     """Judge stored outputs again under this sweep's tolerance: no worker, no rebuild."""
     stored = unpack_outputs(outputs)
     _, expected = load_reference(reference)
-    check: CheckResult = compare_outputs(expected, stored[0], tolerance_for(job.precision, spec.tolerance_overrides()))
+    criteria = criteria_of(job.evaluation)
+    check: CheckResult = criteria.apply(compare_outputs(expected, stored[0], criteria.tolerance), stored[0], expected)
     record = ResultRecord.from_dict(prior.to_dict())
     record.result_id = None
     record.how, record.source = R.RECHECKED, {"sweep": prior.sweep_id, "result": prior.result_id}

@@ -20,6 +20,7 @@ from aitune.torch.backend.registry import (
 )
 from aitune.torch.module_ref import ImportPathError, import_object
 from orchestrator.spec import checks
+from orchestrator.spec.accuracy import GatesSpec
 from orchestrator.spec.strict import Name, Strict
 
 
@@ -178,6 +179,8 @@ class ModelSpec(Strict):
 class CandidateSpec(Strict):
     backend: str
     config: dict[str, Any] = Field(default_factory=dict)
+    #: this candidate's accuracy gates (spec/accuracy.py), over the sweep's ``accuracy`` section
+    accuracy: GatesSpec | None = None
 
     @field_validator("backend")
     @classmethod

@@ -22,8 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from aitune.accuracy import Gates
 from aitune.strategy import Strategy
 from orchestrator.spec import checks
+from orchestrator.spec.accuracy import AccuracySpec, GatesSpec
 from orchestrator.spec.models import CandidateSpec, InputSpec, ModelSpec
 from orchestrator.spec.reader import SpecStructureError, SpecSyntaxError, read_spec_text
 from orchestrator.spec.sections import (
@@ -39,6 +41,7 @@ from orchestrator.spec.sections import (
 from orchestrator.spec.strict import Strict, plain_name
 
 __all__ = [
+    "AccuracySpec", "GatesSpec",
     "BudgetSpec", "CandidateSpec", "DecisionSpec", "DeploySpec", "InputSpec", "MeasureSpec", "ModelSpec", "SpecError",
     "SweepSpec", "ToleranceSpec", "WorkersSpec", "parse_spec", "read_spec_file",
 ]
@@ -75,6 +78,8 @@ class SweepSpec(Strict):
     latency_budget_ms: PositiveFloat | None = None
     #: per precision ("float32", "float16"...): atol and/or rtol
     tolerances: dict[Precision, ToleranceSpec] = Field(default_factory=dict)
+    #: accuracy gates: of quantized candidates (instead of a tolerance), and per precision
+    accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     decision: DecisionSpec = Field(default_factory=DecisionSpec)
@@ -135,6 +140,16 @@ class SweepSpec(Strict):
 
     def strategy(self) -> Strategy:
         return Strategy(self.objective, self.latency_budget_ms)
+
+    def gates_for(self, candidate: CandidateSpec, precision: str, quantizes: bool) -> Gates | None:
+        """The accuracy gates of a candidate: its own, else the sweep's for quantized candidates or for
+        its precision; None where there are none (a plain tolerance check)."""
+        if candidate.accuracy is not None:
+            return candidate.accuracy.gates()
+        if quantizes:
+            return self.accuracy.quantized.gates()
+        chosen = {precision_of(k): v for k, v in self.accuracy.precisions.items()}.get(precision_of(precision))
+        return chosen.gates() if chosen is not None else None
 
     def tolerance_overrides(self) -> dict[str, dict[str, float]]:
         return {k: v.model_dump(exclude_none=True) for k, v in self.tolerances.items()}

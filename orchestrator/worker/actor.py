@@ -21,8 +21,8 @@ from typing import Any
 import ray
 import torch
 
+from aitune.accuracy import Criteria
 from aitune.canonical import sha256_of
-from aitune.check import tolerance_for
 from aitune.checkpoint import load_checkpoint, save_checkpoint
 from aitune.checkpoint_trust import candidate_allowlists
 from aitune.decision import DecisionRule, load_average, run_rounds
@@ -163,6 +163,9 @@ class TuneWorker:
             return self._failure(job, build_failure_status(exc), exc)
         self._phases["build"] = time.perf_counter() - start
         self._context["build"] = [wall, time.time()]
+        notes = backend.build_notes()
+        if notes:  # what the build chose (a quantized candidate's layers kept in full precision)
+            self._context["notes"] = notes
         self._backend, self._built_key = backend, job.key
         record = self._record(job, R.OK)
         record.phases = dict(self._phases)
@@ -243,12 +246,13 @@ class TuneWorker:
     def _judge(self, backend: Backend, job: Job, record: ResultRecord, sample: Sample, reference: Any,
                redo: list[str], previous_check) -> bytes:
         config = self.spec.measure.config(self.threads)
-        tolerance = tolerance_for(job.precision, self.spec.tolerance_overrides())
+        criteria = Criteria.from_dict(job.evaluation.get("check") or {})  # what the job's eval key says
         with self._quiet_node("measure" in redo):
             # after the node's lock: that is measure_wait
             start, wall, load = time.perf_counter(), time.time(), load_average()
-            verdict = judge(backend.infer, [sample], [reference], self.device, tolerance,
-                            config if "measure" in redo else None, check="check" in redo, previous_check=previous_check)
+            verdict = judge(backend.infer, [sample], [reference], self.device, criteria.tolerance,
+                            config if "measure" in redo else None, check="check" in redo, previous_check=previous_check,
+                            criteria=criteria)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
         if "measure" in redo:
             self._context.update(measure=[wall, time.time()], load=[load, load_average()])

@@ -265,6 +265,11 @@ class Backend(abc.ABC):
                 self._clean_memory()
                 self.state = BackendState.INACTIVE
 
+    def build_notes(self) -> dict[str, Any]:
+        """What the build chose that the config did not say (JSON-able; e.g. the layers a quantizing
+        backend kept in full precision); the orchestrator keeps it with the result."""
+        return {}
+
     def set_deploy_check(self, check: Callable[[torch.device], None] | None) -> None:
         """Have :meth:`deploy` call ``check(target)`` first, which raises for a target this backend's
         artifacts were not built for (checkpoint loading sets it from the manifest); None: no check."""

@@ -21,6 +21,7 @@ _BUILTIN = {
     "OnnxRuntimeBackend": "aitune.torch.backend.onnxruntime",
     "CudaGraphBackend": "aitune.torch.backend.cuda_graph",
     "TensorRTBackend": "aitune.torch.backend.tensorrt",
+    "TorchAOBackend": "aitune.torch.backend.torchao",
 }
 _EXTRA: dict[str, type[Backend]] = {}
 
