@@ -453,3 +453,30 @@ def test_fallback_that_finds_nothing_leaves_the_whole_model_and_a_model_that_pas
     assert not report.ok
     plain, report = _fallback_built(ao, examples.mlp(64, 3), tmp_path / "plain", tries=4)
     assert report.ok and plain.kept == [] and plain.build_notes()["fallback"]["needed"] is False
+
+
+# -- a quantized winner in the deploy root ------------------------------------------------------------
+@pytest.mark.slow
+def test_a_quantized_install_is_verified_by_its_gates_and_load_tuned_runs_it(ao, model, sample, reference, tmp_path):
+    from aitune import deploy_root
+    from aitune.accuracy import Criteria
+    from aitune.loader import load_tuned
+    from aitune.reference import pack_reference
+
+    backend = TorchAOBackend(TorchAOConfig(scheme="int8_dynamic", compile=False))
+    backend.build(model, GraphSpec.from_sample(sample), [sample], "cpu", tmp_path / "build")
+    save_checkpoint(backend, tmp_path / "checkpoint")
+    ref = pack_reference(sample, reference)
+    tolerance = tolerance_for("float32")
+    common = dict(device="cpu", model="q", batch_size=4, tolerance=tolerance.to_dict(), factory="aitune_helpers:tiny_mlp")
+    # judged by the fp32 tolerance alone, the int8 outputs are refused, and nothing becomes current
+    _, refused = deploy_root.install(tmp_path / "strict", tmp_path / "checkpoint", ref, **common)
+    assert not refused.ok and "outputs differ" in refused.reason
+    # with the criteria it was tuned by (gates instead of the tolerance), it is verified and recorded
+    criteria = Criteria(tolerance, DEFAULT_QUANTIZED_GATES, elementwise=False).to_dict()
+    version, verified = deploy_root.install(tmp_path / "root", tmp_path / "checkpoint", ref, criteria=criteria, **common)
+    assert verified.ok, verified.reason
+    assert json.loads((version / "install.json").read_text())["criteria"] == criteria
+    tuned = load_tuned(tmp_path / "root", "q", "cpu", allow_factories=["aitune_helpers:tiny_mlp"])
+    with torch.inference_mode():
+        assert DEFAULT_QUANTIZED_GATES.judge(tuned(*sample.args), reference).ok
