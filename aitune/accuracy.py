@@ -16,7 +16,10 @@ arithmetic is in float64 on the CPU, so a metric adds no rounding of its own.
 
 :class:`Gates` holds the limits a candidate must meet; :meth:`Gates.judge` gives each gate's
 figure (the worst over the output tensors), whether it passed, and a one-line reason naming the
-failing gate, its figure and where. Pure torch: nothing here imports the orchestrator.
+failing gate, its figure and where. :class:`TaskGate` is a gate on a user's own evaluation batches
+(``top1_agreement`` or a user's metric). :class:`Criteria` joins them to the elementwise tolerance:
+how one candidate is judged (a quantizing backend by its gates instead of the tolerance:
+:func:`criteria_for`). Pure torch: nothing here imports the orchestrator.
 """
 
 from __future__ import annotations
@@ -246,6 +249,73 @@ def _fmt(value: float, limit: float) -> str:
 DEFAULT_QUANTIZED_GATES = Gates(cosine=0.999, sqnr_db=30.0)
 
 
+BUILTIN_METRICS = ("top1_agreement",)
+
+
+@dataclass(frozen=True)
+class TaskGate:
+    """A gate on a user's evaluation batches (not the check samples): ``metric(candidate outputs,
+    eager fp32 outputs)`` over the batches, at least ``min`` (or at most ``max``). ``metric`` is a
+    built-in name (``top1_agreement``) or the import path of ``fn(candidate_outputs, reference_outputs)
+    -> float`` (lists, one entry per batch). ``samples`` names the batches' function and
+    ``fingerprint`` their values (part of the evaluation key: other batches, another judgement)."""
+
+    samples: str
+    fingerprint: str
+    metric: str = "top1_agreement"
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.min is None) == (self.max is None):
+            raise ValueError(f"a task gate needs min or max (one of them), got min={self.min!r}, max={self.max!r}")
+        for name in ("min", "max"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"task gate {name} must be a finite number, got {value!r}")
+        if not all(isinstance(v, str) and v for v in (self.samples, self.fingerprint, self.metric)):
+            raise ValueError("a task gate needs its samples' import path and fingerprint, and a metric")
+        if self.metric not in BUILTIN_METRICS and ":" not in self.metric:
+            raise ValueError(f"task metric {self.metric!r}: give {', '.join(BUILTIN_METRICS)} or 'package.module:function'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "fingerprint": self.fingerprint, "metric": self.metric,
+                "min": self.min, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TaskGate":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a task gate must be a mapping, got {d!r}")
+        unknown = sorted(set(d) - {"samples", "fingerprint", "metric", "min", "max"})
+        if unknown:
+            raise ValueError(f"task gate has no field(s) {unknown}")
+        return cls(**d)
+
+    def same_figure(self, other: "TaskGate | None") -> bool:
+        """Whether ``other`` measures the same figure (only its limit may differ)."""
+        return other is not None and (self.samples, self.fingerprint, self.metric) == (
+            other.samples, other.fingerprint, other.metric)
+
+    def figure(self, candidate_outputs: list[Any], reference_outputs: list[Any]) -> float:
+        if self.metric == "top1_agreement":
+            return top1_agreement(candidate_outputs, reference_outputs)
+        from aitune.torch.module_ref import import_object  # a user's metric, named by the spec
+
+        value = import_object(self.metric)(candidate_outputs, reference_outputs)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"task metric {self.metric} returned {type(value).__name__}, not a number")
+        return float(value)
+
+    def passed(self, figure: float) -> bool:
+        # written so that NaN fails
+        return bool(figure >= self.min) if self.min is not None else bool(figure <= self.max)
+
+    def reason(self, figure: float) -> str:
+        bound = f"< {self.min:g}" if self.min is not None else f"> {self.max:g}"
+        return f"task {self.metric} {figure:.6g} {bound} on {self.samples}"
+
+
 @dataclass(frozen=True)
 class Criteria:
     """How a candidate's outputs are judged against the eager fp32 reference: elementwise within
@@ -255,6 +325,8 @@ class Criteria:
     tolerance: Tolerance
     gates: Gates | None = None
     elementwise: bool = True
+    #: a gate on the user's evaluation batches (judged where they can be run: on a worker)
+    task: TaskGate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``check`` part of an evaluation: only what differs from a plain tolerance is written,
@@ -264,7 +336,13 @@ class Criteria:
             out["gates"] = self.gates.to_dict()
         if not self.elementwise:
             out["elementwise"] = False
+        if self.task is not None:
+            out["task"] = self.task.to_dict()
         return out
+
+    def without_task(self) -> "Criteria":
+        """These criteria where the evaluation batches are not at hand (a deploy target)."""
+        return dataclasses.replace(self, task=None)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Criteria":
@@ -277,12 +355,26 @@ class Criteria:
         elementwise = d.get("elementwise", True)
         if not isinstance(elementwise, bool):
             raise ValueError(f"criteria elementwise must be true or false, got {elementwise!r}")
-        return cls(Tolerance.from_dict(d["tolerance"]), Gates.from_dict(gates) if gates is not None else None, elementwise)
+        task = TaskGate.from_dict(d["task"]) if d.get("task") is not None else None
+        return cls(Tolerance.from_dict(d["tolerance"]), Gates.from_dict(gates) if gates is not None else None,
+                   elementwise, task)
 
-    def apply(self, elementwise: CheckResult, outputs: Any, reference: Any) -> CheckResult:
+    def apply(self, elementwise: CheckResult, outputs: Any, reference: Any, task_figure: float | None = None) -> CheckResult:
         """The verdict from an elementwise comparison (``elementwise``, under ``self.tolerance``) of
-        ``outputs`` with ``reference`` and the gates on the same outputs: each gate's figure is kept
-        in the result, passed or not."""
+        ``outputs`` with ``reference``, the gates on the same outputs and the task gate's figure on
+        the evaluation batches (``task_figure``: required where there is a task gate): each gate's
+        figure is kept in the result, passed or not."""
+        result = self._apply(elementwise, outputs, reference)
+        if self.task is None:
+            return result
+        report = dict(result.gates or {"figures": {}, "where": {}, "passed": {}, "limits": {}})
+        passed = task_figure is not None and self.task.passed(task_figure)
+        report["task"] = {**self.task.to_dict(), "figure": task_figure, "passed": passed}
+        why = (self.task.reason(task_figure) if task_figure is not None else "task gate: no figure (its batches did not run)")
+        reason = "; ".join(r for r in (result.reason, None if passed else why) if r) or None
+        return dataclasses.replace(result, ok=result.ok and passed, reason=reason, gates=report)
+
+    def _apply(self, elementwise: CheckResult, outputs: Any, reference: Any) -> CheckResult:
         if self.gates is None:
             if self.elementwise:
                 return elementwise

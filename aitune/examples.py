@@ -164,3 +164,10 @@ def resnet50(seed: int = 0) -> ResNet50Like:
 def bert_base(seed: int = 0) -> BertLike:
     torch.manual_seed(seed)
     return BertLike().eval()
+
+
+def vector_batches(model: str, batch_size: int, width: int = 64, count: int = 4) -> list[torch.Tensor]:
+    """Evaluation batches for a task gate (``accuracy.task.samples``): ``count`` seeded batches of
+    ``width``-wide vectors, the same for every model that takes them."""
+    gen = torch.Generator().manual_seed(1234 + batch_size)
+    return [torch.randn(batch_size, width, generator=gen) for _ in range(count)]

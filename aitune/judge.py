@@ -49,19 +49,24 @@ def judge(
     check: bool = True,
     previous_check: CheckResult | None = None,
     criteria: Criteria | None = None,
+    task: tuple[Sequence[Sample], Sequence[Any]] | None = None,
 ) -> Judgement:
     """Check ``infer`` on ``samples`` against ``reference``; measure it only when it is correct.
 
     ``measure_config=None`` checks only. ``check=False`` keeps ``previous_check`` (a re-measure of
     an artifact whose check still holds). ``criteria`` (with ``tolerance`` as its tolerance) adds
-    accuracy gates, or replaces the elementwise check by them (quantized candidates).
+    accuracy gates, or replaces the elementwise check by them (quantized candidates); ``task``
+    (evaluation batches, their eager fp32 outputs) gives its task gate a figure.
     """
     outputs = run_samples(infer, samples)
     result = previous_check
     if check:
         result = check_samples(list(reference), outputs, tolerance)
         if criteria is not None:
-            result = criteria.apply(result, outputs, list(reference))
+            figure = None
+            if criteria.task is not None and task is not None:  # the user's evaluation batches and their reference
+                figure = criteria.task.figure(run_samples(infer, task[0]), list(task[1]))
+            result = criteria.apply(result, outputs, list(reference), figure)
     if result is not None and not result.ok:
         return Judgement(INCORRECT, result, None, outputs, result.reason)
     measurement = measure(infer, samples[0], device, measure_config) if measure_config is not None else None

@@ -99,8 +99,14 @@ def _gates_of(record: ResultRecord) -> dict | None:
         return None
     limits = gates.get("limits") if isinstance(gates.get("limits"), dict) else {}
     passed = gates.get("passed") if isinstance(gates.get("passed"), dict) else {}
-    return {name: {"figure": figure, "limit": limits.get(name), "passed": passed.get(name)}
-            for name, figure in gates["figures"].items()}
+    out = {name: {"figure": figure, "limit": limits.get(name), "passed": passed.get(name)}
+           for name, figure in gates["figures"].items()}
+    task = gates.get("task")
+    if isinstance(task, dict):  # the gate on the user's evaluation batches
+        bound = task.get("min") if task.get("min") is not None else task.get("max")
+        out[f"task {task.get('metric')}"] = {"figure": task.get("figure"), "limit": bound, "passed": task.get("passed"),
+                                            "sign": ">=" if task.get("min") is not None else "<="}
+    return out
 
 
 _GATE_LABEL = {"cosine": ("cos", "", ">="), "sqnr_db": ("sqnr", " dB", ">="), "topk_rel_err": ("top-k err", "", "<=")}
@@ -112,7 +118,7 @@ def fmt_gates(gates: dict | None) -> str:
         return "-"
     parts = []
     for name, g in gates.items():
-        label, unit, sign = _GATE_LABEL.get(name, (name, "", "vs"))
+        label, unit, sign = _GATE_LABEL.get(name, (name, "", g.get("sign", "vs")))
         figure, limit = g.get("figure"), g.get("limit")
         shown = f"{figure:.5g}" if isinstance(figure, (int, float)) else "?"
         bound = f"{sign}{limit:g}" if isinstance(limit, (int, float)) else ""

@@ -165,3 +165,40 @@ def identify_models(spec: SweepSpec, check_deterministic: bool = True) -> dict[s
                 raise ModelLoadError(f"models[{i}]: {not_deterministic(model.name, model.factory)}")
         found[model.name] = (fingerprint, structure)
     return found
+
+
+def evaluation_batches(samples: str, model: str, batch_size: int) -> list[Sample]:
+    """The user's evaluation batches for a task gate (``accuracy.task.samples``): ``fn(model,
+    batch_size)``'s items as samples; empty where it returns None (no task gate for that model)."""
+    found = import_object(samples)(model, batch_size)
+    if found is None:
+        return []
+    if isinstance(found, (torch.Tensor, Sample)):
+        raise ValueError(f"accuracy.task.samples {samples} returned one batch for {model}; return a list of them")
+    out = []
+    for item in found:
+        if not isinstance(item, Sample):
+            item = Sample(tuple(item) if isinstance(item, (tuple, list)) else (item,))
+        if not any(True for _ in _tensors(item)):
+            raise ValueError(f"accuracy.task.samples {samples} gave {model} a batch with no tensor in it")
+        out.append(item)
+    return out
+
+
+def _tensors(sample: Sample):
+    yield from (t for t in (*sample.args, *sample.kwargs.values()) if isinstance(t, torch.Tensor))
+
+
+def batches_fingerprint(batches: list[Sample]) -> str:
+    """SHA-256 of the batches' tensors (dtype, shape, bytes) in order: other values, another key."""
+    digest = hashlib.sha256()
+    for i, sample in enumerate(batches):
+        for name, value in [*enumerate(sample.args), *sorted(sample.kwargs.items())]:
+            digest.update(f"{i}:{name}:".encode())
+            if isinstance(value, torch.Tensor):
+                plain = value.detach().to("cpu").contiguous()
+                digest.update(f"{plain.dtype}{tuple(plain.shape)}".encode())
+                digest.update(plain.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    return digest.hexdigest()

@@ -16,16 +16,24 @@ again), or build.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from aitune.accuracy import Criteria, criteria_for
+from aitune.accuracy import Criteria, TaskGate, criteria_for
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
 from aitune.reference import load_reference, unpack_outputs
 from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
-from orchestrator.planning.candidates import candidate_specs, graph_spec_of, make_sample, samples_key
+from orchestrator.planning.candidates import (
+    batches_fingerprint,
+    candidate_specs,
+    evaluation_batches,
+    graph_spec_of,
+    make_sample,
+    samples_key,
+)
 from orchestrator.records import Job, Redo, ResultRecord, StrEnum
 from orchestrator.spec.schema import SweepSpec
 
@@ -73,12 +81,27 @@ def evaluation_of(spec: SweepSpec, precision: str, samples: str, threads: int,
     }
 
 
-def criteria_of_candidate(spec: SweepSpec, candidate, backend_cls: type, precision: str) -> Criteria:
+def criteria_of_candidate(spec: SweepSpec, candidate, backend_cls: type, precision: str,
+                          task: TaskGate | None = None) -> Criteria:
     """A candidate's accuracy criteria: its precision's tolerance, and the gates the spec gives it
-    (a quantizing backend's replace the tolerance: aitune.accuracy.criteria_for)."""
+    (a quantizing backend's replace the tolerance: aitune.accuracy.criteria_for); ``task`` (the
+    model's task gate, if any) for the candidates judged by gates."""
     quantizes = bool(getattr(backend_cls, "quantizes", False))
     gates = spec.gates_for(candidate, precision, quantizes)
-    return criteria_for(backend_cls, tolerance_for(precision, spec.tolerance_overrides()), gates)
+    criteria = criteria_for(backend_cls, tolerance_for(precision, spec.tolerance_overrides()), gates)
+    return dataclasses.replace(criteria, task=task) if criteria.gates is not None and task is not None else criteria
+
+
+def task_gate(spec: SweepSpec, model: str, batch_size: int) -> TaskGate | None:
+    """The spec's task gate for a model at a batch size: its evaluation batches fingerprinted; None
+    without one (or where the batches' function returns None for the model)."""
+    task = spec.accuracy.task
+    if task is None:
+        return None
+    batches = evaluation_batches(task.samples, model, batch_size)
+    if not batches:
+        return None
+    return TaskGate(task.samples, batches_fingerprint(batches), task.metric, task.min, task.max)
 
 
 def criteria_of(evaluation: dict[str, Any]) -> Criteria:
@@ -102,6 +125,7 @@ def expand(
     ``structures`` (model name -> structure key) names each job's family; it is not in any key.
     """
     jobs: dict[str, Job] = {}
+    tasks: dict[tuple[str, int], TaskGate | None] = {}
     for dc_key, device_class in device_classes.items():
         candidates = candidate_specs(spec, device_class["device_type"])
         for model in spec.models:
@@ -112,7 +136,9 @@ def expand(
                     backend = make_backend(cand.backend, cand.config)
                     fields = config_fields(backend)
                     precision = str(fields.get("precision", "float32"))
-                    criteria = criteria_of_candidate(spec, cand, type(backend), precision)
+                    if (model.name, batch) not in tasks:
+                        tasks[model.name, batch] = task_gate(spec, model.name, batch)
+                    criteria = criteria_of_candidate(spec, cand, type(backend), precision, tasks[model.name, batch])
                     if criteria.gates is not None and fields.get("fallback") and fields.get("fallback_gates") is None:
                         # a per-layer fallback aims for the gates the candidate is judged by (part of its key)
                         backend = make_backend(cand.backend, {**cand.config, "fallback_gates": criteria.gates.to_dict()})
@@ -184,7 +210,7 @@ def decide(job: Job, priors: list[ResultRecord], policy: Policy, checkpoint_prob
     samples_changed = (old.get("check") or {}).get("samples") != (new.get("check") or {}).get("samples")
     if check_changed:
         needs_measure = measure_changed or prior.status == R.INCORRECT or prior.measurement is None
-        if samples_changed or not prior.outputs:
+        if samples_changed or not prior.outputs or not _task_figure_holds(old, new):
             return Decision(job, EVALUATE, prior, list(CHECK_AND_MEASURE if needs_measure else CHECK_ONLY), "other check samples")
         if needs_measure:
             return Decision(job, EVALUATE, prior, list(CHECK_AND_MEASURE), "another tolerance, and not measured as asked")
@@ -194,12 +220,31 @@ def decide(job: Job, priors: list[ResultRecord], policy: Policy, checkpoint_prob
     return Decision(job, REUSE, prior)  # incorrect under the same check: measuring would change nothing
 
 
+def _task_figure_holds(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a stored judgement's task figure answers the new task gate (only its limit changed),
+    so that the driver can judge again without the evaluation batches."""
+    task = (new.get("check") or {}).get("task")
+    if task is None:
+        return True
+    before = (old.get("check") or {}).get("task")
+    return before is not None and TaskGate.from_dict(task).same_figure(TaskGate.from_dict(before))
+
+
+def stored_task_figure(prior: ResultRecord) -> float | None:
+    """The task gate's figure a stored judgement measured (None: it had none)."""
+    gates = prior.check.gates if prior.check is not None else None
+    task = gates.get("task") if isinstance(gates, dict) else None
+    figure = task.get("figure") if isinstance(task, dict) else None
+    return float(figure) if isinstance(figure, (int, float)) and not isinstance(figure, bool) else None
+
+
 def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spec: SweepSpec) -> ResultRecord:
     """Judge stored outputs again under this sweep's tolerance: no worker, no rebuild."""
     stored = unpack_outputs(outputs)
     _, expected = load_reference(reference)
     criteria = criteria_of(job.evaluation)
-    check: CheckResult = criteria.apply(compare_outputs(expected, stored[0], criteria.tolerance), stored[0], expected)
+    check: CheckResult = criteria.apply(compare_outputs(expected, stored[0], criteria.tolerance), stored[0], expected,
+                                        stored_task_figure(prior))
     record = ResultRecord.from_dict(prior.to_dict())
     record.result_id = None
     record.how, record.source = R.RECHECKED, {"sweep": prior.sweep_id, "result": prior.result_id}

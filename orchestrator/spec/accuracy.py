@@ -3,6 +3,7 @@
     accuracy:
       quantized: {cosine: 0.999, sqnr_db: 30}     # quantized candidates (TorchAO...), instead of a tolerance
       precisions: {bfloat16: {cosine: 0.9999}}    # other candidates of a precision, on top of their tolerance
+      task: {samples: pkg.mod:eval_batches, metric: top1_agreement, min: 0.99}   # on the user's batches
 
 A candidate may carry its own ``accuracy`` (the same fields), which wins over both. Without any,
 a quantized candidate is judged by ``aitune.accuracy.DEFAULT_QUANTIZED_GATES``.
@@ -14,7 +15,8 @@ import math
 
 from pydantic import Field, field_validator, model_validator
 
-from aitune.accuracy import DEFAULT_QUANTIZED_GATES, GATE_NAMES, Gates
+from aitune.accuracy import BUILTIN_METRICS, DEFAULT_QUANTIZED_GATES, GATE_NAMES, Gates
+from aitune.torch.module_ref import ImportPathError, import_object
 from orchestrator.spec.sections import Precision
 from orchestrator.spec.strict import Strict
 
@@ -55,3 +57,49 @@ class AccuracySpec(Strict):
     quantized: GatesSpec = Field(default_factory=_default_quantized)
     #: per precision ("bfloat16"...): gates other candidates of that precision meet as well as their tolerance
     precisions: dict[Precision, GatesSpec] = Field(default_factory=dict)
+    #: a gate on the user's evaluation batches, for every candidate judged by gates
+    task: "TaskSpec | None" = None
+
+
+class TaskSpec(Strict):
+    """A gate on the user's own evaluation batches, for the candidates judged by gates."""
+
+    #: import path of ``fn(model: str, batch_size: int)`` returning the evaluation batches for that
+    #: model at that batch size (each a tensor, a tuple of them, or an aitune Sample), or None: no
+    #: task gate for that model
+    samples: str
+    #: ``top1_agreement`` (with eager fp32), or the import path of ``fn(candidate_outputs, reference_outputs) -> float``
+    metric: str = "top1_agreement"
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("samples")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        _import(value)
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in BUILTIN_METRICS:
+            if ":" not in value:
+                raise ValueError(f"give {', '.join(BUILTIN_METRICS)} or an import path 'package.module:function'")
+            _import(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "TaskSpec":
+        if (self.min is None) == (self.max is None):
+            raise ValueError("give min (the figure must reach it) or max (it must stay under it), one of them")
+        return self
+
+
+def _import(path: str) -> None:
+    try:
+        import_object(path)
+    except ImportPathError as exc:
+        raise ValueError(str(exc)) from None
+
+
+AccuracySpec.model_rebuild()

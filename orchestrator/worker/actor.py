@@ -35,7 +35,9 @@ from aitune.torch.backend.backend import Backend, build_sharing
 from aitune.torch.backend.registry import make_backend
 from aitune.torch.export_cache import machine_export_cache
 from aitune.torch.precision import use_fp32_reference_settings
+from aitune.torch.tree import map_tensors
 from orchestrator import records as R
+from orchestrator.planning.candidates import batches_fingerprint, evaluation_batches
 from orchestrator.records import Job, ResultRecord, WorkerInfo, result_for
 from orchestrator.spec.schema import SweepSpec, parse_spec
 from orchestrator.transfer import pack_dir, unpack_to
@@ -247,12 +249,13 @@ class TuneWorker:
                redo: list[str], previous_check) -> bytes:
         config = self.spec.measure.config(self.threads)
         criteria = Criteria.from_dict(job.evaluation.get("check") or {})  # what the job's eval key says
+        task = self._task_batches(job, criteria) if "check" in redo else None
         with self._quiet_node("measure" in redo):
             # after the node's lock: that is measure_wait
             start, wall, load = time.perf_counter(), time.time(), load_average()
             verdict = judge(backend.infer, [sample], [reference], self.device, criteria.tolerance,
                             config if "measure" in redo else None, check="check" in redo, previous_check=previous_check,
-                            criteria=criteria)
+                            criteria=criteria, task=task)
         self._phases["check+measure" if "measure" in redo else "check"] = time.perf_counter() - start
         if "measure" in redo:
             self._context.update(measure=[wall, time.time()], load=[load, load_average()])
@@ -262,6 +265,22 @@ class TuneWorker:
         if verdict.status != R.OK:
             record.status, record.error, record.error_class = R.INCORRECT, verdict.error, "IncorrectOutput"
         return pack_outputs(verdict.outputs)
+
+    def _task_batches(self, job: Job, criteria: Criteria) -> tuple[list[Sample], list[Any]] | None:
+        """A task gate's evaluation batches (the ones the driver fingerprinted) on this device, and the
+        eager fp32 model's outputs on them."""
+        if criteria.task is None:
+            return None
+        batches = evaluation_batches(criteria.task.samples, job.model, job.batch_size)
+        if batches_fingerprint(batches) != criteria.task.fingerprint:
+            raise ValueError(f"accuracy.task.samples {criteria.task.samples} gave {job.model} other batches here than "
+                             "on the driver: make them deterministic (seeded)")
+        batches = [b.to(self.device) for b in batches]
+        module = self._cache.module(job.model)  # loaded with the job's reference, just before
+        if module is None:
+            module, _, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
+        with torch.inference_mode():
+            return batches, [map_tensors(b(module), lambda t: t.detach().to("cpu").clone()) for b in batches]
 
     def _load_stored(self, job: Job, manifest_sha: str | None, checkpoint: bytes) -> Backend:
         """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""

@@ -141,3 +141,54 @@ def test_a_new_threshold_rejudges_from_the_store_without_building(swept, tmp_pat
     assert rejudged[("outliers", "int8_dynamic")].check.gates["figures"]["sqnr_db"] == pytest.approx(figure)
     assert rejudged[("plain", "int8_dynamic")].how == R.RECHECKED  # passed before: its stored outputs suffice
     assert rejudged[("plain", "eager")].how == R.REUSED  # its evaluation did not change
+
+
+TASK = {"samples": "aitune.examples:vector_batches", "metric": "top1_agreement", "min": 0.9}
+
+
+@pytest.mark.slow
+def test_a_task_gate_on_the_users_batches_is_judged_on_workers_and_rejudged_from_its_stored_figure(
+        ray_session, tmp_path):
+    spec = tiny_spec(tmp_path / "store", [EAGER, INT8, INT8_WEIGHTS], models=MODELS, batch_sizes=[8],
+                     accuracy={"task": TASK})
+    first = run_sweep(spec, console=quiet(), deploy=False, write_report=False)
+    by = {_key(r): r for r in first.results}
+    plain, broken = by[("plain", "int8_dynamic")], by[("outliers", "int8_dynamic")]
+    task = plain.check.gates["task"]
+    assert task["metric"] == "top1_agreement" and task["min"] == 0.9 and task["passed"] is True
+    assert 0.9 <= task["figure"] <= 1.0 and len(task["fingerprint"]) == 64
+    assert plain.status == R.OK
+    assert broken.status == R.INCORRECT and "task top1_agreement" in broken.error  # its argmax drowns too
+    assert broken.check.gates["task"]["figure"] < 0.9
+    assert by[("plain", "eager")].check.gates is None  # the tolerance alone: no gates, no task gate
+    console = Console(file=io.StringIO(), width=400)
+    render(console, first.results, first.selections, [])
+    assert "task top1_agreement" in console.file.getvalue()
+
+    # a new limit: judged again on the driver from the stored figure (no batches run, nothing loaded)
+    strict = tiny_spec(tmp_path / "store", [EAGER, INT8, INT8_WEIGHTS], models=MODELS, batch_sizes=[8],
+                       accuracy={"task": {**TASK, "min": 1.01}})
+    again = {_key(r): r for r in run_sweep(strict, console=quiet(), deploy=False, write_report=False).results}
+    redone = again[("plain", "int8_dynamic")]
+    assert redone.how == R.RECHECKED and "load_checkpoint" not in redone.phases
+    assert redone.status == R.INCORRECT and redone.check.gates["task"]["figure"] == pytest.approx(task["figure"])
+    assert "< 1.01" in redone.error
+
+    # another metric (a user's, by import path) measures another figure: the stored artifact runs the batches again
+    other = tiny_spec(tmp_path / "store", [EAGER, INT8, INT8_WEIGHTS], models=MODELS, batch_sizes=[8],
+                      accuracy={"task": {**TASK, "metric": "aitune.accuracy:top1_agreement"}})
+    third = run_sweep(other, console=quiet(), deploy=False, write_report=False)
+    assert third.ran == 0  # nothing built
+    rerun = {_key(r): r for r in third.results}[("plain", "int8_dynamic")]
+    assert "load_checkpoint" in rerun.phases and rerun.status == R.OK
+    assert rerun.check.gates["task"]["metric"] == "aitune.accuracy:top1_agreement"
+
+
+def test_a_bad_task_gate_is_refused_with_its_field_path(tmp_path):
+    from orchestrator.spec.schema import SpecError
+
+    for task, words in (({**TASK, "samples": "nowhere:batches"}, "accuracy.task.samples"),
+                        ({**TASK, "metric": "median"}, "accuracy.task.metric"),
+                        ({**TASK, "max": 0.5}, "min")):
+        with pytest.raises((SpecError, ValueError), match=words):
+            tiny_spec(tmp_path / "store", [EAGER, INT8], models=MODELS, accuracy={"task": task})
