@@ -94,3 +94,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def update_with_tensor(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes (on the CPU, contiguous) to ``digest``: equal tensors, equal digests."""
+    plain = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{plain.dtype}{tuple(plain.shape)}".encode())
+    digest.update(plain.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from aitune.canonical import sha256_of
+from aitune.canonical import sha256_of, update_with_tensor
 from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.registry import get_backend_class
@@ -196,9 +196,7 @@ def batches_fingerprint(batches: list[Sample]) -> str:
         for name, value in [*enumerate(sample.args), *sorted(sample.kwargs.items())]:
             digest.update(f"{i}:{name}:".encode())
             if isinstance(value, torch.Tensor):
-                plain = value.detach().to("cpu").contiguous()
-                digest.update(f"{plain.dtype}{tuple(plain.shape)}".encode())
-                digest.update(plain.reshape(-1).view(torch.uint8).numpy().tobytes())
+                update_with_tensor(digest, value)
             else:
                 digest.update(repr(value).encode())
     return digest.hexdigest()

@@ -367,22 +367,6 @@ def test_filter_keeps_the_named_layers_in_full_precision(ao, model, sample, tmp_
     assert _plain(by_type[0].weight) and _plain(by_type[2].weight)
 
 
-class OutlierMLP(nn.Module):
-    """One hidden feature a hundred times larger than the rest, which the output does not use:
-    per-token int8 activation scales then round every other feature to zero."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
-        with torch.no_grad():
-            self.fc1.weight[0].fill_(100.0)
-            self.fc2.weight[:, 0].zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _judged(module: nn.Module, scheme: str, tmp_path):
     sample = Sample.of(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
     with torch.inference_mode():
@@ -395,14 +379,14 @@ def _judged(module: nn.Module, scheme: str, tmp_path):
 
 @pytest.mark.slow
 def test_outliers_fail_the_default_gates_and_a_plain_mlp_passes(ao, tmp_path):
-    failed = _judged(OutlierMLP().eval(), "int8_dynamic", tmp_path / "outliers")
+    failed = _judged(examples.outlier_mlp(64), "int8_dynamic", tmp_path / "outliers")
     assert not failed.ok and not failed.passed["cosine"] and not failed.passed["sqnr_db"]
     match = re.fullmatch(r"cosine (\S+) < 0\.999 on output; sqnr_db (\S+) < 30 on output", failed.reason)
     assert match, failed.reason
     assert float(match[1]) == pytest.approx(failed.figures["cosine"], abs=1e-4) and float(match[1]) < 0.99
     assert float(match[2]) == pytest.approx(failed.figures["sqnr_db"], abs=1e-2) and float(match[2]) < 20
     # weight-only int8 keeps the activations: the same model passes
-    assert _judged(OutlierMLP().eval(), "int8_weight_only", tmp_path / "weights").ok
+    assert _judged(examples.outlier_mlp(64), "int8_weight_only", tmp_path / "weights").ok
     passed = _judged(examples.mlp(64, 3), "int8_dynamic", tmp_path / "mlp")
     assert passed.ok and passed.reason is None, passed.reason
 

@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from aitune.accuracy import DEFAULT_QUANTIZED_GATES, Gates
+from aitune.canonical import update_with_tensor
 from aitune.environment import torchao_version
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import UnsupportedDeviceError
@@ -179,9 +180,7 @@ def quantized_digest(module: torch.nn.Module) -> str:
         for name, part in _components(value, key):
             digest.update(name.encode() + b"\0")
             if isinstance(part, torch.Tensor):
-                plain = part.detach().to("cpu").contiguous()
-                digest.update(f"{plain.dtype}{tuple(plain.shape)}".encode())
-                digest.update(plain.reshape(-1).view(torch.uint8).numpy().tobytes())
+                update_with_tensor(digest, part)
             else:
                 digest.update(str(part).encode())
     return digest.hexdigest()
