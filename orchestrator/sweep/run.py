@@ -61,7 +61,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
         with Heartbeat(store, sweep_id):
             asks = ReferenceAsks(store)
             session = SweepSession(spec, options, store, sweep_id, prepared.identities, None, progress, asks, console)
-            scheduler = Scheduler(slots, spec.model_dump(mode="json"), limits_of(spec), on_result=session._commit,
+            scheduler = Scheduler(slots, spec.model_dump(mode="json"), limits_of(spec), on_result=session.commit,
                                   events=progress, pool=RayPool(), toolchain=Toolchains())
             session.workers = Workers(scheduler, slots, local=handle.embedded)
             tuned = session.tune()

@@ -95,8 +95,9 @@ class SweepSession:
         prior = self._stored[job.key]
         return self.store.checkpoint_bytes(prior), prior.to_dict()
 
-    def _commit(self, record: ResultRecord, checkpoint: bytes | None, outputs: bytes | None,
+    def commit(self, record: ResultRecord, checkpoint: bytes | None, outputs: bytes | None,
                 reference: bytes | None) -> ResultRecord:
+        """A worker's result into the store (the scheduler's ``on_result``): its reference first."""
         self.asks.answered(record, reference is not None)
         if record.status in (R.OK, R.INCORRECT) and checkpoint is None and record.source is None:
             record.status, record.error = R.ERROR, "the worker returned no checkpoint"
