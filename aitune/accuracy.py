@@ -31,20 +31,20 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from aitune.check import CheckResult, Tolerance
+from aitune.check import OUTPUT_ROOT, TINY, CheckResult, Tolerance
 from aitune.torch.tree import flatten_tensors
 
-_ROOT = "output"
-_TINY = torch.finfo(torch.float64).tiny
 GATE_NAMES = ("cosine", "sqnr_db", "topk_rel_err")
+#: how each gate's figure meets its limit: at least it (higher is better) or at most it
+GATE_SIGNS = {"cosine": ">=", "sqnr_db": ">=", "topk_rel_err": "<="}
 
 
 # -- pairing ----------------------------------------------------------------------------------------
 def paired_tensors(candidate: Any, reference: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(path, candidate tensor, reference tensor)`` for every tensor of the two output trees, as
     float64 on the CPU; ``ValueError`` where the trees or a pair's shapes differ."""
-    cand = flatten_tensors(candidate, _ROOT)
-    ref = flatten_tensors(reference, _ROOT)
+    cand = flatten_tensors(candidate, OUTPUT_ROOT)
+    ref = flatten_tensors(reference, OUTPUT_ROOT)
     cand_paths, ref_paths = [p for p, _ in cand], [p for p, _ in ref]
     if cand_paths != ref_paths:
         raise ValueError(f"the candidate's output tensors {cand_paths} are not the reference's {ref_paths}")
@@ -97,7 +97,7 @@ def _topk_max_rel_err(c: torch.Tensor, r: torch.Tensor, k: int) -> float:
     rows_c = c.reshape(rows_r.shape)
     top = rows_r.topk(min(k, rows_r.shape[-1]), dim=-1).indices
     ref_top, cand_top = rows_r.gather(-1, top), rows_c.gather(-1, top)
-    rel = (cand_top - ref_top).abs() / ref_top.abs().clamp_min(_TINY)
+    rel = (cand_top - ref_top).abs() / ref_top.abs().clamp_min(TINY)
     if torch.isnan(rel).any():
         return math.nan
     return float(rel.max())
@@ -207,12 +207,10 @@ class Gates:
 
     def _checks(self) -> list[tuple[str, float, bool, Callable[[torch.Tensor, torch.Tensor], float]]]:
         """(gate, limit, whether higher figures are better, metric) for each gate that is set."""
-        checks = [
-            ("cosine", self.cosine, True, _cosine),
-            ("sqnr_db", self.sqnr_db, True, _sqnr_db),
-            ("topk_rel_err", self.topk_rel_err, False, lambda c, r: _topk_max_rel_err(c, r, self.topk)),
-        ]
-        return [check for check in checks if check[1] is not None]
+        metrics = {"cosine": _cosine, "sqnr_db": _sqnr_db,
+                   "topk_rel_err": lambda c, r: _topk_max_rel_err(c, r, self.topk)}
+        return [(name, getattr(self, name), GATE_SIGNS[name] == ">=", metrics[name])
+                for name in GATE_NAMES if getattr(self, name) is not None]
 
 
 def _worst(figures: list[tuple[str, float]], higher_is_better: bool) -> tuple[str | None, float]:

@@ -21,8 +21,8 @@ from aitune.canonical import dtype_name
 # leaves identical to those of tensors.
 from aitune.torch.tree import children, flatten_tensors
 
-_ROOT = "output"
-_TINY = torch.finfo(torch.float64).tiny
+OUTPUT_ROOT = "output"
+TINY = torch.finfo(torch.float64).tiny
 _SCALARS = (type(None), bool, int, float, str)
 
 
@@ -173,7 +173,7 @@ def _compare_tensor(path: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
     abs_err = torch.where(both, (c - r).abs(), 0.0)
     # Relative error is measured against at least atol: near-zero references would otherwise
     # report astronomically large (and meaningless) relative errors.
-    rel_err = abs_err / r.abs().clamp_min(max(tol.atol, _TINY))
+    rel_err = abs_err / r.abs().clamp_min(max(tol.atol, TINY))
     max_abs, max_rel = float(abs_err.max()), float(torch.where(both, rel_err, 0.0).max())
 
     new_bad = r_finite & ~c_finite
@@ -262,7 +262,7 @@ def _structure_failure(ref_paths: list[str], cand_paths: list[str], tol: Toleran
     elif extra:
         path, what = extra[0], f"tensor not in the reference ({counts})"
     else:
-        path, what = _ROOT, "tensors come in a different order than in the reference"
+        path, what = OUTPUT_ROOT, "tensors come in a different order than in the reference"
     return CheckResult(False, 0.0, 0.0, path, None, f"{path}: {what}", tol)
 
 
@@ -273,14 +273,14 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> Che
     an element out of tolerance, or a different non-tensor leaf (int, str, None...) at a path
     both have. The result names the worst failure, or the largest error when all pass.
     """
-    ref = flatten_tensors(reference, _ROOT)
-    cand = flatten_tensors(candidate, _ROOT)
+    ref = flatten_tensors(reference, OUTPUT_ROOT)
+    cand = flatten_tensors(candidate, OUTPUT_ROOT)
     ref_paths, cand_paths = [p for p, _ in ref], [p for p, _ in cand]
     if ref_paths != cand_paths:
         return _structure_failure(ref_paths, cand_paths, tolerance)
     parts = [_compare_tensor(path, r, c, tolerance) for (path, r), (_, c) in zip(ref, cand)]
-    ref_scalars = _scalar_leaves(reference, _ROOT, {})
-    cand_scalars = _scalar_leaves(candidate, _ROOT, {})
+    ref_scalars = _scalar_leaves(reference, OUTPUT_ROOT, {})
+    cand_scalars = _scalar_leaves(candidate, OUTPUT_ROOT, {})
     parts += [_compare_scalar(p, v, cand_scalars[p], tolerance) for p, v in ref_scalars.items() if p in cand_scalars]
     return _combine(parts, tolerance)
 

@@ -7,6 +7,7 @@ import logging
 from collections import defaultdict
 from typing import Iterable
 
+from aitune.accuracy import GATE_SIGNS
 from aitune.decision import Rounds, paired_ratio
 from aitune.strategy import speedup
 from orchestrator.error_text import summarize
@@ -109,7 +110,7 @@ def _gates_of(record: ResultRecord) -> dict | None:
     return out
 
 
-_GATE_LABEL = {"cosine": ("cos", "", ">="), "sqnr_db": ("sqnr", " dB", ">="), "topk_rel_err": ("top-k err", "", "<=")}
+_GATE_LABEL = {"cosine": ("cos", ""), "sqnr_db": ("sqnr", " dB"), "topk_rel_err": ("top-k err", "")}
 
 
 def fmt_gates(gates: dict | None) -> str:
@@ -118,7 +119,8 @@ def fmt_gates(gates: dict | None) -> str:
         return "-"
     parts = []
     for name, g in gates.items():
-        label, unit, sign = _GATE_LABEL.get(name, (name, "", g.get("sign", "vs")))
+        label, unit = _GATE_LABEL.get(name, (name, ""))
+        sign = GATE_SIGNS.get(name) or g.get("sign", "vs")
         figure, limit = g.get("figure"), g.get("limit")
         shown = f"{figure:.5g}" if isinstance(figure, (int, float)) else "?"
         bound = f"{sign}{limit:g}" if isinstance(limit, (int, float)) else ""

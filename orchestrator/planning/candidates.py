@@ -179,14 +179,10 @@ def evaluation_batches(samples: str, model: str, batch_size: int) -> list[Sample
     for item in found:
         if not isinstance(item, Sample):
             item = Sample(tuple(item) if isinstance(item, (tuple, list)) else (item,))
-        if not any(True for _ in _tensors(item)):
+        if not any(isinstance(t, torch.Tensor) for t in (*item.args, *item.kwargs.values())):
             raise ValueError(f"accuracy.task.samples {samples} gave {model} a batch with no tensor in it")
         out.append(item)
     return out
-
-
-def _tensors(sample: Sample):
-    yield from (t for t in (*sample.args, *sample.kwargs.values()) if isinstance(t, torch.Tensor))
 
 
 def batches_fingerprint(batches: list[Sample]) -> str:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aitune.accuracy import GATE_SIGNS
 from aitune.canonical import sha256_of
 from orchestrator import records as R
 from orchestrator.planning.candidates import identify_models
@@ -88,9 +89,13 @@ def _gates_line(evaluation: dict[str, Any]) -> str | None:
     gates = check.get("gates")
     if not gates:
         return None
-    said = ", ".join(f"{name} {'<=' if name == 'topk_rel_err' else '>='} {limit:g}"
-                     for name, limit in gates.items() if name != "topk" and limit is not None)
-    return said + (" (instead of the tolerance)" if check.get("elementwise") is False else " (and the tolerance)")
+    said = [f"{name} {GATE_SIGNS[name]} {limit:g}" for name, limit in gates.items()
+            if name in GATE_SIGNS and limit is not None]
+    task = check.get("task")
+    if task:  # the gate on the user's evaluation batches
+        bound = f">= {task['min']:g}" if task.get("min") is not None else f"<= {task['max']:g}"
+        said.append(f"task {task['metric']} {bound} on {task['samples']}")
+    return ", ".join(said) + (" (instead of the tolerance)" if check.get("elementwise") is False else " (and the tolerance)")
 
 
 def _stored_device_classes(store: ResultStore) -> tuple[dict[str, dict], dict[str, int], int]:

@@ -74,6 +74,10 @@ class TuneWorker:
         #: wall-clock windows of this candidate's phases and the load around its measurement
         self._context: dict[str, Any] = {}
         self._heap = HeapClock()
+        #: the last task gate's evaluation batches and their eager outputs, by (model, batch, fingerprint):
+        #: consecutive jobs of one model (the scheduler keeps a worker on it) run the user's function and
+        #: the eager model on them once
+        self._task_last: tuple[tuple[str, int, str], tuple[list[Sample], list[Any]]] | None = None
         self._before: hygiene.MemorySnapshot | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"aitune-worker-{worker_id}-"))
         # the ONNX Runtime and TensorRT candidates of one model export it once between them, and
@@ -271,16 +275,20 @@ class TuneWorker:
         eager fp32 model's outputs on them."""
         if criteria.task is None:
             return None
-        batches = evaluation_batches(criteria.task.samples, job.model, job.batch_size)
-        if batches_fingerprint(batches) != criteria.task.fingerprint:
-            raise ValueError(f"accuracy.task.samples {criteria.task.samples} gave {job.model} other batches here than "
-                             "on the driver: make them deterministic (seeded)")
-        batches = [b.to(self.device) for b in batches]
-        module = self._cache.module(job.model)  # loaded with the job's reference, just before
-        if module is None:
-            module, _, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
-        with torch.inference_mode():
-            return batches, [map_tensors(b(module), lambda t: t.detach().to("cpu").clone()) for b in batches]
+        key = (job.model, job.batch_size, criteria.task.fingerprint)
+        if self._task_last is None or self._task_last[0] != key:
+            batches = evaluation_batches(criteria.task.samples, job.model, job.batch_size)
+            if batches_fingerprint(batches) != criteria.task.fingerprint:
+                raise ValueError(f"accuracy.task.samples {criteria.task.samples} gave {job.model} other batches here "
+                                 "than on the driver: make them deterministic (seeded)")
+            module = self._cache.module(job.model)  # loaded with the job's reference, just before
+            if module is None:
+                module, _, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
+            with torch.inference_mode():
+                outputs = [map_tensors(b.to(self.device)(module), lambda t: t.detach().to("cpu").clone()) for b in batches]
+            self._task_last = (key, (batches, outputs))  # on the CPU: nothing held on the device between jobs
+        batches, outputs = self._task_last[1]
+        return [b.to(self.device) for b in batches], outputs
 
     def _load_stored(self, job: Job, manifest_sha: str | None, checkpoint: bytes) -> Backend:
         """Unpack and load a stored checkpoint: its manifest hash first, and only this model's factory."""
