@@ -8,6 +8,7 @@ Layout (every name below a model is written by this module only)::
         install.json                                what was installed, from which sweep and winner
         reference.pt                                sample and eager fp32 outputs to verify against
         checkpoint/                                 the aitune checkpoint (manifest.json + artifacts/)
+        batching.json                               whether its rows may be combined (aitune.batching), once verified
 
 ``DEVICE_CLASS`` is the first 16 hex digits of the SHA-256 of
 :meth:`aitune.environment.Environment.device_class`. A version is installed whole (staged, then
@@ -39,6 +40,7 @@ from typing import Any, Iterator
 
 import torch
 
+from aitune.batching import RowCheck, check_rows
 from aitune.canonical import sha256_of
 from aitune.checkpoint import CheckpointError, load_checkpoint, manifest_sha256, verify_checkpoint
 from aitune.checkpoint_trust import candidate_allowlists
@@ -49,6 +51,7 @@ from aitune.reference import ReferenceFormatError, unpack_reference
 log = logging.getLogger(__name__)
 
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
+BATCHING = "batching.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
 _BATCH = re.compile(r"b(\d+)\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -188,12 +191,21 @@ class Install:
     #: how the winner was judged when it is more than ``tolerance`` (aitune.accuracy.Criteria: accuracy
     #: gates; quantized winners' replace the tolerance); None: the tolerance alone
     criteria: dict[str, Any] | None = None
+    #: the names of the tensor inputs, in the order of ``input_shapes`` (the spec's names, ``input_N``
+    #: for unnamed positional ones, the keywords as they are); None: installed before names were kept
+    input_names: list[str] | None = None
+    #: the winner's median latency (ms) in its sweep: what dynamic batching plans by (aitune.batching)
+    median_ms: float | None = None
+    #: ``batching.json``, read back at load: whether the rows of a batch are independent (None: not checked)
+    row_check: RowCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("input_dtypes")
-        if self.criteria is None:  # an install judged by its tolerance alone reads as it always did
-            d.pop("criteria")
+        d.pop("row_check")
+        for name in ("criteria", "input_names", "median_ms"):  # an install without them reads as it always did
+            if d[name] is None:
+                d.pop(name)
         return d
 
     @classmethod
@@ -241,6 +253,10 @@ class Install:
             candidate=want("candidate", is_str, "a string", optional=True),
             extra=want("extra", lambda v: isinstance(v, dict), "an object", optional=True) or {},
             criteria=want("criteria", _criteria_ok, "accuracy criteria {tolerance, gates, elementwise}", optional=True),
+            input_names=want("input_names", lambda v: isinstance(v, list) and len(v) == len(d.get("input_shapes") or [])
+                             and len(set(v)) == len(v) and all(is_str(x) and len(x) <= 256 for x in v),
+                             "one distinct name per input shape", optional=True),
+            median_ms=want("median_ms", lambda v: is_num(v) and v > 0, "a positive number", optional=True),
         )
 
 
@@ -257,6 +273,8 @@ class Verified:
     max_abs_err: float | None = None
     median_ms: float | None = None
     reason: str | None = None
+    #: whether the rows of its batch are independent (batch sizes above 1; aitune.batching)
+    row_check: RowCheck | None = None
 
 
 def input_shapes(args: tuple, kwargs: dict) -> list[list[int]]:
@@ -396,6 +414,30 @@ def read_install(version_dir: Path) -> Install:
     return install
 
 
+def names_of_inputs(args: tuple, kwargs: dict, positional: list[str | None] | None) -> list[str]:
+    """One name per tensor input, in the order of :func:`input_shapes`: positional ones by the given
+    names (``input_N`` where none), keyword ones by their keyword."""
+    given = list(positional or [])
+    names = [given[i] if i < len(given) and given[i] else f"input_{i}"
+             for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    names += [k for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
+    seen: set[str] = set()
+    for i, name in enumerate(names):  # a positional name equal to a keyword: keep both reachable
+        names[i] = name if name not in seen else f"{name}_{i}"
+        seen.add(names[i])
+    return names
+
+
+def _refresh(version_dir: Path, input_names: list[str] | None, median_ms: float | None) -> None:
+    """An installed copy deployed again keeps its files, but takes the input names and the latency of
+    the sweep installing it now (where given): install.json rewritten whole."""
+    install = read_install(version_dir)
+    fresh = {"input_names": input_names or install.input_names, "median_ms": median_ms or install.median_ms}
+    if fresh != {"input_names": install.input_names, "median_ms": install.median_ms}:
+        install.input_names, install.median_ms = fresh["input_names"], fresh["median_ms"]
+        write_atomic(version_dir / INSTALL, (json.dumps(install.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+
+
 def _class_record(class_key: str, device_class: dict[str, Any]) -> bytes:
     return (json.dumps({"key": class_key, "device_class": device_class}, indent=2, sort_keys=True) + "\n").encode()
 
@@ -439,6 +481,8 @@ def stage(
     winner_key: str | None = None,
     candidate: str | None = None,
     criteria: dict[str, Any] | None = None,
+    positional_names: list[str | None] | None = None,
+    median_ms: float | None = None,
 ) -> tuple[Path, bool]:
     """Put a checkpoint in a version folder of its own (not current yet); returns (folder, is_new).
 
@@ -453,6 +497,7 @@ def stage(
     sha = manifest_sha256(checkpoint_dir)
     manifest = verify_checkpoint(checkpoint_dir, sha)
     sample = _read_reference(reference, "the reference being installed")
+    input_names = names_of_inputs(tuple(sample["args"]), dict(sample["kwargs"]), positional_names)
     try:
         with _locked(root, folder):
             class_file = folder.parent / DEVICE_CLASS
@@ -472,6 +517,7 @@ def stage(
                     continue
                 problem = _installed_copy_problem(folder / name, sha, reference)
                 if problem is None:
+                    _refresh(folder / name, input_names, median_ms)
                     return folder / name, False
                 log.warning("installed copy %s fails its checks (%s); installing it again", folder / name, problem)
                 if name != now:
@@ -484,6 +530,7 @@ def stage(
                 factory=factory, backend=manifest.backend, input_shapes=input_shapes(tuple(sample["args"]), dict(sample["kwargs"])),
                 tolerance=dict(tolerance), reference_sha256=hashlib.sha256(reference).hexdigest(), installed_at=time.time(),
                 sweep_id=sweep_id, winner_key=winner_key, candidate=candidate, criteria=criteria,
+                input_names=input_names, median_ms=median_ms,
             )
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".staging", dir=folder))
             try:
@@ -520,6 +567,7 @@ def load_version(version_dir: Path, device: torch.device | str, allow_factories=
         raise DeployRootError(f"{version_dir / INSTALL}: input_shapes {_short(install.input_shapes)} are not those of "
                               f"its reference sample {input_shapes(args, kwargs)}")
     install.input_dtypes = input_dtypes(args, kwargs)
+    install.row_check = read_row_check(version_dir, install.batch_size)
     factories, backends = candidate_allowlists(install.factory, install.backend)
     backend = load_checkpoint(
         version_dir / CHECKPOINT, device, manifest_sha256=install.manifest_sha256,
@@ -528,6 +576,21 @@ def load_version(version_dir: Path, device: torch.device | str, allow_factories=
     )
     backend.deploy(device)
     return install, backend
+
+
+def read_row_check(version_dir: Path, batch_size: int) -> RowCheck | None:
+    """``batching.json`` (None where there is none); one that can't be read is a failed check, so
+    batching stays off for it and the reason says why, while the version still serves."""
+    file = version_dir / BATCHING
+    if not file.exists():
+        return None
+    try:
+        check = RowCheck.from_dict(json.loads(read_small(file, 1 << 16)))
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
+        return RowCheck(False, batch_size, f"{BATCHING} can't be read: {exc}")
+    if check.batch_size != batch_size:
+        return RowCheck(False, batch_size, f"{BATCHING} is for batch size {check.batch_size}, not {batch_size}")
+    return check
 
 
 def read_reference(version_dir: Path, install: Install) -> dict[str, Any]:
@@ -561,7 +624,14 @@ def verify_version(version_dir: Path, device: torch.device | str, latency_s: flo
         if not check.ok:
             return Verified(False, check.max_abs_err, reason=f"{version_dir}: outputs differ from the reference: {check.reason}")
         m = measure(backend.infer, sample, device, MeasureConfig(budget_s=latency_s, min_iters=5, threads=threads))
-        return Verified(True, check.max_abs_err, m.median_ms)
+        rows = None
+        if install.batch_size > 1:
+            def judge(want: list[torch.Tensor], seen: list[torch.Tensor]) -> str | None:
+                seen = [t.cpu() for t in seen]
+                verdict = criteria.apply(compare_outputs(want, seen, criteria.tolerance), seen, want)
+                return None if verdict.ok else verdict.reason
+            rows = check_rows(backend.infer, sample.args, sample.kwargs, expected, list(ref.get("paths") or []), judge)
+        return Verified(True, check.max_abs_err, m.median_ms, row_check=rows)
     except CheckpointError as exc:
         return Verified(False, reason=f"checkpoint refused: {exc}")
     except DeployRootError as exc:
@@ -579,6 +649,8 @@ def activate(version_dir: Path, verified: Verified, was_new: bool) -> None:
     folder = version_dir.parent
     with _locked(_root_of(version_dir), folder, create=False):
         if verified.ok:
+            if verified.row_check is not None:
+                write_atomic(version_dir / BATCHING, (json.dumps(verified.row_check.to_dict(), sort_keys=True) + "\n").encode())
             _switch(folder, version_dir.name)
         elif was_new and _current_or_none(folder) != version_dir.name:
             shutil.rmtree(version_dir, ignore_errors=True)

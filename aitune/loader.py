@@ -16,12 +16,14 @@ the ones in ``allow_factories``. The deploy root is trusted like the store: whoe
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
 import torch
 
 from aitune import deploy_root as layout
+from aitune.batching import Batching, batching_for
 from aitune.checkpoint import CheckpointError
 
 
@@ -54,6 +56,17 @@ class TunedModel:
     def versions(self) -> dict[int, str]:
         """Batch size -> installed version served."""
         return {i.batch_size: i.version for i in self.installs.values()}
+
+    @functools.cached_property
+    def batching(self) -> Batching:
+        """Whether requests may be combined into the tuned batch sizes, and the latencies that plan it."""
+        return batching_for(list(self.installs.values()))
+
+    @property
+    def input_names(self) -> list[str] | None:
+        """The tensor inputs' names, in the order of the tuned shapes (None: installed before names were kept)."""
+        names = {tuple(i.input_names) for i in self.installs.values() if i.input_names}
+        return list(next(iter(names))) if len(names) == 1 else None
 
     def winner_for(self, *args: Any, **kwargs: Any):
         return self.installs.get(_key(args, kwargs))

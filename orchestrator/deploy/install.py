@@ -141,7 +141,8 @@ class DeployWorker:
                 root, path, reference, model=record.model, batch_size=record.batch_size, class_key=self.device_class_key,
                 device_class=self.env.device_class(), tolerance=criteria["tolerance"], criteria=_beyond_tolerance(criteria),
                 factory=factories[0] if factories else None, sweep_id=record.sweep_id, winner_key=record.winner_key,
-                candidate=selection.get("winner"),
+                candidate=selection.get("winner"), positional_names=install.get("positional_names"),
+                median_ms=install.get("median_ms"),
             )
             folder = version_dir.parent
             record.previous = layout._current_or_none(folder)
@@ -314,12 +315,19 @@ class _Rollout:
         factories, backends = candidate_allowlists(self.spec.model(winner.model).factory, winner.backend)
         trust = {"manifest_sha256": winner.manifest_sha256, "factories": factories, "backends": backends}
         ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
+        install = {**self.install, "positional_names": self._positional_names(winner.model),
+                   "median_ms": _sweep_median_ms(sel, winner)}
         return [(sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
-                    self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, self.install,
+                    self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, install,
                     criteria_of_winner(self.spec, winner)))
                 for (slot, actor), device_class in zip(self.actors, classes)
                 if device_class == sel.device_class_key]  # a winner goes to the targets of its own device class only
+
+    def _positional_names(self, model: str) -> list[str | None] | None:
+        """The spec's names of a model's positional inputs (None: a sample factory makes them)."""
+        inputs = self.spec.model(model).inputs
+        return None if inputs is None else [i.name for i in inputs if not i.kwarg]
 
     def refuse_classless(self, selections, results, classes: list[str]) -> None:
         """A target whose device class has no winner for a (model, batch) another class has one for
@@ -344,6 +352,15 @@ class _Rollout:
                 rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key,
                                    reason=f"{type(exc).__name__}: {exc}")
             self.keep(rec)
+
+
+def _sweep_median_ms(sel, winner) -> float | None:
+    """The winner's median in the rounds that decided it, else its first measurement's."""
+    medians = (sel.decision or {}).get("medians") if isinstance(sel.decision, dict) else None
+    value = medians.get(sel.winner_key) if isinstance(medians, dict) else None
+    if value is None and winner.measurement is not None:
+        value = winner.measurement.median_ms
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def criteria_of_winner(spec, winner) -> dict[str, Any]:

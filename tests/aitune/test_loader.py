@@ -86,9 +86,10 @@ def test_layout_is_model_class_batch_version_with_a_current_pointer(root):
     folder = root / "mlp" / key[:16] / "b2"
     (version,) = layout.versions(folder)
     assert (folder / "current").read_text().strip() == version
-    assert {p.name for p in (folder / version).iterdir()} == {"install.json", "reference.pt", "checkpoint"}
+    assert {p.name for p in (folder / version).iterdir()} == {"install.json", "reference.pt", "checkpoint", "batching.json"}
     install = json.loads((folder / version / "install.json").read_text())
     assert install["factory"] == FACTORY and install["batch_size"] == 2 and install["input_shapes"] == [[2, 16]]
+    assert install["input_names"] == ["input_0"]  # no spec names here: positional inputs are input_N
     assert json.loads((root / "mlp" / key[:16] / "device_class.json").read_text())["key"] == key
 
 
