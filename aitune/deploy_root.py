@@ -198,11 +198,15 @@ class Install:
     median_ms: float | None = None
     #: ``batching.json``, read back at load: whether the rows of a batch are independent (None: not checked)
     row_check: RowCheck | None = None
+    #: read from the verified ``reference.pt`` at load (not written to ``install.json``): how many of
+    #: the tensor inputs are positional, and each output's (path, shape, dtype)
+    positional_inputs: int | None = None
+    outputs: list[tuple[str, list[int], str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("input_dtypes")
-        d.pop("row_check")
+        for name in ("input_dtypes", "row_check", "positional_inputs", "outputs"):
+            d.pop(name)
         for name in ("criteria", "input_names", "median_ms"):  # an install without them reads as it always did
             if d[name] is None:
                 d.pop(name)
@@ -568,6 +572,10 @@ def load_version(version_dir: Path, device: torch.device | str, allow_factories=
                               f"its reference sample {input_shapes(args, kwargs)}")
     install.input_dtypes = input_dtypes(args, kwargs)
     install.row_check = read_row_check(version_dir, install.batch_size)
+    install.positional_inputs = sum(isinstance(a, torch.Tensor) for a in args)
+    paths = list(ref.get("paths") or [])
+    install.outputs = [(paths[i] if i < len(paths) and isinstance(paths[i], str) else f"output[{i}]", list(t.shape),
+                        str(t.dtype).removeprefix("torch.")) for i, t in enumerate(ref["outputs"])]
     factories, backends = candidate_allowlists(install.factory, install.backend)
     backend = load_checkpoint(
         version_dir / CHECKPOINT, device, manifest_sha256=install.manifest_sha256,

@@ -89,6 +89,59 @@ def outlier_mlp(width: int = 64, seed: int = 0) -> OutlierMLP:
     return OutlierMLP(width).eval()
 
 
+class TokenTagger(nn.Module):
+    """Called with keywords as a Hugging Face model is (``input_ids=..., attention_mask=...``), and
+    answers a dict (``logits`` per token, ``pooled`` per row): a model for serving named inputs."""
+
+    def __init__(self, vocab: int = 100, dim: int = 16, tags: int = 5) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, tags)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = hidden.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+        return {"logits": self.head(hidden), "pooled": pooled}
+
+
+def token_tagger(vocab: int = 100, dim: int = 16, tags: int = 5, seed: int = 0) -> TokenTagger:
+    torch.manual_seed(seed)
+    return TokenTagger(vocab, dim, tags).eval()
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the mean over the batch axis: each row's output depends on the other rows, so its
+    requests must never be batched together (a model the deploy's row check refuses)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y - y.mean(0, keepdim=True)
+
+
+def batch_centred(width: int = 16, seed: int = 0) -> BatchCentred:
+    torch.manual_seed(seed)
+    return BatchCentred(width).eval()
+
+
+class HalfLinear(nn.Module):
+    """Takes and gives float16 (computed in float32): a model for serving half-precision tensors."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.float()).half()
+
+
+def half_linear(width: int = 16, seed: int = 0) -> HalfLinear:
+    torch.manual_seed(seed)
+    return HalfLinear(width).eval()
+
+
 def image_sample(batch: int, size: int = 32, seed: int = 0) -> Sample:
     return Sample.of(torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)))
 

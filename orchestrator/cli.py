@@ -137,12 +137,34 @@ class ServeRequest:
     port: int = 8000
     max_body_mb: float = 64.0
     body_timeout_s: float = 10.0
+    #: no dynamic batching for any model
+    no_batching: bool = False
+    #: the queueing delay of dynamic batching: "MS" for every model, "MODEL=MS" for one (repeatable)
+    max_queue_delay_ms: list[str] | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServeRequest":
         return cls(store=args.store, sweep=args.sweep, model=args.model, target=args.target, root=args.root,
                    address=args.address, host=args.host, port=args.port, max_body_mb=args.max_body_mb,
-                   body_timeout_s=args.body_timeout_s)
+                   body_timeout_s=args.body_timeout_s, no_batching=args.no_batching,
+                   max_queue_delay_ms=args.max_queue_delay_ms)
+
+    def batching(self, models: list[str]) -> dict:
+        """The replicas' batching settings; ValueError naming the bad --max-queue-delay-ms."""
+        delays: dict[str, float] = {}
+        for text in self.max_queue_delay_ms or []:
+            model, _, value = text.rpartition("=")
+            key = model or "*"
+            if model and model not in models:
+                raise ValueError(f"--max-queue-delay-ms {text!r}: {model!r} is not served; served: {', '.join(models)}")
+            try:
+                ms = float(value)
+            except ValueError:
+                ms = float("nan")
+            if not 0 <= ms <= 1000:
+                raise ValueError(f"--max-queue-delay-ms {text!r}: give milliseconds from 0 to 1000, as MS or MODEL=MS")
+            delays[key] = ms
+        return {"off": self.no_batching, "max_queue_delay_ms": delays}
 
 
 def _serve_problem(args: ServeRequest) -> str | None:
@@ -165,6 +187,17 @@ def _serve_problem(args: ServeRequest) -> str | None:
         except OSError as exc:
             return f"--port {args.port}: can't listen on {args.host}:{args.port}: {exc.strerror or exc}"
     return None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _nothing_installed(root, models: list[str]) -> str | None:
@@ -215,6 +248,13 @@ def serve(args: ServeRequest, console: Console) -> int:
         _say(console, f"error: {problem}")
         return EXIT_BAD_INPUT
     models = sorted({s.model for s in chosen.selections})
+    try:
+        batching = args.batching(models)
+    except ValueError as exc:
+        _say(console, f"error: {exc}")
+        return EXIT_BAD_INPUT
+    if not _loopback(args.host):
+        _say(console, f"warning: --host {args.host} opens the server beyond this machine; it has no authentication")
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         missing = _nothing_installed(spec.deploy.root, models)
         if missing:
@@ -229,11 +269,17 @@ def serve(args: ServeRequest, console: Console) -> int:
             return EXIT_BAD_INPUT
         try:
             served = start_serving(spec.deploy.root, models, slots, host=args.host, port=args.port,
-                                   max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s)
+                                   max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s,
+                                   batching=batching)
         except Exception as exc:  # a replica that can't load what is installed
             _say(console, f"not done: serving {', '.join(models)} failed: {_replica_error(exc)}")
             return EXIT_INCOMPLETE
-        _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/MODEL; Ctrl-C stops")
+        _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/v2/models/MODEL "
+                      f"(Open Inference Protocol); Ctrl-C stops")
+        for model, force in served.batching.items():
+            _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
+                                            f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms"
+                                            if force["enabled"] else f"one request per call: {force['reason']}"))
         while True:
             time.sleep(3600)
     finally:
@@ -328,6 +374,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="refuse request bodies larger than this (413), from Content-Length before reading")
             cmd.add_argument("--body-timeout-s", type=float, default=10.0,
                              help="refuse a request body that has not arrived whole within this many seconds (408)")
+            cmd.add_argument("--no-batching", action="store_true",
+                             help="answer each request with its own call (default: dynamic batching where the rows were checked)")
+            cmd.add_argument("--max-queue-delay-ms", action="append", default=None, metavar="[MODEL=]MS",
+                             help="how long a batch waits for requests already arriving (default 2; repeat per model)")
     live = sub.add_parser("deployments", help="what is live where: the last verified install per node, model, device and batch")
     live.add_argument("store", help="store directory")
     parser.add_argument("-v", "--verbose", action="store_true")
