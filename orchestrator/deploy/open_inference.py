@@ -1,28 +1,26 @@
-"""The Open Inference Protocol ("KServe v2") over REST: the codec of requests, responses and metadata.
+"""The Open Inference Protocol ("KServe v2", REST): the codec of its requests, responses and metadata.
 
-The protocol of Triton, KServe and MLServer, so that their clients (``tritonclient.http``, KServe's
-and MLServer's, curl) talk to ``orchestrator.deploy.serve``. The server's routes, whose bodies this
-module writes and reads (it holds no routes itself, and no Ray):
-
-- ``GET /v2``: :func:`server_metadata`; ``GET /v2/health/live`` and ``/v2/health/ready``: status only
-- ``GET /v2/models/{m}[/versions/{v}]``: :func:`model_metadata`; ``GET .../ready``: status only
-- ``POST /v2/models/{m}[/versions/{v}]/infer``: :func:`parse_infer_request`, :func:`encode_infer_response`
-- any failure: status and :func:`error_body` (``{"error": "..."}``)
+The protocol of Triton, KServe and MLServer, so that their clients (``tritonclient.http``, curl)
+talk to ``orchestrator.deploy.serve``, whose routes this module writes and reads the bodies of
+(it holds no routes itself, and no Ray): ``GET /v2`` (:func:`server_metadata`),
+``GET /v2/health/live`` and ``/v2/health/ready`` (a status only), ``GET /v2/models/{m}[/versions/{v}]``
+(:func:`model_metadata`) and ``.../ready`` (a status only), ``POST /v2/models/{m}[/versions/{v}]/infer``
+(:func:`parse_infer_request`, :func:`encode_infer_response`); a failure is ``{"error": "..."}``.
 
 The subset: numeric tensors of the datatypes in :data:`DATATYPES` (BOOL, UINT8, INT8, INT16, INT32,
 INT64, FP16, BF16, FP32, FP64); BYTES (strings), shared memory and classification are refused.
-A tensor is ``{"name", "datatype", "shape", "data"}`` with ``data`` its values in row-major order
+A tensor is ``{"name", "datatype", "shape", "data"}``, ``data`` its values in row-major order
 (flat or nested lists in a request, flat in a response), or, with the binary tensor data extension,
-``"parameters": {"binary_data_size": N}`` and its N bytes (little-endian, row-major; a BOOL one
-byte, 0 or 1; a BF16 two, torch's bfloat16) after the JSON, whose length the
-``Inference-Header-Content-Length`` header gives. Outputs are sent as binary where the request
-asks (an output's ``parameters.binary_data``, else the request's ``parameters.binary_data_output``).
+``"parameters": {"binary_data_size": N}`` and N bytes (little-endian, row-major; BOOL one byte, 0
+or 1; BF16 torch's two bytes) after the JSON, whose length the ``Inference-Header-Content-Length``
+header gives. An output is sent as binary where its ``parameters.binary_data`` asks, else where
+the request's ``parameters.binary_data_output`` does.
 
-Non-finite values: a JSON number in a request must be finite and one the datatype can hold
-(NaN, Infinity, ``1e39`` for FP32, ``300`` for UINT8 are refused); binary data is taken as sent.
-In a response, a non-finite value of an output sent as JSON is the string ``"NaN"``,
-``"Infinity"`` or ``"-Infinity"`` (JSON has no such numbers; ``numpy.array(data, dtype)`` reads
-them back); an output sent as binary carries them exactly.
+Non-finite values: a JSON number in a request must be finite and one the datatype holds (NaN,
+Infinity, ``1e39`` for FP32, ``300`` for UINT8 are refused); binary data is taken as sent. In a
+response, a non-finite value of an output sent as JSON is the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"`` (JSON has no such numbers; ``numpy.array(data, dtype)`` reads them back); an output
+sent as binary carries them exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import ctypes
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +79,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:60] + "..."
 
 
-def _kind(value: Any) -> str:
-    """The JSON name of a parsed value's type, for messages."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), "null")
+_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
 
 
-# --- requests ------------------------------------------------------------------------------------
+def _kind(value: Any) -> str:  # the JSON name of a parsed value's type
+    return _KINDS.get(type(value), "null")
+
 
 def _split(body: bytes, header_length: int | str | None) -> tuple[bytes, memoryview | None]:
     if header_length is None:
@@ -111,12 +109,14 @@ def _load(head: bytes) -> dict:
     return request
 
 
-def _dict(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{where} must be a JSON object, got {_kind(value)}")
-    return value
+def _params(value: Any, where: str) -> dict:
+    """Parameters, checked: a JSON object that asks for no extension this server lacks."""
+    if not isinstance(value, (dict, type(None))):
+        raise ProtocolError(f"{where}: parameters must be a JSON object, got {_kind(value)}")
+    for key, what in (("shared_memory_region", "shared memory"), ("classification", "the classification extension")):
+        if key in (value or {}):
+            raise ProtocolError(f"{where}: {what} is not served here")
+    return value or {}
 
 
 def _flag(params: dict, key: str, default: bool, where: str) -> bool:
@@ -124,13 +124,6 @@ def _flag(params: dict, key: str, default: bool, where: str) -> bool:
     if not isinstance(value, bool):
         raise ProtocolError(f"{where}: parameters.{key} must be true or false, got {_short(value)}")
     return value
-
-
-def _unsupported(params: dict, where: str) -> None:
-    if "shared_memory_region" in params:
-        raise ProtocolError(f"{where}: shared memory is not served here; send the data in the request")
-    if "classification" in params:
-        raise ProtocolError(f"{where}: the classification extension is not served here")
 
 
 def _requested(outputs: Any, binary_output: bool) -> list[RequestedOutput] | None:
@@ -143,8 +136,7 @@ def _requested(outputs: Any, binary_output: bool) -> list[RequestedOutput] | Non
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f'outputs[{i}] must be {{"name": "...", "parameters": {{...}}}}, got {_short(spec)}')
         where = f"output {spec['name']!r}"
-        params = _dict(spec.get("parameters"), f"{where}: parameters")
-        _unsupported(params, where)
+        params = _params(spec.get("parameters"), where)
         if any(r.name == spec["name"] for r in found):
             raise ProtocolError(f"{where} is requested twice")
         found.append(RequestedOutput(spec["name"], _flag(params, "binary_data", binary_output, where)))
@@ -155,8 +147,7 @@ def _header(spec: Any, i: int, seen: dict) -> tuple[str, str, list[int], dict]:
     """An input's name, datatype, shape and parameters, each checked."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise ProtocolError(f'inputs[{i}] must be {{"name": "...", "datatype": ..., "shape": [...], "data": [...]}}')
-    name = spec["name"]
-    where = f"input {name!r}"
+    name, where = spec["name"], f"input {spec['name']!r}"
     if name in seen:
         raise ProtocolError(f"{where} is given twice")
     datatype = spec.get("datatype")
@@ -168,8 +159,7 @@ def _header(spec: Any, i: int, seen: dict) -> tuple[str, str, list[int], dict]:
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise ProtocolError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
-    params = _dict(spec.get("parameters"), f"{where}: parameters")
-    _unsupported(params, where)
+    params = _params(spec.get("parameters"), where)
     if ("data" in spec) == ("binary_data_size" in params):
         raise ProtocolError(f"{where} needs exactly one of data or parameters.binary_data_size")
     return name, datatype, shape, params
@@ -194,11 +184,9 @@ def _flatten(data: Any, where: str) -> list:
     return flat
 
 
-def _first(flat: list, test) -> int:
-    return next(i for i, v in enumerate(flat) if test(v))
-
-
-def _bad(flat: list, i: int, where: str, what: str) -> ProtocolError:
+def _bad(flat: list, hit: Any, where: str, what: str) -> ProtocolError:
+    """The error for the value of ``flat`` at index ``hit``, or for its first value the test ``hit`` holds for."""
+    i = hit if isinstance(hit, int) else next(i for i, v in enumerate(flat) if hit(v))
     return ProtocolError(f"{where}: value {i} of data (row-major) is {_short(flat[i])}, {what}")
 
 
@@ -209,30 +197,27 @@ def _from_json(where: str, datatype: str, shape: list[int], data: Any) -> torch.
     kinds = set(map(type, flat))
     if dtype is torch.bool:
         if kinds - {bool}:
-            raise _bad(flat, _first(flat, lambda v: type(v) is not bool), where, "not true or false (BOOL)")
+            raise _bad(flat, lambda v: type(v) is not bool, where, "not true or false (BOOL)")
         return torch.tensor(flat, dtype=dtype).reshape(shape)
     if kinds - {int, float}:
-        raise _bad(flat, _first(flat, lambda v: type(v) not in (int, float)), where, f"not a number ({datatype})")
+        raise _bad(flat, lambda v: type(v) not in (int, float), where, f"not a number ({datatype})")
     if dtype.is_floating_point:
         if float in kinds and not all(map(math.isfinite, flat)):
-            i = _first(flat, lambda v: not math.isfinite(v))
-            raise _bad(flat, i, where, "not a finite number (non-finite values can be sent as binary data)")
+            raise _bad(flat, lambda v: not math.isfinite(v), where, "not finite (non-finite values go as binary data)")
         try:
             tensor = torch.tensor(flat, dtype=torch.float64).to(dtype)
         except (OverflowError, RuntimeError):  # an integer too big even for a double
-            raise _bad(flat, _first(flat, lambda v: abs(v) >= 2.0**1023), where, f"out of range for {datatype}") from None
+            raise _bad(flat, lambda v: abs(v) > sys.float_info.max, where, f"out of range for {datatype}") from None
         if not bool(torch.isfinite(tensor).all()):
             raise _bad(flat, int((~torch.isfinite(tensor)).nonzero()[0]), where, f"out of range for {datatype}")
         return tensor.reshape(shape)
     if float in kinds:
         if not all(v.is_integer() for v in flat if type(v) is float):
-            i = _first(flat, lambda v: type(v) is float and not v.is_integer())
-            raise _bad(flat, i, where, f"not an integer ({datatype})")
+            raise _bad(flat, lambda v: type(v) is float and not v.is_integer(), where, f"not an integer ({datatype})")
         flat = [int(v) for v in flat]
     info = torch.iinfo(dtype)
     if flat and (min(flat) < info.min or max(flat) > info.max):
-        i = _first(flat, lambda v: not info.min <= v <= info.max)
-        raise _bad(flat, i, where, f"out of range for {datatype} ({info.min}..{info.max})")
+        raise _bad(flat, lambda v: not info.min <= v <= info.max, where, f"out of range for {datatype} ({info.min}..{info.max})")
     return torch.tensor(flat, dtype=dtype).reshape(shape)
 
 
@@ -254,7 +239,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None) -> InferRe
     request = _load(head)
     if request.get("id") is not None and not isinstance(request["id"], str):
         raise ProtocolError(f"the request's id must be a string, got {_short(request['id'])}")
-    parameters = _dict(request.get("parameters"), "the request's parameters")
+    parameters = _params(request.get("parameters"), "the request")
     binary_output = _flag(parameters, "binary_data_output", False, "the request")
     outputs = _requested(request.get("outputs"), binary_output)
     if not isinstance(request.get("inputs"), list):
@@ -285,25 +270,12 @@ def parse_infer_request(body: bytes, header_length: int | str | None) -> InferRe
     return InferRequest(request.get("id"), inputs, outputs, binary_output, parameters)
 
 
-# --- responses -----------------------------------------------------------------------------------
-
-def _finite_or_name(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-
-
 def _json_values(t: torch.Tensor) -> list:
     values = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).reshape(-1).tolist()
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        values = [_finite_or_name(x) for x in values]
+        values = [x if math.isfinite(x) else "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
+                  for x in values]
     return values
-
-
-def _to_bytes(t: torch.Tensor) -> bytes:
-    """The tensor's bytes, row-major, in this (little-endian) machine's order."""
-    t = t.contiguous()
-    return ctypes.string_at(t.data_ptr(), t.nbytes) if t.nbytes else b""
 
 
 def encode_infer_response(model: str, version: str | None, request_id: str | None,
@@ -311,20 +283,17 @@ def encode_infer_response(model: str, version: str | None, request_id: str | Non
     """The body and headers of an inference response: the outputs named in ``binary`` as binary
     data after the JSON, the others as JSON values. An output whose dtype has no datatype is a
     :class:`ProtocolError` with status 500."""
-    head: dict[str, Any] = {"model_name": model}
-    if version is not None:
-        head["model_version"] = version
-    if request_id is not None:
-        head["id"] = request_id
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "id": request_id}
+    head = {key: value for key, value in head.items() if value is not None}
     entries, blobs, any_binary = [], [], False
     for name, tensor in outputs:
-        t = tensor.detach().cpu()
+        t = tensor.detach().cpu().contiguous()
         try:
             entry = {"name": name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
         except ValueError as exc:
             raise ProtocolError(f"output {name!r}: {exc}", 500) from None
         if name in binary:
-            blobs.append(_to_bytes(t))
+            blobs.append(ctypes.string_at(t.data_ptr(), t.nbytes) if t.nbytes else b"")  # row-major, little-endian
             entry["parameters"], any_binary = {"binary_data_size": len(blobs[-1])}, True
         else:
             entry["data"] = _json_values(t)
@@ -336,8 +305,6 @@ def encode_infer_response(model: str, version: str | None, request_id: str | Non
     return b"".join([text, *blobs]), {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
 
 
-# --- names and metadata --------------------------------------------------------------------------
-
 _KEY = re.compile(r"""\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
 _FIELD = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -347,11 +314,9 @@ def _stripped(path: str) -> str:
     if not path.startswith("output"):
         return path
     rest = path[len("output"):]
-    key = _KEY.match(rest)
-    if key:
-        return str(ast.literal_eval(key.group(1))) + rest[key.end():]
-    field = _FIELD.match(rest)
-    return field.group(1) + rest[field.end():] if field else path
+    key, field = _KEY.match(rest), _FIELD.match(rest)
+    name = str(ast.literal_eval(key.group(1))) + rest[key.end():] if key else field.group(1) + rest[field.end():] if field else ""
+    return name or path
 
 
 def output_names(paths: list[str]) -> list[str]:
@@ -377,11 +342,7 @@ def server_metadata(name: str, version: str, extensions: list[str]) -> dict:
 def model_metadata(name: str, versions: list[str], platform: str, inputs: list[tuple[str, str, list[int]]],
                    outputs: list[tuple[str, str, list[int]]], parameters: dict | None = None) -> dict:
     """A model's metadata; a shape's ``-1`` is a dimension of any size."""
-    def tensors(specs: list[tuple[str, str, list[int]]]) -> list[dict]:
-        return [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in specs]
-
-    found = {"name": name, "versions": list(versions), "platform": platform,
-             "inputs": tensors(inputs), "outputs": tensors(outputs)}
-    if parameters is not None:
-        found["parameters"] = dict(parameters)
-    return found
+    found = {"name": name, "versions": list(versions), "platform": platform}
+    for key, specs in (("inputs", inputs), ("outputs", outputs)):
+        found[key] = [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in specs]
+    return found if parameters is None else {**found, "parameters": dict(parameters)}
