@@ -103,7 +103,7 @@ def _load(head: bytes) -> dict:
     except RecursionError:
         raise ProtocolError("the request's JSON is nested too deep") from None
     except ValueError as exc:
-        raise ProtocolError(f"the request is not JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ProtocolError(f"the request is not JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ProtocolError(f'the request must be a JSON object {{"inputs": [...]}}, got {_kind(request)}')
     return request
@@ -211,14 +211,12 @@ def _from_json(where: str, datatype: str, shape: list[int], data: Any) -> torch.
         if not bool(torch.isfinite(tensor).all()):
             raise _bad(flat, int((~torch.isfinite(tensor)).nonzero()[0]), where, f"out of range for {datatype}")
         return tensor.reshape(shape)
-    if float in kinds:
-        if not all(v.is_integer() for v in flat if type(v) is float):
-            raise _bad(flat, lambda v: type(v) is float and not v.is_integer(), where, f"not an integer ({datatype})")
-        flat = [int(v) for v in flat]
-    info = torch.iinfo(dtype)
-    if flat and (min(flat) < info.min or max(flat) > info.max):
-        raise _bad(flat, lambda v: not info.min <= v <= info.max, where, f"out of range for {datatype} ({info.min}..{info.max})")
-    return torch.tensor(flat, dtype=dtype).reshape(shape)
+    if float in kinds and not all(v.is_integer() for v in flat if type(v) is float):
+        raise _bad(flat, lambda v: type(v) is float and not v.is_integer(), where, f"not an integer ({datatype})")
+    values, lo, hi = [int(v) for v in flat] if float in kinds else flat, torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    if values and (min(values) < lo or max(values) > hi):
+        raise _bad(flat, lambda v: not lo <= v <= hi, where, f"out of range for {datatype} ({lo}..{hi})")
+    return torch.tensor(values, dtype=dtype).reshape(shape)
 
 
 def _from_bytes(where: str, datatype: str, shape: list[int], blob: memoryview) -> torch.Tensor:
@@ -227,8 +225,8 @@ def _from_bytes(where: str, datatype: str, shape: list[int], blob: memoryview) -
         return torch.empty(shape, dtype=dtype)
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     if dtype is torch.bool and int(raw.max()) > 1:
-        raise ProtocolError(f"{where}: byte {int((raw > 1).nonzero()[0])} of its binary data is {int(raw.max())}; "
-                            "BOOL bytes are 0 or 1")
+        i = int((raw > 1).nonzero()[0])
+        raise ProtocolError(f"{where}: byte {i} of its binary data is {int(raw[i])}; BOOL bytes are 0 or 1")
     return raw.view(dtype).reshape(shape)
 
 
@@ -265,8 +263,8 @@ def parse_infer_request(body: bytes, header_length: int | str | None) -> InferRe
         inputs[name] = _from_bytes(where, datatype, shape, blobs[offset: offset + size])
         offset, last = offset + size, name
     if blobs is not None and offset != len(blobs):
-        after = f"after the binary data of input {last!r}, its last" if last else "after the JSON, and no input has binary data"
-        raise ProtocolError(f"the body has {len(blobs) - offset} bytes left over {after}")
+        after = f"the binary data of input {last!r}, its last" if last else "the JSON, and no input has binary data"
+        raise ProtocolError(f"the body has {len(blobs) - offset} bytes left over after {after}")
     return InferRequest(request.get("id"), inputs, outputs, binary_output, parameters)
 
 
@@ -305,18 +303,17 @@ def encode_infer_response(model: str, version: str | None, request_id: str | Non
     return b"".join([text, *blobs]), {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
 
 
-_KEY = re.compile(r"""\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
+_KEY = re.compile(r"""\[('(?:[^'\\]|\\.)+'|"(?:[^"\\]|\\.)+")\]""")  # a dict key's repr, not empty
 _FIELD = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _stripped(path: str) -> str:
     """``output['logits'][0]`` -> ``logits[0]``, ``output.logits`` -> ``logits``; others as they are."""
-    if not path.startswith("output"):
-        return path
-    rest = path[len("output"):]
+    rest = path[len("output"):] if path.startswith("output") else ""
     key, field = _KEY.match(rest), _FIELD.match(rest)
-    name = str(ast.literal_eval(key.group(1))) + rest[key.end():] if key else field.group(1) + rest[field.end():] if field else ""
-    return name or path
+    if key:
+        return str(ast.literal_eval(key.group(1))) + rest[key.end():]
+    return field.group(1) + rest[field.end():] if field else path
 
 
 def output_names(paths: list[str]) -> list[str]:
