@@ -35,6 +35,14 @@ def _raw(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())
 
 
+def _sample(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """Values that ``dtype`` holds: normal ones for floats, small integers, both booleans."""
+    if dtype.is_floating_point:
+        return torch.randn(*shape).to(dtype) * 50
+    low, high = {torch.bool: (0, 2), torch.uint8: (0, 256)}.get(dtype, (-100, 100))
+    return torch.randint(low, high, shape).to(dtype)
+
+
 def _split(body: bytes, headers: dict[str, str]) -> tuple[dict, bytes]:
     n = int(headers[HEADER]) if HEADER in headers else len(body)
     return json.loads(body[:n]), body[n:]
@@ -81,7 +89,7 @@ def test_requested_outputs_take_the_request_binary_default_unless_they_say():
 
 
 def test_a_binary_request_reads_every_datatype_exactly_bf16_and_non_finite_values_too():
-    tensors = {name: (torch.randn(2, 3) * 100).to(dtype) for name, dtype in DATATYPES.items()}
+    tensors = {name: _sample(dtype, 2, 3) for name, dtype in DATATYPES.items()}
     tensors["FP32"][0, 0], tensors["BF16"][1, 2] = math.nan, -math.inf  # binary carries them as sent
     specs = [{"name": f"in-{n}", "shape": [2, 3], "datatype": n, "parameters": {"binary_data_size": t.nbytes}}
              for n, t in tensors.items()]
@@ -91,6 +99,13 @@ def test_a_binary_request_reads_every_datatype_exactly_bf16_and_non_finite_value
         assert got.inputs[f"in-{name}"].dtype == t.dtype and got.inputs[f"in-{name}"].shape == (2, 3)
         assert torch.equal(got.inputs[f"in-{name}"].view(torch.uint8), t.view(torch.uint8))
     assert tensors["BF16"].element_size() == 2
+
+
+def test_a_memoryview_body_reads_like_bytes():
+    head = _body({"name": "x", "shape": [1], "datatype": "INT8", "parameters": {"binary_data_size": 1}})
+    got = parse_infer_request(memoryview(head + b"\xff"), len(head))
+    assert torch.equal(got.inputs["x"], torch.tensor([-1], dtype=torch.int8))
+    assert parse_infer_request(memoryview(_body()), None).inputs == {}
 
 
 def test_json_and_binary_inputs_mix_and_an_empty_blob_is_an_empty_tensor():
@@ -302,7 +317,7 @@ def _through_triton(http, inputs, outputs=None, request_id=""):
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64", "INT64", "INT32", "INT16", "INT8", "BOOL", "UINT8"])
 def test_each_datatype_round_trips_through_tritonclient(triton, datatype, binary_in, binary_out):
-    t = (torch.randn(2, 3, 4) * 50).to(DATATYPES[datatype])
+    t = _sample(DATATYPES[datatype], 2, 3, 4)
     sent = t.numpy()
     data = triton.InferInput("t", list(sent.shape), datatype).set_data_from_numpy(sent, binary_data=binary_in)
     request, result = _through_triton(triton, [data], [triton.InferRequestedOutput("t", binary_data=binary_out)])

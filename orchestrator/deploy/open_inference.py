@@ -99,7 +99,7 @@ def _split(body: bytes, header_length: int | str | None) -> tuple[bytes, memoryv
 
 def _load(head: bytes) -> dict:
     try:
-        request = json.loads(head)
+        request = json.loads(bytes(head))  # the same object when it is bytes already
     except RecursionError:
         raise ProtocolError("the request's JSON is nested too deep") from None
     except ValueError as exc:
