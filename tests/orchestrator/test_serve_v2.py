@@ -36,7 +36,7 @@ CENTRED = batch_centred()
 HALF = half_linear()
 MODELS = [
     {"name": "mlp", "factory": "aitune.examples:mlp", "kwargs": {"width": 16, "depth": 2},
-     "inputs": [{"name": "x", "shape": [16]}], "candidates": [EAGER, EAGER_BF16]},
+     "inputs": [{"name": "x", "shape": [16]}]},
     {"name": "tagger", "factory": "aitune.examples:token_tagger",
      "inputs": [{"name": "input_ids", "shape": [8], "dtype": "int64", "int_range": [0, 100], "kwarg": True},
                 {"name": "attention_mask", "shape": [8], "dtype": "int64", "int_range": [1, 2], "kwarg": True}]},
@@ -50,7 +50,7 @@ MAX_BODY, BODY_TIMEOUT_S = 1_000_000, 3.0
 def served(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-v2")
     root = tmp / "deploy-root"
-    spec = tiny_spec(tmp / "store", [EAGER], models=MODELS, batch_sizes=[1, 4],
+    spec = tiny_spec(tmp / "store", [EAGER, EAGER_BF16], models=MODELS, batch_sizes=[1, 4],
                      deploy={"targets": [{"cpu_slots": 1}], "latency_check_s": 0.05, "root": str(root)})
     outcome = run_sweep(spec, console=quiet(), write_report=False)
     assert {d.status for d in outcome.deployments} == {"deployed"}, outcome.deployments
@@ -178,16 +178,25 @@ def test_a_model_that_mixes_rows_is_not_batched_and_untuned_batches_are_refused_
     assert info.value.status() == "400" and "tuned shapes: 1x16; 4x16" in info.value.message()
 
 
-def test_concurrent_requests_are_all_answered_right_and_batched_when_they_meet(served):
-    client, answers, failures = served["client"], {}, []
+def own_client(served):
+    """A client for one thread (tritonclient's HTTP client runs on gevent: one per OS thread)."""
+    return http.InferenceServerClient(f"127.0.0.1:{served['port']}", concurrency=4, network_timeout=60)
 
-    def one(i: int) -> None:
+
+def test_concurrent_requests_are_all_answered_right(served):
+    answers, failures = {}, []
+
+    def some(first: int) -> None:
+        client = own_client(served)
         try:
-            answers[i] = infer(client, "mlp", {"x": rows(1, seed=100 + i)}, i % 2 == 0).as_numpy("output")
+            for i in range(first, first + 6):
+                answers[i] = infer(client, "mlp", {"x": rows(1, seed=100 + i)}, i % 2 == 0).as_numpy("output")
         except Exception as exc:  # a lost request
             failures.append(repr(exc))
+        finally:
+            client.close()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(48)]
+    threads = [threading.Thread(target=some, args=(6 * k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -199,7 +208,8 @@ def test_concurrent_requests_are_all_answered_right_and_batched_when_they_meet(s
 
 
 @pytest.mark.parametrize("body, words", [
-    (b'{"inputs": [{"name": "y", "shape": [1, 16], "datatype": "FP32", "data": [0]}]}', "unknown input 'y'"),
+    (b'{"inputs": [{"name": "y", "shape": [1, 16], "datatype": "FP32", "data": ' + b"[" + b",".join([b"1"] * 16) + b"]}]}",
+     "unknown input 'y'"),
     (b'{"inputs": []}', "input 'x' is missing"),
     (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "INT64", "data": ' + b"[" + b",".join([b"1"] * 16) + b"]}]}",
      "input 'x' is INT64; the model takes FP32"),
@@ -256,30 +266,31 @@ def test_body_limits_hold_for_the_protocol_too(served):
 
 
 def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_nothing_wrong(served):
-    spec, outcome, root, client = served["spec"], served["outcome"], served["root"], served["client"]
+    spec, outcome, root = served["spec"], served["outcome"], served["root"]
     folder = layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 4)
-    old = layout.current_version(folder)
     answers: list[list] = [[], []]
     failures: list = []
     stop = threading.Event()
 
     def stream(i: int) -> None:
-        n = 0
+        n, mine = 0, own_client(served)
         while not stop.is_set():
             x = rows(4, seed=10_000 * (i + 1) + n)
             n += 1
             try:
-                result = infer(client, "mlp", {"x": x}, n % 2 == 0)
+                result = infer(mine, "mlp", {"x": x}, n % 2 == 0)
             except Exception as exc:  # a lost or failed request
                 failures.append(repr(exc))
                 continue
             answers[i].append((x, result.get_response()["model_version"], result.as_numpy("output")))
+        mine.close()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     try:
         _wait(lambda: all(len(a) >= 5 for a in answers))
+        old = answers[0][-1][1]  # the b4 winner, or b1's when the sweep found four b1 calls cheaper
         selection = next(s for s in outcome.selections if (s.model, s.batch_size) == ("mlp", 4))
         other = next(r for r in outcome.results
                      if (r.model, r.batch_size) == ("mlp", 4) and r.key != selection.winner_key and r.status == "ok")
@@ -288,9 +299,9 @@ def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_not
         precision = other.config.get("precision", "float32")
         version, verified = layout.install(root, ckpt, reference, device="cpu", model="mlp", batch_size=4,
                                            tolerance=tolerance_for(precision, {}).to_dict(),
-                                           factory="aitune.examples:mlp", median_ms=1.0, positional_names=["x"])
+                                           factory="aitune.examples:mlp", median_ms=1e-6, positional_names=["x"])
         assert verified.ok, verified.reason
-        new = version.name
+        new = version.name  # 4 rows now run as one call of it: its latency is the lowest
         _wait(lambda: all(a and a[-1][1] == new for a in answers))
         counts = [len(a) for a in answers]
         _wait(lambda: all(len(a) >= c + 5 for a, c in zip(answers, counts)))
@@ -305,8 +316,10 @@ def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_not
         switch = versions.index(new)
         assert versions[:switch] == [old] * switch and versions[switch:] == [new] * (len(versions) - switch)
         for x, v, out in stream_answers:
-            tol = layout.read_install(folder / v).tolerance
-            torch.testing.assert_close(torch.from_numpy(out), MLP(torch.from_numpy(x)).detach(),
+            tol = layout.read_install(layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 4 if v == new else
+                                                       (4 if (folder / v).is_dir() else 1)) / v).tolerance
+            # a bf16 winner answers BF16 (its metadata says so once it is current)
+            torch.testing.assert_close(torch.from_numpy(out.astype(np.float32)), MLP(torch.from_numpy(x)).detach(),
                                        atol=tol["atol"], rtol=tol["rtol"])
 
 
