@@ -189,6 +189,20 @@ def batching_for(installs: list[Any]) -> Batching:
     return Batching(True, None, latency, rows, dtypes)
 
 
+def batching_in_root(root: Any, model: str, class_key: str) -> Batching:
+    """The batching a model's current installs of one device class allow, read from the deploy
+    root's files alone (no checkpoint loaded): what ``deployments`` shows."""
+    from aitune import deploy_root as layout
+
+    installs = []
+    for entry in layout.live(root, model):
+        if entry.class_key == class_key:
+            install = layout.read_install(entry.folder)
+            install.row_check = layout.read_row_check(entry.folder, install.batch_size)
+            installs.append(install)
+    return batching_for(installs)
+
+
 def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
     if t.shape[0] == size:
         return t

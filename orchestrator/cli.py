@@ -103,7 +103,7 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
 
 def _deployments(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.deploy.stored import DeployInputError, format_when, live_deployments
+    from orchestrator.deploy.stored import DeployInputError, batching_lines, format_when, live_deployments
     from orchestrator.store import StoreError
 
     try:
@@ -119,6 +119,8 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
         when = f"{r.action} at {format_when(r.at)}" if r.at else "no install record"
         _say(console, f"{r.model} b{r.batch_size} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
                       f"winner {r.winner}, verified {latency}, {when}" + (f"; DISAGREES {r.disk}" if r.disk else ""))
+    for line in batching_lines(rows):
+        _say(console, line)
     return EXIT_OK
 
 

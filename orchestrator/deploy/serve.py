@@ -31,6 +31,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.deploy.http_errors import BodyError
+
 APP_NAME = "aitune"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 #: a request body larger than this is refused (413) before it is read
@@ -39,12 +41,6 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 10.0
 #: requests a replica holds at once (a slow client holds one until its body times out)
 MAX_ONGOING_REQUESTS = 64
-
-
-class BodyError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +81,12 @@ class TunedServer:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                  batching: dict[str, Any] | None = None) -> None:
         """``batching``: ``{"off": bool, "max_queue_delay_ms": {MODEL or "*": ms}}`` (default: on, 2 ms)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         import torch
-
-        from orchestrator.deploy.v2_routes import V2Routes
 
         from aitune import deploy_root as layout
         from aitune import load_tuned
+        from orchestrator.deploy.runner import BatchingSettings, Runner
+        from orchestrator.deploy.v2_routes import V2Routes
         from orchestrator.worker.process import pick_device, quiet_libraries
 
         quiet_libraries()
@@ -107,11 +101,8 @@ class TunedServer:
         self.models = {m: load_tuned(root, m, self.device) for m in models}
         self._seen = {m: self._pointers(m) for m in models}
         self.refused: dict[str, str] = {}
-        self.batching = BatchingSettings.from_dict(batching)
-        self._batchers: dict[str, Any] = {}
+        self.runner = Runner(self.models, self.device, BatchingSettings.from_dict(batching), threads, self._relative)
         self._faces: dict[str, tuple[Any, Any]] = {}  # model -> (the TunedModel it describes, its Face)
-        self._inference = ThreadPoolExecutor(1, thread_name_prefix="aitune-infer", initializer=torch.set_num_threads,
-                                             initargs=(threads,))
         self._v2 = V2Routes(self)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(reload_s,), name="aitune-rollover", daemon=True)
@@ -150,9 +141,7 @@ class TunedServer:
                     self._warn_once(model, f"not rolling {model} over: {exc}; the loaded version keeps serving")
                     continue
                 self.models[model] = fresh  # one reference swap: a request sees the old model or the new
-                batcher = self._batchers.get(model)
-                if batcher is not None:
-                    batcher.max_rows = self.batching_in_force(model)["max_batch"]
+                self.runner.rolled_over(model)
                 self.refused.pop(model, None)
                 self._warned.pop(model, None)
 
@@ -161,7 +150,8 @@ class TunedServer:
         the batching in force per model."""
         return {"device": str(self.device), "versions": {m: t.versions for m, t in self.models.items()},
                 "refused": {m: self._relative(r) for m, r in self.refused.items()},
-                "batching": {m: self.batching_in_force(m) for m in self.models}}
+                "batching": {m: {**self.runner.batching_in_force(m), **self.runner.counters().get(m, {})}
+                             for m in self.models}}
 
     # -- what the protocol routes ask of the replica (orchestrator.deploy.v2_routes) --
 
@@ -178,117 +168,15 @@ class TunedServer:
                     f"{', '.join(sorted(set(tuned.versions.values())))}")
         return None
 
-    def batching_in_force(self, model: str) -> dict[str, Any]:
-        """The batching a model gets on this replica: on/off with the reason, the delay, the plans."""
-        from aitune.batching import plan
-
-        batching = self.models[model].batching
-        enabled, reason = batching.enabled, batching.reason
-        if enabled and self.batching.off:
-            enabled, reason = False, "turned off for this server (--no-batching)"
-        plans = {str(n): plan(batching.latency_ms, n) for n in range(1, batching.max_batch + 1)} if enabled else {}
-        return {"enabled": enabled, "reason": reason, "max_batch": batching.max_batch if enabled else 1,
-                "max_queue_delay_ms": self.batching.delay_ms(model), "batch_sizes": sorted(batching.latency_ms),
-                "latency_ms": {str(b): ms for b, ms in sorted(batching.latency_ms.items())}, "plans": plans}
-
     def face(self, model: str):
         from orchestrator.deploy.v2_routes import face_of
 
         tuned = self.models[model]
         cached = self._faces.get(model)
         if cached is None or cached[0] is not tuned:
-            cached = (tuned, face_of(tuned, self.batching_in_force(model)))
+            cached = (tuned, face_of(tuned, self.runner.batching_in_force(model)))
             self._faces[model] = cached
         return cached[1]
-
-    def arriving(self, model: str, version: str | None):
-        """Counts a request towards its model's batch while it is being read (see batcher)."""
-        import contextlib
-
-        batcher = self._batcher(model) if version is None else None
-        return batcher.arriving() if batcher is not None else contextlib.nullcontext()
-
-    def _batcher(self, model: str):
-        from orchestrator.deploy.batcher import ModelBatcher
-
-        force = self.batching_in_force(model)
-        if not force["enabled"]:
-            return None
-        batcher = self._batchers.get(model)
-        if batcher is None:
-            batcher = ModelBatcher(lambda items: self._run_batch(model, items), force["max_batch"],
-                                   force["max_queue_delay_ms"], self._inference)
-            self._batchers[model] = batcher
-        return batcher
-
-    def _run_batch(self, model: str, items: list) -> list:
-        """On the inference thread: the queued requests' rows as the current winners' tuned sizes."""
-        import torch
-
-        from aitune.batching import run_rows
-
-        tuned = self.models[model]
-        batching = tuned.batching
-        with torch.inference_mode():
-            if batching.enabled:
-                flats = run_rows(tuned, items, batching.latency_ms)
-                versions = ",".join(sorted({tuned.versions[b] for b in set(self._sizes(batching, items))}))
-                return [(flat, versions) for flat in flats]
-            return [self._run_one(tuned, args, kwargs) for args, kwargs in items]  # rolled over to an unbatched one
-
-    @staticmethod
-    def _sizes(batching, items: list) -> list[int]:
-        from aitune.batching import plan
-
-        rows = sum(int(next(iter([*a, *k.values()])).shape[0]) for a, k in items)
-        return plan(batching.latency_ms, rows)
-
-    def _run_one(self, tuned, args: tuple, kwargs: dict):
-        from aitune.loader import UntunedShape
-        from aitune.torch.tree import flatten_tensors
-        from orchestrator.deploy.v2_routes import Refused
-
-        try:
-            out = tuned(*args, **kwargs)
-        except UntunedShape as exc:
-            return Refused(400, str(exc))
-        except Exception as exc:  # the model failed on this request: a 500 naming it, the server stays up
-            log.warning("%s failed on a request: %s: %s", tuned.model, type(exc).__name__, exc)
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            return Refused(500, f"{tuned.model} failed: {type(exc).__name__}: {self._relative(first)}")
-        install = tuned.winner_for(*args, **kwargs)
-        return flatten_tensors(out), install.version if install else None
-
-    async def run(self, model: str, version: str | None, args: tuple, kwargs: dict):
-        """One request's outputs ([(path, tensor)]) and the version(s) that answered; raises Refused."""
-        import torch
-
-        from orchestrator.deploy.v2_routes import Refused
-
-        args = tuple(a.to(self.device) for a in args)
-        kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
-        tuned = self.models[model]
-        batcher = self._batcher(model) if version is None else None
-        if batcher is not None:
-            problem = _row_problem(tuned.batching, args, kwargs)
-            if problem:
-                raise Refused(400, f"{model}: {problem}")
-            rows = int(next(iter([*args, *kwargs.values()])).shape[0])
-            answer = await batcher.submit((args, kwargs), rows)
-        else:
-            if version is not None:
-                install = tuned.winner_for(*args, **kwargs)
-                if install is None or install.version != version:
-                    shapes = next(("; ".join("x".join(map(str, s)) for s in i.input_shapes)
-                                   for i in tuned.installs.values() if i.version == version), "")
-                    raise Refused(400, f"{model} version {version} takes input shapes {shapes}")
-            with torch.inference_mode():
-                answer = self._run_one(tuned, args, kwargs)
-        if isinstance(answer, Refused):
-            raise answer
-        if isinstance(answer, BaseException):
-            raise Refused(500, f"{model} failed: {type(answer).__name__}: {str(answer).splitlines()[0] if str(answer) else ''}")
-        return answer
 
     def infer(self, model: str, body: Any) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) for one request; also callable in-process through a handle."""
@@ -366,40 +254,6 @@ class TunedServer:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
-
-
-def _row_problem(batching, args: tuple, kwargs: dict) -> str | None:
-    """Why a request can't join a batch: its inputs beyond the batch axis are not the tuned ones."""
-    tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
-    rows = [list(t.shape[1:]) for t in tensors]
-    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
-    counts = {int(t.shape[0]) if t.dim() else 0 for t in tensors}
-    tuned = "; ".join("x".join(["N", *map(str, r)]) for r in batching.row_shapes)
-    if rows != batching.row_shapes or len(counts) != 1 or 0 in counts:
-        got = "; ".join("x".join(map(str, t.shape)) for t in tensors)
-        return f"input shape {got} was not tuned; tuned shapes: {tuned} (N: any batch, run as {sorted(batching.latency_ms)})"
-    if dtypes != batching.dtypes:
-        return f"input dtypes {', '.join(dtypes)} were not tuned; tuned dtypes: {', '.join(batching.dtypes)}"
-    return None
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    """How a server batches: ``off`` for all models, and each model's queueing delay."""
-
-    off: bool = False
-    max_queue_delay_ms: tuple[tuple[str, float], ...] = ()
-
-    def delay_ms(self, model: str) -> float:
-        from orchestrator.deploy.batcher import DEFAULT_MAX_QUEUE_DELAY_MS
-
-        table = dict(self.max_queue_delay_ms)
-        return float(table.get(model, table.get("*", DEFAULT_MAX_QUEUE_DELAY_MS)))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "BatchingSettings":
-        data = data or {}
-        return cls(bool(data.get("off", False)), tuple(sorted((data.get("max_queue_delay_ms") or {}).items())))
 
 
 @dataclass

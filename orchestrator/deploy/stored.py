@@ -246,6 +246,27 @@ def live_deployments(store_root: str | Path) -> list[LiveRow]:
     return rows
 
 
+def batching_lines(rows: list[LiveRow]) -> list[str]:
+    """Per (deploy root on this host, model, device class): the dynamic batching ``serve`` gives it."""
+    import socket
+
+    from aitune import deploy_root as layout
+    from aitune.batching import batching_in_root
+
+    here, lines = socket.gethostname(), []
+    for root, model, class_key, device in sorted({(r.root, r.model, r.class_key, r.device) for r in rows
+                                                  if r.node == here and r.root != "?" and r.class_key}):
+        try:
+            b = batching_in_root(Path(root), model, class_key)
+        except (layout.DeployRootError, ValueError, OSError) as exc:
+            lines.append(f"{model} on {device} in {root}: batching unknown: {exc}")
+            continue
+        lines.append(f"{model} on {device} in {root}: " + (
+            f"dynamic batching up to {b.max_batch} rows as {sorted(b.latency_ms)}" if b.enabled
+            else f"one request per call ({b.reason})"))
+    return lines
+
+
 def _disk_disagrees(row: LiveRow) -> str | None:
     from aitune import deploy_root as layout
 

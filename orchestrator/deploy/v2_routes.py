@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from orchestrator.deploy import open_inference as oip
+from orchestrator.deploy.http_errors import Refused
 
 SERVER_NAME = "aitune-orchestrator"
 EXTENSIONS = ["binary_tensor_data", "model_repository_readonly", "dynamic_batching"]
@@ -127,9 +128,9 @@ class V2Routes:
     async def infer(self, request, model: str, version: str | None):
         from starlette.responses import Response
 
-        from orchestrator.deploy.serve import BodyError
+        from orchestrator.deploy.http_errors import BodyError
 
-        with self.server.arriving(model, version):
+        with self.server.runner.arriving(model, version):
             try:
                 raw = await self.server.read_body(request)
                 header = request.headers.get("inference-header-content-length")
@@ -139,7 +140,7 @@ class V2Routes:
                 face = self.server.face(model)
                 args, kwargs = self.arguments(face, parsed.inputs)
                 wanted = self.wanted(face, parsed)
-                flat, answered = await self.server.run(model, version, args, kwargs)
+                flat, answered = await self.server.runner.run(model, version, args, kwargs)
             except BodyError as exc:
                 return _error(exc.code, str(exc))
             except oip.ProtocolError as exc:
@@ -187,9 +188,3 @@ class V2Routes:
         return parsed.outputs
 
 
-class Refused(Exception):
-    """A request the model can't take (an untuned shape, a failure): the HTTP code and one line."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code

@@ -1,0 +1,174 @@
+"""How a serving replica runs a request: combined with others into the tuned batch sizes (where
+the model's installs passed their row check and batching is not turned off), or alone.
+
+:class:`Runner` holds one :class:`orchestrator.deploy.batcher.ModelBatcher` per batched model and
+the replica's inference thread; it reads the replica's current models on every request, so a
+rollover (one reference swap in ``models``) takes effect at the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+def _row_problem(batching, args: tuple, kwargs: dict) -> str | None:
+    """Why a request can't join a batch: its inputs beyond the batch axis are not the tuned ones."""
+    tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
+    rows = [list(t.shape[1:]) for t in tensors]
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+    counts = {int(t.shape[0]) if t.dim() else 0 for t in tensors}
+    tuned = "; ".join("x".join(["N", *map(str, r)]) for r in batching.row_shapes)
+    if rows != batching.row_shapes or len(counts) != 1 or 0 in counts:
+        got = "; ".join("x".join(map(str, t.shape)) for t in tensors)
+        return f"input shape {got} was not tuned; tuned shapes: {tuned} (N: any batch, run as {sorted(batching.latency_ms)})"
+    if dtypes != batching.dtypes:
+        return f"input dtypes {', '.join(dtypes)} were not tuned; tuned dtypes: {', '.join(batching.dtypes)}"
+    return None
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """How a server batches: ``off`` for all models, and each model's queueing delay."""
+
+    off: bool = False
+    max_queue_delay_ms: tuple[tuple[str, float], ...] = ()
+
+    def delay_ms(self, model: str) -> float:
+        from orchestrator.deploy.batcher import DEFAULT_MAX_QUEUE_DELAY_MS
+
+        table = dict(self.max_queue_delay_ms)
+        return float(table.get(model, table.get("*", DEFAULT_MAX_QUEUE_DELAY_MS)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "BatchingSettings":
+        data = data or {}
+        return cls(bool(data.get("off", False)), tuple(sorted((data.get("max_queue_delay_ms") or {}).items())))
+
+
+class Runner:
+    """The batching settings, the batchers and the inference thread of one replica."""
+
+    def __init__(self, models: dict[str, Any], device, settings: BatchingSettings, threads: int,
+                 relative: Callable[[str], str] = str) -> None:
+        import torch
+
+        self.models, self.device, self.settings, self.relative = models, device, settings, relative
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="aitune-infer", initializer=torch.set_num_threads,
+                                           initargs=(threads,))
+        self._batchers: dict[str, Any] = {}
+
+    def rolled_over(self, model: str) -> None:
+        """A new version of ``model`` is current: its batch's size limit follows it."""
+        batcher = self._batchers.get(model)
+        if batcher is not None:
+            batcher.max_rows = self.batching_in_force(model)["max_batch"]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {m: {"batches": b.batches, "rows": b.rows} for m, b in self._batchers.items()}
+
+    def batching_in_force(self, model: str) -> dict[str, Any]:
+        """The batching a model gets on this replica: on/off with the reason, the delay, the plans."""
+        from aitune.batching import plan
+
+        batching = self.models[model].batching
+        enabled, reason = batching.enabled, batching.reason
+        if enabled and self.settings.off:
+            enabled, reason = False, "turned off for this server (--no-batching)"
+        plans = {str(n): plan(batching.latency_ms, n) for n in range(1, batching.max_batch + 1)} if enabled else {}
+        return {"enabled": enabled, "reason": reason, "max_batch": batching.max_batch if enabled else 1,
+                "max_queue_delay_ms": self.settings.delay_ms(model), "batch_sizes": sorted(batching.latency_ms),
+                "latency_ms": {str(b): ms for b, ms in sorted(batching.latency_ms.items())}, "plans": plans}
+
+    def arriving(self, model: str, version: str | None):
+        """Counts a request towards its model's batch while it is being read (see batcher)."""
+        import contextlib
+
+        batcher = self._batcher(model) if version is None else None
+        return batcher.arriving() if batcher is not None else contextlib.nullcontext()
+
+    def _batcher(self, model: str):
+        from orchestrator.deploy.batcher import ModelBatcher
+
+        force = self.batching_in_force(model)
+        if not force["enabled"]:
+            return None
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            batcher = ModelBatcher(lambda items: self._run_batch(model, items), force["max_batch"],
+                                   force["max_queue_delay_ms"], self.executor)
+            self._batchers[model] = batcher
+        return batcher
+
+    def _run_batch(self, model: str, items: list) -> list:
+        """On the inference thread: the queued requests' rows as the current winners' tuned sizes."""
+        import torch
+
+        from aitune.batching import run_rows
+
+        tuned = self.models[model]
+        batching = tuned.batching
+        with torch.inference_mode():
+            if batching.enabled:
+                flats = run_rows(tuned, items, batching.latency_ms)
+                versions = ",".join(sorted({tuned.versions[b] for b in set(self._sizes(batching, items))}))
+                return [(flat, versions) for flat in flats]
+            return [self._run_one(tuned, args, kwargs) for args, kwargs in items]  # rolled over to an unbatched one
+
+    @staticmethod
+    def _sizes(batching, items: list) -> list[int]:
+        from aitune.batching import plan
+
+        rows = sum(int(next(iter([*a, *k.values()])).shape[0]) for a, k in items)
+        return plan(batching.latency_ms, rows)
+
+    def _run_one(self, tuned, args: tuple, kwargs: dict):
+        from aitune.loader import UntunedShape
+        from aitune.torch.tree import flatten_tensors
+        from orchestrator.deploy.http_errors import Refused
+
+        try:
+            out = tuned(*args, **kwargs)
+        except UntunedShape as exc:
+            return Refused(400, str(exc))
+        except Exception as exc:  # the model failed on this request: a 500 naming it, the server stays up
+            log.warning("%s failed on a request: %s: %s", tuned.model, type(exc).__name__, exc)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return Refused(500, f"{tuned.model} failed: {type(exc).__name__}: {self.relative(first)}")
+        install = tuned.winner_for(*args, **kwargs)
+        return flatten_tensors(out), install.version if install else None
+
+    async def run(self, model: str, version: str | None, args: tuple, kwargs: dict):
+        """One request's outputs ([(path, tensor)]) and the version(s) that answered; raises Refused."""
+        import torch
+
+        from orchestrator.deploy.http_errors import Refused
+
+        args = tuple(a.to(self.device) for a in args)
+        kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
+        tuned = self.models[model]
+        batcher = self._batcher(model) if version is None else None
+        if batcher is not None:
+            problem = _row_problem(tuned.batching, args, kwargs)
+            if problem:
+                raise Refused(400, f"{model}: {problem}")
+            rows = int(next(iter([*args, *kwargs.values()])).shape[0])
+            answer = await batcher.submit((args, kwargs), rows)
+        else:
+            if version is not None:
+                install = tuned.winner_for(*args, **kwargs)
+                if install is None or install.version != version:
+                    shapes = next(("; ".join("x".join(map(str, s)) for s in i.input_shapes)
+                                   for i in tuned.installs.values() if i.version == version), "")
+                    raise Refused(400, f"{model} version {version} takes input shapes {shapes}")
+            with torch.inference_mode():
+                answer = self._run_one(tuned, args, kwargs)
+        if isinstance(answer, Refused):
+            raise answer
+        if isinstance(answer, BaseException):
+            raise Refused(500, f"{model} failed: {type(answer).__name__}: {str(answer).splitlines()[0] if str(answer) else ''}")
+        return answer
