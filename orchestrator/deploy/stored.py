@@ -259,9 +259,9 @@ def batching_lines(rows: list[LiveRow]) -> list[str]:
         try:
             b = batching_in_root(Path(root), model, class_key)
         except (layout.DeployRootError, ValueError, OSError) as exc:
-            lines.append(f"{model} on {device} in {root}: batching unknown: {exc}")
+            lines.append(f"batching of {model} on {device} (deploy root {root}): unknown: {exc}")
             continue
-        lines.append(f"{model} on {device} in {root}: " + (
+        lines.append(f"batching of {model} on {device} (deploy root {root}): " + (
             f"dynamic batching up to {b.max_batch} rows as {sorted(b.latency_ms)}" if b.enabled
             else f"one request per call ({b.reason})"))
     return lines

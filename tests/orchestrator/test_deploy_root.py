@@ -299,6 +299,10 @@ def test_serve_refuses_a_bad_port_a_port_in_use_and_an_empty_root_in_one_line_be
                      f"python -m orchestrator deploy {tuned['store']}"]
     code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-body-mb", "0")
     assert (code, lines) == (EXIT_BAD_INPUT, ["error: --max-body-mb must be a positive number, got 0.0"])
+    for bad, words in (("fast", "give milliseconds from 0 to 1000"), ("-1", "give milliseconds from 0 to 1000"),
+                       ("resnet=3", "'resnet' is not served; served: mlp")):
+        code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-queue-delay-ms", bad)
+        assert code == EXIT_BAD_INPUT and len(lines) == 1 and words in lines[0], lines
 
 
 def test_rollback_on_a_read_only_root_is_one_line_and_exit_2(tuned, capsys):
@@ -343,6 +347,8 @@ def test_deployments_reads_the_disk_and_shows_where_it_disagrees_with_the_store(
     code, lines = cli(capsys, "deployments", str(tuned["store"]))
     (mine,) = [l for l in lines if f" in {root}:" in l]
     assert version in mine and "DISAGREES" not in mine
+    (batching,) = [l for l in lines if l.startswith("batching of mlp") and f"(deploy root {root})" in l]
+    assert batching.endswith(": dynamic batching up to 2 rows as [2]"), batching  # the MLP's rows are independent
     # someone switched current by hand to a copy the store knows nothing of; another batch appeared
     other = f"v0007-{version.split('-')[1]}"
     shutil.copytree(folder / version, folder / other)
