@@ -5,6 +5,7 @@ batch sizes (and its refusal for a model that mixes rows), errors, limits and ro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import threading
@@ -43,6 +44,13 @@ MODELS = [
     {"name": "centred", "factory": "aitune.examples:batch_centred", "inputs": [{"name": "x", "shape": [16]}]},
     {"name": "half", "factory": "aitune.examples:half_linear", "inputs": [{"name": "x", "shape": [16], "dtype": "float16"}]},
 ]
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+if HAS_TRANSFORMERS:  # a real Hugging Face architecture, called with keywords like every one of them
+    MODELS.append({"name": "bert", "factory": "aitune.examples_hf:bert",
+                   "kwargs": {"layers": 1, "hidden": 32, "heads": 2, "vocab": 100},
+                   "inputs": [{"name": "input_ids", "shape": [8], "dtype": "int64", "int_range": [0, 100], "kwarg": True},
+                              {"name": "attention_mask", "shape": [8], "dtype": "int64", "int_range": [1, 2],
+                               "kwarg": True}]})
 MAX_BODY, BODY_TIMEOUT_S = 1_000_000, 3.0
 
 
@@ -337,3 +345,19 @@ def _wait(predicate, timeout_s: float = 90.0) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("timed out waiting")
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (the optional 'hf' extra)")
+def test_a_hugging_face_model_is_served_by_its_keywords_with_its_output_fields_named(served):
+    from aitune.examples_hf import bert
+
+    client = served["client"]
+    meta = client.get_model_metadata("bert")
+    assert [i["name"] for i in meta["inputs"]] == ["attention_mask", "input_ids"]
+    names = [o["name"] for o in meta["outputs"]]
+    assert "last_hidden_state" in names and "pooler_output" in names, names
+    arrays = tokens(3, seed=11)  # 3 rows: batched into a tuned size
+    result = infer(client, "bert", arrays, True)
+    expected = bert(layers=1, hidden=32, heads=2, vocab=100)(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+    torch.testing.assert_close(torch.from_numpy(result.as_numpy("last_hidden_state")),
+                               expected.last_hidden_state.detach(), atol=1e-4, rtol=1e-3)
