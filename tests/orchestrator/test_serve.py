@@ -220,11 +220,20 @@ def read_answer(sock) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_read(served):
+def route(served, which: str) -> str:
+    """The first release's route, or the Open Inference Protocol's: the limits hold for both."""
+    return served["url"] if which == "legacy" else f"{served['base']}/v2/models/mlp/infer"
+
+
+BOTH_ROUTES = pytest.mark.parametrize("which", ["legacy", "v2"])
+
+
+@BOTH_ROUTES
+def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_read(served, which):
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(served["url"])
+    url = urlparse(route(served, which))
     with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
         sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: 200000000\r\n\r\n".encode() + b"{")  # 200 MB announced, none sent
@@ -233,12 +242,13 @@ def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_r
     assert "the request body is 200000000 bytes; the limit is 1000000" in head
 
 
-def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(served):
+@BOTH_ROUTES
+def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(served, which):
     import http.client
     import json
     from urllib.parse import urlparse
 
-    url = urlparse(served["url"])
+    url = urlparse(route(served, which))
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
     chunks = (b"[" + b"0," * 50_000 for _ in range(40))  # 4 MB, no Content-Length
     try:
@@ -252,14 +262,15 @@ def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(served):
     assert code == 413 and "over the limit" in answer["error"]
 
 
-def test_stalled_clients_cost_themselves_and_no_one_else(served):
+@BOTH_ROUTES
+def test_stalled_clients_cost_themselves_and_no_one_else(served, which):
     """70 clients send headers and part of a body, then stall (more than the replica takes at once);
     4 more stall inside their headers. Other requests are answered while they all stay open, and
     each body-stalled client gets a 408 on its own connection."""
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(served["url"])
+    url = urlparse(route(served, which))
     stalled, half_headers = [], []
     try:
         for _ in range(70):
