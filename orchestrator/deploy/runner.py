@@ -8,6 +8,7 @@ rollover (one reference swap in ``models``) takes effect at the next batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,10 +143,16 @@ class Runner:
         install = tuned.winner_for(*args, **kwargs)
         return flatten_tensors(out), install.version if install else None
 
-    async def run(self, model: str, version: str | None, args: tuple, kwargs: dict):
-        """One request's outputs ([(path, tensor)]) and the version(s) that answered; raises Refused."""
+    def _alone(self, tuned, args: tuple, kwargs: dict):
         import torch
 
+        with torch.inference_mode():
+            return self._run_one(tuned, args, kwargs)
+
+    async def run(self, model: str, version: str | None, args: tuple, kwargs: dict):
+        """One request's outputs ([(path, tensor)]) and the version(s) that answered; raises Refused.
+        Every call runs on the replica's one inference thread, batched or not: a backend that keeps
+        state between calls (CUDA graphs' static buffers) is never entered twice at once."""
         from orchestrator.deploy.http_errors import Refused
 
         args = tuple(a.to(self.device) for a in args)
@@ -165,8 +172,7 @@ class Runner:
                     shapes = next(("; ".join("x".join(map(str, s)) for s in i.input_shapes)
                                    for i in tuned.installs.values() if i.version == version), "")
                     raise Refused(400, f"{model} version {version} takes input shapes {shapes}")
-            with torch.inference_mode():
-                answer = self._run_one(tuned, args, kwargs)
+            answer = await asyncio.get_running_loop().run_in_executor(self.executor, self._alone, tuned, args, kwargs)
         if isinstance(answer, Refused):
             raise answer
         if isinstance(answer, BaseException):
