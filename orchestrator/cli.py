@@ -245,6 +245,8 @@ def serve(args: ServeRequest, console: Console) -> int:
     except (DeployInputError, StoreError) as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT
+    if not _loopback(args.host):
+        _say(console, f"warning: --host {args.host} opens the server beyond this machine; it has no authentication")
     problem = _serve_problem(args)
     if problem:
         _say(console, f"error: {problem}")
@@ -255,8 +257,6 @@ def serve(args: ServeRequest, console: Console) -> int:
     except ValueError as exc:
         _say(console, f"error: {exc}")
         return EXIT_BAD_INPUT
-    if not _loopback(args.host):
-        _say(console, f"warning: --host {args.host} opens the server beyond this machine; it has no authentication")
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         missing = _nothing_installed(spec.deploy.root, models)
         if missing:

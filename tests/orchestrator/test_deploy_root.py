@@ -299,6 +299,10 @@ def test_serve_refuses_a_bad_port_a_port_in_use_and_an_empty_root_in_one_line_be
                      f"python -m orchestrator deploy {tuned['store']}"]
     code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-body-mb", "0")
     assert (code, lines) == (EXIT_BAD_INPUT, ["error: --max-body-mb must be a positive number, got 0.0"])
+    code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--host", "0.0.0.0", "--port", "70000")
+    assert code == EXIT_BAD_INPUT and lines == [
+        "warning: --host 0.0.0.0 opens the server beyond this machine; it has no authentication",
+        "error: --port 70000: give a port from 1 to 65535"]
     for bad, words in (("fast", "give milliseconds from 0 to 1000"), ("-1", "give milliseconds from 0 to 1000"),
                        ("resnet=3", "'resnet' is not served; served: mlp")):
         code, lines = cli(capsys, "serve", str(tuned["store"]), "--sweep", sweep, "--max-queue-delay-ms", bad)
