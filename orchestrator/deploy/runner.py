@@ -62,6 +62,7 @@ class Runner:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="aitune-infer", initializer=torch.set_num_threads,
                                            initargs=(threads,))
         self._batchers: dict[str, Any] = {}
+        self._in_force: dict[str, tuple[Any, dict[str, Any]]] = {}  # model -> (the TunedModel, its batching)
 
     def rolled_over(self, model: str) -> None:
         """A new version of ``model`` is current: its batch's size limit follows it."""
@@ -73,10 +74,19 @@ class Runner:
         return {m: {"batches": b.batches, "rows": b.rows} for m, b in self._batchers.items()}
 
     def batching_in_force(self, model: str) -> dict[str, Any]:
-        """The batching a model gets on this replica: on/off with the reason, the delay, the plans."""
+        """The batching a model gets on this replica: on/off with the reason, the delay, the plans
+        (worked out once per loaded version: every request asks)."""
+        tuned = self.models[model]
+        known = self._in_force.get(model)
+        if known is None or known[0] is not tuned:
+            known = (tuned, self._work_out(model, tuned))
+            self._in_force[model] = known
+        return known[1]
+
+    def _work_out(self, model: str, tuned) -> dict[str, Any]:
         from aitune.batching import plan
 
-        batching = self.models[model].batching
+        batching = tuned.batching
         enabled, reason = batching.enabled, batching.reason
         if enabled and self.settings.off:
             enabled, reason = False, "turned off for this server (--no-batching)"
