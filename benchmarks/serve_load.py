@@ -1,0 +1,626 @@
+"""Serving under load: the Open Inference Protocol server against its floor, in-process calls and MLServer.
+
+The Quick start sweep (``examples/sweep.yaml``: ``small_cnn`` 3x32x32 float32 and ``small_encoder``
+64 int64 tokens, batch sizes 1 and 8) installs its winners in a temporary deploy root (or
+``--store STORE --root ROOT`` reuses one). A closed-loop load generator on 127.0.0.1 (asyncio,
+aiohttp, one keep-alive connection per virtual client, request bodies precomputed) sends batch-1
+``POST /v2/models/MODEL/infer`` requests at concurrency 1, 4 and 16, each point bounded by
+``--requests`` and ``--seconds``, in JSON and in binary (``Inference-Header-Content-Length``)
+form, to:
+
+    on        the server (orchestrator.deploy.serve, 1 CPU replica), dynamic batching on (2 ms)
+    off       the same server restarted with batching={"off": True}
+    floor     a Ray Serve app that only parses the body and answers a fixed small JSON
+    inproc    aitune.load_tuned(root, MODEL, "cpu")(x) in this process, 1 torch thread (c=1)
+    mlserver  MLServer (its own venv, benchmarks/mlserver_runtime.py: the same model and weights,
+              eager fp32, 1 thread, no parallel workers, no adaptive batching; its REST takes JSON only)
+
+``--ingress proxy,direct`` measures "on" and "floor" again with Ray Serve's direct ingress
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` set before a fresh embedded Ray starts: each ingress
+replica opens its own HTTP server on the HTTP host, port 30000-31000, found through the
+controller's target groups); ``optimized`` does so with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``.
+Every 20th answer is compared with the in-process output for the same input and the version that
+answered, within the install's tolerance; lost (non-200, exception) and wrong answers are counted.
+It prints throughput and p50/p99 per point, the goals' ratios, and CPU ms per request of each
+process (load generator, Ray proxy, replica, MLServer) read from /proc. Nothing is asserted.
+
+Run:  PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py [--quick] [--store S --root R]
+      [--ingress proxy,direct] [--no-mlserver] [--out figures.json]
+About 6 minutes on the 2-core machine (1 minute of it the sweep; the first run also installs
+MLServer into /tmp/mlserver-venv); --quick (one model, 150 requests a point) about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: model -> (input name, one row's shape, datatype, factory kwargs of the Quick start sweep)
+MODELS = {"small_cnn": ("image", [3, 32, 32], "FP32", {"channels": 32}),
+          "small_encoder": ("tokens", [64], "INT64", {"dim": 128, "layers": 2})}
+HEADER = "Inference-Header-Content-Length"
+CHECK_EVERY, DISTINCT = 20, 40
+FLOOR_ANSWER = b'{"model_name":"floor","outputs":[]}'
+INGRESS_ENV = {"proxy": {}, "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+               "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+#: direct ingress holds a stopping replica 30 s by default for outside load balancers: none here
+DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+@dataclass
+class Point:
+    """One measured run: who answered, in which form, at which concurrency, and what it got."""
+
+    what: str
+    model: str
+    fmt: str
+    conc: int
+    n: int = 0
+    seconds: float = 0.0
+    lost: int = 0
+    wrong: int = 0
+    checked: int = 0
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # process -> CPU ms per request
+    lat_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def rps(self) -> float:
+        return self.n / self.seconds if self.seconds else 0.0
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.lat_ms) if self.lat_ms else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.lat_ms, 0.99)
+
+    def summary(self) -> dict:
+        found = {k: v for k, v in asdict(self).items() if k != "lat_ms"}
+        return {**found, "rps": round(self.rps, 1), "p50_ms": round(self.p50, 3), "p99_ms": round(self.p99, 3)}
+
+
+# -- requests and answers --
+
+def inputs_for(model: str, count: int) -> list:
+    import torch
+
+    _, shape, datatype, _ = MODELS[model]
+    gen = torch.Generator().manual_seed(11)
+    if datatype == "INT64":
+        return [torch.randint(0, 1000, (1, *shape), generator=gen) for _ in range(count)]
+    return [torch.randn(1, *shape, generator=gen) for _ in range(count)]
+
+
+def request_body(model: str, x, binary: bool) -> tuple[bytes, dict[str, str]]:
+    name, _, datatype, _ = MODELS[model]
+    spec = {"name": name, "datatype": datatype, "shape": list(x.shape)}
+    headers = {"Accept-Encoding": "identity"}  # no gzip from MLServer: every server sends plain bodies
+    if not binary:
+        body = json.dumps({"inputs": [{**spec, "data": x.reshape(-1).tolist()}]}).encode()
+        return body, {**headers, "Content-Type": "application/json"}
+    blob = x.contiguous().numpy().tobytes()
+    head = json.dumps({"inputs": [{**spec, "parameters": {"binary_data_size": len(blob)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return head + blob, {**headers, HEADER: str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def decode_answer(raw: bytes, header: str | None) -> tuple[str | None, list]:
+    """The version that answered and the outputs (torch tensors) of an inference response."""
+    import torch
+
+    from orchestrator.deploy.open_inference import DATATYPES
+
+    split = int(header) if header else len(raw)
+    head, offset, outputs = json.loads(raw[:split]), split, []
+    for out in head["outputs"]:
+        dtype, size = DATATYPES[out["datatype"]], (out.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            outputs.append(torch.tensor(out["data"], dtype=torch.float64).reshape(out["shape"]))
+        else:
+            blob = bytearray(raw[offset: offset + size])
+            outputs.append(torch.frombuffer(blob, dtype=torch.uint8).view(dtype).reshape(out["shape"]))
+            offset += size
+    return head.get("model_version"), outputs
+
+
+class Checker:
+    """In-process outputs of the installed versions for the generator's inputs: b1's, and row 0 of
+    the largest size's on the row repeated (how the batcher pads), keyed by version."""
+
+    def __init__(self, tuned, inputs: list) -> None:
+        import torch
+
+        from aitune.torch.tree import flatten_tensors
+
+        installs = list(tuned.installs.values())
+        self.atol = max(i.tolerance["atol"] for i in installs)
+        self.rtol = max(i.tolerance["rtol"] for i in installs)
+        self.expected: list[dict[str, list]] = []
+        with torch.inference_mode():
+            for x in inputs:
+                found = {}
+                for install in installs:
+                    batch = x.expand(install.batch_size, *x.shape[1:]).contiguous()
+                    found[install.version] = [t[:1].float() for _, t in flatten_tensors(tuned(batch))]
+                self.expected.append(found)
+
+    def __call__(self, i: int, raw: bytes, header: str | None) -> bool:
+        import torch
+
+        if raw == FLOOR_ANSWER:
+            return True
+        try:
+            version, got = decode_answer(raw, header)
+        except Exception:
+            return False
+        named = [v for v in (version or "").split(",") if v in self.expected[i]]
+        for want in [self.expected[i][v] for v in named] or self.expected[i].values():
+            if len(want) == len(got) and all(
+                    g.shape == w.shape and torch.allclose(g.float(), w, atol=self.atol, rtol=self.rtol)
+                    for g, w in zip(got, want)):
+                return True
+        return False
+
+
+# -- the load generator and the processes it costs --
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _client(url: str, bodies: list, point: Point, state: dict, check) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        while state["left"] > 0 and time.perf_counter() < state["deadline"]:
+            state["left"] -= 1
+            i = state["next"]
+            state["next"] += 1
+            data, headers = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=data, headers=headers) as resp:
+                    raw, status = await resp.read(), resp.status
+                    header = resp.headers.get(HEADER)
+            except Exception:
+                point.lost += 1
+                continue
+            point.lat_ms.append((time.perf_counter() - start) * 1000)
+            if status != 200:
+                point.lost += 1
+            elif i % CHECK_EVERY == 0 and check is not None:
+                point.checked += 1
+                point.wrong += 0 if check(i % len(bodies), raw, header) else 1
+
+
+async def _load(url: str, bodies: list, point: Point, requests: int, seconds: float, check) -> None:
+    warm = {"left": min(2 * point.conc, requests), "deadline": time.perf_counter() + seconds, "next": 1}
+    await asyncio.gather(*(_client(url, bodies, Point("", "", "", 0), warm, None) for _ in range(point.conc)))
+    state = {"left": requests, "deadline": time.perf_counter() + seconds, "next": 0}
+    start = time.perf_counter()
+    await asyncio.gather(*(_client(url, bodies, point, state, check) for _ in range(point.conc)))
+    point.seconds = time.perf_counter() - start
+
+
+def run_point(point: Point, url: str, bodies: list, args, check, pids: dict[str, int]) -> Point:
+    pids = {"generator": os.getpid(), **pids}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    asyncio.run(_load(url, bodies, point, args.requests, args.seconds, check))
+    done = point.n = len(point.lat_ms)
+    point.cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / max(done, 1), 3)
+                    for name, pid in pids.items()}
+    print_point(point)
+    return point
+
+
+def print_point(p: Point) -> None:
+    cpu = " ".join(f"{k} {v:.2f}" for k, v in p.cpu_ms.items())
+    print(f"  {p.model:<13} {p.what:<16} {p.fmt:<6} c={p.conc:<3} {p.rps:8.1f} req/s  p50 {p.p50:7.3f} ms  "
+          f"p99 {p.p99:7.3f} ms  n {p.n:4d} lost {p.lost} wrong {p.wrong}/{p.checked}   cpu ms/req: {cpu}", flush=True)
+
+
+def in_process(tuned, model: str, inputs: list, args) -> Point:
+    import torch
+
+    point, deadline = Point("inproc", model, "-", 1), time.perf_counter() + args.seconds
+    torch.set_num_threads(1)
+    before = cpu_seconds(os.getpid())
+    with torch.inference_mode():
+        for x in inputs[:10]:
+            tuned(x)
+        start = time.perf_counter()
+        for i in range(args.requests):
+            if time.perf_counter() >= deadline:
+                break
+            t = time.perf_counter()
+            tuned(inputs[i % len(inputs)])
+            point.lat_ms.append((time.perf_counter() - t) * 1000)
+        point.seconds = time.perf_counter() - start
+    point.n = len(point.lat_ms)
+    point.cpu_ms = {"generator": round((cpu_seconds(os.getpid()) - before) * 1000 / point.n, 3)}
+    print_point(point)
+    return point
+
+
+# -- Ray: the sweep, the server, the floor app, and where their processes are --
+
+def prepare_root(args, console) -> tuple[str, str]:
+    """The deploy root (and store) the Quick start sweep installed into, swept now unless given."""
+    if args.root:
+        return args.store, args.root
+    import yaml
+
+    from cluster import connect
+    from orchestrator.spec.schema import parse_spec
+    from orchestrator.sweep import run_sweep
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    data = yaml.safe_load((ROOT / "examples" / "sweep.yaml").read_text())
+    data["store"], data["deploy"]["root"] = str(tmp / "store"), str(tmp / "deploy")
+    if args.quick:
+        data["models"] = [m for m in data["models"] if m["name"] in args.models]
+    handle = connect(object_store_memory=200 * 1024**2)
+    start = time.perf_counter()
+    try:
+        outcome = run_sweep(parse_spec(data, "examples/sweep.yaml"), console=console, write_report=False)
+    finally:
+        handle.shutdown()
+    failed = [d for d in outcome.deployments if str(getattr(d.status, "value", d.status)) != "deployed"]
+    if failed:
+        raise SystemExit(f"the Quick start sweep did not deploy everything: {failed}")
+    print(f"swept the Quick start into {tmp} in {time.perf_counter() - start:.0f} s "
+          f"(rerun with --store {tmp / 'store'} --root {tmp / 'deploy'})")
+    return str(tmp / "store"), str(tmp / "deploy")
+
+
+class Floor:
+    """What any Ray Serve app pays: the body read and its JSON header parsed, a fixed answer."""
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        raw = await request.body()
+        split = request.headers.get(HEADER)
+        json.loads(raw[: int(split)] if split else raw)
+        return Response(FLOOR_ANSWER, media_type="application/json")
+
+
+def ray_processes() -> dict[str, int]:
+    """PIDs of this Ray's proxy, replicas and controller: the raylet's children, by process title."""
+    import ray
+
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != raylet:
+                continue
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        for prefix, name in (("ray::ProxyActor", "proxy"), ("ray::ServeReplica:aitune:", "replica"),
+                             ("ray::ServeReplica:floor:", "floor"), ("ray::ServeController", "controller")):
+            if title.startswith(prefix):
+                found[name] = int(stat.parent.name)
+    return found
+
+
+def app_urls(port: int, direct: bool) -> dict[str, str]:
+    """The base URL of each app: the proxy's, or each ingress replica's own direct-ingress port."""
+    if not direct:
+        base = f"http://127.0.0.1:{port}"
+        return {"aitune": base, "floor": base + "/floor"}
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+    urls = {}
+    for group in groups:
+        if str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP" and group.targets:
+            target = group.targets[0]
+            urls[group.app_name] = f"http://{target.ip}:{target.port}" + (group.route_prefix.rstrip("/"))
+    if {"aitune", "floor"} - set(urls) or any(f":{port}" in u for u in urls.values()):
+        raise RuntimeError(f"direct ingress is not in effect: the target groups are {groups}")
+    return urls
+
+
+def serve(root: str, models: list[str], port: int, batching: dict | None, floor: bool) -> None:
+    from ray import serve as ray_serve
+
+    from cluster import Inventory, plan_deploy_targets
+    from orchestrator.deploy.serve import start_serving
+
+    slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
+    start_serving(root, models, slots, port=port, batching=batching)
+    if floor:
+        app = ray_serve.deployment(Floor, name="Floor").options(ray_actor_options={"num_cpus": 0}).bind()
+        ray_serve.run(app, name="floor", route_prefix="/floor")
+
+
+@dataclass
+class Bench:
+    """One model's inputs, request bodies in both forms, answer checker and in-process model."""
+
+    tuned: object
+    inputs: list
+    bodies: dict[str, list]
+    check: Checker
+
+
+def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
+    """A fresh embedded Ray with ``mode``'s environment: batching on and the floor, then (proxy
+    mode only) batching off; every model, form and concurrency."""
+    from cluster import connect
+    from orchestrator.deploy.serve import stop_serving
+
+    env = {**INGRESS_ENV[mode], **(DRAIN_ENV if mode != "proxy" else {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read at import by the Ray processes this Ray start spawns
+    handle, points, port = connect(object_store_memory=200 * 1024**2), [], free_port()
+    tag = "" if mode == "proxy" else f" {mode}"
+    try:
+        for label, batching in [("on", None)] + ([("off", {"off": True})] if mode == "proxy" else []):
+            serve(root, args.models, port, batching, floor=label == "on")
+            try:
+                urls, pids = app_urls(port, mode != "proxy"), ray_processes()
+                print(f"{mode}: batching {label}; aitune at {urls['aitune']}, floor at {urls['floor']}; "
+                      f"pids {pids}", flush=True)
+                for what, app, proc in [(label, "aitune", "replica")] + ([("floor", "floor", "floor")] * (label == "on")):
+                    for model in args.models:
+                        for fmt in ("json", "binary"):
+                            for conc in args.concurrency:
+                                url = f"{urls[app]}/v2/models/{model}/infer"
+                                used = {k: pids[k] for k in ("proxy", proc) if k in pids}
+                                points.append(run_point(Point(what + tag, model, fmt, conc), url,
+                                                        bench[model].bodies[fmt], args, bench[model].check, used))
+            finally:
+                stop_serving()
+    finally:
+        handle.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return points
+
+
+# -- MLServer --
+
+def mlserver_exe(args) -> Path | None:
+    """MLServer's venv (created with CPU torch the first time); None, saying why, where it can't be had."""
+    venv = Path(args.mlserver_venv)
+    exe = venv / "bin" / "mlserver"
+    if exe.exists():
+        return exe
+    print(f"installing MLServer and CPU torch into {venv} (once) ...", flush=True)
+    try:
+        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints-cpu.txt"),
+                        "mlserver", "torch"], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"MLServer left out: {exc}")
+        return None
+    return exe if exe.exists() else None
+
+
+def mlserver_folder(models: list[str]) -> tuple[Path, int]:
+    folder, port = Path(tempfile.mkdtemp(prefix="serve-load-mlserver-")), free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+                "metrics_endpoint": None, "parallel_workers": 0, "debug": False, "load_models_at_startup": True}
+    (folder / "settings.json").write_text(json.dumps(settings))
+    for model in models:
+        (folder / model).mkdir()
+        name, shape, datatype, kwargs = MODELS[model]
+        extra = {"factory": model, "kwargs": kwargs, "threads": 1}
+        (folder / model / "model-settings.json").write_text(json.dumps({
+            "name": model, "implementation": "mlserver_runtime.ExampleModel", "max_batch_size": 0,
+            "max_batch_time": 0, "parallel_workers": 0, "parameters": {"extra": extra}}))
+    return folder, port
+
+
+def wait_ready(proc, base: str, models: list[str], timeout_s: float = 180) -> bool:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            for path in ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]:
+                with urllib.request.urlopen(base + path, timeout=5) as resp:
+                    resp.read()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def mlserver_run(args, bench: dict[str, Bench]) -> list[Point]:
+    exe = mlserver_exe(args)
+    if exe is None:
+        return []
+    folder, port = mlserver_folder(args.models)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    log = open(folder / "mlserver.log", "wb")
+    proc = subprocess.Popen([str(exe), "start", str(folder)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    base, points = f"http://127.0.0.1:{port}", []
+    try:
+        if not wait_ready(proc, base, args.models):
+            print(f"MLServer did not get ready; its log ({folder / 'mlserver.log'}) ends:\n"
+                  + (folder / "mlserver.log").read_text(errors="replace")[-3000:])
+            return []
+        print(f"mlserver: {base} (pid {proc.pid}); its REST takes JSON only", flush=True)
+        for model in args.models:
+            for conc in args.concurrency:
+                points.append(run_point(Point("mlserver", model, "json", conc), f"{base}/v2/models/{model}/infer",
+                                        bench[model].bodies["json"], args, bench[model].check, {"mlserver": proc.pid}))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return points
+
+
+# -- what the figures say --
+
+def find(points: list[Point], what: str, model: str, fmt: str, conc: int) -> Point | None:
+    return next((p for p in points if (p.what, p.model, p.fmt, p.conc) == (what, model, fmt, conc) and p.n), None)
+
+
+def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
+    """The issue's ratios per model and form, each with its goal."""
+    found: list[dict] = []
+
+    def add(model, name, value, limit, above, detail=""):
+        met = value >= limit if above else value <= limit
+        found.append({"model": model, "name": name, "value": round(value, 3), "goal": f"{'>=' if above else '<='} {limit}",
+                      "met": met, "detail": detail})
+
+    for model in models:
+        inproc, ml1, mlhi = (find(points, w, model, f, c) for w, f, c in
+                             (("inproc", "-", 1), ("mlserver", "json", 1), ("mlserver", "json", hi)))
+        for fmt in ("json", "binary"):
+            on1, onhi, offhi, floor1 = (find(points, w, model, fmt, c) for w, c in
+                                        (("on", 1), ("on", hi), ("off", hi), ("floor", 1)))
+            if on1 and floor1 and inproc:
+                add(model, f"{fmt}: served median - (floor + in-process) at c=1, ms", on1.p50 - floor1.p50 - inproc.p50,
+                    0.5, False, f"{on1.p50:.3f} - ({floor1.p50:.3f} + {inproc.p50:.3f})")
+            if on1:
+                add(model, f"{fmt}: p99 / p50 at c=1", on1.p99 / on1.p50, 3, False, f"{on1.p99:.3f} / {on1.p50:.3f} ms")
+            if onhi and offhi:
+                add(model, f"{fmt}: throughput at c={hi}, batching on / off", onhi.rps / offhi.rps, 1.3, True,
+                    f"{onhi.rps:.0f} / {offhi.rps:.0f} req/s")
+            if onhi and on1:
+                add(model, f"{fmt}: p99 at c={hi} / p99 at c=1", onhi.p99 / on1.p99, 2, False,
+                    f"{onhi.p99:.3f} / {on1.p99:.3f} ms")
+            for mode in ("direct", "optimized"):
+                for what in ("on", "floor"):
+                    proxy1, moded = find(points, what, model, fmt, 1), find(points, f"{what} {mode}", model, fmt, 1)
+                    if proxy1 and moded:
+                        add(model, f"{fmt}: {'served' if what == 'on' else 'floor'} median at c=1, {mode} / proxy",
+                            moded.p50 / proxy1.p50, 0.5, False, f"{moded.p50:.3f} / {proxy1.p50:.3f} ms")
+            if on1 and ml1:
+                add(model, f"{fmt}: our median at c=1 / MLServer's (JSON)", on1.p50 / ml1.p50, 2, False,
+                    f"{on1.p50:.3f} / {ml1.p50:.3f} ms")
+            if onhi and mlhi:
+                add(model, f"{fmt}: our throughput at c={hi} with batching / MLServer's (JSON)", onhi.rps / mlhi.rps, 1,
+                    True, f"{onhi.rps:.0f} / {mlhi.rps:.0f} req/s")
+    return found
+
+
+def where_time_goes(points: list[Point], hi: int) -> None:
+    print("\nwhere the time goes: CPU ms per request of each process (c=1 and c=%d), beside the median" % hi)
+    for p in points:
+        if p.conc in (1, hi) and p.n:
+            total = sum(v for v in p.cpu_ms.values() if v == v)
+            parts = "  ".join(f"{k} {v:.3f}" for k, v in p.cpu_ms.items())
+            print(f"  {p.model:<13} {p.what:<16} {p.fmt:<6} c={p.conc:<3} p50 {p.p50:7.3f} ms   cpu {total:6.3f} ms = {parts}")
+
+
+def report(points: list[Point], args) -> list[dict]:
+    hi = max(args.concurrency)
+    found = goals(points, args.models, hi)
+    lost, wrong, checked = (sum(getattr(p, k) for p in points) for k in ("lost", "wrong", "checked"))
+    print(f"\nanswers: {sum(p.n for p in points)} timed, lost {lost}, wrong {wrong} of {checked} checked (goal: 0 and 0)")
+    print("goals:")
+    for g in found:
+        print(f"  {g['model']:<13} {g['name']:<62} {g['value']:8.3f}  (goal {g['goal']:<6}) "
+              f"{'met' if g['met'] else 'MISSED'}   {g['detail']}")
+    if lost or wrong or not all(g["met"] for g in found):
+        where_time_goes(points, hi)
+    return found
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small_cnn only, 150 requests / 6 s a point")
+    parser.add_argument("--store", help="reuse this store (with --root) instead of sweeping")
+    parser.add_argument("--root", help="reuse this deploy root, where the Quick start sweep installed")
+    parser.add_argument("--models", help="comma list (default: both; --quick: small_cnn)")
+    parser.add_argument("--requests", type=int, help="requests per point (default 400; --quick 150)")
+    parser.add_argument("--seconds", type=float, help="seconds per point at most (default 15; --quick 6)")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop clients per point, comma list")
+    parser.add_argument("--ingress", default="both", help="proxy, direct, optimized, comma list; both: proxy,direct")
+    parser.add_argument("--mlserver", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare with MLServer (installed into --mlserver-venv the first time)")
+    parser.add_argument("--mlserver-venv", default="/tmp/mlserver-venv")
+    parser.add_argument("--out", help="write every figure to this JSON file")
+    args = parser.parse_args()
+    if bool(args.store) != bool(args.root):
+        parser.error("--store and --root go together")
+    args.models = args.models.split(",") if args.models else (["small_cnn"] if args.quick else list(MODELS))
+    args.requests = args.requests or (150 if args.quick else 400)
+    args.seconds = args.seconds or (6.0 if args.quick else 15.0)
+    args.concurrency = sorted(int(c) for c in args.concurrency.split(","))
+    args.ingress = ["proxy", "direct"] if args.ingress == "both" else args.ingress.split(",")
+    unknown = set(args.models) - set(MODELS) | set(args.ingress) - set(INGRESS_ENV)
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from rich.console import Console
+
+    import aitune
+
+    started = time.perf_counter()
+    store, root = prepare_root(args, Console(file=io.StringIO()))
+    torch.set_num_threads(1)
+    bench: dict[str, Bench] = {}
+    for model in args.models:
+        tuned, inputs = aitune.load_tuned(root, model, "cpu"), inputs_for(model, DISTINCT)
+        bodies = {fmt: [request_body(model, x, fmt == "binary") for x in inputs] for fmt in ("json", "binary")}
+        bench[model] = Bench(tuned, inputs, bodies, Checker(tuned, inputs))
+        winners = ", ".join(f"b{i.batch_size} {i.version} {i.candidate}" for i in tuned.installs.values())
+        print(f"{model}: {winners}; batching {'on' if tuned.batching.enabled else 'off: ' + str(tuned.batching.reason)}")
+    print(f"closed loop, batch-1 requests, {args.requests} requests or {args.seconds:g} s a point, "
+          f"every {CHECK_EVERY}th answer checked; deploy root {root}")
+    points = [in_process(bench[m].tuned, m, bench[m].inputs, args) for m in args.models]
+    for mode in args.ingress:
+        points += ray_run(args, root, mode, bench)
+    if args.mlserver:
+        points += mlserver_run(args, bench)
+    found = report(points, args)
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"store": store, "root": root, "requests": args.requests,
+                                              "seconds": args.seconds, "points": [p.summary() for p in points],
+                                              "goals": found}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
