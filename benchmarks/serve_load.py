@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import socket
 import statistics
@@ -351,21 +352,33 @@ def app_urls(port: int, direct: bool) -> dict[str, str]:
         if str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP" and group.targets:
             target = group.targets[0]
             urls[group.app_name] = f"http://{target.ip}:{target.port}" + (group.route_prefix.rstrip("/"))
-    if {"aitune", "floor"} - set(urls) or any(f":{port}" in u for u in urls.values()):
+    if "aitune" not in urls or any(f":{port}" in u for u in urls.values()):
         raise RuntimeError(f"direct ingress is not in effect: the target groups are {groups}")
     return urls
+
+
+def listening(port: int) -> str:
+    """The address a local TCP port listens on, read from /proc/net/tcp{,6}: is a server loopback only?"""
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                return socket.inet_ntoa(bytes.fromhex(address)[::-1]) if len(address) == 8 else f"tcp6 {address}"
+    return "nothing"
 
 
 def serve(root: str, models: list[str], port: int, batching: dict | None, floor: bool) -> None:
     from ray import serve as ray_serve
 
     from cluster import Inventory, plan_deploy_targets
-    from orchestrator.deploy.serve import start_serving
+    from orchestrator.deploy.serve import MAX_ONGOING_REQUESTS, start_serving
 
     slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
     start_serving(root, models, slots, port=port, batching=batching)
     if floor:
-        app = ray_serve.deployment(Floor, name="Floor").options(ray_actor_options={"num_cpus": 0}).bind()
+        app = ray_serve.deployment(Floor, name="Floor").options(  # the server's queue limit: Serve's default is 5
+            ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS).bind()
         ray_serve.run(app, name="floor", route_prefix="/floor")
 
 
@@ -380,23 +393,25 @@ class Bench:
 
 
 def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
-    """A fresh embedded Ray with ``mode``'s environment: batching on and the floor, then (proxy
-    mode only) batching off; every model, form and concurrency."""
+    """A fresh embedded Ray with ``mode``'s environment: batching on and the floor, then batching
+    off; every model, form and concurrency."""
     from cluster import connect
     from orchestrator.deploy.serve import stop_serving
 
     env = {**INGRESS_ENV[mode], **(DRAIN_ENV if mode != "proxy" else {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read at import by the Ray processes this Ray start spawns
-    handle, points, port = connect(object_store_memory=200 * 1024**2), [], free_port()
+    handle = connect(object_store_memory=200 * 1024**2, log_to_driver=False)  # no access log lines here
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    points, port = [], free_port()
     tag = "" if mode == "proxy" else f" {mode}"
     try:
-        for label, batching in [("on", None)] + ([("off", {"off": True})] if mode == "proxy" else []):
+        for label, batching in (("on", None), ("off", {"off": True})):
             serve(root, args.models, port, batching, floor=label == "on")
             try:
                 urls, pids = app_urls(port, mode != "proxy"), ray_processes()
-                print(f"{mode}: batching {label}; aitune at {urls['aitune']}, floor at {urls['floor']}; "
-                      f"pids {pids}", flush=True)
+                binds = {app: listening(int(url.split(":")[2].split("/")[0])) for app, url in urls.items()}
+                print(f"{mode}: batching {label}; {urls} listening on {binds}; pids {pids}", flush=True)
                 for what, app, proc in [(label, "aitune", "replica")] + ([("floor", "floor", "floor")] * (label == "on")):
                     for model in args.models:
                         for fmt in ("json", "binary"):
@@ -499,7 +514,7 @@ def find(points: list[Point], what: str, model: str, fmt: str, conc: int) -> Poi
 
 
 def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
-    """The issue's ratios per model and form, each with its goal."""
+    """The issue's ratios per model, ingress path and form, each with its goal."""
     found: list[dict] = []
 
     def add(model, name, value, limit, above, detail=""):
@@ -507,35 +522,35 @@ def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
         found.append({"model": model, "name": name, "value": round(value, 3), "goal": f"{'>=' if above else '<='} {limit}",
                       "met": met, "detail": detail})
 
-    for model in models:
+    tags = sorted({p.what[3:] for p in points if p.what.startswith("on")}, key=lambda t: (t != "", t))
+    for model, tag, fmt in [(m, t, f) for m in models for t in tags for f in ("json", "binary")]:
         inproc, ml1, mlhi = (find(points, w, model, f, c) for w, f, c in
                              (("inproc", "-", 1), ("mlserver", "json", 1), ("mlserver", "json", hi)))
-        for fmt in ("json", "binary"):
-            on1, onhi, offhi, floor1 = (find(points, w, model, fmt, c) for w, c in
-                                        (("on", 1), ("on", hi), ("off", hi), ("floor", 1)))
-            if on1 and floor1 and inproc:
-                add(model, f"{fmt}: served median - (floor + in-process) at c=1, ms", on1.p50 - floor1.p50 - inproc.p50,
-                    0.5, False, f"{on1.p50:.3f} - ({floor1.p50:.3f} + {inproc.p50:.3f})")
-            if on1:
-                add(model, f"{fmt}: p99 / p50 at c=1", on1.p99 / on1.p50, 3, False, f"{on1.p99:.3f} / {on1.p50:.3f} ms")
-            if onhi and offhi:
-                add(model, f"{fmt}: throughput at c={hi}, batching on / off", onhi.rps / offhi.rps, 1.3, True,
-                    f"{onhi.rps:.0f} / {offhi.rps:.0f} req/s")
-            if onhi and on1:
-                add(model, f"{fmt}: p99 at c={hi} / p99 at c=1", onhi.p99 / on1.p99, 2, False,
-                    f"{onhi.p99:.3f} / {on1.p99:.3f} ms")
-            for mode in ("direct", "optimized"):
-                for what in ("on", "floor"):
-                    proxy1, moded = find(points, what, model, fmt, 1), find(points, f"{what} {mode}", model, fmt, 1)
-                    if proxy1 and moded:
-                        add(model, f"{fmt}: {'served' if what == 'on' else 'floor'} median at c=1, {mode} / proxy",
-                            moded.p50 / proxy1.p50, 0.5, False, f"{moded.p50:.3f} / {proxy1.p50:.3f} ms")
-            if on1 and ml1:
-                add(model, f"{fmt}: our median at c=1 / MLServer's (JSON)", on1.p50 / ml1.p50, 2, False,
-                    f"{on1.p50:.3f} / {ml1.p50:.3f} ms")
-            if onhi and mlhi:
-                add(model, f"{fmt}: our throughput at c={hi} with batching / MLServer's (JSON)", onhi.rps / mlhi.rps, 1,
-                    True, f"{onhi.rps:.0f} / {mlhi.rps:.0f} req/s")
+        on1, onhi, offhi, floor1 = (find(points, f"{w} {tag}".strip(), model, fmt, c) for w, c in
+                                    (("on", 1), ("on", hi), ("off", hi), ("floor", 1)))
+        if not on1:
+            continue
+        name = f"{tag or 'proxy'} {fmt}:"
+        if floor1 and inproc:
+            add(model, f"{name} median - (floor + in-process) at c=1, ms", on1.p50 - floor1.p50 - inproc.p50,
+                0.5, False, f"{on1.p50:.3f} - ({floor1.p50:.3f} + {inproc.p50:.3f})")
+        add(model, f"{name} p99 / p50 at c=1", on1.p99 / on1.p50, 3, False, f"{on1.p99:.3f} / {on1.p50:.3f} ms")
+        if onhi and offhi:
+            add(model, f"{name} throughput at c={hi}, batching on / off", onhi.rps / offhi.rps, 1.3, True,
+                f"{onhi.rps:.0f} / {offhi.rps:.0f} req/s")
+        if onhi:
+            add(model, f"{name} p99 at c={hi} / p99 at c=1", onhi.p99 / on1.p99, 2, False, f"{onhi.p99:.3f} / {on1.p99:.3f} ms")
+        for what in ("on", "floor") if tag else ():
+            proxy1, moded = find(points, what, model, fmt, 1), find(points, f"{what} {tag}", model, fmt, 1)
+            if proxy1 and moded:
+                add(model, f"{name} {'served' if what == 'on' else 'floor'} median at c=1, {tag} / proxy",
+                    moded.p50 / proxy1.p50, 0.5, False, f"{moded.p50:.3f} / {proxy1.p50:.3f} ms")
+        if ml1:
+            add(model, f"{name} median at c=1 / MLServer's (JSON)", on1.p50 / ml1.p50, 2, False,
+                f"{on1.p50:.3f} / {ml1.p50:.3f} ms")
+        if onhi and mlhi:
+            add(model, f"{name} throughput at c={hi} (batching on) / MLServer's (JSON)", onhi.rps / mlhi.rps, 1, True,
+                f"{onhi.rps:.0f} / {mlhi.rps:.0f} req/s")
     return found
 
 
