@@ -2,32 +2,34 @@
 
 The Quick start sweep (``examples/sweep.yaml``: ``small_cnn`` 3x32x32 float32 and ``small_encoder``
 64 int64 tokens, batch sizes 1 and 8) installs its winners in a temporary deploy root (or
-``--store STORE --root ROOT`` reuses one). A closed-loop load generator on 127.0.0.1 (asyncio,
-aiohttp, one keep-alive connection per virtual client, request bodies precomputed) sends batch-1
-``POST /v2/models/MODEL/infer`` requests at concurrency 1, 4 and 16, each point bounded by
-``--requests`` and ``--seconds``, in JSON and in binary (``Inference-Header-Content-Length``)
+``--store STORE --root ROOT`` reuses one). A closed-loop load generator in this process (asyncio,
+aiohttp, one keep-alive connection per virtual client, bodies precomputed) sends batch-1
+``POST /v2/models/MODEL/infer`` requests to 127.0.0.1 at concurrency 1, 4 and 16, each point
+bounded by ``--requests`` and ``--seconds``, in JSON and in binary (``Inference-Header-Content-Length``)
 form, to:
 
     on        the server (orchestrator.deploy.serve, 1 CPU replica), dynamic batching on (2 ms)
     off       the same server restarted with batching={"off": True}
-    floor     a Ray Serve app that only parses the body and answers a fixed small JSON
+    floor     a Ray Serve app that only parses the body's JSON and answers a fixed small JSON
     inproc    aitune.load_tuned(root, MODEL, "cpu")(x) in this process, 1 torch thread (c=1)
-    mlserver  MLServer (its own venv, benchmarks/mlserver_runtime.py: the same model and weights,
+    codec     orchestrator.deploy.open_inference parsing the request and encoding the answer, in-process
+    mlserver  MLServer in its own venv (benchmarks/mlserver_runtime.py: the same model and weights,
               eager fp32, 1 thread, no parallel workers, no adaptive batching; its REST takes JSON only)
 
-``--ingress proxy,direct`` measures "on" and "floor" again with Ray Serve's direct ingress
-(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` set before a fresh embedded Ray starts: each ingress
-replica opens its own HTTP server on the HTTP host, port 30000-31000, found through the
-controller's target groups); ``optimized`` does so with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``.
-Every 20th answer is compared with the in-process output for the same input and the version that
-answered, within the install's tolerance; lost (non-200, exception) and wrong answers are counted.
-It prints throughput and p50/p99 per point, the goals' ratios, and CPU ms per request of each
-process (load generator, Ray proxy, replica, MLServer) read from /proc. Nothing is asserted.
+Each Ray mode of ``--ingress`` (default ``proxy,direct``) starts a fresh embedded Ray: ``proxy`` is
+Serve's HTTP proxy; ``direct`` sets ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` first (every ingress
+replica then serves HTTP itself, on the HTTP host and a port from 30000-31000 that the
+controller's target groups name); ``optimized`` sets ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (direct
+ingress, user code on the replica's main loop, and more). Every 20th answer is compared with the
+in-process output of the version that answered, within the install's tolerance; lost (non-200,
+exception) and wrong answers are counted. It prints throughput and p50/p99 per point, the goals'
+ratios, and CPU ms per request of each process (generator, Ray proxy, replica, MLServer) from
+/proc. Nothing is asserted.
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py [--quick] [--store S --root R]
-      [--ingress proxy,direct] [--no-mlserver] [--out figures.json]
-About 6 minutes on the 2-core machine (1 minute of it the sweep; the first run also installs
-MLServer into /tmp/mlserver-venv); --quick (one model, 150 requests a point) about 2 minutes.
+      [--ingress proxy,direct,optimized] [--no-mlserver] [--out figures.json]
+About 5 minutes on the 2-core machine (1 of them the sweep; the first run also installs MLServer
+into /tmp/mlserver-venv, a few minutes more); --quick (small_cnn, 150 requests a point) about 1.5.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ import asyncio
 import io
 import json
 import logging
+import math
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +61,7 @@ CHECK_EVERY, DISTINCT = 20, 40
 FLOOR_ANSWER = b'{"model_name":"floor","outputs":[]}'
 INGRESS_ENV = {"proxy": {}, "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
                "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
-#: direct ingress holds a stopping replica 30 s by default for outside load balancers: none here
+#: direct ingress holds a stopping replica 30 s by default, for outside load balancers: none here
 DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
@@ -67,11 +69,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 @dataclass
@@ -90,21 +87,19 @@ class Point:
     cpu_ms: dict[str, float] = field(default_factory=dict)  # process -> CPU ms per request
     lat_ms: list[float] = field(default_factory=list, repr=False)
 
-    @property
-    def rps(self) -> float:
-        return self.n / self.seconds if self.seconds else 0.0
-
-    @property
-    def p50(self) -> float:
-        return statistics.median(self.lat_ms) if self.lat_ms else float("nan")
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.lat_ms, 0.99)
+    rps = property(lambda self: self.n / self.seconds if self.seconds else 0.0)
+    p50 = property(lambda self: statistics.median(self.lat_ms) if self.lat_ms else math.nan)
+    p99 = property(lambda self: sorted(self.lat_ms)[int(0.99 * (len(self.lat_ms) - 1))] if self.lat_ms else math.nan)
 
     def summary(self) -> dict:
         found = {k: v for k, v in asdict(self).items() if k != "lat_ms"}
         return {**found, "rps": round(self.rps, 1), "p50_ms": round(self.p50, 3), "p99_ms": round(self.p99, 3)}
+
+    def show(self) -> None:
+        cpu = " ".join(f"{k} {v:.2f}" for k, v in self.cpu_ms.items())
+        print(f"  {self.model:<13} {self.what:<15} {self.fmt:<6} c={self.conc:<3} {self.rps:7.0f} req/s  "
+              f"p50 {self.p50:7.3f} ms  p99 {self.p99:7.3f} ms  n {self.n:4d} lost {self.lost} "
+              f"wrong {self.wrong}/{self.checked}  cpu ms/req: {cpu}", flush=True)
 
 
 # -- requests and answers --
@@ -152,8 +147,8 @@ def decode_answer(raw: bytes, header: str | None) -> tuple[str | None, list]:
 
 
 class Checker:
-    """In-process outputs of the installed versions for the generator's inputs: b1's, and row 0 of
-    the largest size's on the row repeated (how the batcher pads), keyed by version."""
+    """In-process outputs of the installed versions for the generator's inputs, keyed by version:
+    b1's, and row 0 of the larger sizes' on the row repeated (how the batcher pads)."""
 
     def __init__(self, tuned, inputs: list) -> None:
         import torch
@@ -166,11 +161,8 @@ class Checker:
         self.expected: list[dict[str, list]] = []
         with torch.inference_mode():
             for x in inputs:
-                found = {}
-                for install in installs:
-                    batch = x.expand(install.batch_size, *x.shape[1:]).contiguous()
-                    found[install.version] = [t[:1].float() for _, t in flatten_tensors(tuned(batch))]
-                self.expected.append(found)
+                self.expected.append({i.version: [t[:1].float() for _, t in flatten_tensors(
+                    tuned(x.expand(i.batch_size, *x.shape[1:]).contiguous()))] for i in installs})
 
     def __call__(self, i: int, raw: bytes, header: str | None) -> bool:
         import torch
@@ -179,18 +171,16 @@ class Checker:
             return True
         try:
             version, got = decode_answer(raw, header)
-        except Exception:
+        except (ValueError, KeyError, TypeError, RuntimeError):  # not an answer of the protocol
             return False
         named = [v for v in (version or "").split(",") if v in self.expected[i]]
-        for want in [self.expected[i][v] for v in named] or self.expected[i].values():
-            if len(want) == len(got) and all(
-                    g.shape == w.shape and torch.allclose(g.float(), w, atol=self.atol, rtol=self.rtol)
-                    for g, w in zip(got, want)):
-                return True
-        return False
+        close = torch.allclose
+        return any(len(want) == len(got) and all(
+            g.shape == w.shape and close(g.float(), w, atol=self.atol, rtol=self.rtol) for g, w in zip(got, want))
+            for want in [self.expected[i][v] for v in named] or self.expected[i].values())
 
 
-# -- the load generator and the processes it costs --
+# -- the load generator, and the processes it costs --
 
 def cpu_seconds(pid: int) -> float:
     try:
@@ -200,87 +190,105 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _client(url: str, bodies: list, point: Point, state: dict, check) -> None:
+async def _client(session, url: str, bodies: list, point: Point, state: dict, check) -> None:
+    while state["left"] > 0 and time.perf_counter() < state["deadline"]:
+        state["left"] -= 1
+        i = state["next"] = state["next"] + 1
+        data, headers = bodies[i % len(bodies)]
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=data, headers=headers) as resp:
+                raw, status, header = await resp.read(), resp.status, resp.headers.get(HEADER)
+        except Exception:  # noqa: BLE001 (whatever the client raised, the request is lost)
+            point.lost += 1
+            continue
+        point.lat_ms.append((time.perf_counter() - start) * 1000)
+        if status != 200:
+            point.lost += 1
+        elif i % CHECK_EVERY == 0 and check is not None:
+            point.checked += 1
+            point.wrong += 0 if check(i % len(bodies), raw, header) else 1
+
+
+async def _load(url: str, bodies: list, point: Point, args, check, pids: dict[str, int]) -> None:
+    """Two untimed requests per client on its connection, then the timed run."""
     import aiohttp
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        while state["left"] > 0 and time.perf_counter() < state["deadline"]:
-            state["left"] -= 1
-            i = state["next"]
-            state["next"] += 1
-            data, headers = bodies[i % len(bodies)]
-            start = time.perf_counter()
-            try:
-                async with session.post(url, data=data, headers=headers) as resp:
-                    raw, status = await resp.read(), resp.status
-                    header = resp.headers.get(HEADER)
-            except Exception:
-                point.lost += 1
-                continue
-            point.lat_ms.append((time.perf_counter() - start) * 1000)
-            if status != 200:
-                point.lost += 1
-            elif i % CHECK_EVERY == 0 and check is not None:
-                point.checked += 1
-                point.wrong += 0 if check(i % len(bodies), raw, header) else 1
-
-
-async def _load(url: str, bodies: list, point: Point, requests: int, seconds: float, check) -> None:
-    warm = {"left": min(2 * point.conc, requests), "deadline": time.perf_counter() + seconds, "next": 1}
-    await asyncio.gather(*(_client(url, bodies, Point("", "", "", 0), warm, None) for _ in range(point.conc)))
-    state = {"left": requests, "deadline": time.perf_counter() + seconds, "next": 0}
-    start = time.perf_counter()
-    await asyncio.gather(*(_client(url, bodies, point, state, check) for _ in range(point.conc)))
-    point.seconds = time.perf_counter() - start
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(point.conc)]
+    try:
+        warm = {"left": 2 * point.conc, "deadline": time.perf_counter() + args.seconds, "next": 0}
+        await asyncio.gather(*(_client(s, url, bodies, Point("", "", "", 0), warm, None) for s in sessions))
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        state = {"left": args.requests, "deadline": time.perf_counter() + args.seconds, "next": -1}
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(s, url, bodies, point, state, check) for s in sessions))
+        point.seconds, point.n = time.perf_counter() - start, len(point.lat_ms)
+        point.cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / max(point.n, 1), 3)
+                        for name, pid in pids.items()}
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
 
 
 def run_point(point: Point, url: str, bodies: list, args, check, pids: dict[str, int]) -> Point:
-    pids = {"generator": os.getpid(), **pids}
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    asyncio.run(_load(url, bodies, point, args.requests, args.seconds, check))
-    done = point.n = len(point.lat_ms)
-    point.cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / max(done, 1), 3)
-                    for name, pid in pids.items()}
-    print_point(point)
+    asyncio.run(_load(url, bodies, point, args, check, {"generator": os.getpid(), **pids}))
+    point.show()
     return point
 
 
-def print_point(p: Point) -> None:
-    cpu = " ".join(f"{k} {v:.2f}" for k, v in p.cpu_ms.items())
-    print(f"  {p.model:<13} {p.what:<16} {p.fmt:<6} c={p.conc:<3} {p.rps:8.1f} req/s  p50 {p.p50:7.3f} ms  "
-          f"p99 {p.p99:7.3f} ms  n {p.n:4d} lost {p.lost} wrong {p.wrong}/{p.checked}   cpu ms/req: {cpu}", flush=True)
+def timed(point: Point, calls: list, args) -> Point:
+    """``calls`` one after another in this process (cycled), each timed."""
+    for call in calls[:10]:
+        call()
+    before, start = cpu_seconds(os.getpid()), time.perf_counter()
+    while len(point.lat_ms) < args.requests and time.perf_counter() < start + args.seconds:
+        call = calls[len(point.lat_ms) % len(calls)]
+        t = time.perf_counter()
+        call()
+        point.lat_ms.append((time.perf_counter() - t) * 1000)
+    point.seconds, point.n = time.perf_counter() - start, len(point.lat_ms)
+    point.cpu_ms = {"generator": round((cpu_seconds(os.getpid()) - before) * 1000 / point.n, 3)}
+    point.show()
+    return point
 
 
-def in_process(tuned, model: str, inputs: list, args) -> Point:
+@dataclass
+class Bench:
+    """One model's in-process model, inputs, request bodies in both forms and answer checker."""
+
+    tuned: object
+    inputs: list
+    bodies: dict[str, list]
+    check: Checker
+
+
+def local_points(model: str, bench: Bench, args) -> list[Point]:
+    """The model alone (inproc) and the protocol codec alone (codec), in this process, 1 thread."""
     import torch
 
-    point, deadline = Point("inproc", model, "-", 1), time.perf_counter() + args.seconds
+    from orchestrator.deploy import open_inference as oip
+
+    def codec(data: bytes, headers: dict, out) -> None:
+        parsed = oip.parse_infer_request(data, headers.get(HEADER))
+        oip.encode_infer_response(model, "v", None, [("output", out)], {"output"} if parsed.binary_output else set())
+
     torch.set_num_threads(1)
-    before = cpu_seconds(os.getpid())
     with torch.inference_mode():
-        for x in inputs[:10]:
-            tuned(x)
-        start = time.perf_counter()
-        for i in range(args.requests):
-            if time.perf_counter() >= deadline:
-                break
-            t = time.perf_counter()
-            tuned(inputs[i % len(inputs)])
-            point.lat_ms.append((time.perf_counter() - t) * 1000)
-        point.seconds = time.perf_counter() - start
-    point.n = len(point.lat_ms)
-    point.cpu_ms = {"generator": round((cpu_seconds(os.getpid()) - before) * 1000 / point.n, 3)}
-    print_point(point)
-    return point
+        points = [timed(Point("inproc", model, "-", 1), [lambda x=x: bench.tuned(x) for x in bench.inputs], args)]
+    outs = [next(iter(found.values()))[0] for found in bench.check.expected]
+    for fmt in ("json", "binary"):
+        calls = [lambda b=b, o=o: codec(*b, o) for b, o in zip(bench.bodies[fmt], outs)]
+        points.append(timed(Point("codec", model, fmt, 1), calls, args))
+    return points
 
 
 # -- Ray: the sweep, the server, the floor app, and where their processes are --
 
-def prepare_root(args, console) -> tuple[str, str]:
-    """The deploy root (and store) the Quick start sweep installed into, swept now unless given."""
+def prepare_root(args) -> tuple[str, str]:
+    """The store and deploy root the Quick start sweep installed into: swept now unless given."""
     if args.root:
         return args.store, args.root
     import yaml
+    from rich.console import Console
 
     from cluster import connect
     from orchestrator.spec.schema import parse_spec
@@ -289,19 +297,18 @@ def prepare_root(args, console) -> tuple[str, str]:
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     data = yaml.safe_load((ROOT / "examples" / "sweep.yaml").read_text())
     data["store"], data["deploy"]["root"] = str(tmp / "store"), str(tmp / "deploy")
-    if args.quick:
-        data["models"] = [m for m in data["models"] if m["name"] in args.models]
-    handle = connect(object_store_memory=200 * 1024**2)
-    start = time.perf_counter()
+    data["models"] = [m for m in data["models"] if m["name"] in args.models]
+    handle, start = connect(object_store_memory=200 * 1024**2), time.perf_counter()
     try:
-        outcome = run_sweep(parse_spec(data, "examples/sweep.yaml"), console=console, write_report=False)
+        outcome = run_sweep(parse_spec(data, "examples/sweep.yaml"), console=Console(file=io.StringIO()),
+                            write_report=False)
     finally:
         handle.shutdown()
     failed = [d for d in outcome.deployments if str(getattr(d.status, "value", d.status)) != "deployed"]
     if failed:
         raise SystemExit(f"the Quick start sweep did not deploy everything: {failed}")
-    print(f"swept the Quick start into {tmp} in {time.perf_counter() - start:.0f} s "
-          f"(rerun with --store {tmp / 'store'} --root {tmp / 'deploy'})")
+    print(f"swept the Quick start in {time.perf_counter() - start:.0f} s; rerun with "
+          f"--store {tmp / 'store'} --root {tmp / 'deploy'}")
     return str(tmp / "store"), str(tmp / "deploy")
 
 
@@ -317,48 +324,55 @@ class Floor:
         return Response(FLOOR_ANSWER, media_type="application/json")
 
 
+def serve(root: str, models: list[str], port: int, batching: dict | None, floor: bool) -> None:
+    from ray import serve as ray_serve
+
+    from cluster import Inventory, plan_deploy_targets
+    from orchestrator.deploy.serve import MAX_ONGOING_REQUESTS, start_serving
+
+    slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
+    start_serving(root, models, slots, port=port, batching=batching)
+    if floor:  # the server's queue limit (Serve's default of 5 would queue c=16 in the proxy)
+        app = ray_serve.deployment(Floor, name="Floor").options(
+            ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS).bind()
+        ray_serve.run(app, name="floor", route_prefix="/floor")
+
+
 def ray_processes() -> dict[str, int]:
     """PIDs of this Ray's proxy, replicas and controller: the raylet's children, by process title."""
     import ray
 
-    node = ray._private.worker._global_node
-    raylet = node.all_processes["raylet"][0].process.pid
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    titles = {"ray::ProxyActor": "proxy", "ray::ServeReplica:aitune:": "replica", "ray::ServeReplica:floor:": "floor",
+              "ray::ServeController": "controller"}
     found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != raylet:
-                continue
-            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                found.update({n: int(stat.parent.name) for prefix, n in titles.items() if title.startswith(prefix)})
         except (OSError, IndexError, ValueError):
             continue
-        for prefix, name in (("ray::ProxyActor", "proxy"), ("ray::ServeReplica:aitune:", "replica"),
-                             ("ray::ServeReplica:floor:", "floor"), ("ray::ServeController", "controller")):
-            if title.startswith(prefix):
-                found[name] = int(stat.parent.name)
     return found
 
 
 def app_urls(port: int, direct: bool) -> dict[str, str]:
-    """The base URL of each app: the proxy's, or each ingress replica's own direct-ingress port."""
+    """Each app's base URL: the proxy's, or its ingress replica's own port (the controller's target groups)."""
     if not direct:
-        base = f"http://127.0.0.1:{port}"
-        return {"aitune": base, "floor": base + "/floor"}
+        return {"aitune": f"http://127.0.0.1:{port}", "floor": f"http://127.0.0.1:{port}/floor"}
     import ray
     from ray.serve.context import _get_global_client
 
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
-    urls = {}
-    for group in groups:
-        if str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP" and group.targets:
-            target = group.targets[0]
-            urls[group.app_name] = f"http://{target.ip}:{target.port}" + (group.route_prefix.rstrip("/"))
+    urls = {g.app_name: f"http://{g.targets[0].ip}:{g.targets[0].port}{g.route_prefix.rstrip('/')}" for g in groups
+            if str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP" and g.targets}
     if "aitune" not in urls or any(f":{port}" in u for u in urls.values()):
         raise RuntimeError(f"direct ingress is not in effect: the target groups are {groups}")
     return urls
 
 
 def listening(port: int) -> str:
-    """The address a local TCP port listens on, read from /proc/net/tcp{,6}: is a server loopback only?"""
+    """The address a local TCP port listens on, from /proc/net/tcp{,6}: is a server loopback only?"""
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
@@ -368,58 +382,31 @@ def listening(port: int) -> str:
     return "nothing"
 
 
-def serve(root: str, models: list[str], port: int, batching: dict | None, floor: bool) -> None:
-    from ray import serve as ray_serve
-
-    from cluster import Inventory, plan_deploy_targets
-    from orchestrator.deploy.serve import MAX_ONGOING_REQUESTS, start_serving
-
-    slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
-    start_serving(root, models, slots, port=port, batching=batching)
-    if floor:
-        app = ray_serve.deployment(Floor, name="Floor").options(  # the server's queue limit: Serve's default is 5
-            ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS).bind()
-        ray_serve.run(app, name="floor", route_prefix="/floor")
-
-
-@dataclass
-class Bench:
-    """One model's inputs, request bodies in both forms, answer checker and in-process model."""
-
-    tuned: object
-    inputs: list
-    bodies: dict[str, list]
-    check: Checker
-
-
 def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
-    """A fresh embedded Ray with ``mode``'s environment: batching on and the floor, then batching
-    off; every model, form and concurrency."""
+    """A fresh embedded Ray with ``mode``'s environment: batching on (and the floor), then off."""
     from cluster import connect
     from orchestrator.deploy.serve import stop_serving
 
     env = {**INGRESS_ENV[mode], **(DRAIN_ENV if mode != "proxy" else {})}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read at import by the Ray processes this Ray start spawns
+    os.environ.update(env)  # read at import by the Ray processes that this Ray start spawns
     handle = connect(object_store_memory=200 * 1024**2, log_to_driver=False)  # no access log lines here
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    points, port = [], free_port()
-    tag = "" if mode == "proxy" else f" {mode}"
+    points, port, tag = [], free_port(), "" if mode == "proxy" else f" {mode}"
     try:
         for label, batching in (("on", None), ("off", {"off": True})):
             serve(root, args.models, port, batching, floor=label == "on")
             try:
                 urls, pids = app_urls(port, mode != "proxy"), ray_processes()
                 binds = {app: listening(int(url.split(":")[2].split("/")[0])) for app, url in urls.items()}
-                print(f"{mode}: batching {label}; {urls} listening on {binds}; pids {pids}", flush=True)
-                for what, app, proc in [(label, "aitune", "replica")] + ([("floor", "floor", "floor")] * (label == "on")):
-                    for model in args.models:
-                        for fmt in ("json", "binary"):
-                            for conc in args.concurrency:
-                                url = f"{urls[app]}/v2/models/{model}/infer"
-                                used = {k: pids[k] for k in ("proxy", proc) if k in pids}
-                                points.append(run_point(Point(what + tag, model, fmt, conc), url,
-                                                        bench[model].bodies[fmt], args, bench[model].check, used))
+                print(f"{mode}, batching {label}: {urls}, listening on {binds}; pids {pids}", flush=True)
+                for what, app, proc in [(label, "aitune", "replica")] + [("floor", "floor", "floor")] * (label == "on"):
+                    for model, fmt, conc in [(m, f, c) for m in args.models for f in ("json", "binary")
+                                             for c in args.concurrency]:
+                        used = {k: pids[k] for k in ("proxy", proc) if k in pids}
+                        url = f"{urls[app]}/v2/models/{model}/infer"
+                        points.append(run_point(Point(what + tag, model, fmt, conc), url, bench[model].bodies[fmt],
+                                                args, bench[model].check, used))
             finally:
                 stop_serving()
     finally:
@@ -429,81 +416,25 @@ def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
     return points
 
 
-# -- MLServer --
-
-def mlserver_exe(args) -> Path | None:
-    """MLServer's venv (created with CPU torch the first time); None, saying why, where it can't be had."""
-    venv = Path(args.mlserver_venv)
-    exe = venv / "bin" / "mlserver"
-    if exe.exists():
-        return exe
-    print(f"installing MLServer and CPU torch into {venv} (once) ...", flush=True)
-    try:
-        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints-cpu.txt"),
-                        "mlserver", "torch"], check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"MLServer left out: {exc}")
-        return None
-    return exe if exe.exists() else None
-
-
-def mlserver_folder(models: list[str]) -> tuple[Path, int]:
-    folder, port = Path(tempfile.mkdtemp(prefix="serve-load-mlserver-")), free_port()
-    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
-                "metrics_endpoint": None, "parallel_workers": 0, "debug": False, "load_models_at_startup": True}
-    (folder / "settings.json").write_text(json.dumps(settings))
-    for model in models:
-        (folder / model).mkdir()
-        name, shape, datatype, kwargs = MODELS[model]
-        extra = {"factory": model, "kwargs": kwargs, "threads": 1}
-        (folder / model / "model-settings.json").write_text(json.dumps({
-            "name": model, "implementation": "mlserver_runtime.ExampleModel", "max_batch_size": 0,
-            "max_batch_time": 0, "parallel_workers": 0, "parameters": {"extra": extra}}))
-    return folder, port
-
-
-def wait_ready(proc, base: str, models: list[str], timeout_s: float = 180) -> bool:
-    import urllib.request
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            for path in ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]:
-                with urllib.request.urlopen(base + path, timeout=5) as resp:
-                    resp.read()
-            return True
-        except OSError:
-            time.sleep(0.5)
-    return False
-
+# -- MLServer (benchmarks/mlserver_runtime.py: its venv, folder, process and runtime) --
 
 def mlserver_run(args, bench: dict[str, Bench]) -> list[Point]:
-    exe = mlserver_exe(args)
-    if exe is None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import mlserver_runtime as mls
+
+    exe = mls.ensure_venv(Path(args.mlserver_venv))
+    folder, port = mls.write_repository({m: MODELS[m][3] for m in args.models})
+    proc = mls.start(exe, folder, port, args.models) if exe else None
+    if proc is None:
         return []
-    folder, port = mlserver_folder(args.models)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}:{ROOT}", "OMP_NUM_THREADS": "1"}
-    log = open(folder / "mlserver.log", "wb")
-    proc = subprocess.Popen([str(exe), "start", str(folder)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
     base, points = f"http://127.0.0.1:{port}", []
     try:
-        if not wait_ready(proc, base, args.models):
-            print(f"MLServer did not get ready; its log ({folder / 'mlserver.log'}) ends:\n"
-                  + (folder / "mlserver.log").read_text(errors="replace")[-3000:])
-            return []
-        print(f"mlserver: {base} (pid {proc.pid}); its REST takes JSON only", flush=True)
-        for model in args.models:
-            for conc in args.concurrency:
-                points.append(run_point(Point("mlserver", model, "json", conc), f"{base}/v2/models/{model}/infer",
-                                        bench[model].bodies["json"], args, bench[model].check, {"mlserver": proc.pid}))
+        print(f"mlserver: {base} (pid {proc.pid}) listening on {listening(port)}; its REST takes JSON only", flush=True)
+        for model, conc in [(m, c) for m in args.models for c in args.concurrency]:
+            points.append(run_point(Point("mlserver", model, "json", conc), f"{base}/v2/models/{model}/infer",
+                                    bench[model].bodies["json"], args, bench[model].check, {"mlserver": proc.pid}))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        mls.stop(proc)
     return points
 
 
@@ -514,13 +445,12 @@ def find(points: list[Point], what: str, model: str, fmt: str, conc: int) -> Poi
 
 
 def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
-    """The issue's ratios per model, ingress path and form, each with its goal."""
+    """The issue's ratios per model, ingress mode and form, each with its goal."""
     found: list[dict] = []
 
-    def add(model, name, value, limit, above, detail=""):
-        met = value >= limit if above else value <= limit
-        found.append({"model": model, "name": name, "value": round(value, 3), "goal": f"{'>=' if above else '<='} {limit}",
-                      "met": met, "detail": detail})
+    def add(model, name, value, limit, above, detail):
+        found.append({"model": model, "name": name, "value": round(value, 3), "detail": detail,
+                      "goal": f"{'>=' if above else '<='} {limit}", "met": value >= limit if above else value <= limit})
 
     tags = sorted({p.what[3:] for p in points if p.what.startswith("on")}, key=lambda t: (t != "", t))
     for model, tag, fmt in [(m, t, f) for m in models for t in tags for f in ("json", "binary")]:
@@ -528,18 +458,19 @@ def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
                              (("inproc", "-", 1), ("mlserver", "json", 1), ("mlserver", "json", hi)))
         on1, onhi, offhi, floor1 = (find(points, f"{w} {tag}".strip(), model, fmt, c) for w, c in
                                     (("on", 1), ("on", hi), ("off", hi), ("floor", 1)))
+        name = f"{tag or 'proxy'} {fmt}:"
         if not on1:
             continue
-        name = f"{tag or 'proxy'} {fmt}:"
         if floor1 and inproc:
-            add(model, f"{name} median - (floor + in-process) at c=1, ms", on1.p50 - floor1.p50 - inproc.p50,
-                0.5, False, f"{on1.p50:.3f} - ({floor1.p50:.3f} + {inproc.p50:.3f})")
+            add(model, f"{name} median - (floor + in-process) at c=1, ms", on1.p50 - floor1.p50 - inproc.p50, 0.5,
+                False, f"{on1.p50:.3f} - ({floor1.p50:.3f} + {inproc.p50:.3f})")
         add(model, f"{name} p99 / p50 at c=1", on1.p99 / on1.p50, 3, False, f"{on1.p99:.3f} / {on1.p50:.3f} ms")
         if onhi and offhi:
             add(model, f"{name} throughput at c={hi}, batching on / off", onhi.rps / offhi.rps, 1.3, True,
                 f"{onhi.rps:.0f} / {offhi.rps:.0f} req/s")
         if onhi:
-            add(model, f"{name} p99 at c={hi} / p99 at c=1", onhi.p99 / on1.p99, 2, False, f"{onhi.p99:.3f} / {on1.p99:.3f} ms")
+            add(model, f"{name} p99 at c={hi} / p99 at c=1", onhi.p99 / on1.p99, 2, False,
+                f"{onhi.p99:.3f} / {on1.p99:.3f} ms")
         for what in ("on", "floor") if tag else ():
             proxy1, moded = find(points, what, model, fmt, 1), find(points, f"{what} {tag}", model, fmt, 1)
             if proxy1 and moded:
@@ -554,26 +485,23 @@ def goals(points: list[Point], models: list[str], hi: int) -> list[dict]:
     return found
 
 
-def where_time_goes(points: list[Point], hi: int) -> None:
-    print("\nwhere the time goes: CPU ms per request of each process (c=1 and c=%d), beside the median" % hi)
-    for p in points:
-        if p.conc in (1, hi) and p.n:
-            total = sum(v for v in p.cpu_ms.values() if v == v)
-            parts = "  ".join(f"{k} {v:.3f}" for k, v in p.cpu_ms.items())
-            print(f"  {p.model:<13} {p.what:<16} {p.fmt:<6} c={p.conc:<3} p50 {p.p50:7.3f} ms   cpu {total:6.3f} ms = {parts}")
-
-
 def report(points: list[Point], args) -> list[dict]:
     hi = max(args.concurrency)
     found = goals(points, args.models, hi)
     lost, wrong, checked = (sum(getattr(p, k) for p in points) for k in ("lost", "wrong", "checked"))
-    print(f"\nanswers: {sum(p.n for p in points)} timed, lost {lost}, wrong {wrong} of {checked} checked (goal: 0 and 0)")
+    print(f"\nanswers: {sum(p.n for p in points)} timed, lost {lost}, wrong {wrong} of {checked} checked "
+          "(goal: 0 and 0)")
     print("goals:")
     for g in found:
-        print(f"  {g['model']:<13} {g['name']:<62} {g['value']:8.3f}  (goal {g['goal']:<6}) "
-              f"{'met' if g['met'] else 'MISSED'}   {g['detail']}")
+        print(f"  {g['model']:<13} {g['name']:<62} {g['value']:8.3f} (goal {g['goal']:<6}) "
+              f"{'met   ' if g['met'] else 'MISSED'}  {g['detail']}")
     if lost or wrong or not all(g["met"] for g in found):
-        where_time_goes(points, hi)
+        print(f"\nwhere the time goes: CPU ms per request of each process at c=1 and c={hi}, beside the median")
+        for p in points:
+            if p.conc in (1, hi) and p.n and not p.what.startswith("off"):
+                parts = "  ".join(f"{k} {v:.3f}" for k, v in p.cpu_ms.items())
+                print(f"  {p.model:<13} {p.what:<15} {p.fmt:<6} c={p.conc:<3} p50 {p.p50:7.3f} ms   "
+                      f"cpu {sum(v for v in p.cpu_ms.values() if not math.isnan(v)):6.3f} ms = {parts}")
     return found
 
 
@@ -586,7 +514,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help="requests per point (default 400; --quick 150)")
     parser.add_argument("--seconds", type=float, help="seconds per point at most (default 15; --quick 6)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop clients per point, comma list")
-    parser.add_argument("--ingress", default="both", help="proxy, direct, optimized, comma list; both: proxy,direct")
+    parser.add_argument("--ingress", default="both", help="comma list of proxy, direct, optimized; both: proxy,direct")
     parser.add_argument("--mlserver", action=argparse.BooleanOptionalAction, default=True,
                         help="compare with MLServer (installed into --mlserver-venv the first time)")
     parser.add_argument("--mlserver-venv", default="/tmp/mlserver-venv")
@@ -607,24 +535,21 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    import torch
-    from rich.console import Console
-
     import aitune
 
     started = time.perf_counter()
-    store, root = prepare_root(args, Console(file=io.StringIO()))
-    torch.set_num_threads(1)
+    store, root = prepare_root(args)
     bench: dict[str, Bench] = {}
     for model in args.models:
         tuned, inputs = aitune.load_tuned(root, model, "cpu"), inputs_for(model, DISTINCT)
         bodies = {fmt: [request_body(model, x, fmt == "binary") for x in inputs] for fmt in ("json", "binary")}
         bench[model] = Bench(tuned, inputs, bodies, Checker(tuned, inputs))
         winners = ", ".join(f"b{i.batch_size} {i.version} {i.candidate}" for i in tuned.installs.values())
-        print(f"{model}: {winners}; batching {'on' if tuned.batching.enabled else 'off: ' + str(tuned.batching.reason)}")
+        batching = "on" if tuned.batching.enabled else f"off: {tuned.batching.reason}"
+        print(f"{model}: {winners}; batching {batching}")
     print(f"closed loop, batch-1 requests, {args.requests} requests or {args.seconds:g} s a point, "
           f"every {CHECK_EVERY}th answer checked; deploy root {root}")
-    points = [in_process(bench[m].tuned, m, bench[m].inputs, args) for m in args.models]
+    points = [p for m in args.models for p in local_points(m, bench[m], args)]
     for mode in args.ingress:
         points += ray_run(args, root, mode, bench)
     if args.mlserver:
