@@ -13,6 +13,7 @@ form, to:
     floor     a Ray Serve app that only parses the body's JSON and answers a fixed small JSON
     inproc    aitune.load_tuned(root, MODEL, "cpu")(x) in this process, 1 torch thread (c=1)
     codec     orchestrator.deploy.open_inference parsing the request and encoding the answer, in-process
+    handler   TunedServer.__call__ on a Starlette request in this process, batching on: the replica's work, no Ray
     mlserver  MLServer in its own venv (benchmarks/mlserver_runtime.py: the same model and weights,
               eager fp32, 1 thread, no parallel workers, no adaptive batching; its REST takes JSON only)
 
@@ -261,11 +262,32 @@ class Bench:
     check: Checker
 
 
-def local_points(model: str, bench: Bench, args) -> list[Point]:
-    """The model alone (inproc) and the protocol codec alone (codec), in this process, 1 thread."""
+def handler_calls(server, model: str, bodies: list, loop) -> list:
+    """``TunedServer.__call__`` on a Starlette request per body, run on ``loop``: the replica's own work, no Ray."""
+    from starlette.requests import Request
+
+    def call(data: bytes, headers: dict) -> None:
+        pairs = {**headers, "Content-Length": str(len(data))}.items()
+        scope = {"type": "http", "method": "POST", "path": f"/v2/models/{model}/infer", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in pairs]}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        response = loop.run_until_complete(server(Request(scope, receive)))
+        if response.status_code != 200:
+            raise RuntimeError(f"the handler answered {response.status_code}: {bytes(response.body)[:300]!r}")
+
+    return [lambda b=b: call(*b) for b in bodies]
+
+
+def local_points(root: str, model: str, bench: Bench, args) -> list[Point]:
+    """In this process, 1 thread: the model alone (inproc), the protocol codec alone (codec), and
+    the server's request handler with batching on, without Ray (handler)."""
     import torch
 
     from orchestrator.deploy import open_inference as oip
+    from orchestrator.deploy.serve import TunedServer
 
     def codec(data: bytes, headers: dict, out) -> None:
         parsed = oip.parse_infer_request(data, headers.get(HEADER))
@@ -278,6 +300,14 @@ def local_points(model: str, bench: Bench, args) -> list[Point]:
     for fmt in ("json", "binary"):
         calls = [lambda b=b, o=o: codec(*b, o) for b, o in zip(bench.bodies[fmt], outs)]
         points.append(timed(Point("codec", model, fmt, 1), calls, args))
+    server, loop = TunedServer(root, [model], "cpu"), asyncio.new_event_loop()
+    try:
+        for fmt in ("json", "binary"):
+            points.append(timed(Point("handler", model, fmt, 1), handler_calls(server, model, bench.bodies[fmt], loop), args))
+    finally:
+        server._stop.set()
+        server._inference.shutdown()
+        loop.close()
     return points
 
 
@@ -493,7 +523,7 @@ def report(points: list[Point], args) -> list[dict]:
           "(goal: 0 and 0)")
     print("goals:")
     for g in found:
-        print(f"  {g['model']:<13} {g['name']:<62} {g['value']:8.3f} (goal {g['goal']:<6}) "
+        print(f"  {g['model']:<13} {g['name']:<76} {g['value']:8.3f} (goal {g['goal']:<6}) "
               f"{'met   ' if g['met'] else 'MISSED'}  {g['detail']}")
     if lost or wrong or not all(g["met"] for g in found):
         print(f"\nwhere the time goes: CPU ms per request of each process at c=1 and c={hi}, beside the median")
@@ -549,7 +579,7 @@ def main() -> None:
         print(f"{model}: {winners}; batching {batching}")
     print(f"closed loop, batch-1 requests, {args.requests} requests or {args.seconds:g} s a point, "
           f"every {CHECK_EVERY}th answer checked; deploy root {root}")
-    points = [p for m in args.models for p in local_points(m, bench[m], args)]
+    points = [p for m in args.models for p in local_points(root, m, bench[m], args)]
     for mode in args.ingress:
         points += ray_run(args, root, mode, bench)
     if args.mlserver:
