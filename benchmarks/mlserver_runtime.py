@@ -37,7 +37,7 @@ def ensure_venv(venv: Path) -> Path | None:
     return venv / "bin" / "mlserver"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,8 +47,8 @@ def write_repository(models: dict[str, dict]) -> tuple[Path, int]:
     """A folder MLServer starts from: ``settings.json`` (127.0.0.1, free ports, no parallel workers,
     no metrics server) and a ``model-settings.json`` per model (name -> factory kwargs; no adaptive
     batching). Returns it and its HTTP port."""
-    folder, port = Path(tempfile.mkdtemp(prefix="serve-load-mlserver-")), _free_port()
-    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port(),
+    folder, port = Path(tempfile.mkdtemp(prefix="serve-load-mlserver-")), free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
                 "metrics_endpoint": None, "parallel_workers": 0, "debug": False}
     (folder / "settings.json").write_text(json.dumps(settings))
     for name, kwargs in models.items():

@@ -13,7 +13,7 @@ form, to:
     floor     a Ray Serve app that only parses the body's JSON and answers a fixed small JSON
     inproc    aitune.load_tuned(root, MODEL, "cpu")(x) in this process, 1 torch thread (c=1)
     codec     orchestrator.deploy.open_inference parsing the request and encoding the answer, in-process
-    handler   TunedServer.__call__ on a Starlette request in this process, batching on: the replica's work, no Ray
+    handler   TunedServer.__call__ on a Starlette request, in-process, batching on: the replica without Ray
     mlserver  MLServer in its own venv (benchmarks/mlserver_runtime.py: the same model and weights,
               eager fp32, 1 thread, no parallel workers, no adaptive batching; its REST takes JSON only)
 
@@ -47,12 +47,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import mlserver_runtime as mls  # MLServer's venv, folder and process; and a free port
 
 #: model -> (input name, one row's shape, datatype, factory kwargs of the Quick start sweep)
 MODELS = {"small_cnn": ("image", [3, 32, 32], "FP32", {"channels": 32}),
@@ -64,12 +67,6 @@ INGRESS_ENV = {"proxy": {}, "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
                "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 #: direct ingress holds a stopping replica 30 s by default, for outside load balancers: none here
 DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -252,14 +249,8 @@ def timed(point: Point, calls: list, args) -> Point:
     return point
 
 
-@dataclass
-class Bench:
-    """One model's in-process model, inputs, request bodies in both forms and answer checker."""
-
-    tuned: object
-    inputs: list
-    bodies: dict[str, list]
-    check: Checker
+#: one model's in-process model, inputs, request bodies in both forms ({"json": [...], "binary": [...]}), checker
+Bench = namedtuple("Bench", "tuned inputs bodies check")
 
 
 def handler_calls(server, model: str, bodies: list, loop) -> list:
@@ -303,7 +294,8 @@ def local_points(root: str, model: str, bench: Bench, args) -> list[Point]:
     server, loop = TunedServer(root, [model], "cpu"), asyncio.new_event_loop()
     try:
         for fmt in ("json", "binary"):
-            points.append(timed(Point("handler", model, fmt, 1), handler_calls(server, model, bench.bodies[fmt], loop), args))
+            calls = handler_calls(server, model, bench.bodies[fmt], loop)
+            points.append(timed(Point("handler", model, fmt, 1), calls, args))
     finally:
         server._stop.set()
         server._inference.shutdown()
@@ -422,7 +414,7 @@ def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
     os.environ.update(env)  # read at import by the Ray processes that this Ray start spawns
     handle = connect(object_store_memory=200 * 1024**2, log_to_driver=False)  # no access log lines here
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    points, port, tag = [], free_port(), "" if mode == "proxy" else f" {mode}"
+    points, port, tag = [], mls.free_port(), "" if mode == "proxy" else f" {mode}"
     try:
         for label, batching in (("on", None), ("off", {"off": True})):
             serve(root, args.models, port, batching, floor=label == "on")
@@ -449,9 +441,6 @@ def ray_run(args, root: str, mode: str, bench: dict[str, Bench]) -> list[Point]:
 # -- MLServer (benchmarks/mlserver_runtime.py: its venv, folder, process and runtime) --
 
 def mlserver_run(args, bench: dict[str, Bench]) -> list[Point]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    import mlserver_runtime as mls
-
     exe = mls.ensure_venv(Path(args.mlserver_venv))
     folder, port = mls.write_repository({m: MODELS[m][3] for m in args.models})
     proc = mls.start(exe, folder, port, args.models) if exe else None
