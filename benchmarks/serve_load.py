@@ -29,8 +29,9 @@ ratios, and CPU ms per request of each process (generator, Ray proxy, replica, M
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py [--quick] [--store S --root R]
       [--ingress proxy,direct,optimized] [--no-mlserver] [--out figures.json]
-About 5 minutes on the 2-core machine (1 of them the sweep; the first run also installs MLServer
-into /tmp/mlserver-venv, a few minutes more); --quick (small_cnn, 150 requests a point) about 1.5.
+About 3 minutes on the 2-core machine (40 s of it the sweep), 4 with ``--ingress proxy,direct,optimized``;
+the first run also installs MLServer into /tmp/mlserver-venv (a few minutes more). --quick (small_cnn,
+150 requests a point) about a minute.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def prepare_root(args) -> tuple[str, str]:
     data = yaml.safe_load((ROOT / "examples" / "sweep.yaml").read_text())
     data["store"], data["deploy"]["root"] = str(tmp / "store"), str(tmp / "deploy")
     data["models"] = [m for m in data["models"] if m["name"] in args.models]
-    handle, start = connect(object_store_memory=200 * 1024**2), time.perf_counter()
+    handle, start = connect(object_store_memory=200 * 1024**2, log_to_driver=False), time.perf_counter()
     try:
         outcome = run_sweep(parse_spec(data, "examples/sweep.yaml"), console=Console(file=io.StringIO()),
                             write_report=False)
