@@ -143,13 +143,15 @@ class ServeRequest:
     no_batching: bool = False
     #: the queueing delay of dynamic batching: "MS" for every model, "MODEL=MS" for one (repeatable)
     max_queue_delay_ms: list[str] | None = None
+    #: "direct": each replica answers HTTP itself at --port (and up), an embedded Ray only; "proxy": Ray Serve's proxy
+    ingress: str = "direct"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServeRequest":
         return cls(store=args.store, sweep=args.sweep, model=args.model, target=args.target, root=args.root,
                    address=args.address, host=args.host, port=args.port, max_body_mb=args.max_body_mb,
                    body_timeout_s=args.body_timeout_s, no_batching=args.no_batching,
-                   max_queue_delay_ms=args.max_queue_delay_ms)
+                   max_queue_delay_ms=args.max_queue_delay_ms, ingress=args.ingress)
 
     def batching(self, models: list[str]) -> dict:
         """The replicas' batching settings; ValueError naming the bad --max-queue-delay-ms."""
@@ -189,6 +191,15 @@ def _serve_problem(args: ServeRequest) -> str | None:
         except OSError as exc:
             return f"--port {args.port}: can't listen on {args.host}:{args.port}: {exc.strerror or exc}"
     return None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _loopback(host: str) -> bool:
@@ -234,7 +245,9 @@ def serve(args: ServeRequest, console: Console) -> int:
     import time
 
     from cluster import Inventory, connect, plan_deploy_targets
-    from orchestrator.deploy.serve import start_serving, stop_serving
+    import contextlib
+
+    from orchestrator.deploy.serve import direct_ingress_env, start_serving, stop_serving
     from orchestrator.deploy.stored import DeployInputError, choose, open_existing, with_targets
     from orchestrator.store import StoreError
 
@@ -262,7 +275,17 @@ def serve(args: ServeRequest, console: Console) -> int:
         if missing:
             _say(console, f"error: {missing}: deploy first: python -m orchestrator deploy {args.store}")
             return EXIT_BAD_INPUT
-    handle = connect(args.address)
+    import ray
+
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    direct = args.ingress == "direct" and embedded and not ray.is_initialized()  # Ray's processes read it at start
+    if args.ingress == "direct" and not embedded:
+        _say(console, "note: on a Ray cluster, direct ingress is the cluster's own setting "
+                      "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in every `ray start`'s environment)")
+    # direct: the replicas take --port (and up); the proxy, still there, a free port of its own
+    proxy_port = _free_port(args.host) if direct else args.port
+    with direct_ingress_env(args.port) if direct else contextlib.nullcontext():
+        handle = connect(args.address)
     try:
         try:
             slots = plan_deploy_targets(Inventory.from_ray(), spec.deploy.targets)
@@ -270,7 +293,7 @@ def serve(args: ServeRequest, console: Console) -> int:
             _say(console, f"error: deploy targets: {exc}")
             return EXIT_BAD_INPUT
         try:
-            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=args.port,
+            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=proxy_port,
                                    max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s,
                                    batching=batching)
         except Exception as exc:  # a replica that can't load what is installed
@@ -278,6 +301,10 @@ def serve(args: ServeRequest, console: Console) -> int:
             return EXIT_INCOMPLETE
         _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/v2/models/MODEL "
                       f"(Open Inference Protocol); Ctrl-C stops")
+        if served.direct[1:]:
+            _say(console, f"  the other replicas: {', '.join(served.direct[1:])} (a load balancer in front spreads the load)")
+        if direct and not served.direct:
+            _say(console, f"  direct ingress is not in effect on this Ray: served by the proxy at {served.proxy_url}")
         for model, force in served.batching.items():
             _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
                                             f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms"
@@ -376,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="refuse request bodies larger than this (413), from Content-Length before reading")
             cmd.add_argument("--body-timeout-s", type=float, default=10.0,
                              help="refuse a request body that has not arrived whole within this many seconds (408)")
+            cmd.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                             help="direct (default): each replica answers HTTP itself at --port and up (an embedded "
+                                  "Ray); proxy: through Ray Serve's proxy, one hop slower")
             cmd.add_argument("--no-batching", action="store_true",
                              help="answer each request with its own call (default: dynamic batching where the rows were checked)")
             cmd.add_argument("--max-queue-delay-ms", action="append", default=None, metavar="[MODEL=]MS",

@@ -25,6 +25,7 @@ each with ``{"error": "..."}``; anything else a model raises is a 500 with ``{"e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -257,6 +258,48 @@ class TunedServer:
             stop.set()
 
 
+#: how many ports above ``--port`` the replicas' own HTTP servers (direct ingress) may take
+DIRECT_PORTS = 64
+
+
+@contextlib.contextmanager
+def direct_ingress_env(port: int):
+    """Around starting an embedded Ray: Ray Serve's direct ingress on, so each replica answers HTTP
+    itself on ``port`` (the next ones for more replicas) and no request pays the proxy's hop (about
+    5 ms of CPU per request on a 2-core machine; see benchmarks/serve_load.py). Ray's processes read
+    these variables when they start: set only while Ray starts, then put back."""
+    import os
+
+    wanted = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(port + DIRECT_PORTS, 65535))}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def direct_urls(host: str) -> list[str]:
+    """The replicas' own HTTP addresses when direct ingress is on (none when it is off): Ray Serve
+    publishes them as the application's target groups (no public API yet: the controller's)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(), timeout=60)
+    except Exception:  # an older Ray without target groups: the proxy serves
+        return []
+    shown = f"[{host}]" if ":" in host else host
+    return sorted(f"http://{shown}:{t.port}" for g in groups if getattr(g, "app_name", None) == APP_NAME
+                  and str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP" for t in g.targets)
+
+
 @dataclass
 class Served:
     url: str
@@ -264,6 +307,10 @@ class Served:
     replicas: int
     #: model -> the batching in force on the first replica (TunedServer.batching_in_force)
     batching: dict[str, Any] = field(default_factory=dict)
+    #: each replica's own address (direct ingress), when on; ``url`` is then the first
+    direct: list[str] = field(default_factory=list)
+    #: Ray Serve's proxy (it also answers, one hop slower)
+    proxy_url: str | None = None
 
     def handle(self):
         from ray import serve
@@ -274,7 +321,9 @@ class Served:
 def start_serving(root: str | None, models: list[str], slots, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                   reload_s: float = 0.5, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                   body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, batching: dict[str, Any] | None = None) -> Served:
-    """Run the application on a connected Ray: one replica per slot (all slots of one kind)."""
+    """Run the application on a connected Ray: one replica per slot (all slots of one kind). The
+    proxy listens on ``port``; where Ray was started under :func:`direct_ingress_env` the replicas
+    answer on their own ports too, and ``Served.url`` is the first of them."""
     from ray import serve
 
     from cluster.actor_options import slot_options
@@ -297,7 +346,8 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
         batching = serve.get_app_handle(APP_NAME).status.remote().result(timeout_s=60)["batching"]
     except Exception:  # what is in force is shown best effort; serving is up
         batching = {}
-    return Served(url, list(models), len(slots), batching)
+    direct = [u for u in direct_urls(host) if u != url]
+    return Served(direct[0] if direct else url, list(models), len(slots), batching, direct, url)
 
 
 def _deployment_messages() -> str:

@@ -361,3 +361,41 @@ def test_a_hugging_face_model_is_served_by_its_keywords_with_its_output_fields_n
     expected = bert(layers=1, hidden=32, heads=2, vocab=100)(**{k: torch.from_numpy(v) for k, v in arrays.items()})
     torch.testing.assert_close(torch.from_numpy(result.as_numpy("last_hidden_state")),
                                expected.last_hidden_state.detach(), atol=1e-4, rtol=1e-3)
+
+
+def test_the_serve_command_answers_at_its_port_from_the_replica_itself_on_loopback(served):
+    """``python -m orchestrator serve`` on its own embedded Ray: direct ingress, so --port is the
+    replica's own HTTP server (no proxy hop); the standard client works there; Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serve_helpers import is_loopback, listening_sockets
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", str(served["spec"].store), "--port", str(port),
+                             "--model", "mlp", "--target", "cpu_slots=1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:  # until it says where it serves (or exits: then the assert shows why)
+            seen.append(line)
+            if line.startswith("serving "):
+                break
+        assert proc.poll() is None, "".join(seen)
+        assert f"at http://127.0.0.1:{port}/v2/models/MODEL" in seen[-1], seen[-1]
+        client = http.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+        assert client.is_server_ready()
+        x = rows(1, seed=21)
+        out = infer(client, "mlp", {"x": x}, True).as_numpy("output").astype(np.float32)
+        # the rollover test may have made a bf16 winner current: its tolerance
+        torch.testing.assert_close(torch.from_numpy(out), MLP(torch.from_numpy(x)).detach(), atol=5e-2, rtol=5e-2)
+        client.close()
+        owners = [(addr, cmd) for addr, p, cmd in listening_sockets() if p == port]
+        assert owners and all(is_loopback(a) and "ServeReplica" in cmd for a, cmd in owners), owners
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
