@@ -205,7 +205,7 @@ def _from_json(where: str, datatype: str, shape: list[int], data: Any) -> torch.
         if float in kinds and not all(map(math.isfinite, flat)):
             raise _bad(flat, lambda v: not math.isfinite(v), where, "not finite (non-finite values go as binary data)")
         try:
-            tensor = torch.tensor(flat, dtype=torch.float64).to(dtype)
+            tensor = torch.tensor(flat, dtype=dtype)  # a value the dtype cannot hold becomes inf: refused below
         except (OverflowError, RuntimeError):  # an integer too big even for a double
             raise _bad(flat, lambda v: abs(v) > sys.float_info.max, where, f"out of range for {datatype}") from None
         if not bool(torch.isfinite(tensor).all()):
