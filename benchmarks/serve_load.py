@@ -299,7 +299,7 @@ def local_points(root: str, model: str, bench: Bench, args) -> list[Point]:
             points.append(timed(Point("handler", model, fmt, 1), calls, args))
     finally:
         server._stop.set()
-        server._inference.shutdown()
+        server.runner.executor.shutdown()
         loop.close()
     return points
 
