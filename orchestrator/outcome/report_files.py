@@ -51,8 +51,10 @@ def write_reports(
     selections: Iterable[SelectionRecord],
     deployments: Iterable[DeployRecord],
     diff: dict | None = None,
+    batch_search: list[dict] | None = None,
 ) -> dict[str, Path]:
-    """``diff``: :meth:`orchestrator.outcome.diff.SweepDiff.to_dict` against the previous sweep, if any."""
+    """``diff``: :meth:`orchestrator.outcome.diff.SweepDiff.to_dict` against the previous sweep, if any;
+    ``batch_search``: what ``batch_sizes: auto`` tuned and why each search stopped (report.json only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, selections, deployments = list(results), list(selections), list(deployments)
@@ -67,6 +69,8 @@ def write_reports(
         "results": [r.to_dict() for r in results],
         "diff": diff,
     }
+    if batch_search:
+        everything["batch_search"] = batch_search
     paths["report.json"].write_text(json.dumps(_strict_json(everything), indent=2, default=str) + "\n")
 
     with paths["report.csv"].open("w", newline="") as f:

@@ -41,6 +41,9 @@ class FaultBackendConfig(ModuleRunConfig):
     #: answer each input after the first from memory: correct and far faster than eager, so it wins
     #: (with ``phase: deploy``, a winner that then fails on its deploy targets)
     fast: bool = False
+    #: misbehave only at this batch size and above (the first input's first axis): a build that
+    #: runs out of memory only past some batch, for ``batch_sizes: auto``
+    from_batch: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +72,14 @@ def _misbehave(fault: str, seconds: float) -> None:
         raise CudaGraphCaptureError("FaultBackend: injected CUDA graph capture failure")
 
 
+def _batch_of(data) -> int:
+    for sample in data or []:
+        for t in [*getattr(sample, "args", ()), *getattr(sample, "kwargs", {}).values()]:
+            if isinstance(t, torch.Tensor) and t.dim():
+                return int(t.shape[0])
+    return 0
+
+
 class FaultBackend(ModuleBackend):
     config_class = FaultBackendConfig
 
@@ -77,7 +88,7 @@ class FaultBackend(ModuleBackend):
         return False
 
     def _build(self, module, graph_spec, data, cache_dir) -> None:
-        if self.config.phase == "build":
+        if self.config.phase == "build" and _batch_of(data) >= self.config.from_batch:
             _misbehave(self.config.fault, self.config.seconds)
         if self.config.fault == "leak":
             # touch every page so that the memory is really resident

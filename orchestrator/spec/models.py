@@ -119,7 +119,9 @@ class ModelSpec(Strict):
     #: with (seed x 1,000,003 + batch) fits torch's 64-bit generator seed
     seed: int = Field(default=0, ge=0, le=2**40)
     #: this model's batch sizes, instead of the sweep's
-    batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
+    batch_sizes: list[PositiveInt] | Literal["auto"] | None = Field(default=None, min_length=1)
+    #: the largest batch size ``batch_sizes: auto`` tries for this model (None: the sweep's)
+    max_batch: PositiveInt | None = None
     #: "decisions": tune only the family's top-k candidates when another member was tuned
     #: fully (same architecture, graph spec and device class); None: the sweep's setting
     reuse: Literal["none", "decisions"] | None = None
@@ -169,7 +171,7 @@ class ModelSpec(Strict):
                 problems.append((("inputs", i, "name"),
                                  f"input name {inp.name!r} is used twice; each input needs its own"))
             seen.add(inp.name)
-        if self.batch_sizes is not None and len(set(self.batch_sizes)) != len(self.batch_sizes):
+        if isinstance(self.batch_sizes, list) and len(set(self.batch_sizes)) != len(self.batch_sizes):
             problems.append((("batch_sizes",), f"batch_sizes repeat a value: {self.batch_sizes}"))
         if problems:
             raise checks.problems_error(problems)

@@ -71,7 +71,11 @@ def _store(value: str) -> str:
 class SweepSpec(Strict):
     name: Annotated[str, AfterValidator(_sweep_name)] = "sweep"
     models: list[ModelSpec] = Field(min_length=1)
-    batch_sizes: list[PositiveInt] = Field(min_length=1)
+    #: the batch sizes tuned; "auto": searched, powers of two from 1 until throughput gains under
+    #: 5% twice, up to ``max_batch`` (orchestrator.sweep.batch_search)
+    batch_sizes: list[PositiveInt] | Literal["auto"] = Field(min_length=1)
+    #: the largest batch size ``batch_sizes: auto`` tries
+    max_batch: PositiveInt = 64
     #: None: the default candidate set for each device class (CPU or GPU)
     candidates: list[CandidateSpec] | None = None
     objective: Literal["min_latency", "max_throughput", "latency_budget"] = "min_latency"
@@ -119,7 +123,7 @@ class SweepSpec(Strict):
                 problems.append((("models", i, "name"),
                                  f"model names must be unique; {m.name!r} is also models[{first[m.name]}]"))
             first.setdefault(m.name, i)
-        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+        if self.batch_sizes != "auto" and len(set(self.batch_sizes)) != len(self.batch_sizes):
             problems.append((("batch_sizes",), f"batch_sizes repeat a value: {self.batch_sizes}"))
         problems += self._memory_problems()
         if problems:
@@ -131,7 +135,7 @@ class SweepSpec(Strict):
         total = checks.host_memory_bytes()
         problems: checks.Problems = []
         for i, m in enumerate(self.models):
-            batch = max(self.batches_of(m))
+            batch = self.max_batch_of(m) if self.searches_batches(m) else max(self.batches_of(m))
             for j, inp in enumerate(m.inputs or []):
                 problem = checks.memory_problem(batch, inp.shape, inp.dtype, total)
                 if problem:
@@ -155,7 +159,15 @@ class SweepSpec(Strict):
         return {k: v.model_dump(exclude_none=True) for k, v in self.tolerances.items()}
 
     def batches_of(self, model: ModelSpec) -> list[int]:
-        return list(model.batch_sizes or self.batch_sizes)
+        """The batch sizes to tune; a model whose sizes are searched starts at 1 (the search adds the rest)."""
+        sizes = model.batch_sizes or self.batch_sizes
+        return [1] if sizes == "auto" else list(sizes)
+
+    def searches_batches(self, model: ModelSpec) -> bool:
+        return (model.batch_sizes or self.batch_sizes) == "auto"
+
+    def max_batch_of(self, model: ModelSpec) -> int:
+        return model.max_batch or self.max_batch
 
     def reuse_of(self, model: ModelSpec) -> str:
         return model.reuse or self.reuse

@@ -57,6 +57,8 @@ class SweepOutcome:
     how: dict[str, int] = field(default_factory=dict)
     #: against the previous sweep of the same models (None: there was none)
     diff: SweepDiff | None = None
+    #: ``batch_sizes: auto``: per (model, device class), the sizes tuned, their throughput, why the search stopped
+    batch_search: list[dict] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:

@@ -23,6 +23,7 @@ from orchestrator.planning.keys import EVALUATE, RECHECK, REUSE, Decision, Polic
 from orchestrator.records import DeployRecord, Job, ResultRecord, SelectionRecord
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.store import ResultStore
+from orchestrator.sweep.batch_search import BatchSearch, search_lines
 from orchestrator.sweep.deciding import EarlierDecisions, RoundsOnWorkers, SpecOrder
 from orchestrator.sweep.options import SweepOptions, SweepOutcome
 from orchestrator.sweep.workers import ReferenceAsks, StoreGate, Workers
@@ -37,6 +38,8 @@ class Tuned:
     results: list[ResultRecord]
     waves: Waves
     tune_s: float
+    #: ``batch_sizes: auto``: each (model, device class)'s sizes tuned and why its search stopped
+    batch_search: list[dict] = dataclasses.field(default_factory=list)
 
 
 class SweepSession:
@@ -65,10 +68,36 @@ class SweepSession:
             results = self._run(waves.first + waves.followers(), waves)
             more = waves.fallback(results)  # followers none of whose top-k was correct
             if more:
-                total_s = self.spec.budgets.total_s
-                left = None if total_s is None else max(total_s - (time.monotonic() - start), 1e-3)
-                results += self._run(more, budget_s=left)  # the fallback shares the sweep's one budget
-            return Tuned(results, waves, time.monotonic() - start)
+                results += self._run(more, budget_s=self._left(start))  # the fallback shares the sweep's one budget
+            search = BatchSearch(self.spec)
+            if search.active:
+                results += self._search(search, results, start)
+                self.spec = search.realized()  # the later stages see the sizes the search reached
+            return Tuned(results, waves, time.monotonic() - start, search.outcome())
+
+    def _left(self, start: float) -> float | None:
+        total_s = self.spec.budgets.total_s
+        return None if total_s is None else max(total_s - (time.monotonic() - start), 1e-3)
+
+    def _search(self, search: BatchSearch, results: list[ResultRecord], start: float) -> list[ResultRecord]:
+        """``batch_sizes: auto``: one size more per round, with the fastest few candidates of the size before."""
+        search.take(results)
+        more: list[ResultRecord] = []
+        while (spec := search.next_spec()) is not None:
+            left = self._left(start)
+            if left is not None and left <= 1e-3:
+                search.out_of_budget()
+                break
+            jobs = [j for j in jobs_for(spec, self.identities, self.workers.classes()) if search.wanted(j)]
+            stored = self.store.results_for(j.key for j in jobs)
+            policy = Policy(self.options.force, self.options.retry_failed)
+            decisions = [decide(j, stored.get(j.key, []), policy, self.store.checkpoint_problem) for j in jobs]
+            self.known.update({j.key: {r.result_id for r in stored.get(j.key, [])} for j in jobs})
+            self.progress.total += len(decisions)
+            ran = self._run(decisions, budget_s=left)
+            search.take(ran)
+            more += ran
+        return more
 
     def _act(self, decision: Decision) -> ResultRecord | Job:
         """A result now (reused, or re-checked on the driver) or a job for the workers."""
@@ -160,6 +189,7 @@ class SweepSession:
                                tune_s=tuned.tune_s, decide_s=decide_s, how=dict(how),
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0))
         outcome.diff = self._diff()
+        outcome.batch_search = tuned.batch_search
         return outcome
 
     def _diff(self) -> SweepDiff | None:
@@ -179,11 +209,14 @@ class SweepSession:
             say(line)
         for line in outcome.diff.lines() if outcome.diff else []:
             say(line)
+        for line in search_lines(outcome.batch_search, {r.device_class_key: r.device_name for r in swept}):
+            say(line)
         if self.store.root is not None:
             out = self.store.root / "reports" / self.sweep_id
             outcome.reports = write_reports(out, self.store.sweep_info(self.sweep_id).to_dict(), swept,
                                             outcome.selections, outcome.deployments,
-                                            diff=outcome.diff.to_dict() if outcome.diff else None)
+                                            diff=outcome.diff.to_dict() if outcome.diff else None,
+                                            batch_search=outcome.batch_search or None)
             say(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
 
     def _say(self, text: str) -> None:

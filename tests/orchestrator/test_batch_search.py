@@ -1,0 +1,82 @@
+"""``batch_sizes: auto``: the search's rule on its own, then a real sweep on a local Ray that
+searches, stops for the reasons it says, and measures nothing twice when run again."""
+
+from __future__ import annotations
+
+import pytest
+
+from aitune.measure import STOP_REASONS, TIMERS
+
+from orchestrator import records as R
+from orchestrator.records import ResultRecord
+from orchestrator.spec.schema import SpecError, parse_spec
+from orchestrator.sweep import run_sweep
+from orchestrator.sweep.batch_search import FLAT_TRIES, TOP, Search
+from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec
+
+
+def result(batch: int, candidate: str, median_ms: float | None, status: str = R.OK, error: str | None = None):
+    return ResultRecord.from_dict({
+        "key": f"{candidate}-{batch}", "model": "m", "batch_size": batch, "backend": "B", "config": {},
+        "candidate": candidate, "device_class_key": "d" * 64, "status": status, "error": error,
+        "measurement": None if median_ms is None else measured(median_ms, batch)})
+
+
+def measured(ms: float, batch: int) -> dict:
+    return {"times_ms": [ms] * 5, "median_ms": ms, "mean_ms": ms, "p90_ms": ms, "p99_ms": ms, "std_ms": 0.0,
+            "count": 5, "warmup_count": 1, "timer": TIMERS[0], "threads": 1, "ci_low_ms": ms, "ci_high_ms": ms,
+            "stop_reason": STOP_REASONS[0], "batch_size": batch}
+
+
+def test_the_search_doubles_while_throughput_grows_and_stops_after_two_flat_doublings():
+    s = Search("m", "d" * 64, max_batch=1024)
+    s.take(1, [result(1, "a", 1.0), result(1, "b", 2.0)])
+    assert s.stopped is None and s.last == 1 and s.next_candidates == ["a", "b"]
+    s.take(2, [result(2, "a", 1.0)])            # 2000 rows/s: doubled
+    s.take(4, [result(4, "a", 3.9)])            # 1026: lower (flat 1)
+    assert s.stopped is None
+    s.take(8, [result(8, "a", 7.9)])            # 1013: flat 2
+    assert s.stopped.startswith("throughput gained under 5%") and FLAT_TRIES == 2
+    assert sorted(s.throughput) == [1, 2, 4, 8]
+
+
+def test_the_next_size_tries_only_the_fastest_few_and_out_of_memory_ends_it():
+    s = Search("m", "d" * 64, max_batch=64)
+    s.take(1, [result(1, c, ms) for c, ms in (("a", 4.0), ("b", 1.0), ("c", 3.0), ("d", 2.0))])
+    assert s.next_candidates == ["b", "d", "c"][:TOP]
+    s.take(2, [result(2, "b", None, R.ERROR, "OutOfMemoryError: CUDA out of memory")])
+    assert s.stopped == "out of memory at batch 2" and sorted(s.throughput) == [1]
+
+
+def test_max_batch_ends_it():
+    s = Search("m", "d" * 64, max_batch=2)
+    s.take(1, [result(1, "a", 1.0)])
+    s.take(2, [result(2, "a", 1.0)])
+    assert s.stopped == "max_batch 2 reached"
+
+
+def test_the_spec_takes_auto_and_refuses_other_words(tmp_path):
+    spec = tiny_spec(tmp_path / "store", [EAGER], batch_sizes="auto", max_batch=8)
+    assert spec.batches_of(spec.models[0]) == [1] and spec.searches_batches(spec.models[0])
+    with pytest.raises(SpecError, match="batch_sizes"):
+        tiny_spec(tmp_path / "store", [EAGER], batch_sizes="big")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_searches_the_batch_reuses_it_all_when_run_again_and_oom_stops_only_its_candidate(ray_session, tmp_path):
+    oom = fault("oom", from_batch=4, tag="oom-past-4")
+    spec = tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16, oom], batch_sizes="auto", max_batch=8)
+    outcome = run_sweep(spec, console=quiet(), write_report=True)
+    (search,) = outcome.batch_search
+    sizes = search["batch_sizes"]
+    assert sizes[0] == 1 and sizes == [2 ** i for i in range(len(sizes))] and sizes[-1] <= 8
+    assert search["stopped"] in ("max_batch 8 reached", "throughput gained under 5% for 2 doublings in a row")
+    assert {s.batch_size for s in outcome.selections} == set(sizes)
+    assert all(s.winner_key for s in outcome.selections)
+    at_four = [r for r in outcome.results if r.batch_size == 4 and "Fault" in r.candidate]
+    assert not at_four or all(r.status != R.OK for r in at_four)  # its OOM ends nothing but itself
+    report = (outcome.reports["report.json"]).read_text()
+    assert '"batch_search"' in report
+    again = run_sweep(spec, console=quiet(), write_report=False)
+    assert again.ran == 0 and again.batch_search[0]["batch_sizes"] == sizes
