@@ -47,6 +47,8 @@ class Forecast:
     narrowed: int = 0
     #: candidate -> the accuracy gates it is judged by (with or instead of its tolerance)
     gates: dict[str, str] = field(default_factory=dict)
+    #: model -> max_batch, for the models whose batch sizes are searched (``batch_sizes: auto``)
+    searched: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +74,9 @@ class Forecast:
             out.append(est)
         for candidate, gates in sorted(self.gates.items()):
             out.append(f"  accuracy: {candidate}: {gates}")
+        for model, most in self.searched.items():
+            out.append(f"  {model}: batch sizes searched (auto, up to {most}): counted here at batch 1 only; "
+                       "the sweep adds a size at a time, with the three fastest candidates of the size before")
         return out
 
     def markdown(self) -> str:
@@ -163,7 +168,8 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
             kept.append(d)
     history = phase_history(store)
     slots = local_slots(spec)[0] if source == "local" else max(1, stored_slots)
-    fc = Forecast(classes, source, slots, narrowed=len(decisions) - len(kept))
+    fc = Forecast(classes, source, slots, narrowed=len(decisions) - len(kept),
+                  searched={m.name: spec.max_batch_of(m) for m in spec.models if spec.searches_batches(m)})
     totals: Counter = Counter()
     serial = 0.0
     for d in kept:

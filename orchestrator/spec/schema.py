@@ -193,9 +193,21 @@ def _path(loc) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
 
 
+_LIST_BRANCH, _AUTO_BRANCH = "list[constrained-int]", "literal['auto']"
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid sweep spec {source}:"]
     for err in exc.errors():
+        # batch_sizes is a list or "auto": the list's error says what is wrong, at the list's path
+        if _AUTO_BRANCH in err["loc"]:
+            continue
+        if _LIST_BRANCH in err["loc"]:
+            err = {**err, "loc": tuple(p for p in err["loc"] if p != _LIST_BRANCH)}
+            if err["type"] == "list_type":
+                lines.append(f"  {_path(err['loc'])}: expected a list of batch sizes or 'auto', "
+                             f"got {checks.describe(err['input'])}")
+                continue
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"

@@ -60,6 +60,8 @@ def test_the_spec_takes_auto_and_refuses_other_words(tmp_path):
     assert spec.batches_of(spec.models[0]) == [1] and spec.searches_batches(spec.models[0])
     with pytest.raises(SpecError, match="batch_sizes"):
         tiny_spec(tmp_path / "store", [EAGER], batch_sizes="big")
+    with pytest.raises(SpecError, match=r"batch_sizes: expected a list of batch sizes or .auto., got the string .big."):
+        tiny_spec(tmp_path / "store", [EAGER], batch_sizes="big")
 
 
 @pytest.mark.slow
@@ -80,3 +82,13 @@ def test_a_sweep_searches_the_batch_reuses_it_all_when_run_again_and_oom_stops_o
     assert '"batch_search"' in report
     again = run_sweep(spec, console=quiet(), write_report=False)
     assert again.ran == 0 and again.batch_search[0]["batch_sizes"] == sizes
+
+
+def test_the_plan_counts_batch_one_and_says_the_rest_is_searched(tmp_path):
+    from orchestrator.planning.forecast import forecast
+    from orchestrator.store import MemoryStore
+
+    spec = tiny_spec(tmp_path / "store", [EAGER, EAGER_BF16], batch_sizes="auto", max_batch=8)
+    fc = forecast(spec, MemoryStore(), local=True)
+    assert fc.totals["jobs"] == 2
+    assert any("mlp: batch sizes searched (auto, up to 8)" in line for line in fc.lines())
