@@ -50,6 +50,40 @@ def batch_folder(root: Path) -> Path:
     return layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 2)
 
 
+def wait_for(predicate, timeout_s: float = 90.0):
+    """``predicate()``'s first true value, looked at every 0.2 s; AssertionError after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def wait_past_switch(answers: list[list], version_of, new) -> None:
+    """Until every stream's last answer came from ``new``, and then five answers more each."""
+    wait_for(lambda: all(a and version_of(a[-1]) == new for a in answers))
+    counts = [len(a) for a in answers]
+    wait_for(lambda: all(len(a) >= c + 5 for a, c in zip(answers, counts)))
+
+
+def stop_streams(stop, threads) -> None:
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def switched_once(versions: list, old, new) -> bool:
+    """A stream's answers came from ``old``, then from ``new`` only: one switch, never back."""
+    if set(versions) != {old, new}:
+        return False
+    switch = versions.index(new)
+    return versions[:switch] == [old] * switch and versions[switch:] == [new] * (len(versions) - switch)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from aitune.measure import STOP_REASONS, TIMERS
 
 from orchestrator import records as R
 from orchestrator.records import ResultRecord
-from orchestrator.spec.schema import SpecError, parse_spec
+from orchestrator.spec.schema import SpecError
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.batch_search import FLAT_TRIES, TOP, Search
 from sweep_helpers import EAGER, EAGER_BF16, fault, quiet, tiny_spec

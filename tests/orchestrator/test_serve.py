@@ -13,7 +13,8 @@ from aitune import deploy_root as layout
 from cluster import Inventory, plan_deploy_targets
 from orchestrator.deploy.serve import start_serving, stop_serving
 from orchestrator.deploy import tensor_json
-from serve_helpers import REFERENCE, batch_folder, check_answer, free_port, install_runner_up, post, request, tuned_store
+from serve_helpers import (REFERENCE, batch_folder, check_answer, free_port, install_runner_up, post, request,
+                           stop_streams, switched_once, tuned_store, wait_for, wait_past_switch)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -39,16 +40,6 @@ def status(served) -> dict:
 
     with urllib.request.urlopen(f"{served['base']}/-status", timeout=30) as resp:
         return json.loads(resp.read())
-
-
-def wait_for(predicate, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
 
 
 def test_http_answers_match_the_eager_fp32_reference(served):
@@ -100,20 +91,14 @@ def test_a_new_version_rolls_over_during_a_stream_losing_no_request_and_answerin
         wait_for(lambda: all(len(a) >= 5 for a in answers))
         new = install_runner_up(served["spec"], served["outcome"], root).name
         assert new != old
-        wait_for(lambda: all(a and a[-1][2].get("version") == new for a in answers))
-        counts = [len(a) for a in answers]
-        wait_for(lambda: all(len(a) >= c + 5 for a, c in zip(answers, counts)))
+        wait_past_switch(answers, lambda answer: answer[2].get("version"), new)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        stop_streams(stop, threads)
     assert failures == []
     for stream_answers in answers:
         versions = [answer.get("version") for _, _, answer in stream_answers]
         assert all(code == 200 for _, code, _ in stream_answers), [a for _, c, a in stream_answers if c != 200][:3]
-        assert set(versions) == {old, new}
-        switch = versions.index(new)
-        assert versions[:switch] == [old] * switch and versions[switch:] == [new] * (len(versions) - switch)
+        assert switched_once(versions, old, new), versions
         for x, _, answer in stream_answers:
             check_answer(root, x, answer)
 

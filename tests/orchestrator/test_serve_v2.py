@@ -23,7 +23,7 @@ from cluster import Inventory, plan_deploy_targets
 from orchestrator.deploy.serve import start_serving, stop_serving
 from orchestrator.store import SqliteStore
 from orchestrator.sweep import run_sweep
-from serve_helpers import free_port
+from serve_helpers import free_port, stop_streams, switched_once, wait_for, wait_past_switch
 from sweep_helpers import EAGER, EAGER_BF16, quiet, tiny_spec
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (in the test extra) is not installed")
@@ -302,7 +302,7 @@ def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_not
     for t in threads:
         t.start()
     try:
-        _wait(lambda: all(len(a) >= 5 for a in answers))
+        wait_for(lambda: all(len(a) >= 5 for a in answers))
         old = answers[0][-1][1]  # the b4 winner, or b1's when the sweep found four b1 calls cheaper
         selection = next(s for s in outcome.selections if (s.model, s.batch_size) == ("mlp", 4))
         other = next(r for r in outcome.results
@@ -315,19 +315,13 @@ def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_not
                                            factory="aitune.examples:mlp", median_ms=1e-6, positional_names=["x"])
         assert verified.ok, verified.reason
         new = version.name  # 4 rows now run as one call of it: its latency is the lowest
-        _wait(lambda: all(a and a[-1][1] == new for a in answers))
-        counts = [len(a) for a in answers]
-        _wait(lambda: all(len(a) >= c + 5 for a, c in zip(answers, counts)))
+        wait_past_switch(answers, lambda answer: answer[1], new)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        stop_streams(stop, threads)
     assert failures == []
     for stream_answers in answers:
         versions = [v for _, v, _ in stream_answers]
-        assert set(versions) == {old, new}
-        switch = versions.index(new)
-        assert versions[:switch] == [old] * switch and versions[switch:] == [new] * (len(versions) - switch)
+        assert switched_once(versions, old, new), versions
         for x, v, out in stream_answers:
             tol = layout.read_install(layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), 4 if v == new else
                                                        (4 if (folder / v).is_dir() else 1)) / v).tolerance
@@ -336,15 +330,6 @@ def test_a_rollover_under_batched_protocol_traffic_loses_nothing_and_answers_not
                                        atol=tol["atol"], rtol=tol["rtol"])
 
 
-def _wait(predicate, timeout_s: float = 90.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (the optional 'hf' extra)")
