@@ -175,7 +175,8 @@ def batching_for(installs: list[Any]) -> Batching:
         return off("only batch size 1 was tuned: nothing to combine")
     for install in ordered:
         if install.median_ms is None:
-            return off(f"b{install.batch_size} ({install.version}) has no latency from its sweep to plan batches by")
+            return off(f"b{install.batch_size} ({install.version}) has no latency from its sweep to plan batches by "
+                       "(installed before it was kept; deploy again)")
         if any(not s or s[0] != install.batch_size for s in install.input_shapes):
             return off(f"b{install.batch_size}: not every input has the batch on axis 0 ({install.input_shapes})")
         if [s[1:] for s in install.input_shapes] != rows or list(install.input_dtypes or []) != dtypes:
