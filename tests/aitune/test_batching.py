@@ -46,16 +46,17 @@ def mixes_rows():
     return MixesRows()
 
 
-def install(tmp_path, root, factory, batch: int, median_ms: float | None = 1.0):
+def install(tmp_path, root, factory, batch: int, median_ms: float | None = 1.0, device: str = "cpu", backend_class=None):
     name = factory.__name__
     model = aitune.attach_factory(factory(), f"{__name__}:{name}", {})
     s = Sample.of(torch.randn(batch, 8, generator=torch.Generator().manual_seed(batch)))
-    backend = TorchEagerBackend().build(model, GraphSpec.from_sample(s), [s], "cpu", tmp_path / f"b-{name}-{batch}")
+    build = (backend_class or TorchEagerBackend)()
+    backend = build.build(model.to(device), GraphSpec.from_sample(s), [s.to(device)], device, tmp_path / f"b-{name}-{batch}")
     path = tmp_path / f"ckpt-{name}-{batch}"
     save_checkpoint(backend, path)
     with torch.inference_mode():
-        reference = pack_reference(s, model(*s.args))
-    version, verified = layout.install(root, path, reference, device="cpu", model=name, batch_size=batch,
+        reference = pack_reference(s, factory()(*s.args))  # eager fp32 on the CPU, as a sweep's reference
+    version, verified = layout.install(root, path, reference, device=device, model=name, batch_size=batch,
                                        tolerance=FP32, factory=f"{__name__}:{name}", median_ms=median_ms,
                                        positional_names=["features"])
     assert verified.ok, verified.reason
@@ -145,3 +146,22 @@ def test_batching_is_off_where_only_batch_one_was_tuned(tmp_path):
     install(tmp_path, root, rowwise, 1)
     batching = batching_for(list(aitune.load_tuned(root, "rowwise").installs.values()))
     assert not batching.enabled and "only batch size 1" in batching.reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: batching into CUDA-graph winners")
+def test_on_a_gpu_cuda_graph_winners_pass_the_row_check_and_batched_rows_match_each_alone(tmp_path):
+    from aitune.torch.backend import CudaGraphBackend
+
+    root = tmp_path / "deploy"
+    for batch in (1, 4):
+        _, verified = install(tmp_path, root, rowwise, batch, device="cuda", backend_class=CudaGraphBackend)
+    assert verified.row_check == RowCheck(True, 4)
+    tuned = aitune.load_tuned(root, "rowwise", device="cuda")
+    assert tuned.batching.enabled, tuned.batching.reason
+    rows = [torch.randn(n, 8, device="cuda") for n in (1, 2, 1, 3)]
+    with torch.inference_mode():
+        answers = run_rows(tuned, [((x,), {}) for x in rows], {1: 1.0, 4: 1.5})
+    eager = rowwise().cuda()
+    for x, ((_, out),) in zip(rows, answers):
+        torch.testing.assert_close(out, eager(x), atol=1e-4, rtol=1e-3)
