@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +32,10 @@ class ModelBatcher:
     """One model's queue on one replica. ``run(items)`` returns one answer (or exception) per item."""
 
     def __init__(self, run: Callable[[list[Any]], list[Any]], max_rows: int, max_queue_delay_ms: float,
-                 executor: Executor) -> None:
+                 call: Callable[..., Awaitable[Any]]) -> None:
+        """``call(fn, *args)`` runs ``fn`` where the replica runs models (its inference thread)."""
         self.run, self.max_rows, self.delay_s = run, max(1, int(max_rows)), max(0.0, max_queue_delay_ms) / 1000.0
-        self.executor = executor
+        self.call = call
         self._queue: list[_Pending] = []
         self._arriving = 0
         self._running = False
@@ -89,13 +89,12 @@ class ModelBatcher:
         return batch
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._queue:
                 await self._gather()
                 batch = self._take()
                 try:
-                    answers = await loop.run_in_executor(self.executor, self.run, [p.item for p in batch])
+                    answers = await self.call(self.run, [p.item for p in batch])
                 except Exception as exc:  # the whole batch failed: every request in it hears why
                     answers = [exc] * len(batch)
                 self.batches += 1

@@ -249,7 +249,7 @@ class TunedServer:
         except ValueError as exc:
             return JSONResponse({"error": f"the request body is not JSON: {exc}"}, status_code=400)
         # on the inference thread, like every call (runner.py): one call into a backend at a time
-        code, answer = await asyncio.get_running_loop().run_in_executor(self.runner.executor, self.infer, model, body)
+        code, answer = await self.runner.call(self.infer, model, body)
         return JSONResponse(answer, status_code=code)
 
     def __del__(self) -> None:

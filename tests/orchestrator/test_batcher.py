@@ -19,7 +19,17 @@ def make(max_rows: int = 4, delay_ms: float = 1000.0, fail: bool = False):
             raise RuntimeError("the model broke")
         return [("answer", item) for item in items]
 
-    return ModelBatcher(run, max_rows, delay_ms, ThreadPoolExecutor(1)), calls
+    return ModelBatcher(run, max_rows, delay_ms, on_a_thread()), calls
+
+
+def on_a_thread():
+    """Where a replica runs models: here, one thread of its own."""
+    pool = ThreadPoolExecutor(1)
+
+    async def call(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    return call
 
 
 async def request(batcher: ModelBatcher, item, rows: int = 1, reading_s: float = 0.0):
@@ -76,7 +86,7 @@ def test_a_failed_batch_fails_each_of_its_requests_and_the_queue_goes_on():
 def test_answers_that_are_exceptions_go_to_their_own_request_only():
     async def main():
         batcher = ModelBatcher(lambda items: [ValueError(f"bad {i}") if i == 2 else i for i in items], 4, 50,
-                               ThreadPoolExecutor(1))
+                               on_a_thread())
         return await asyncio.gather(*(request(batcher, i) for i in range(3)), return_exceptions=True)
 
     results = asyncio.run(main())
@@ -87,3 +97,27 @@ def test_answers_that_are_exceptions_go_to_their_own_request_only():
 def test_settings_are_kept_sane(rows, delay):
     batcher, _ = make(max_rows=rows, delay_ms=delay)
     assert batcher.max_rows >= 1 and batcher.delay_s >= 0
+
+
+def test_the_runner_runs_a_lone_request_on_the_loop_and_others_on_its_one_thread():
+    import threading
+
+    from orchestrator.deploy.runner import BatchingSettings, Runner
+
+    runner = Runner({}, "cpu", BatchingSettings(), threads=1)
+    where: list[str] = []
+
+    def work(i):
+        where.append(threading.current_thread().name)
+        return i
+
+    async def main():
+        with runner.arriving("m", "v1"):  # a version: no batcher, just the count
+            alone = await runner.call(work, 0)
+        with runner.arriving("m", "v1"), runner.arriving("m", "v1"):  # two requests on the replica
+            together = await asyncio.gather(runner.call(work, 1), runner.call(work, 2))
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert alone == 0 and together == [1, 2]
+    assert where[0] == "MainThread" and all(name.startswith("aitune-infer") for name in where[1:])
