@@ -244,10 +244,39 @@ def serve(args: ServeRequest, console: Console) -> int:
     """Serve the installed winners of a store until interrupted; the exit code."""
     import time
 
-    from cluster import Inventory, connect, plan_deploy_targets
-    import contextlib
+    from cluster import Inventory, plan_deploy_targets
+    from orchestrator.deploy.serve import start_serving, stop_serving
 
-    from orchestrator.deploy.serve import direct_ingress_env, start_serving, stop_serving
+    ready = _serve_inputs(args, console)
+    if isinstance(ready, int):
+        return ready
+    spec, models, batching = ready
+    handle, direct, proxy_port = _connect_for_serving(args, console)
+    try:
+        try:
+            slots = plan_deploy_targets(Inventory.from_ray(), spec.deploy.targets)
+        except ValueError as exc:
+            _say(console, f"error: deploy targets: {exc}")
+            return EXIT_BAD_INPUT
+        try:
+            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=proxy_port,
+                                   max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s,
+                                   batching=batching)
+        except Exception as exc:  # a replica that can't load what is installed
+            _say(console, f"not done: serving {', '.join(models)} failed: {_replica_error(exc)}")
+            return EXIT_INCOMPLETE
+        _say_served(console, served, models, direct)
+        while True:
+            time.sleep(3600)
+    finally:
+        try:
+            stop_serving()
+        finally:
+            handle.shutdown()
+
+
+def _serve_inputs(args: ServeRequest, console: Console):
+    """(spec, models, batching settings), or the exit code of a refusal: all before Ray starts."""
     from orchestrator.deploy.stored import DeployInputError, choose, open_existing, with_targets
     from orchestrator.store import StoreError
 
@@ -275,47 +304,41 @@ def serve(args: ServeRequest, console: Console) -> int:
         if missing:
             _say(console, f"error: {missing}: deploy first: python -m orchestrator deploy {args.store}")
             return EXIT_BAD_INPUT
+    return spec, models, batching
+
+
+def _connect_for_serving(args: ServeRequest, console: Console):
+    """(cluster handle, direct ingress on, the proxy's port). Direct: the replicas take --port (and
+    up), the proxy, still there, a free port of its own; Ray's processes read it when they start."""
+    import contextlib
+
     import ray
 
+    from cluster import connect
+    from orchestrator.deploy.serve import direct_ingress_env
+
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
-    direct = args.ingress == "direct" and embedded and not ray.is_initialized()  # Ray's processes read it at start
+    direct = args.ingress == "direct" and embedded and not ray.is_initialized()
     if args.ingress == "direct" and not embedded:
         _say(console, "note: on a Ray cluster, direct ingress is the cluster's own setting "
                       "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in every `ray start`'s environment)")
-    # direct: the replicas take --port (and up); the proxy, still there, a free port of its own
     proxy_port = _free_port(args.host) if direct else args.port
     with direct_ingress_env(args.port) if direct else contextlib.nullcontext():
         handle = connect(args.address)
-    try:
-        try:
-            slots = plan_deploy_targets(Inventory.from_ray(), spec.deploy.targets)
-        except ValueError as exc:
-            _say(console, f"error: deploy targets: {exc}")
-            return EXIT_BAD_INPUT
-        try:
-            served = start_serving(spec.deploy.root, models, slots, host=args.host, port=proxy_port,
-                                   max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s,
-                                   batching=batching)
-        except Exception as exc:  # a replica that can't load what is installed
-            _say(console, f"not done: serving {', '.join(models)} failed: {_replica_error(exc)}")
-            return EXIT_INCOMPLETE
-        _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/v2/models/MODEL "
-                      f"(Open Inference Protocol); Ctrl-C stops")
-        if served.direct[1:]:
-            _say(console, f"  the other replicas: {', '.join(served.direct[1:])} (a load balancer in front spreads the load)")
-        if direct and not served.direct:
-            _say(console, f"  direct ingress is not in effect on this Ray: served by the proxy at {served.proxy_url}")
-        for model, force in served.batching.items():
-            _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
-                                            f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms"
-                                            if force["enabled"] else f"one request per call: {force['reason']}"))
-        while True:
-            time.sleep(3600)
-    finally:
-        try:
-            stop_serving()
-        finally:
-            handle.shutdown()
+    return handle, direct, proxy_port
+
+
+def _say_served(console: Console, served, models: list[str], direct: bool) -> None:
+    _say(console, f"serving {', '.join(models)} on {served.replicas} replica(s) at {served.url}/v2/models/MODEL "
+                  f"(Open Inference Protocol); Ctrl-C stops")
+    if served.direct[1:]:
+        _say(console, f"  the other replicas: {', '.join(served.direct[1:])} (a load balancer in front spreads the load)")
+    if direct and not served.direct:
+        _say(console, f"  direct ingress is not in effect on this Ray: served by the proxy at {served.proxy_url}")
+    for model, force in served.batching.items():
+        _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
+                                        f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms"
+                                        if force["enabled"] else f"one request per call: {force['reason']}"))
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
