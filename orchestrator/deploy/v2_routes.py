@@ -64,13 +64,20 @@ def face_of(tuned, batching_in_force: dict[str, Any]) -> Face:
 
     names = tuned.input_names or [f"input_{i}" for i in range(len(first.input_shapes))]
     positional = first.positional_inputs if tuned.input_names else len(first.input_shapes)
-    inputs = [(n, oip.datatype_of(getattr(torch, d)), shape(s))
-              for n, d, s in zip(names, first.input_dtypes or [], first.input_shapes)]
+    inputs = [(n, _datatype(d), shape(s)) for n, d, s in zip(names, first.input_dtypes or [], first.input_shapes)]
     paths = [p for p, _, _ in first.outputs or []]
-    outputs = [(n, oip.datatype_of(getattr(torch, d)), shape(s))
-               for n, (_, s, d) in zip(oip.output_names(paths), first.outputs or [])]
+    outputs = [(n, _datatype(d), shape(s)) for n, (_, s, d) in zip(oip.output_names(paths), first.outputs or [])]
     versions = sorted({i.version for i in installs})
     return Face(inputs, outputs, paths, positional, versions, batching_in_force)
+
+
+def _datatype(torch_name: str) -> str:
+    """The protocol's name for a torch dtype; one it has none for is shown by torch's name (and
+    refused when a request or an answer carries it)."""
+    try:
+        return oip.datatype_of(getattr(torch, torch_name))
+    except (AttributeError, ValueError):
+        return torch_name.upper()
 
 
 def _json(code: int, body: Any):
@@ -155,7 +162,10 @@ class V2Routes:
             binary = {w.name for w in wanted if w.binary}
         else:
             binary = {n for n, _ in outputs} if parsed.binary_output else set()
-        body, headers = oip.encode_infer_response(model, answered, parsed.id, outputs, binary)
+        try:
+            body, headers = oip.encode_infer_response(model, answered, parsed.id, outputs, binary)
+        except oip.ProtocolError as exc:  # an output the protocol has no datatype for
+            return _error(exc.status, f"{model}: {exc}")
         return Response(body, status_code=200, headers=headers)
 
     @staticmethod
