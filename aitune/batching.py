@@ -18,7 +18,6 @@ function of the stored figures, so ``serve`` and ``deployments`` show the same o
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -130,8 +129,6 @@ def _plan(table: tuple[tuple[int, float], ...], rows: int) -> tuple[int, ...]:
     return cost[rows][2]
 
 
-def plan_cost_ms(latency_ms: dict[int, float], sizes: list[int]) -> float:
-    return math.fsum(latency_ms[s] for s in sizes)
 
 
 @dataclass(frozen=True)
@@ -210,18 +207,23 @@ def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([t, t[:1].expand(size - t.shape[0], *t.shape[1:])])
 
 
-def run_rows(call: Callable, requests: list[tuple[tuple, dict]], latency_ms: dict[int, float]) -> list[list[tuple[str, torch.Tensor]]]:
-    """Run several requests' rows as the planned tuned batch sizes and split the outputs back:
-    one list of (path, tensor) per request. The requests' inputs agree beyond the batch axis."""
+def rows_of(args: tuple, kwargs: dict) -> int:
+    """The rows of one call: its first input's batch axis."""
+    return int(next(iter([*args, *kwargs.values()])).shape[0])
+
+
+def run_rows(call: Callable, requests: list[tuple[tuple, dict]], sizes: list[int]) -> list[list[tuple[str, torch.Tensor]]]:
+    """Run several requests' rows as the tuned batch ``sizes`` (:func:`plan` of their rows) and split
+    the outputs back: one list of (path, tensor) per request. The inputs agree beyond the batch axis."""
     from aitune.torch.tree import flatten_tensors
 
-    counts = [int(next(iter([*r[0], *r[1].values()])).shape[0]) for r in requests]
+    counts = [rows_of(*r) for r in requests]
     total = sum(counts)
     args = tuple(torch.cat([r[0][i] for r in requests]) for i in range(len(requests[0][0])))
     kwargs = {k: torch.cat([r[1][k] for r in requests]) for k in requests[0][1]}
     parts: list[list[tuple[str, torch.Tensor]]] = []
     start = 0
-    for size in plan(latency_ms, total):
+    for size in sizes:
         real = min(size, total - start)
 
         def cut(t: torch.Tensor, s: int = start, n: int = real, size: int = size) -> torch.Tensor:

@@ -81,7 +81,7 @@ class ModelBatcher:
         self._joined = None
 
     def _take(self) -> list[_Pending]:
-        batch, rows = [self._queue.pop(0)], 0
+        batch = [self._queue.pop(0)]
         rows = batch[0].rows
         while self._queue and rows + self._queue[0].rows <= self.max_rows:
             rows += self._queue[0].rows

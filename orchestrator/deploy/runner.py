@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from aitune.batching import plan, rows_of, run_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -87,16 +89,13 @@ class Runner:
         return known[1]
 
     def _work_out(self, model: str, tuned) -> dict[str, Any]:
-        from aitune.batching import plan
-
-        batching = tuned.batching
-        enabled, reason = batching.enabled, batching.reason
-        if enabled and self.settings.off:
-            enabled, reason = False, "turned off for this server (--no-batching)"
-        plans = {str(n): plan(batching.latency_ms, n) for n in range(1, batching.max_batch + 1)} if enabled else {}
-        return {"enabled": enabled, "reason": reason, "max_batch": batching.max_batch if enabled else 1,
-                "max_queue_delay_ms": self.settings.delay_ms(model), "batch_sizes": sorted(batching.latency_ms),
-                "latency_ms": {str(b): ms for b, ms in sorted(batching.latency_ms.items())}, "plans": plans}
+        """The model's own batching (aitune.batching.Batching), turned off where this server says so."""
+        force = tuned.batching.to_dict()
+        if force["enabled"] and self.settings.off:
+            force.update(enabled=False, reason="turned off for this server (--no-batching)", plans={})
+        force.update(max_batch=tuned.batching.max_batch if force["enabled"] else 1,
+                     max_queue_delay_ms=self.settings.delay_ms(model))
+        return force
 
     async def call(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn`` where models run: on the one inference thread, so that no backend is entered
@@ -139,23 +138,15 @@ class Runner:
         """On the inference thread: the queued requests' rows as the current winners' tuned sizes."""
         import torch
 
-        from aitune.batching import run_rows
 
         tuned = self.models[model]
         batching = tuned.batching
         with torch.inference_mode():
             if batching.enabled:
-                flats = run_rows(tuned, items, batching.latency_ms)
-                versions = ",".join(sorted({tuned.versions[b] for b in set(self._sizes(batching, items))}))
-                return [(flat, versions) for flat in flats]
+                sizes = plan(batching.latency_ms, sum(rows_of(a, k) for a, k in items))
+                versions = ",".join(sorted({tuned.versions[b] for b in sizes}))
+                return [(flat, versions) for flat in run_rows(tuned, items, sizes)]
             return [self._run_one(tuned, args, kwargs) for args, kwargs in items]  # rolled over to an unbatched one
-
-    @staticmethod
-    def _sizes(batching, items: list) -> list[int]:
-        from aitune.batching import plan
-
-        rows = sum(int(next(iter([*a, *k.values()])).shape[0]) for a, k in items)
-        return plan(batching.latency_ms, rows)
 
     def _run_one(self, tuned, args: tuple, kwargs: dict):
         from aitune.loader import UntunedShape
@@ -193,8 +184,7 @@ class Runner:
             problem = _row_problem(tuned.batching, args, kwargs)
             if problem:
                 raise Refused(400, f"{model}: {problem}")
-            rows = int(next(iter([*args, *kwargs.values()])).shape[0])
-            answer = await batcher.submit((args, kwargs), rows)
+            answer = await batcher.submit((args, kwargs), rows_of(args, kwargs))
         else:
             if version is not None:
                 install = tuned.winner_for(*args, **kwargs)

@@ -18,6 +18,7 @@ for an unknown model, version or route, 405 for a wrong method, 503 while not re
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ EXTENSIONS = ["binary_tensor_data", "model_repository_readonly", "dynamic_batchi
 _MODEL_ROUTE = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?/?\Z")
 
 
+@functools.lru_cache(maxsize=1)
 def server_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -114,9 +114,15 @@ class BatchSearch:
                 and job.candidate in search.next_candidates)
 
     def out_of_budget(self) -> None:
+        self._stop_all("the sweep's budget ran out")
+
+    def nothing_to_try(self) -> None:
+        self._stop_all("no candidate left to try at the next size")
+
+    def _stop_all(self, why: str) -> None:
         for s in self.searches.values():
             if s.stopped is None:
-                s.stopped = "the sweep's budget ran out"
+                s.stopped = why
 
     def realized(self) -> SweepSpec:
         """The spec as tuned: each searched model's batch sizes the ones it reached (for the later stages)."""

@@ -56,11 +56,7 @@ class SweepSession:
     def tune(self) -> Tuned:
         """Plan every job, take what the store answers, run the rest on the workers."""
         with self.progress:
-            jobs = jobs_for(self.spec, self.identities, self.workers.classes())
-            stored = self.store.results_for(j.key for j in jobs)
-            policy = Policy(self.options.force, self.options.retry_failed)
-            decisions = [decide(j, stored.get(j.key, []), policy, self.store.checkpoint_problem) for j in jobs]
-            self.known = {j.key: {r.result_id for r in stored.get(j.key, [])} for j in jobs}
+            decisions = self._decide(jobs_for(self.spec, self.identities, self.workers.classes()))
             waves = Waves.split(self.spec, decisions)
             self.progress.total = len(decisions)
             start = time.monotonic()
@@ -74,6 +70,13 @@ class SweepSession:
                 results += self._search(search, results, start)
                 self.spec = search.realized()  # the later stages see the sizes the search reached
             return Tuned(results, waves, time.monotonic() - start, search.outcome())
+
+    def _decide(self, jobs: list[Job]) -> list[Decision]:
+        """Each job against what the store holds for its key (which result ids it saw, kept in ``known``)."""
+        stored = self.store.results_for(j.key for j in jobs)
+        policy = Policy(self.options.force, self.options.retry_failed)
+        self.known.update({j.key: {r.result_id for r in stored.get(j.key, [])} for j in jobs})
+        return [decide(j, stored.get(j.key, []), policy, self.store.checkpoint_problem) for j in jobs]
 
     def _left(self, start: float) -> float | None:
         total_s = self.spec.budgets.total_s
@@ -89,10 +92,10 @@ class SweepSession:
                 search.out_of_budget()
                 break
             jobs = [j for j in jobs_for(spec, self.identities, self.workers.classes()) if search.wanted(j)]
-            stored = self.store.results_for(j.key for j in jobs)
-            policy = Policy(self.options.force, self.options.retry_failed)
-            decisions = [decide(j, stored.get(j.key, []), policy, self.store.checkpoint_problem) for j in jobs]
-            self.known.update({j.key: {r.result_id for r in stored.get(j.key, [])} for j in jobs})
+            if not jobs:  # nothing left to try: the next round would be this one again
+                search.nothing_to_try()
+                break
+            decisions = self._decide(jobs)
             self.progress.total += len(decisions)
             ran = self._run(decisions, budget_s=left)
             search.take(ran)

@@ -132,7 +132,7 @@ def test_requests_run_as_tuned_sizes_padded_and_split_back_match_each_alone(tmp_
         return tuned(*args, **kwargs)
 
     rows = [torch.randn(n, 8) for n in (1, 2, 1, 3)]  # 7 rows: one call of 4 and one padded call of 4
-    answers = run_rows(call, [((x,), {}) for x in rows], {1: 1.0, 4: 1.5})
+    answers = run_rows(call, [((x,), {}) for x in rows], plan({1: 1.0, 4: 1.5}, 7))
     assert calls == [4, 4]
     eager = rowwise()
     for x, answer in zip(rows, answers):
@@ -161,7 +161,7 @@ def test_on_a_gpu_cuda_graph_winners_pass_the_row_check_and_batched_rows_match_e
     assert tuned.batching.enabled, tuned.batching.reason
     rows = [torch.randn(n, 8, device="cuda") for n in (1, 2, 1, 3)]
     with torch.inference_mode():
-        answers = run_rows(tuned, [((x,), {}) for x in rows], {1: 1.0, 4: 1.5})
+        answers = run_rows(tuned, [((x,), {}) for x in rows], plan({1: 1.0, 4: 1.5}, 7))
     eager = rowwise().cuda()
     for x, ((_, out),) in zip(rows, answers):
         torch.testing.assert_close(out, eager(x), atol=1e-4, rtol=1e-3)
