@@ -100,11 +100,13 @@ REFERENCE_FAILED = "ReferenceFailed"
 
 
 class Group(NamedTuple):
-    """What one decision is about: a model at a batch size on a device class."""
+    """What one decision is about: a model at a batch size (and, for a model whose axes vary, a
+    shape point such as ``seq=64``: aitune.shapes.label) on a device class."""
 
     model: str
     batch_size: int
     device_class_key: str
+    shape: str = ""
 
 
 def candidate_key(backend: str, config: dict[str, Any]) -> str:
@@ -168,6 +170,8 @@ class Job(_Record):
     #: wall-clock time (``time.time()``) after which the worker skips it rather than start it:
     #: set when it is sent, from the sweep's total budget (None: no budget)
     start_by: float | None = None
+    #: the shape point of a model whose axes vary (``seq=64``; aitune.shapes.label); '' for fixed shapes
+    shape: str = ""
 
     def __post_init__(self) -> None:
         self.mode = JobMode(self.mode)
@@ -175,7 +179,7 @@ class Job(_Record):
 
     @property
     def group(self) -> Group:
-        return Group(self.model, self.batch_size, self.device_class_key)
+        return Group(self.model, self.batch_size, self.device_class_key, self.shape)
 
     @property
     def family_key(self) -> str:
@@ -236,6 +240,8 @@ class ResultRecord(_Record):
     #: the weights and architecture it was built from (for diffs: why a key changed)
     model_fingerprint: str | None = None
     structure_key: str | None = None
+    #: the shape point of a model whose axes vary (``seq=64``); '' for fixed shapes
+    shape: str = ""
     #: what the worker saw around its phases: wall-clock windows ``build`` and ``measure``
     #: ([start, end], ``time.time()``) and the load average (1 min) before and after measuring
     context: dict[str, Any] = field(default_factory=dict)
@@ -265,7 +271,7 @@ class ResultRecord(_Record):
 
     @property
     def group(self) -> Group:
-        return Group(self.model, self.batch_size, self.device_class_key)
+        return Group(self.model, self.batch_size, self.device_class_key, self.shape)
 
     @property
     def candidate_key(self) -> str:
@@ -314,7 +320,7 @@ def result_for(job: Job, status: str, error: str | None = None, error_class: str
         candidate=job.candidate, status=status, device_class_key=job.device_class_key, eval_key=job.eval_key,
         evaluation=job.evaluation, error=error, error_class=error_class, worker=worker,
         attempts=job.attempt + 1, created_at=time.time(), reference_key=job.reference_key,
-        model_fingerprint=job.model_fingerprint or None, structure_key=job.structure_key or None,
+        model_fingerprint=job.model_fingerprint or None, structure_key=job.structure_key or None, shape=job.shape,
     )
 
 
@@ -341,10 +347,12 @@ class SelectionRecord(_Record):
     #: ``reuse: decisions``: the family member whose full tuning chose the candidates tried here
     #: ({"model", "candidates"}); None when this group was tuned fully
     decisions_from: dict[str, Any] | None = None
+    #: the group's shape point (``seq=64``); '' for fixed shapes
+    shape: str = ""
 
     @property
     def group(self) -> Group:
-        return Group(self.model, self.batch_size, self.device_class_key)
+        return Group(self.model, self.batch_size, self.device_class_key, self.shape)
 
 
 @dataclass
@@ -368,6 +376,8 @@ class DeployRecord(_Record):
     version: str | None = None
     previous: str | None = None
     at: float | None = None
+    #: the shape point installed (``seq=64``); '' for fixed shapes
+    shape: str = ""
 
     def __post_init__(self) -> None:
         self.status, self.action = DeployStatus(self.status), DeployAction(self.action)

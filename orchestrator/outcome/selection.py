@@ -166,7 +166,7 @@ def _nobody(group: Group, records: list[ResultRecord], base: ResultRecord | None
                   "the model's forward is not repeatable (it keeps state across calls, such as a buffer it "
                   "updates, or draws random numbers), so no candidate can be checked: make forward depend "
                   "only on its inputs")
-    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=None,
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], shape=group.shape, winner_key=None,
                            winner=None, reason=reason)
 
 
@@ -215,7 +215,7 @@ def _decided(group: Group, first: _Pending, answer: Answer, rule: DecisionRule,
         "beside": list(answer.beside),
         **{k: v for k, v in rounds.to_dict().items() if k not in ("seconds", "load")},
     }
-    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=winner.key,
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], shape=group.shape, winner_key=winner.key,
                            winner=winner.candidate, reason=reason, ties=ties, remeasured=True, speedup=gain,
                            decision=decision)
 
@@ -228,7 +228,7 @@ def _screened(group: Group, first: _Pending, strategy: Strategy, rule: DecisionR
         reason = f"the only contender{far}"
         base = first.baseline if first.baseline is not None and first.baseline.eligible else None
         gain = speedup(base.measurement, only.measurement) if base is not None else None
-        return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], winner_key=only.key,
+        return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], shape=group.shape, winner_key=only.key,
                                winner=only.candidate, reason=reason, speedup=gain,
                                decision={"stop": "alone", "contenders": [only.key], "left_out": first.left_out})
     cands = [_Candidate(r) for r in first.contenders]
@@ -237,7 +237,7 @@ def _screened(group: Group, first: _Pending, strategy: Strategy, rule: DecisionR
     winner = choice.winner.record if choice.winner is not None else None
     gain = speedup(base.measurement, winner.measurement) if winner is not None and base is not None else None
     reason = f"{choice.reason}, by the first measurements alone: {why or 'the rounds could not be run'}"
-    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2],
+    return SelectionRecord(model=group[0], batch_size=group[1], device_class_key=group[2], shape=group.shape,
                            winner_key=winner.key if winner else None, winner=winner.candidate if winner else None,
                            reason=reason, ties=list(choice.ties), speedup=gain,
                            decision={"stop": "screening", "contenders": [r.key for r in first.contenders],

@@ -11,6 +11,7 @@ from aitune.defaults import candidates_for, is_baseline
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.registry import get_backend_class
 from aitune.torch.module_ref import attach_factory, import_object
+from orchestrator.spec.axes import shape_at
 from orchestrator.spec.models import CandidateSpec, ModelSpec
 from orchestrator.spec.schema import SweepSpec
 
@@ -23,17 +24,21 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
     return attach_factory(module.eval(), spec.factory, spec.kwargs)
 
 
-def make_sample(spec: ModelSpec, batch_size: int) -> Sample:
-    """The sample for one batch size: the same values in every process (seeded by the spec)."""
+def make_sample(spec: ModelSpec, batch_size: int, lengths: dict[str, int] | None = None) -> Sample:
+    """The sample for one batch size (and, where axes vary, one length per axis): the same values
+    in every process (seeded by the spec and the lengths)."""
+    lengths = lengths or {}
     if spec.sample_factory:
-        sample = import_object(spec.sample_factory)(batch_size=batch_size, seed=spec.seed)
+        extra = {"lengths": dict(lengths)} if spec.dynamic else {}
+        sample = import_object(spec.sample_factory)(batch_size=batch_size, seed=spec.seed, **extra)
         if not isinstance(sample, Sample):
             sample = Sample(tuple(sample) if isinstance(sample, (tuple, list)) else (sample,))
         return sample
-    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + batch_size)
+    seed = spec.seed * 1_000_003 + batch_size + sum(7919 * (i + 1) * n for i, n in enumerate(sorted(lengths.values())))
+    gen = torch.Generator().manual_seed(seed)
     args, kwargs = [], {}
     for i, inp in enumerate(spec.inputs):
-        shape = list(inp.shape)
+        shape = shape_at(inp.shape, lengths)
         shape.insert(inp.batch_axis, batch_size)
         dtype = getattr(torch, inp.dtype)
         if dtype.is_floating_point:
@@ -119,12 +124,16 @@ def candidate_specs(spec: SweepSpec, device_type: str) -> list[CandidateSpec]:
     return chosen
 
 
-def samples_key(spec: ModelSpec, batch_size: int) -> str:
-    """What decides the check samples' values: the input specs or sample factory, the seed, the batch."""
-    return sha256_of({
+def samples_key(spec: ModelSpec, batch_size: int, lengths: dict[str, int] | None = None) -> str:
+    """What decides the check samples' values: the input specs or sample factory, the seed, the batch
+    (and the lengths, for a model whose axes vary)."""
+    key = {
         "inputs": [i.model_dump(mode="json") for i in spec.inputs] if spec.inputs else None,
         "sample_factory": spec.sample_factory, "seed": spec.seed, "batch_size": batch_size,
-    })
+    }
+    if lengths:
+        key["lengths"] = dict(sorted(lengths.items()))
+    return sha256_of(key)
 
 
 class ModelLoadError(ValueError):

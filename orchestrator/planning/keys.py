@@ -24,6 +24,7 @@ from aitune.accuracy import Criteria, TaskGate, criteria_for
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
 from aitune.reference import load_reference, unpack_outputs
+from aitune.shapes import label
 from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
 from orchestrator.planning.candidates import (
@@ -129,9 +130,9 @@ def expand(
     for dc_key, device_class in device_classes.items():
         candidates = candidate_specs(spec, device_class["device_type"])
         for model in spec.models:
-            for batch in spec.batches_of(model):
-                graph = graph_spec_of(model, make_sample(model, batch)).to_dict()
-                samples = samples_key(model, batch)
+            for batch, point in ((b, p) for b in spec.batches_of(model) for p in model.points()):
+                graph = graph_spec_of(model, make_sample(model, batch, point)).to_dict()
+                samples = samples_key(model, batch, point)
                 for cand in candidates:
                     backend = make_backend(cand.backend, cand.config)
                     fields = config_fields(backend)
@@ -152,7 +153,7 @@ def expand(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
                         candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
                         graph_spec=graph, samples_key=samples, evaluation=evaluation, eval_key=evaluation_key(evaluation),
-                        structure_key=(structures or {}).get(model.name, ""),
+                        structure_key=(structures or {}).get(model.name, ""), shape=label(point),
                     )
     return list(jobs.values())
 

@@ -5,6 +5,7 @@ Each factory and backend a spec names is imported and checked here, before anyth
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, PositiveInt, ValidationInfo, field_validator, model_validator
@@ -19,8 +20,10 @@ from aitune.torch.backend.registry import (
     make_backend,
 )
 from aitune.torch.module_ref import ImportPathError, import_object
+from orchestrator.spec import axes as axes_spec
 from orchestrator.spec import checks
 from orchestrator.spec.accuracy import GatesSpec
+from orchestrator.spec.axes import AxisSpec, OutputAxes, SampleAxisSpec, Traffic
 from orchestrator.spec.strict import Name, Strict
 
 
@@ -48,10 +51,11 @@ def _model_name(value: str) -> str:
 
 
 class InputSpec(Strict):
-    """One input tensor. ``shape`` excludes the batch axis, which is inserted at ``batch_axis``."""
+    """One input tensor. ``shape`` excludes the batch axis, which is inserted at ``batch_axis``; an
+    entry may name an axis that varies (``seq``), declared in ``dynamic`` (spec/axes.py)."""
 
     name: Name | None = None
-    shape: list[PositiveInt] = Field(default_factory=list)
+    shape: list[PositiveInt | Name] = Field(default_factory=list)
     batch_axis: int = 0
     dtype: str = "float32"
     #: floats: uniform in [low, high); default standard normal. (A list in JSON: not strict.)
@@ -60,6 +64,8 @@ class InputSpec(Strict):
     int_range: tuple[int, int] | None = Field(default=None, strict=False)
     #: pass as a keyword argument named ``name``
     kwarg: bool = False
+    #: the axes of ``shape`` that vary: {axis: {buckets, pad}}
+    dynamic: dict[Name, AxisSpec] | None = None
 
     @field_validator("range", "int_range", mode="before")
     @classmethod
@@ -101,6 +107,7 @@ class InputSpec(Strict):
             problems += [(("range",), problem)] if problem else []
         if self.kwarg and not self.name:
             problems.append((("name",), "a keyword input needs a name"))
+        problems += axes_spec.input_axis_problems(self.shape, self.dynamic, self.dtype)
         if problems:
             raise checks.problems_error(problems)
         return self
@@ -113,8 +120,15 @@ class ModelSpec(Strict):
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     inputs: list[InputSpec] | None = None
-    #: import path of ``f(batch_size: int, seed: int) -> aitune.Sample`` (instead of ``inputs``)
+    #: import path of ``f(batch_size: int, seed: int) -> aitune.Sample`` (instead of ``inputs``);
+    #: with ``dynamic``, also ``lengths={axis: size}``
     sample_factory: str | None = None
+    #: a sample factory's axes that vary: {axis: {buckets, pad}} (inputs declare theirs themselves)
+    dynamic: dict[Name, SampleAxisSpec] | None = None
+    #: the share of calls at each length, per axis (default: uniform over the buckets)
+    traffic: Traffic | None = Field(default=None, strict=False)
+    #: outputs that follow an axis, {axis: {output path: dimension}} (default: traced from two lengths)
+    output_axes: OutputAxes | None = None
     #: the check samples' seed; at most 2**40, so that the per-batch seed the samples are drawn
     #: with (seed x 1,000,003 + batch) fits torch's 64-bit generator seed
     seed: int = Field(default=0, ge=0, le=2**40)
@@ -173,9 +187,42 @@ class ModelSpec(Strict):
             seen.add(inp.name)
         if isinstance(self.batch_sizes, list) and len(set(self.batch_sizes)) != len(self.batch_sizes):
             problems.append((("batch_sizes",), f"batch_sizes repeat a value: {self.batch_sizes}"))
+        problems += self._axis_problems()
         if problems:
             raise checks.problems_error(problems)
         return self
+
+    def _axis_problems(self) -> checks.Problems:
+        problems: checks.Problems = []
+        if self.dynamic and self.sample_factory is None:
+            problems.append((("dynamic",), "'dynamic' at the model is for a sample_factory's axes; "
+                                           "inputs declare theirs in their own 'dynamic'"))
+        if self.dynamic and self.sample_factory:
+            problem = axes_spec.sample_factory_takes_lengths(import_object(self.sample_factory), self.sample_factory)
+            if problem:
+                problems.append((("sample_factory",), f"{problem} (an axis that varies passes lengths=)"))
+            for name, axis in self.dynamic.items():
+                problem = axes_spec.buckets_problem(axis.buckets)
+                if problem:
+                    problems.append((("dynamic", name, "buckets"), problem))
+        found, more = axes_spec.model_axes(self.inputs, self.dynamic)
+        problems += more + axes_spec.traffic_problems(self.traffic, found)
+        for name in self.output_axes or {}:
+            if name not in found:
+                problems.append((("output_axes", name), f"unknown axis {name!r}; the model's axes: {', '.join(found) or 'none'}"))
+        return problems
+
+    def axes(self) -> dict[str, list[int]]:
+        """Each axis that varies and its buckets (empty: every shape is fixed)."""
+        return axes_spec.model_axes(self.inputs, self.dynamic)[0]
+
+    def points(self) -> list[dict[str, int]]:
+        """Every combination of buckets ([{}] for a model whose shapes are fixed)."""
+        found = self.axes()
+        return [dict(zip(found, combo)) for combo in itertools.product(*found.values())]
+
+    def traffic_weights(self) -> dict[str, dict[int, float]]:
+        return axes_spec.traffic_weights(self.traffic, self.axes())
 
 
 class CandidateSpec(Strict):

@@ -26,6 +26,7 @@ from aitune.accuracy import Gates
 from aitune.strategy import Strategy
 from orchestrator.spec import checks
 from orchestrator.spec.accuracy import AccuracySpec, GatesSpec
+from orchestrator.spec.axes import shape_at
 from orchestrator.spec.models import CandidateSpec, InputSpec, ModelSpec
 from orchestrator.spec.reader import SpecStructureError, SpecSyntaxError, read_spec_text
 from orchestrator.spec.sections import (
@@ -136,8 +137,9 @@ class SweepSpec(Strict):
         problems: checks.Problems = []
         for i, m in enumerate(self.models):
             batch = self.max_batch_of(m) if self.searches_batches(m) else max(self.batches_of(m))
+            longest = {name: max(buckets, default=1) for name, buckets in m.axes().items()}
             for j, inp in enumerate(m.inputs or []):
-                problem = checks.memory_problem(batch, inp.shape, inp.dtype, total)
+                problem = checks.memory_problem(batch, shape_at(inp.shape, longest), inp.dtype, total)
                 if problem:
                     problems.append((("models", i, "inputs", j), problem))
         return problems

@@ -121,7 +121,7 @@ class MemoryStore(ResultStore):
 
     # -- selections and deployments -----------------------------------------------------------
 
-    def _put_selection(self, tx: None, sweep_id: str, group: tuple[str, int, str], blob: str) -> None:
+    def _put_selection(self, tx: None, sweep_id: str, group: tuple[str, int, str, str], blob: str) -> None:
         self._selections.setdefault(sweep_id, {})[group] = blob
 
     def _selection_blobs(self, tx: None, sweep_id: str) -> list[str]:

@@ -237,10 +237,10 @@ class SqliteStore(ResultStore):
 
     # -- selections and deployments -----------------------------------------------------------
 
-    def _put_selection(self, db: sqlite3.Connection, sweep_id: str, group: tuple[str, int, str], blob: str) -> None:
+    def _put_selection(self, db: sqlite3.Connection, sweep_id: str, group: tuple[str, int, str, str], blob: str) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO selections (sweep_id, model, batch_size, device_class_key, record_json) "
-            "VALUES (?, ?, ?, ?, ?)", (sweep_id, *group, blob),
+            "INSERT OR REPLACE INTO selections (sweep_id, model, batch_size, device_class_key, shape, record_json) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (sweep_id, *group, blob),
         )
 
     def _selection_blobs(self, db: sqlite3.Connection, sweep_id: str) -> list[str]:

@@ -1,6 +1,7 @@
 """The SQLite file of a store: its schema and migrations, opening it (read-only too), and its errors in one line.
 
-Schema versions: 2 is the first this code opens; 3 adds the sweep's ``objective``. A store of version 2 is
+Schema versions: 2 is the first this code opens; 3 adds the sweep's ``objective``; 4 adds the
+selections' ``shape`` (the shape point of a model whose axes vary) to their key. A store of version 2 is
 migrated when it is opened for writing, and read as it is (every objective None) when opened read-only.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from orchestrator.store.rows import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "store.sqlite"
 
 _SCHEMA = """
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS selections (
     batch_size INTEGER NOT NULL,
     device_class_key TEXT NOT NULL,
     record_json TEXT NOT NULL,
-    PRIMARY KEY (sweep_id, model, batch_size, device_class_key)
+    shape TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (sweep_id, model, batch_size, device_class_key, shape)
 );
 CREATE TABLE IF NOT EXISTS deployments (
     sweep_id TEXT NOT NULL REFERENCES sweeps(id),
@@ -80,6 +82,13 @@ CREATE TABLE IF NOT EXISTS "references" (
 #: version -> the statements that bring a store of that version to the next
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE sweeps ADD COLUMN objective TEXT",),
+    3: ("CREATE TABLE selections_4 (sweep_id TEXT NOT NULL REFERENCES sweeps(id), model TEXT NOT NULL, "
+        "batch_size INTEGER NOT NULL, device_class_key TEXT NOT NULL, record_json TEXT NOT NULL, "
+        "shape TEXT NOT NULL DEFAULT '', PRIMARY KEY (sweep_id, model, batch_size, device_class_key, shape))",
+        "INSERT INTO selections_4 (sweep_id, model, batch_size, device_class_key, record_json) "
+        "SELECT sweep_id, model, batch_size, device_class_key, record_json FROM selections",
+        "DROP TABLE selections",
+        "ALTER TABLE selections_4 RENAME TO selections"),
 }
 
 

@@ -54,7 +54,7 @@ class RoundsOnWorkers:
         def make():  # read from the store only when a worker is free for it
             sent[group] = self.clock()
             checkpoints = {r.key: (r.backend, r.manifest_sha256, self.store.checkpoint_bytes(r)) for r in ask.records}
-            return "decide", (checkpoints, group.model, group.batch_size, ask.rule.to_dict(), ask.keys)
+            return "decide", (checkpoints, group.model, group.batch_size, ask.rule.to_dict(), ask.keys, group.shape)
 
         # the worker that ran most of them holds the model already
         ran = Counter(r.worker.worker_id for r in ask.records if r.worker is not None)

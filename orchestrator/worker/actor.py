@@ -30,6 +30,7 @@ from aitune.environment import describe_environment
 from aitune.failures import build_failure_status
 from aitune.judge import judge
 from aitune.reference import pack_outputs, pack_reference
+from aitune.shapes import parse_label
 from aitune.specs import GraphSpec, Sample
 from aitune.torch.backend.backend import Backend, build_sharing
 from aitune.torch.backend.registry import make_backend
@@ -107,9 +108,10 @@ class TuneWorker:
         ).to_dict()
 
     # -- model, sample, reference -----------------------------------------------------------------
-    def _reference(self, model_name: str, batch: int, fingerprint: str = "") -> tuple[torch.nn.Module, Sample, Any]:
+    def _reference(self, model_name: str, batch: int, fingerprint: str = "",
+                   shape: str = "") -> tuple[torch.nn.Module, Sample, Any]:
         """The model (from the cache, else loaded and checked against the driver's fingerprint)
-        and its eager fp32 reference at ``batch``."""
+        and its eager fp32 reference at ``batch`` (and ``shape``: a shape point's label)."""
         start = time.perf_counter()
         module = self._cache.module(model_name)
         if module is None:
@@ -117,10 +119,10 @@ class TuneWorker:
             evictions = self._cache.evictions
             self._cache.add_module(model_name, module)
             self._heap.model_loaded(evicted=self._cache.evictions > evictions)
-        ref = self._cache.reference(model_name, batch)
+        ref = self._cache.reference(model_name, (batch, shape))
         if ref is None:
-            ref = run_reference(self.spec.model(model_name), module, batch, self.device)
-            self._cache.add_reference(model_name, batch, *ref)
+            ref = run_reference(self.spec.model(model_name), module, batch, self.device, parse_label(shape))
+            self._cache.add_reference(model_name, (batch, shape), *ref)
         self._phases["load"] = time.perf_counter() - start
         return module, *ref
 
@@ -149,7 +151,7 @@ class TuneWorker:
         if skipped is not None:
             return skipped.to_dict()
         try:
-            module, sample, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
+            module, sample, _ = self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)
             backend = make_backend(job.backend, job.config)
         except NotDeterministicModel as exc:
             failure = self._failure(job, R.ERROR, exc)
@@ -205,7 +207,7 @@ class TuneWorker:
         job = Job.from_dict(job_dict)
         if self._backend is None or self._built_key != job.key:
             return None, None, None, None
-        _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
+        _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)
         record = self._record(job, R.OK)
         checkpoint = outputs = None
         try:
@@ -237,7 +239,7 @@ class TuneWorker:
         record.check, record.measurement, record.phases = prior.check, prior.measurement, dict(prior.phases)
         outputs = None
         try:
-            _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint)
+            _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)
             self._before = hygiene.snapshot(self.device)
             start = time.perf_counter()
             self._backend = self._load_stored(job, prior.manifest_sha256, checkpoint)
@@ -283,7 +285,7 @@ class TuneWorker:
                                  "than on the driver: make them deterministic (seeded)")
             module = self._cache.module(job.model)  # loaded with the job's reference, just before
             if module is None:
-                module, _, _ = self._reference(job.model, job.batch_size, job.model_fingerprint)
+                module, _, _ = self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)
             with torch.inference_mode():
                 outputs = [map_tensors(b.to(self.device)(module), lambda t: t.detach().to("cpu").clone()) for b in batches]
             self._task_last = (key, (batches, outputs))  # on the CPU: nothing held on the device between jobs
@@ -324,12 +326,12 @@ class TuneWorker:
         return record.to_dict(), checkpoint, outputs, ref
 
     def decide(self, checkpoints: dict[str, tuple[str | None, str | None, bytes]], model: str, batch: int,
-               rule: dict[str, Any], order: list[str]) -> dict[str, Any]:
+               rule: dict[str, Any], order: list[str], shape: str = "") -> dict[str, Any]:
         """A group's decision rounds: its stored checkpoints (by result key: backend, manifest
         SHA-256, bytes) measured interleaved on this device until the rule resolves them or its
         cap is reached (aitune.decision.run_rounds); returns the raw rounds for the driver to assess."""
         start = time.perf_counter()
-        _, sample, _ = self._reference(model, batch)
+        _, sample, _ = self._reference(model, batch, shape=shape)
         backends = {}
         for key, (backend_name, manifest_sha, data) in checkpoints.items():
             job = Job(key=key, model=model, batch_size=batch, backend=backend_name, config={}, candidate="",

@@ -26,12 +26,12 @@ def load_checked(model_spec: ModelSpec, fingerprint: str, device: torch.device) 
 
 
 def run_reference(model_spec: ModelSpec, module: torch.nn.Module, batch: int,
-                  device: torch.device) -> tuple[Sample, Any]:
+                  device: torch.device, lengths: dict[str, int] | None = None) -> tuple[Sample, Any]:
     """The sample at ``batch`` and the model's eager outputs on it; ReferenceFailed where the model
     (or its sample factory) fails, unless the device's trouble is to blame (out of memory, a
     poisoned CUDA context), which is raised as it is and handled as such."""
     try:
-        sample = make_sample(model_spec, batch).to(device)
+        sample = make_sample(model_spec, batch, lengths).to(device)
         with torch.inference_mode():
             out = map_tensors(sample(module), lambda t: t.detach().clone())
     except Exception as exc:

@@ -6,7 +6,7 @@ import json
 import pytest
 from rich.console import Console
 
-from orchestrator.records import BUILD_ERROR, INCORRECT, OK, DeployRecord, ResultRecord, SelectionRecord
+from orchestrator.records import BUILD_ERROR, INCORRECT, OK, DeployRecord, Group, ResultRecord, SelectionRecord
 from orchestrator.outcome.report import ROW_COLUMNS, render, report_rows, report_store, write_reports
 from orchestrator.outcome.selection import baseline_of
 from sweep_helpers import check_result, measurement, worker_info
@@ -61,7 +61,7 @@ def _by_key(rows):
 def test_baseline_is_eager_fp32_with_defaults_filled_in(sweep):
     results, _, _ = sweep
     baselines = baseline_of(results)
-    assert baselines[("resnet", 8, DEVICE)].key == "k-eager"  # config lacks keys: they mean defaults
+    assert baselines[Group("resnet", 8, DEVICE)].key == "k-eager"  # config lacks keys: they mean defaults
     assert baselines[("mlp", 1, DEVICE)].key == "k-mlp"
     assert len(baselines) == 2
 

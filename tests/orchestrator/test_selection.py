@@ -9,7 +9,7 @@ from aitune.decision import DecisionRule, Rounds
 from aitune.measure import Measurement
 from aitune.strategy import Strategy
 from orchestrator import records as R
-from orchestrator.records import ResultRecord, WorkerInfo
+from orchestrator.records import Group, ResultRecord, WorkerInfo
 from orchestrator.outcome.selection import Answer, choose_winners, disturbed
 
 DC = "c" * 64
@@ -86,7 +86,7 @@ def test_a_clear_winner_is_confirmed_against_eager_in_the_same_rounds():
     assert sel.winner_key == "fast" and sel.winner == "fast"
     assert "beats eager fp32 and every other contender beyond noise" in sel.reason
     # eager first (the fixed rule's order), the far one (13 ms, > 2.5x the best) left out
-    assert decide.calls == [(("mlp", 1, DC), ["eager", "fast"])]
+    assert decide.calls == [(Group("mlp", 1, DC), ["eager", "fast"])]
     assert sel.remeasured is True and sel.ties == []
     d = sel.decision
     assert d["stop"] == "resolved" and d["left_out"] == ["slow"]
@@ -184,7 +184,7 @@ def test_a_lone_contender_needs_no_rounds():
     decide = Rounder({"eager": 10.0, "fast": 2.0})
     sel = only(choose_winners([eager(), result("fast", 2.0)], MIN_LATENCY, decide))
     assert sel.winner_key == "fast" and sel.decision["stop"] == "resolved"
-    assert decide.calls == [(("mlp", 1, DC), ["eager", "fast"])]  # a win over eager is always confirmed
+    assert decide.calls == [(Group("mlp", 1, DC), ["eager", "fast"])]  # a win over eager is always confirmed
     decide = Rounder()
     sel = only(choose_winners([eager(median=2.0), result("slow", 9.0)], MIN_LATENCY, decide))
     assert decide.calls == [] and sel.winner_key == "eager" and sel.decision["stop"] == "alone"
