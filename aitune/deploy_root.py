@@ -47,13 +47,16 @@ from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.files import fsync_dir, write_atomic
 from aitune.reference import ReferenceFormatError, unpack_reference
+from aitune.shapes import Shapes
 
 log = logging.getLogger(__name__)
 
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
 BATCHING = "batching.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
-_BATCH = re.compile(r"b(\d+)\Z")
+_BATCH = re.compile(r"b(\d+)((?:-[A-Za-z_][A-Za-z0-9_]*=\d+)*)\Z")
+#: a shape point's label (aitune.shapes.label): '' or axis=size[,axis=size]
+_SHAPE = re.compile(r"\A(?:[A-Za-z_][A-Za-z0-9_]*=[1-9]\d*(?:,[A-Za-z_][A-Za-z0-9_]*=[1-9]\d*)*)?\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 #: what a model name may be: it is a folder of the deploy root, one path component
@@ -202,12 +205,19 @@ class Install:
     #: the tensor inputs are positional, and each output's (path, shape, dtype)
     positional_inputs: int | None = None
     outputs: list[tuple[str, list[int], str]] | None = None
+    #: the shape point of a model whose axes vary (``seq=64``: aitune.shapes.label); '' for fixed shapes
+    shape: str = ""
+    #: the model's axes that vary (aitune.shapes.Shapes.to_dict) and ``padding``: why padding up to a
+    #: bucket is refused for it (None: verified); None for a model whose shapes are fixed
+    shapes: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name in ("input_dtypes", "row_check", "positional_inputs", "outputs"):
             d.pop(name)
-        for name in ("criteria", "input_names", "median_ms"):  # an install without them reads as it always did
+        if not d["shape"]:
+            d.pop("shape")
+        for name in ("criteria", "input_names", "median_ms", "shapes"):  # an install without them reads as it always did
             if d[name] is None:
                 d.pop(name)
         return d
@@ -261,7 +271,22 @@ class Install:
                              and len(set(v)) == len(v) and all(is_str(x) and len(x) <= 256 for x in v),
                              "one distinct name per input shape", optional=True),
             median_ms=want("median_ms", lambda v: is_num(v) and v > 0, "a positive number", optional=True),
+            shape=want("shape", _shape_ok, "a shape point such as 'seq=64'", optional=True) or "",
+            shapes=want("shapes", _shapes_ok, "the model's axes {axes, padding}", optional=True),
         )
+
+
+def _shape_ok(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SHAPE.match(value))
+
+
+def _shapes_ok(value: Any) -> bool:
+    try:
+        Shapes.from_dict(value)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    padding = value.get("padding")
+    return padding is None or (isinstance(padding, str) and not has_control_characters(padding))
 
 
 def _short(value: Any) -> str:
@@ -314,12 +339,19 @@ def install(root, checkpoint_dir: Path, reference: bytes, *, device: torch.devic
     return version_dir, verified
 
 
-def batch_dir(root: Path, model: str, class_key: str, batch_size: int) -> Path:
-    """``ROOT/MODEL/CLASS/bN``: the model name must be one plain path component (DeployRootError if not)."""
+def batch_dir(root: Path, model: str, class_key: str, batch_size: int, shape: str = "") -> Path:
+    """``ROOT/MODEL/CLASS/bN`` (``bN-seq=64`` at a shape point): the model name must be one plain path
+    component (DeployRootError if not)."""
     check_model_name(model)
     if not (isinstance(class_key, str) and _HEX64.match(class_key)):
         raise DeployRootError(f"device class key {_short(class_key)} is not 64 hex digits")
-    return Path(root) / model / class_dir_name(class_key) / f"b{int(batch_size)}"
+    if not _shape_ok(shape):
+        raise DeployRootError(f"shape point {_short(shape)} is not axis=size[,axis=size]")
+    return Path(root) / model / class_dir_name(class_key) / batch_folder(batch_size, shape)
+
+
+def batch_folder(batch_size: int, shape: str = "") -> str:
+    return f"b{int(batch_size)}" + "".join(f"-{part}" for part in shape.split(",") if part)
 
 
 def check_writable(root: str | os.PathLike | None) -> Path:
@@ -409,10 +441,11 @@ def read_install(version_dir: Path) -> Install:
         raise DeployRootError(f"{file}: unreadable install record: {why}") from None
     batch, klass, model = version_dir.parent.name, version_dir.parent.parent.name, version_dir.parent.parent.parent.name
     where = f"{model}/{klass}/{batch}/{version_dir.name}"
-    if (install.version, f"b{install.batch_size}", class_dir_name(install.device_class_key), install.model) != (
+    folder = batch_folder(install.batch_size, install.shape)
+    if (install.version, folder, class_dir_name(install.device_class_key), install.model) != (
             version_dir.name, batch, klass, model):
         raise DeployRootError(f"{file}: describes {install.model}/{class_dir_name(install.device_class_key)}/"
-                              f"b{install.batch_size}/{install.version}, not the folder {where} it is in")
+                              f"{folder}/{install.version}, not the folder {where} it is in")
     if not install.version.endswith(install.manifest_sha256[:12]):
         raise DeployRootError(f"{file}: version {install.version} is not named after its manifest_sha256")
     return install
@@ -432,13 +465,15 @@ def names_of_inputs(args: tuple, kwargs: dict, positional: list[str | None] | No
     return names
 
 
-def _refresh(version_dir: Path, input_names: list[str] | None, median_ms: float | None) -> None:
-    """An installed copy deployed again keeps its files, but takes the input names and the latency of
-    the sweep installing it now (where given): install.json rewritten whole."""
+def _refresh(version_dir: Path, input_names: list[str] | None, median_ms: float | None,
+             shapes: dict[str, Any] | None = None) -> None:
+    """An installed copy deployed again keeps its files, but takes the input names, the latency and
+    the axes of the sweep installing it now (where given): install.json rewritten whole."""
     install = read_install(version_dir)
-    fresh = {"input_names": input_names or install.input_names, "median_ms": median_ms or install.median_ms}
-    if fresh != {"input_names": install.input_names, "median_ms": install.median_ms}:
-        install.input_names, install.median_ms = fresh["input_names"], fresh["median_ms"]
+    fresh = {"input_names": input_names or install.input_names, "median_ms": median_ms or install.median_ms,
+             "shapes": shapes or install.shapes}
+    if fresh != {"input_names": install.input_names, "median_ms": install.median_ms, "shapes": install.shapes}:
+        install.input_names, install.median_ms, install.shapes = fresh["input_names"], fresh["median_ms"], fresh["shapes"]
         write_atomic(version_dir / INSTALL, (json.dumps(install.to_dict(), indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -487,6 +522,8 @@ def stage(
     criteria: dict[str, Any] | None = None,
     positional_names: list[str | None] | None = None,
     median_ms: float | None = None,
+    shape: str = "",
+    shapes: dict[str, Any] | None = None,
 ) -> tuple[Path, bool]:
     """Put a checkpoint in a version folder of its own (not current yet); returns (folder, is_new).
 
@@ -497,7 +534,9 @@ def stage(
     rename); a shared ``device_class.json`` that is missing or damaged is written again.
     """
     root = check_writable(root)
-    folder = batch_dir(root, model, class_key, batch_size)
+    folder = batch_dir(root, model, class_key, batch_size, shape)
+    if shapes is not None and not _shapes_ok(shapes):
+        raise DeployRootError(f"the axes being installed for {model} are not a shapes record: {_short(shapes)}")
     sha = manifest_sha256(checkpoint_dir)
     manifest = verify_checkpoint(checkpoint_dir, sha)
     sample = _read_reference(reference, "the reference being installed")
@@ -521,7 +560,7 @@ def stage(
                     continue
                 problem = _installed_copy_problem(folder / name, sha, reference)
                 if problem is None:
-                    _refresh(folder / name, input_names, median_ms)
+                    _refresh(folder / name, input_names, median_ms, shapes)
                     return folder / name, False
                 log.warning("installed copy %s fails its checks (%s); installing it again", folder / name, problem)
                 if name != now:
@@ -534,7 +573,7 @@ def stage(
                 factory=factory, backend=manifest.backend, input_shapes=input_shapes(tuple(sample["args"]), dict(sample["kwargs"])),
                 tolerance=dict(tolerance), reference_sha256=hashlib.sha256(reference).hexdigest(), installed_at=time.time(),
                 sweep_id=sweep_id, winner_key=winner_key, candidate=candidate, criteria=criteria,
-                input_names=input_names, median_ms=median_ms,
+                input_names=input_names, median_ms=median_ms, shape=shape, shapes=shapes,
             )
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".staging", dir=folder))
             try:
@@ -683,13 +722,14 @@ def switch_back(version_dir: Path, previous: str | None) -> None:
 
 
 def rollback(root: str | os.PathLike | None, model: str, class_key: str, batch_size: int,
-             device: torch.device | str, latency_s: float = 0.1, threads: int = 1) -> tuple[str | None, str | None, Verified]:
+             device: torch.device | str, latency_s: float = 0.1, threads: int = 1,
+             shape: str = "") -> tuple[str | None, str | None, Verified]:
     """Switch ``current`` back to the version installed before it, verified first.
 
     Returns (from version, to version, verification); ``current`` is unchanged unless it passed.
     """
     root = resolve_root(root)
-    folder = batch_dir(root, model, class_key, batch_size)
+    folder = batch_dir(root, model, class_key, batch_size, shape)
     check_no_links(root, folder)
     if not folder.is_dir():
         return None, None, Verified(False, reason=f"nothing installed in {folder}")
@@ -716,6 +756,7 @@ class Live:
     device_name: str | None
     version: str
     folder: Path
+    shape: str = ""
 
 
 def live(root: str | os.PathLike | None, model: str | None = None) -> list[Live]:
@@ -746,7 +787,9 @@ def live(root: str | os.PathLike | None, model: str | None = None) -> list[Live]
                 check_no_links(root, bdir)
                 version = current_version(bdir)
                 if version:
-                    out.append(Live(mdir.name, int(_BATCH.match(bdir.name).group(1)), key, name, version, bdir / version))
+                    found = _BATCH.match(bdir.name)
+                    out.append(Live(mdir.name, int(found.group(1)), key, name, version, bdir / version,
+                                    found.group(2).lstrip("-").replace("-", ",")))
     return out
 
 

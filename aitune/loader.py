@@ -3,10 +3,14 @@
     model = aitune.load_tuned("~/.cache/aitune/deploy", "small_cnn", device="cpu")
     out = model(images)          # sent to the winner tuned for images.shape
 
-Each tuned input shape (one per batch size) has its own winner; a call goes to the one tuned for
-its input shapes. A shape that was not tuned raises :class:`UntunedShape`, which lists the tuned
-shapes (the default, because a silent slow path hides a missing tuning), unless a ``fallback``
-is given: then such calls run on it (pass the eager model to get an eager fallback).
+Each tuned input shape (one per batch size, and per bucket of an axis that varies) has its own
+winner; a call goes to the one tuned for its input shapes. A model tuned with sequence buckets
+(aitune.shapes) takes any length up to its largest bucket: a call between buckets is padded up to
+the next bucket and its outputs sliced back, where the sweep verified that padding is safe for the
+model (else it is refused, saying why). A shape that was not tuned raises :class:`UntunedShape`,
+which lists the tuned shapes (the default, because a silent slow path hides a missing tuning),
+unless a ``fallback`` is given: then such calls run on it (pass the eager model to get an eager
+fallback).
 
 Loading verifies every installed checkpoint (the manifest SHA-256 recorded at install and every
 artifact's checksum) and imports only the model factory recorded at install for that model, or
@@ -25,6 +29,8 @@ import torch
 from aitune import deploy_root as layout
 from aitune.batching import Batching, batching_for
 from aitune.checkpoint import CheckpointError
+from aitune.shapes import ShapeError, Shapes, at, pad_sample
+from aitune.specs import Sample
 
 
 class TunedModelError(RuntimeError):
@@ -53,9 +59,24 @@ class TunedModel:
         return sorted(self._routes)
 
     @property
-    def versions(self) -> dict[int, str]:
-        """Batch size -> installed version served."""
-        return {i.batch_size: i.version for i in self.installs.values()}
+    def versions(self) -> dict[int | str, str]:
+        """Batch size (``b4 seq=64`` for a shape point) -> installed version served."""
+        return {(at(i.batch_size, i.shape) if i.shape else i.batch_size): i.version for i in self.installs.values()}
+
+    def version_at(self, batch_size: int, shape: str = "") -> str | None:
+        """The version served at a batch size and shape point (None: none)."""
+        return next((i.version for i in self.installs.values() if (i.batch_size, i.shape) == (batch_size, shape)), None)
+
+    @functools.cached_property
+    def shapes(self) -> Shapes | None:
+        """The axes that vary (None: every shape is fixed), and :attr:`padding`: why padding is refused."""
+        found = next((i.shapes for i in self.installs.values() if i.shapes), None)
+        return Shapes.from_dict(found) if found else None
+
+    @property
+    def padding(self) -> str | None:
+        found = next((i.shapes for i in self.installs.values() if i.shapes), None)
+        return found.get("padding") if found else None
 
     @functools.cached_property
     def batching(self) -> Batching:
@@ -73,6 +94,11 @@ class TunedModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _key(args, kwargs)
+        if key not in self._routes and self.shapes is not None:
+            padded = self._padded(args, kwargs)
+            if padded is not None:
+                (args, kwargs), lengths = padded
+                return self.shapes.cut(self(*args, **kwargs), lengths)
         backend = self._routes.get(key)
         if backend is not None:
             wanted = self.installs[key].input_dtypes
@@ -90,11 +116,39 @@ class TunedModel:
 
     forward = __call__
 
+    def _padded(self, args: tuple, kwargs: dict) -> tuple[tuple[tuple, dict], dict[str, int]] | None:
+        """The call padded up to its bucket, and its lengths; None where it needs no padding (or it
+        goes to the fallback); UntunedShape where it can't be padded, saying why."""
+        names = self.input_names or layout.names_of_inputs(args, kwargs, None)
+        positional = names[:sum(isinstance(a, torch.Tensor) for a in args)]
+        named = dict(zip(layout.names_of_inputs(args, kwargs, positional), _tensors(args, kwargs)))
+        try:
+            lengths = self.shapes.lengths(named)
+            bucket = self.shapes.bucket(lengths)
+        except ShapeError as exc:
+            if self.fallback is not None:
+                return None
+            raise UntunedShape(f"{self.model}: {exc}") from None
+        if bucket == lengths:
+            return None
+        if self.padding is not None:
+            if self.fallback is not None:
+                return None
+            said = ", ".join(f"{n} {lengths[n]}" for n in lengths if lengths[n] != bucket[n])
+            raise UntunedShape(f"{self.model}: {said} is between buckets ({self.shapes.describe()}), and padding is "
+                               f"refused for this model: {self.padding}")
+        padded = pad_sample(Sample(args, kwargs), self.shapes, bucket, positional)
+        return (padded.args, padded.kwargs), lengths
+
     def eval(self) -> "TunedModel":
         return self
 
     def __repr__(self) -> str:
         return f"TunedModel({self.model!r}, device={str(self.device)!r}, versions={self.versions})"
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)] + [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
 
 
 def _key(args: tuple, kwargs: dict) -> tuple:
@@ -149,14 +203,14 @@ def load_for_class(root, model: str, device: torch.device, class_key: str | None
         try:
             install, backend = layout.load_version(entry.folder, device, allow_factories=allow_factories)
         except (CheckpointError, layout.DeployRootError) as exc:
-            raise TunedModelError(f"{model} b{entry.batch_size} version {entry.version} refused: {exc}") from None
+            raise TunedModelError(f"{model} {at(entry.batch_size, entry.shape)} version {entry.version} refused: {exc}") from None
         except Exception as exc:  # whatever a damaged file makes torch or json raise: still one line, our type
-            raise TunedModelError(f"{model} b{entry.batch_size} version {entry.version} refused: {entry.folder}: "
+            raise TunedModelError(f"{model} {at(entry.batch_size, entry.shape)} version {entry.version} refused: {entry.folder}: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         shapes = tuple(tuple(s) for s in install.input_shapes)
         if shapes in installs:  # two batch folders claiming one route: neither may take it over
             other = installs[shapes]
-            raise TunedModelError(f"{model}: {entry.folder} and b{other.batch_size}/{other.version} both take input "
+            raise TunedModelError(f"{model}: {entry.folder} and {at(other.batch_size, other.shape)}/{other.version} both take input "
                                   f"shapes {_shape_text(shapes)}; deploy again")
         routes[shapes], installs[shapes] = backend, install
     return TunedModel(model, device, routes, installs, fallback)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from aitune.specs import Sample
 from aitune.torch.tree import flatten_tensors, map_tensors
 
 
@@ -202,22 +203,43 @@ def held_out_lengths(buckets: Sequence[int]) -> list[int]:
     return sorted(out)
 
 
-def padding_problem(call: Callable[..., Any], reference: Callable[..., Any], shapes: Shapes,
-                    make: Callable[[dict[str, int]], tuple[dict[str, torch.Tensor], Callable]],
-                    compare: Callable[[Any, Any], str | None]) -> str | None:
-    """Whether padding gives the outputs of the unpadded call. For each held-out length, ``make``
-    gives the sample's tensors at that length and how to call with tensors by name; ``call`` runs
-    the padded sample (the candidate), ``reference`` the unpadded one (eager fp32); the padded
-    outputs, sliced back, must match (``compare``: None, or what differs). None: padding is safe."""
+def pad_sample(sample: Sample, shapes: Shapes, point: Mapping[str, int], positional: Sequence[str]) -> Sample:
+    """``sample`` with its inputs padded up to ``point``; ``positional`` names its positional inputs."""
+    named = {**{positional[i]: a for i, a in enumerate(sample.args) if isinstance(a, torch.Tensor)},
+             **{k: v for k, v in sample.kwargs.items() if isinstance(v, torch.Tensor)}}
+    padded = shapes.pad(named, point)
+    args = tuple(padded[positional[i]] if isinstance(a, torch.Tensor) else a for i, a in enumerate(sample.args))
+    return Sample(args, {k: padded.get(k, v) if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()})
+
+
+def held_out_points(shapes: Shapes, point: Mapping[str, int] | None = None) -> list[dict[str, int]]:
+    """The lengths padding is checked at: each axis's held-out lengths (those that pad up to
+    ``point``'s bucket of that axis, or every one), the other axes at ``point`` (or their first bucket)."""
+    out = []
     for axis in shapes.axes:
         for length in held_out_lengths(axis.buckets):
-            point = {a.name: (length if a is axis else a.buckets[0]) for a in shapes.axes}
-            named, invoke = make(point)
-            want = invoke(reference, named)
-            bucket = shapes.bucket(point)
-            got = shapes.cut(invoke(call, shapes.pad(named, bucket)), point)
-            problem = compare(want, got)
-            if problem:
-                return (f"padding {axis.name} {length} up to {bucket[axis.name]} changes the outputs ({problem}): "
-                        "the model does not mask its padding, or pools over the padded axis")
+            if point is not None and axis.bucket_for(length) != point[axis.name]:
+                continue
+            base = dict(point) if point is not None else {a.name: a.buckets[0] for a in shapes.axes}
+            out.append({**base, axis.name: length})
+    return out
+
+
+def padding_problem(call: Callable[..., Any], reference: Callable[..., Any], shapes: Shapes,
+                    make: Callable[[dict[str, int]], Sample], positional: Sequence[str],
+                    compare: Callable[[Any, Any], str | None], point: Mapping[str, int] | None = None) -> str | None:
+    """Whether padding gives the outputs of the unpadded call: at each held-out length (those that
+    pad up to ``point``, or all), ``make``'s sample padded up to its bucket and run by ``call`` (the
+    candidate), sliced back, against ``reference`` (eager fp32) on the unpadded sample (``compare``:
+    None, or what differs). None: padding is safe there."""
+    for lengths in held_out_points(shapes, point):
+        sample = make(lengths)
+        want = sample(reference)
+        bucket = shapes.bucket(lengths)
+        got = shapes.cut(pad_sample(sample, shapes, bucket, positional)(call), lengths)
+        problem = compare(want, got)
+        if problem:
+            said = ", ".join(f"{name} {lengths[name]} up to {bucket[name]}" for name in lengths if lengths[name] != bucket[name])
+            return (f"padding {said} changes the outputs ({problem}): the model does not mask its padding, "
+                    "or pools over the padded axis")
     return None

@@ -78,7 +78,7 @@ class DeployWorker:
         record = DeployRecord(
             model=selection["model"], batch_size=selection["batch_size"], target=self.target, status=REFUSED,
             winner_key=selection.get("winner_key"), worker=self.info(), device_class_key=self.device_class_key,
-            at=time.time(),
+            at=time.time(), shape=selection.get("shape") or "",
         )
         if selection["device_class_key"] != self.device_class_key:
             record.reason = (
@@ -142,7 +142,7 @@ class DeployWorker:
                 device_class=self.env.device_class(), tolerance=criteria["tolerance"], criteria=_beyond_tolerance(criteria),
                 factory=factories[0] if factories else None, sweep_id=record.sweep_id, winner_key=record.winner_key,
                 candidate=selection.get("winner"), positional_names=install.get("positional_names"),
-                median_ms=install.get("median_ms"),
+                median_ms=install.get("median_ms"), shape=record.shape, shapes=install.get("shapes"),
             )
             folder = version_dir.parent
             record.previous = layout._current_or_none(folder)
@@ -156,7 +156,7 @@ class DeployWorker:
             # load_tuned and serve will, and undo the switch if that fails.
             try:
                 tuned = load_for_class(root, record.model, self.device, self.device_class_key)
-                if tuned.versions.get(record.batch_size) != version_dir.name:
+                if tuned.version_at(record.batch_size, record.shape) != version_dir.name:
                     raise TunedModelError(f"{folder}: current is not {version_dir.name} after the switch")
             except TunedModelError as exc:
                 if record.previous != version_dir.name:
@@ -222,6 +222,15 @@ def start_targets(inventory, targets) -> list:
         config = {"kind": slot.kind, "threads": slot.threads}
         actors.append((slot, actor_class.options(**slot_options(slot)).remote(config, slot.label)))
     return actors
+
+
+def shapes_of_winner(winner) -> dict[str, Any] | None:
+    """The axes a winner was tuned with and why padding is refused for its model (None: verified), as
+    its evaluation recorded them; None for a model whose shapes are fixed."""
+    padding = ((winner.evaluation or {}).get("check") or {}).get("padding")
+    if not isinstance(padding, dict) or not isinstance(padding.get("shapes"), dict):
+        return None
+    return {**padding["shapes"], "padding": padding.get("refused")}
 
 
 def stop_targets(actors) -> None:
@@ -309,14 +318,15 @@ class _Rollout:
             checkpoint = self.store.checkpoint_bytes(winner)
         except DamagedCheckpoint as exc:
             for slot, _ in self.actors:
-                self.keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=str(exc)))
+                self.keep(DeployRecord(sel.model, sel.batch_size, slot.label, REFUSED, sel.winner_key, reason=str(exc),
+                                       shape=sel.shape))
             return []
         reference = self.store.reference_bytes(winner.reference_key) if winner.reference_key else None
         factories, backends = candidate_allowlists(self.spec.model(winner.model).factory, winner.backend)
         trust = {"manifest_sha256": winner.manifest_sha256, "factories": factories, "backends": backends}
         ckpt_ref, refs_ref = ray.put(checkpoint), ray.put(reference)
         install = {**self.install, "positional_names": self._positional_names(winner.model),
-                   "median_ms": _sweep_median_ms(sel, winner)}
+                   "median_ms": _sweep_median_ms(sel, winner), "shapes": shapes_of_winner(winner)}
         return [(sel, slot, actor.deploy.remote(
                     ckpt_ref, refs_ref, sel.to_dict(), winner.config.get("precision", "float32"),
                     self.spec.tolerance_overrides(), self.spec.deploy.latency_check_s, trust, install,
@@ -333,14 +343,15 @@ class _Rollout:
         """A target whose device class has no winner for a (model, batch) another class has one for
         was asked for and gets nothing: say so, naming the classes that have one."""
         names = {r.device_class_key: r.device_name for r in results}
-        for (model, batch) in sorted({(s.model, s.batch_size) for s in selections if s.winner_key}):
-            have = {s.device_class_key for s in selections if (s.model, s.batch_size) == (model, batch) and s.winner_key}
+        for (model, batch, shape) in sorted({(s.model, s.batch_size, s.shape) for s in selections if s.winner_key}):
+            have = {s.device_class_key for s in selections
+                    if (s.model, s.batch_size, s.shape) == (model, batch, shape) and s.winner_key}
             for (slot, _), device_class in zip(self.actors, classes):
                 if device_class not in have:
                     listed = ", ".join(sorted(f"{names.get(k) or '?'} [{k[:12]}]" for k in have))
                     self.keep(DeployRecord(model, batch, slot.label, REFUSED, None,
                                            reason=f"no winner for this target's device class [{device_class[:12]}]; "
-                                                  f"device classes with one: {listed}"))
+                                                  f"device classes with one: {listed}", shape=shape))
 
     def collect(self, calls) -> None:
         import ray
@@ -350,7 +361,7 @@ class _Rollout:
                 rec = DeployRecord.from_dict(ray.get(ref, timeout=self.spec.budgets.build_timeout_s))
             except Exception as exc:
                 rec = DeployRecord(sel.model, sel.batch_size, slot.label, FAILED, sel.winner_key,
-                                   reason=f"{type(exc).__name__}: {exc}")
+                                   reason=f"{type(exc).__name__}: {exc}", shape=sel.shape)
             self.keep(rec)
 
 

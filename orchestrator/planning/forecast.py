@@ -26,6 +26,7 @@ from orchestrator import records as R
 from orchestrator.planning.candidates import identify_models
 from orchestrator.planning.families import Waves
 from orchestrator.planning.keys import BUILD, EVALUATE, RECHECK, REUSE, Policy, decide, expand
+from orchestrator.planning.shape_plans import settle_shapes
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.store import ResultStore
 
@@ -152,7 +153,7 @@ def forecast(spec: SweepSpec, store: ResultStore, local: bool = False) -> Foreca
     if not classes:
         classes, threads, source = *_local_device_class(spec), "local"
     jobs = expand(spec, {n: fp for n, (fp, _) in identities.items()}, classes, threads,
-                  structures={n: st for n, (_, st) in identities.items()})
+                  structures={n: st for n, (_, st) in identities.items()}, shapes=settle_shapes(spec))
     stored = store.results_for(j.key for j in jobs)
     decisions = [decide(j, stored.get(j.key, []), Policy(), store.checkpoint_problem) for j in jobs]
     waves = Waves.split(spec, decisions)

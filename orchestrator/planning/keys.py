@@ -120,10 +120,14 @@ def expand(
     device_classes: dict[str, dict[str, Any]],
     threads: dict[str, int] | None = None,
     structures: dict[str, str] | None = None,
+    shapes: dict[str, Any] | None = None,
 ) -> list[Job]:
-    """Every (device class, model, batch size, candidate), with its keys; equal artifact keys appear once.
+    """Every (device class, model, batch size, shape point, candidate), with its keys; equal artifact
+    keys appear once.
 
     ``structures`` (model name -> structure key) names each job's family; it is not in any key.
+    ``shapes`` (model name -> planning.shape_plans.ShapePlan): where padding is safe for a model,
+    each candidate's check pads the lengths between the buckets too (part of its evaluation).
     """
     jobs: dict[str, Job] = {}
     tasks: dict[tuple[str, int], TaskGate | None] = {}
@@ -149,6 +153,10 @@ def expand(
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
                     evaluation = evaluation_of(spec, precision, samples, (threads or {}).get(dc_key, 1), criteria)
+                    plan = (shapes or {}).get(model.name)
+                    if plan is not None:  # the worker checks padding where it is safe on eager fp32 ("refused": None)
+                        evaluation["check"]["padding"] = {"shapes": plan.shapes.to_dict(), "point": point,
+                                                          "refused": plan.padding}
                     jobs[key] = Job(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
                         candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
@@ -257,10 +265,10 @@ def recheck(job: Job, prior: ResultRecord, outputs: bytes, reference: bytes, spe
     return record
 
 
-def jobs_for(spec: SweepSpec, identities: dict[str, tuple[str, str]], infos) -> list[Job]:
+def jobs_for(spec: SweepSpec, identities: dict[str, tuple[str, str]], infos, shapes: dict | None = None) -> list[Job]:
     """Every job of a sweep for the workers ``infos`` describe: ``identities`` maps each model to its
     (weights fingerprint, architecture key)."""
     device_classes = {i.device_class_key: i.device_class for i in infos}
     threads = {i.device_class_key: i.threads for i in infos}
     return expand(spec, {n: fp for n, (fp, _) in identities.items()}, device_classes, threads,
-                  structures={n: st for n, (_, st) in identities.items()})
+                  structures={n: st for n, (_, st) in identities.items()}, shapes=shapes)

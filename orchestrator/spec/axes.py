@@ -13,15 +13,28 @@ Every problem is found here, before anything starts, at its field path.
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+import re
+from typing import Annotated, Any, Union
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, StrictFloat, StrictInt
+from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, StrictFloat, StrictInt
 
 from orchestrator.spec import checks
 from orchestrator.spec.strict import Name, Strict
 
 Number = Union[StrictInt, StrictFloat]
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _axis_name(value: str) -> str:
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"axis name {value!r} must be letters, digits and '_', not starting with a digit "
+                         "(it names deploy-root folders: b4-seq=64)")
+    return value
+
+
+#: an axis's name: an identifier (it is part of a deploy-root folder's name)
+AxisName = Annotated[str, AfterValidator(_axis_name)]
 
 
 class AxisSpec(Strict):
@@ -139,9 +152,9 @@ def traffic_weights(traffic: dict[str, dict[int, float]] | None, axes: dict[str,
     return out
 
 
-Traffic = dict[Name, dict[PositiveInt, PositiveFloat]]
+Traffic = dict[AxisName, dict[PositiveInt, PositiveFloat]]
 #: outputs declared to follow an axis: {axis: {output path: dimension}}
-OutputAxes = dict[Name, dict[str, StrictInt]]
+OutputAxes = dict[AxisName, dict[str, StrictInt]]
 
 
 def sample_factory_takes_lengths(obj: Any, path: str) -> str | None:

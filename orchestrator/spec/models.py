@@ -23,7 +23,7 @@ from aitune.torch.module_ref import ImportPathError, import_object
 from orchestrator.spec import axes as axes_spec
 from orchestrator.spec import checks
 from orchestrator.spec.accuracy import GatesSpec
-from orchestrator.spec.axes import AxisSpec, OutputAxes, SampleAxisSpec, Traffic
+from orchestrator.spec.axes import AxisName, AxisSpec, OutputAxes, SampleAxisSpec, Traffic
 from orchestrator.spec.strict import Name, Strict
 
 
@@ -55,7 +55,7 @@ class InputSpec(Strict):
     entry may name an axis that varies (``seq``), declared in ``dynamic`` (spec/axes.py)."""
 
     name: Name | None = None
-    shape: list[PositiveInt | Name] = Field(default_factory=list)
+    shape: list[PositiveInt | AxisName] = Field(default_factory=list)
     batch_axis: int = 0
     dtype: str = "float32"
     #: floats: uniform in [low, high); default standard normal. (A list in JSON: not strict.)
@@ -65,7 +65,7 @@ class InputSpec(Strict):
     #: pass as a keyword argument named ``name``
     kwarg: bool = False
     #: the axes of ``shape`` that vary: {axis: {buckets, pad}}
-    dynamic: dict[Name, AxisSpec] | None = None
+    dynamic: dict[AxisName, AxisSpec] | None = None
 
     @field_validator("range", "int_range", mode="before")
     @classmethod
@@ -124,7 +124,7 @@ class ModelSpec(Strict):
     #: with ``dynamic``, also ``lengths={axis: size}``
     sample_factory: str | None = None
     #: a sample factory's axes that vary: {axis: {buckets, pad}} (inputs declare theirs themselves)
-    dynamic: dict[Name, SampleAxisSpec] | None = None
+    dynamic: dict[AxisName, SampleAxisSpec] | None = None
     #: the share of calls at each length, per axis (default: uniform over the buckets)
     traffic: Traffic | None = Field(default=None, strict=False)
     #: outputs that follow an axis, {axis: {output path: dimension}} (default: traced from two lengths)
@@ -158,6 +158,15 @@ class ModelSpec(Strict):
                    or checks.signature_problem(obj, value, batch_size=1, seed=0))
         if problem:
             raise ValueError(problem)
+        return value
+
+    @field_validator("traffic", mode="before")
+    @classmethod
+    def _length_keys(cls, value: Any) -> Any:
+        # A JSON (or a stored spec's) mapping has string keys: "64" is the length 64.
+        if isinstance(value, dict):
+            return {axis: {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in mix.items()}
+                    if isinstance(mix, dict) else mix for axis, mix in value.items()}
         return value
 
     @field_validator("kwargs")

@@ -7,10 +7,11 @@ reached) leaves no store behind that it made itself.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.planning.candidates import identify_models
+from orchestrator.planning.shape_plans import ShapePlan, settle_shapes
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.store import DB_NAME, ResultStore, SqliteStore
 
@@ -40,6 +41,8 @@ class Prepared:
     root: Path
     new_root: Path | None = None
     new_db: bool = False
+    #: each model whose axes vary: where they lie, the outputs that follow them, whether padding is safe
+    shapes: dict[str, ShapePlan] = field(default_factory=dict)
 
     def close(self) -> None:
         if self.own_store:
@@ -67,6 +70,7 @@ def prepare(spec: SweepSpec, store_root: str | Path | None, store: ResultStore |
         prepared = Prepared(open_store(root), {}, own_store=True, root=root, new_root=new_root, new_db=new_db)
     try:
         prepared.identities = identify_models(spec)
+        prepared.shapes = settle_shapes(spec)
     except BaseException:
         prepared.undo()
         raise

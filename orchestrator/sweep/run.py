@@ -57,10 +57,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
         sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"), objective=spec.strategy().describe())
         console.print(f"sweep {sweep_id}: {len(slots)} worker slot(s) on {len(inventory.nodes)} node(s); "
                       f"store {store.root or 'in memory'}", markup=False, highlight=False)
+        for name, plan in prepared.shapes.items():
+            console.print(plan.line(name), markup=False, highlight=False)
         progress = Progress(console, live=options.live)
         with Heartbeat(store, sweep_id):
             asks = ReferenceAsks(store)
-            session = SweepSession(spec, options, store, sweep_id, prepared.identities, None, progress, asks, console)
+            session = SweepSession(spec, options, store, sweep_id, prepared.identities, None, progress, asks, console,
+                                   shapes=prepared.shapes)
             scheduler = Scheduler(slots, spec.model_dump(mode="json"), limits_of(spec), on_result=session.commit,
                                   events=progress, pool=RayPool(), toolchain=Toolchains())
             session.workers = Workers(scheduler, slots, local=handle.embedded)

@@ -45,9 +45,10 @@ class Tuned:
 class SweepSession:
     def __init__(self, spec: SweepSpec, options: SweepOptions, store: ResultStore, sweep_id: str,
                  identities: dict[str, tuple[str, str]], workers: Workers, progress: Progress,
-                 asks: ReferenceAsks, console: Console) -> None:
+                 asks: ReferenceAsks, console: Console, shapes: dict | None = None) -> None:
         self.spec, self.options, self.store, self.sweep_id = spec, options, store, sweep_id
         self.identities = identities
+        self.shapes = shapes or {}  # model -> planning.shape_plans.ShapePlan
         self.workers, self.progress, self.asks, self.console = workers, progress, asks, console
         self.known: dict[str, set] = {}  # artifact key -> the stored result ids the plan took into account
         self._stored: dict[str, ResultRecord] = {}  # job key -> the stored result an evaluate job judges again
@@ -56,7 +57,7 @@ class SweepSession:
     def tune(self) -> Tuned:
         """Plan every job, take what the store answers, run the rest on the workers."""
         with self.progress:
-            decisions = self._decide(jobs_for(self.spec, self.identities, self.workers.classes()))
+            decisions = self._decide(jobs_for(self.spec, self.identities, self.workers.classes(), self.shapes))
             waves = Waves.split(self.spec, decisions)
             self.progress.total = len(decisions)
             start = time.monotonic()
@@ -91,7 +92,7 @@ class SweepSession:
             if left is not None and left <= 1e-3:
                 search.out_of_budget()
                 break
-            jobs = [j for j in jobs_for(spec, self.identities, self.workers.classes()) if search.wanted(j)]
+            jobs = [j for j in jobs_for(spec, self.identities, self.workers.classes(), self.shapes) if search.wanted(j)]
             if not jobs:  # nothing left to try: the next round would be this one again
                 search.nothing_to_try()
                 break

@@ -47,6 +47,7 @@ from orchestrator.worker.failures import NotDeterministicModel, error_of
 from orchestrator.worker.heap import HeapClock
 from orchestrator.worker.model_cache import ModelCache, default_limit_bytes
 from orchestrator.worker.on_node import measuring_alone, pin_to_share
+from orchestrator.worker.padding import candidate_padding_problem
 from orchestrator.worker.pretend_gpus import pretend_device
 from orchestrator.worker.process import pick_device, quiet_libraries
 from orchestrator.worker.references import load_checked, run_reference
@@ -270,6 +271,13 @@ class TuneWorker:
             record.measurement = verdict.measurement
         if verdict.status != R.OK:
             record.status, record.error, record.error_class = R.INCORRECT, verdict.error, "IncorrectOutput"
+        padding = (job.evaluation.get("check") or {}).get("padding")
+        if padding and padding.get("refused") is None and "check" in redo and verdict.status == R.OK:
+            module = self._cache.module(job.model) or self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)[0]
+            problem = candidate_padding_problem(backend.infer, module, self.spec.model(job.model), job.batch_size,
+                                                job.graph_spec, padding, criteria, self.device)
+            if problem:
+                record.status, record.error, record.error_class = R.INCORRECT, problem, "PaddingChangesOutputs"
         return pack_outputs(verdict.outputs)
 
     def _task_batches(self, job: Job, criteria: Criteria) -> tuple[list[Sample], list[Any]] | None:
