@@ -20,6 +20,7 @@ from orchestrator.outcome.rows import (
     ROW_COLUMNS,
     TABLE_NOTE,
     WINNER_HEADERS,
+    batch_cell,
     fmt_ms,
     fmt_num,
     incomplete_note,
@@ -72,7 +73,7 @@ def render(
             console.print(f"  {TABLE_NOTE}", highlight=False, markup=False)
         errors = [r for r in model_rows if r["error"]]
         for row in errors:
-            console.print(f"  [red]{escape(row['candidate'])} (batch {row['batch_size']})[/red]: {escape(row['error'])}", highlight=False)
+            console.print(f"  [red]{escape(row['candidate'])} (batch {batch_cell(row['batch_size'], row.get('shape'))})[/red]: {escape(row['error'])}", highlight=False)
 
     if selections:
         table = Table(title="winners", title_justify="left")
@@ -84,7 +85,7 @@ def render(
         # Where decisions came from, one unwrapped line each: a table cell would wrap it anywhere.
         for s in selections:
             if s.decisions_from:
-                console.print(f"  {escape(s.model)} (batch {s.batch_size}): {escape(reused_from(s))}",
+                console.print(f"  {escape(s.model)} (batch {batch_cell(s.batch_size, s.shape)}): {escape(reused_from(s))}",
                               soft_wrap=True, highlight=False)
 
     if deployments:
@@ -92,7 +93,7 @@ def render(
         for header in ("model", "batch", "target", "status", "reason", "worst error", "median ms"):
             table.add_column(header)
         for d in deployments:
-            cells = (d.model, str(d.batch_size), d.target, d.status, d.reason or "",
+            cells = (d.model, batch_cell(d.batch_size, d.shape), d.target, d.status, d.reason or "",
                      fmt_num(d.max_abs_err, "{:.2e}"), fmt_ms(d.median_ms))  # fmt: skip
             table.add_row(*(escape(c) for c in cells))
         console.print(table)

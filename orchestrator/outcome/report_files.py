@@ -13,6 +13,7 @@ from orchestrator.outcome.rows import (
     ROW_COLUMNS,
     TABLE_NOTE,
     WINNER_HEADERS,
+    batch_cell,
     fmt_ms,
     fmt_num,
     incomplete_note,
@@ -126,7 +127,7 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
         lines += _md_table(table_headers(gated), (table_cells(row, mark, gated) for row in model_rows))
         failures = [row for row in model_rows if row["error"]]
         for row in failures:
-            lines.append(f"- {_md_cell(row['candidate'])} (batch {row['batch_size']}): {_md_cell(row['error'])}")
+            lines.append(f"- {_md_cell(row['candidate'])} (batch {batch_cell(row['batch_size'], row.get('shape'))}): {_md_cell(row['error'])}")
         if failures:
             lines.append("")
     if selections:
@@ -138,7 +139,7 @@ def _markdown(sweep_info: dict, rows: list[dict], selections: list[SelectionReco
         lines += ["## Deployments", ""]
         lines += _md_table(
             ("model", "batch", "target", "status", "reason", "worst error", "median ms"),
-            ((d.model, d.batch_size, d.target, d.status, d.reason or "", fmt_num(d.max_abs_err, "{:.2e}"), fmt_ms(d.median_ms))
+            ((d.model, batch_cell(d.batch_size, d.shape), d.target, d.status, d.reason or "", fmt_num(d.max_abs_err, "{:.2e}"), fmt_ms(d.median_ms))
              for d in deployments),
         )  # fmt: skip
     return "\n".join(lines)
@@ -173,11 +174,11 @@ def _plot_model(ax, model: str, rows: list[dict]) -> None:
     labels, medians, p99s, colors, y = [], [], [], [], []
     previous = None
     for row in rows:
-        group = (row["batch_size"], row["device"])
+        group = (row["batch_size"], row.get("shape"), row["device"])
         # A half-bar gap between (batch, device) groups keeps each group's bars visibly together.
         y.append((y[-1] + (1.0 if group == previous else 1.5)) if y else 0.0)
         previous = group
-        where = f"bs {row['batch_size']}" + (f", {row['device']}" if several_devices else "")
+        where = f"bs {batch_cell(row['batch_size'], row.get('shape'))}" + (f", {row['device']}" if several_devices else "")
         labels.append(f"{row['candidate']} [{where}]")
         medians.append(row["median_ms"])
         p99s.append(max((row["p99_ms"] or row["median_ms"]) - row["median_ms"], 0.0))

@@ -18,9 +18,19 @@ log = logging.getLogger(__name__)
 
 
 ROW_COLUMNS = (
-    "model", "batch_size", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
+    "model", "batch_size", "shape", "device", "candidate", "status", "build_s", "median_ms", "p99_ms", "speedup",
     "first_median_ms", "window", "max_abs_err", "gates", "kept_full_precision", "peak_memory_mb", "from_store", "how", "winner", "tie", "error", "key",
 )  # fmt: skip
+
+
+def batch_cell(batch_size: int, shape: str | None) -> str:
+    """A table's batch cell: ``8``, or ``8 seq=64`` at a shape point."""
+    return f"{batch_size} {shape}" if shape else str(batch_size)
+
+
+def _lengths(shape: str | None) -> list[int]:
+    """A shape point's sizes, for sorting (seq=8 before seq=16)."""
+    return [int(part.partition("=")[2]) for part in (shape or "").split(",") if part]
 
 
 def decision_rounds(selection: SelectionRecord | None) -> Rounds | None:
@@ -59,6 +69,7 @@ def report_rows(results: Iterable[ResultRecord], selections: Iterable[SelectionR
             {
                 "model": r.model,
                 "batch_size": r.batch_size,
+                "shape": r.shape,
                 "device": _device_name(r),
                 "candidate": r.candidate,
                 "status": r.status,
@@ -156,7 +167,7 @@ def table_cells(row: dict, mark: str, gated: bool = True) -> list[str]:
     kept = row.get("kept_full_precision")
     cells = [
         row["candidate"] + (f" [full precision: {', '.join(kept)}]" if kept else ""),
-        str(row["batch_size"]),
+        batch_cell(row["batch_size"], row.get("shape")),
         row["device"] or "-",
         row["status"],
         fmt_num(row["build_s"], "{:.2f}"),
@@ -195,7 +206,8 @@ def rows_by_model(rows: list[dict]) -> dict[str, list[dict]]:
         by_model[row["model"]].append(row)
     for model_rows in by_model.values():
         # Within a batch: the correct ones fastest first, then the failures by name.
-        model_rows.sort(key=lambda r: (r["batch_size"], r["status"] != OK, r["median_ms"] or 0.0, r["candidate"]))
+        model_rows.sort(key=lambda r: (r["batch_size"], _lengths(r.get("shape")), r["status"] != OK, r["median_ms"] or 0.0,
+                                       r["candidate"]))
     return dict(sorted(by_model.items()))
 
 
@@ -213,7 +225,7 @@ def _margin(pair: dict | None) -> str:
 def winner_cells(s: SelectionRecord, gain: float | None, reuse: bool = True) -> tuple[str, ...]:
     d = s.decision if isinstance(s.decision, dict) else {}
     p_best = d.get("p_best")
-    return (s.model, str(s.batch_size), s.winner or "-", fmt_speedup(gain), _margin(d.get("runner_up")),
+    return (s.model, batch_cell(s.batch_size, s.shape), s.winner or "-", fmt_speedup(gain), _margin(d.get("runner_up")),
             _margin(d.get("baseline")), f"{p_best:.2f}" if isinstance(p_best, (int, float)) else "-",
             str(d.get("stop") or "-"), _reason(s, reuse=reuse), ", ".join(s.ties))
 

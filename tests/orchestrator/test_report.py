@@ -62,7 +62,7 @@ def test_baseline_is_eager_fp32_with_defaults_filled_in(sweep):
     results, _, _ = sweep
     baselines = baseline_of(results)
     assert baselines[Group("resnet", 8, DEVICE)].key == "k-eager"  # config lacks keys: they mean defaults
-    assert baselines[("mlp", 1, DEVICE)].key == "k-mlp"
+    assert baselines[Group("mlp", 1, DEVICE)].key == "k-mlp"
     assert len(baselines) == 2
 
 
