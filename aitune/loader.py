@@ -20,6 +20,7 @@ the ones in ``allow_factories``. The deploy root is trusted like the store: whoe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable
@@ -90,7 +91,14 @@ class TunedModel:
         return list(next(iter(names))) if len(names) == 1 else None
 
     def winner_for(self, *args: Any, **kwargs: Any):
-        return self.installs.get(_key(args, kwargs))
+        """The install a call goes to (after padding up to its bucket); None: none."""
+        found = self.installs.get(_key(args, kwargs))
+        if found is None and self.shapes is not None and self.padding is None:
+            with contextlib.suppress(UntunedShape):
+                padded = self._padded(args, kwargs)
+                if padded is not None:
+                    found = self.installs.get(_key(*padded[0]))
+        return found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _key(args, kwargs)

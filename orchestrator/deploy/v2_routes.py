@@ -61,14 +61,19 @@ def face_of(tuned, batching_in_force: dict[str, Any]) -> Face:
     first = installs[0]
     varying = batching_in_force.get("enabled") or len({i.batch_size for i in installs}) > 1
 
-    def shape(s: list[int]) -> list[int]:
-        return ([-1, *s[1:]] if varying and s else list(s))
+    def shape(index: int, of) -> list[int]:
+        """-1 where the tuned installs differ (a bucketed axis), and on the batch axis when it varies."""
+        shapes = [list(of(i)[index]) for i in installs]
+        s = [d if all(len(o) == len(shapes[0]) and o[k] == d for o in shapes) else -1 for k, d in enumerate(shapes[0])]
+        return [-1, *s[1:]] if varying and s else s
 
     names = tuned.input_names or [f"input_{i}" for i in range(len(first.input_shapes))]
     positional = first.positional_inputs if tuned.input_names else len(first.input_shapes)
-    inputs = [(n, _datatype(d), shape(s)) for n, d, s in zip(names, first.input_dtypes or [], first.input_shapes)]
+    inputs = [(n, _datatype(d), shape(k, lambda i: i.input_shapes))
+              for k, (n, d) in enumerate(zip(names, first.input_dtypes or []))]
     paths = [p for p, _, _ in first.outputs or []]
-    outputs = [(n, _datatype(d), shape(s)) for n, (_, s, d) in zip(oip.output_names(paths), first.outputs or [])]
+    outputs = [(n, _datatype(d), shape(k, lambda i: [s for _, s, _ in i.outputs or []]))
+               for k, (n, (_, _, d)) in enumerate(zip(oip.output_names(paths), first.outputs or []))]
     versions = sorted({i.version for i in installs})
     return Face(inputs, outputs, paths, positional, versions, batching_in_force)
 
