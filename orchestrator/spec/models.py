@@ -154,8 +154,10 @@ class ModelSpec(Strict):
         if value is None:
             return None
         obj = _check_import(value)
-        problem = (checks.sample_factory_problem(obj, value)
-                   or checks.signature_problem(obj, value, batch_size=1, seed=0))
+        # one that needs the lengths is checked for them with its axes (``_axis_problems``)
+        problem = checks.sample_factory_problem(obj, value) or checks.signature_problem(obj, value, batch_size=1, seed=0)
+        if problem and checks.signature_problem(obj, value, batch_size=1, seed=0, lengths={}) is None:
+            problem = None
         if problem:
             raise ValueError(problem)
         return value

@@ -210,6 +210,13 @@ def _format_errors(exc: ValidationError, source: str) -> str:
                 lines.append(f"  {_path(err['loc'])}: expected a list of batch sizes or 'auto', "
                              f"got {checks.describe(err['input'])}")
                 continue
+        # an input's shape entry is a size or an axis name: say only what is wrong with the one given
+        if err["loc"] and err["loc"][-1] == "constrained-int" and isinstance(err["input"], str):
+            continue
+        if err["loc"] and str(err["loc"][-1]).startswith("function-after["):
+            if not isinstance(err["input"], str):
+                continue
+            err = {**err, "loc": err["loc"][:-1]}
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
