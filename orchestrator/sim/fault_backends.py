@@ -2,8 +2,9 @@
 
 ``FaultBackend`` runs the module eagerly, except that, in the phase it is told, it raises, kills
 its own process (``os._exit`` or a real segfault), hangs, returns wrong values, claims the
-device is unsupported, fails as a CUDA graph capture does, or sleeps a set time (the scale
-benchmark's stand-in for a slow build).
+device is unsupported, fails as a CUDA graph capture does, sleeps a set time (the scale
+benchmark's stand-in for a slow build), or drops its ``attention_mask`` (``unmask``: right on
+unpadded samples, wrong once padding is masked: what a fused kernel that ignores the mask does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aitune.torch.backend.backend import UnsupportedDeviceError
 from aitune.torch.backend.eager import ModuleBackend, ModuleRunConfig
 from aitune.torch.cuda_graphs import CudaGraphCaptureError
 
-FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom", "capture")
+FAULTS = ("none", "raise", "exit", "segfault", "hang", "wrong", "unsupported", "sleep", "leak", "oom", "capture", "unmask")
 
 # Where the "leak" fault keeps what it leaks: never freed, as a real leak would be.
 _LEAKED: list = []
@@ -102,8 +103,10 @@ class FaultBackend(ModuleBackend):
 
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         cfg = self.config
-        if cfg.phase == "infer" and cfg.fault not in ("wrong", "none", "sleep"):
+        if cfg.phase == "infer" and cfg.fault not in ("wrong", "none", "sleep", "unmask"):
             _misbehave(cfg.fault, cfg.seconds)
+        if cfg.fault == "unmask" and isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs = {**kwargs, "attention_mask": torch.ones_like(kwargs["attention_mask"])}
         if cfg.fast:
             cached = getattr(self, "_answer", None)
             if cached is None:
