@@ -22,6 +22,7 @@ from rich.console import Console
 
 from orchestrator.deploy.serve_request import (ServeRequest, free_port, loopback, nothing_installed, replica_error,
                                                serve_problem)
+from aitune.shapes import at
 from orchestrator.records import DeployStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -96,10 +97,10 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
         where = f"{r.target} ({(r.worker or {}).get('device_name', '?')})"
         if r.status == DeployStatus.DEPLOYED:
             latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
-            _say(console, f"{r.action}: {r.model} b{r.batch_size} on {where}: {r.version} current in {r.root} "
+            _say(console, f"{r.action}: {r.model} {at(r.batch_size, r.shape)} on {where}: {r.version} current in {r.root} "
                           f"(was {r.previous or 'none'}), verified, median {latency}")
         else:
-            _say(console, f"not done: {r.model} b{r.batch_size} on {where}: {r.action} {r.status}: {r.reason}")
+            _say(console, f"not done: {r.model} {at(r.batch_size, r.shape)} on {where}: {r.action} {r.status}: {r.reason}")
     return EXIT_OK if records and all(r.status == DeployStatus.DEPLOYED for r in records) else EXIT_INCOMPLETE
 
 
@@ -118,7 +119,7 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
     for r in rows:  # one line per place: easy to read and to grep
         latency = f"{r.median_ms:.3f} ms" if r.median_ms is not None else "?"
         when = f"{r.action} at {format_when(r.at)}" if r.at else "no install record"
-        _say(console, f"{r.model} b{r.batch_size} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
+        _say(console, f"{r.model} {at(r.batch_size, r.shape)} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
                       f"winner {r.winner}, verified {latency}, {when}" + (f"; DISAGREES {r.disk}" if r.disk else ""))
     for line in batching_lines(rows):
         _say(console, line)

@@ -214,6 +214,7 @@ def confirm_top3(outcome, console: Console, device: torch.device, deadline: floa
     from aitune.checkpoint import load_checkpoint
     from aitune.measure import MeasureConfig, interleaved
     from aitune.torch.precision import use_fp32_reference_settings
+    from aitune.shapes import parse_label
     from orchestrator.planning.candidates import make_sample
     from orchestrator.spec.schema import parse_spec
     from orchestrator.store import SqliteStore
@@ -236,7 +237,7 @@ def confirm_top3(outcome, console: Console, device: torch.device, deadline: floa
                                           allow_factories=True, allow_backends=True)  # our own store
                 backend.deploy(device)
                 fns[r.key], names[r.key] = backend.infer, r.candidate
-            sample = make_sample(spec.model(sel.model), sel.batch_size).to(device)
+            sample = make_sample(spec.model(sel.model), sel.batch_size, parse_label(sel.shape)).to(device)
             ms = interleaved(fns, sample, device, MeasureConfig(budget_s=2.0, min_iters=30))
             best = min(ms, key=lambda k: ms[k].median_ms)
             console.print(f"\n[bold]{sel.model} b{sel.batch_size}[/bold]: top {len(ranked)} re-measured interleaved")

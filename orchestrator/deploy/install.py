@@ -29,6 +29,7 @@ from aitune.checkpoint_trust import candidate_allowlists
 from aitune.environment import describe_environment
 from aitune.measure import MeasureConfig, measure
 from aitune.reference import load_reference
+from aitune.shapes import at
 from aitune.torch.tree import flatten_tensors
 from orchestrator.records import DeployAction, DeployRecord, DeployStatus
 from orchestrator.store import DamagedCheckpoint
@@ -182,14 +183,16 @@ class DeployWorker:
             return str(exc)
         return None
 
-    def rollback(self, root: str | None, model: str, batch_size: int, latency_s: float, sweep_id: str | None) -> dict[str, Any]:
+    def rollback(self, root: str | None, model: str, batch_size: int, latency_s: float, sweep_id: str | None,
+                 shape: str = "") -> dict[str, Any]:
         """Switch this node's ``current`` for (model, this device class, batch) to the version before, verified."""
         record = DeployRecord(model=model, batch_size=batch_size, target=self.target, status=REFUSED, winner_key=None,
                               worker=self.info(), action=DeployAction.ROLLBACK, device_class_key=self.device_class_key, at=time.time(),
-                              root=str(root), sweep_id=sweep_id)
+                              root=str(root), sweep_id=sweep_id, shape=shape)
         try:
             record.root = str(layout.resolve_root(root))
-            was, to, verified = layout.rollback(root, model, self.device_class_key, batch_size, self.device, latency_s, self.threads)
+            was, to, verified = layout.rollback(root, model, self.device_class_key, batch_size, self.device, latency_s,
+                                                self.threads, shape)
         except layout.DeployRootError as exc:
             record.reason = str(exc)
             return record.to_dict()
@@ -198,11 +201,12 @@ class DeployWorker:
             return record.to_dict()
         record.previous, record.max_abs_err, record.median_ms = was, verified.max_abs_err, verified.median_ms
         if verified.ok:
-            install = layout.read_install(layout.batch_dir(layout.resolve_root(root), model, self.device_class_key, batch_size) / to)
+            install = layout.read_install(layout.batch_dir(layout.resolve_root(root), model, self.device_class_key,
+                                                           batch_size, shape) / to)
             record.status, record.version, record.winner_key = DEPLOYED, to, install.winner_key
             record.sweep_id = install.sweep_id or sweep_id
         else:
-            record.reason, record.median_ms = f"rollback of {model} b{batch_size} from {was}: {verified.reason}", None
+            record.reason, record.median_ms = f"rollback of {model} {at(batch_size, shape)} from {was}: {verified.reason}", None
         return record.to_dict()
 
 

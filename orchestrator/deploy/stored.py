@@ -186,8 +186,9 @@ def rollback_stored(store_root: str | Path, *, models: list[str] | None = None, 
                     if place in seen:  # one deploy root per node: roll it back once
                         continue
                     seen.add(place)
-                    for model, batch in sorted({(s.model, s.batch_size) for s in chosen.selections}):
-                        calls.append(actor.rollback.remote(spec.deploy.root, model, batch, spec.deploy.latency_check_s, chosen.sweep_id))
+                    for model, batch, shape in sorted({(s.model, s.batch_size, s.shape) for s in chosen.selections}):
+                        calls.append(actor.rollback.remote(spec.deploy.root, model, batch, spec.deploy.latency_check_s,
+                                                           chosen.sweep_id, shape))
                 records = [DeployRecord.from_dict(r) for r in ray.get(calls, timeout=spec.budgets.build_timeout_s)]
             finally:
                 stop_targets(actors)
@@ -214,6 +215,8 @@ class LiveRow:
     class_key: str = ""
     #: where the deploy root on this host disagrees with the store (None: it agrees, or is not on this host)
     disk: str | None = None
+    #: the shape point of a bucket (``seq=64``); '' for fixed shapes
+    shape: str = ""
 
 
 def live_deployments(store_root: str | Path) -> list[LiveRow]:
@@ -231,13 +234,14 @@ def live_deployments(store_root: str | Path) -> list[LiveRow]:
                 # the host, not Ray's node id: an embedded Ray gets a new node id every run
                 worker = rec.worker or {}
                 node = worker.get("hostname") or worker.get("node_id", "?")
-                latest[(node, rec.root, rec.model, rec.device_class_key, rec.batch_size)] = rec
+                latest[(node, rec.root, rec.model, rec.device_class_key, rec.batch_size, rec.shape)] = rec
     rows = []
-    for (node, root, model, class_key, batch), rec in sorted(latest.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (node, root, model, class_key, batch, shape), rec in sorted(latest.items(),
+                                                                   key=lambda kv: tuple(str(x) for x in kv[0])):
         worker = rec.worker or {}
         rows.append(LiveRow(node, root or "?", model, batch, worker.get("device_name") or worker.get("device", "?"),
                             rec.version, rec.sweep_id or "?", (rec.winner_key or "?")[:12], rec.median_ms, rec.at or 0.0,
-                            rec.action, class_key or ""))
+                            rec.action, class_key or "", shape=shape))
     here = socket.gethostname()
     for row in rows:
         if row.node == here and row.root != "?":
@@ -271,7 +275,7 @@ def _disk_disagrees(row: LiveRow) -> str | None:
     from aitune import deploy_root as layout
 
     try:
-        folder = layout.batch_dir(Path(row.root), row.model, row.class_key, row.batch_size)
+        folder = layout.batch_dir(Path(row.root), row.model, row.class_key, row.batch_size, row.shape)
         if not folder.is_dir():
             return f"on disk: nothing installed in {folder}"
         now = layout.current_version(folder)
@@ -286,7 +290,7 @@ def _on_disk_only(here: str, roots: set[str], rows: list[LiveRow]) -> list[LiveR
     """Versions current in this host's deploy roots that the store has no install record of."""
     from aitune import deploy_root as layout
 
-    known = {(row.root, row.model, row.class_key[:16], row.batch_size) for row in rows}
+    known = {(row.root, row.model, row.class_key[:16], row.batch_size, row.shape) for row in rows}
     extra = []
     for root in sorted(roots):
         try:
@@ -294,7 +298,7 @@ def _on_disk_only(here: str, roots: set[str], rows: list[LiveRow]) -> list[LiveR
         except (layout.DeployRootError, OSError):
             continue  # each row of that root already says what is wrong with it
         for e in entries:
-            if (root, e.model, e.class_key[:16], e.batch_size) in known:
+            if (root, e.model, e.class_key[:16], e.batch_size, e.shape) in known:
                 continue
             try:
                 install = layout.read_install(e.folder)
@@ -302,7 +306,8 @@ def _on_disk_only(here: str, roots: set[str], rows: list[LiveRow]) -> list[LiveR
             except layout.DeployRootError:
                 sweep, winner = "?", "?"
             extra.append(LiveRow(here, root, e.model, e.batch_size, e.device_name or "?", e.version, sweep, winner, None,
-                                 0.0, "?", e.class_key, disk="on disk only: the store has no record of installing it"))
+                                 0.0, "?", e.class_key, disk="on disk only: the store has no record of installing it",
+                                 shape=e.shape))
     return extra
 
 
