@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aitune.shapes import label
 from orchestrator import records as R
 from orchestrator.records import Job, ResultRecord
 from orchestrator.spec.schema import SweepSpec
@@ -77,6 +78,8 @@ class BatchSearch:
         self.spec = spec
         self.models = [m.name for m in spec.models if spec.searches_batches(m)]
         self.searches: dict[tuple[str, str], Search] = {}
+        #: a model whose lengths vary is judged at its largest bucket (what fills memory first)
+        self.judged_at = {m.name: label({n: b[-1] for n, b in m.axes().items()}) for m in spec.models}
 
     @property
     def active(self) -> bool:
@@ -86,7 +89,7 @@ class BatchSearch:
         """The results of the sizes just tuned (batch 1 with the rest of the sweep, then one size a round)."""
         by_group: dict[tuple[str, str, int], list[ResultRecord]] = {}
         for r in results:
-            if r.model in self.models:
+            if r.model in self.models and r.shape == self.judged_at[r.model]:
                 by_group.setdefault((r.model, r.device_class_key, r.batch_size), []).append(r)
         for (model, dc, size), group in sorted(by_group.items()):
             search = self.searches.get((model, dc))
