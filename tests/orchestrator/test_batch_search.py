@@ -94,3 +94,24 @@ def test_the_plan_counts_batch_one_and_says_the_rest_is_searched(tmp_path):
     fc = forecast(spec, MemoryStore(), local=True)
     assert fc.totals["jobs"] == 2
     assert any("mlp: batch sizes searched (auto, up to 8)" in line for line in fc.lines())
+
+
+def test_a_model_whose_lengths_vary_is_judged_at_its_largest_bucket(tmp_path):
+    from orchestrator.sweep.batch_search import BatchSearch
+
+    model = {"name": "m", "factory": "aitune.examples:token_tagger",
+             "inputs": [{"name": "input_ids", "shape": ["seq"], "dtype": "int64", "int_range": [0, 100], "kwarg": True,
+                         "dynamic": {"seq": {"buckets": [8, 64]}}},
+                        {"name": "attention_mask", "shape": ["seq"], "dtype": "int64", "kwarg": True,
+                         "dynamic": {"seq": {"pad": 0}}}]}
+    search = BatchSearch(tiny_spec(tmp_path / "store", [EAGER], models=[model], batch_sizes="auto", max_batch=64))
+
+    def at(batch, candidate, ms, shape):
+        r = result(batch, candidate, ms)
+        r.shape = shape
+        return r
+
+    # at seq=8 "a" is fastest; at the largest bucket, seq=64, "b" is: the next size tries what wins there
+    search.take([at(1, "a", 0.1, "seq=8"), at(1, "b", 0.2, "seq=8"), at(1, "a", 4.0, "seq=64"), at(1, "b", 1.0, "seq=64")])
+    (only,) = search.searches.values()
+    assert only.next_candidates[0] == "b" and only.throughput[1] == pytest.approx(1000.0)
