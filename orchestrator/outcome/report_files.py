@@ -53,6 +53,7 @@ def write_reports(
     deployments: Iterable[DeployRecord],
     diff: dict | None = None,
     batch_search: list[dict] | None = None,
+    buckets: list[dict] | None = None,
 ) -> dict[str, Path]:
     """``diff``: :meth:`orchestrator.outcome.diff.SweepDiff.to_dict` against the previous sweep, if any;
     ``batch_search``: what ``batch_sizes: auto`` tuned and why each search stopped (report.json only)."""
@@ -72,6 +73,8 @@ def write_reports(
     }
     if batch_search:
         everything["batch_search"] = batch_search
+    if buckets:  # each bucketed model's winners by bucket, and the traffic mix's expected latency
+        everything["buckets"] = buckets
     paths["report.json"].write_text(json.dumps(_strict_json(everything), indent=2, default=str) + "\n")
 
     with paths["report.csv"].open("w", newline="") as f:

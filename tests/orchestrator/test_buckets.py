@@ -182,3 +182,24 @@ def test_a_version_3_store_is_migrated_keeping_its_selections(tmp_path):
 
 def test_the_test_module_is_importable_for_the_sample_factory():
     assert Path(__file__).stem == "test_buckets"
+
+
+def test_the_report_weighs_each_buckets_winner_by_the_traffic_mix():
+    from orchestrator.outcome.buckets import bucket_figures, bucket_lines
+    from orchestrator.records import ResultRecord
+    from sweep_helpers import measurement
+
+    spec = spec_of({**TAGGER, "traffic": {"seq": {5: 0.75, 16: 0.25}}})
+    results, selections = [], []
+    for shape, ms in (("seq=8", 1.0), ("seq=16", 3.0)):
+        results.append(ResultRecord(key=f"k{shape}", model="tagger", batch_size=2, backend="B", config={}, candidate="c",
+                                    status="ok", device_class_key="d" * 64, measurement=measurement(ms), shape=shape))
+        selections.append(SelectionRecord("tagger", 2, "d" * 64, f"k{shape}", "c", "why", shape=shape))
+    (figures,) = bucket_figures(spec, selections, results)
+    assert figures["traffic"] == {"seq=8": 0.75, "seq=16": 0.25}
+    assert figures["expected_ms"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0) and figures["largest_ms"] == 3.0
+    (line,) = bucket_lines([figures])
+    assert line.startswith("buckets of tagger b2 on ?: seq=8 1.000 ms (75%), seq=16 3.000 ms (25%)")
+    assert "expected under the traffic mix 1.500 ms a call, always the largest bucket 3.000 ms (2.00x)" in line
+    # a fixed-shape model has no such line
+    assert bucket_figures(spec, [SelectionRecord("tagger", 2, "d" * 64, "x", "c", "why")], results) == []
