@@ -54,9 +54,11 @@ log = logging.getLogger(__name__)
 INSTALL, REFERENCE, CHECKPOINT, CURRENT, DEVICE_CLASS = "install.json", "reference.pt", "checkpoint", "current", "device_class.json"
 BATCHING = "batching.json"
 _VERSION = re.compile(r"v(\d{4,})-[0-9a-f]{12}\Z")
-_BATCH = re.compile(r"b(\d+)((?:-[A-Za-z_][A-Za-z0-9_]*=\d+)*)\Z")
-#: a shape point's label (aitune.shapes.label): '' or axis=size[,axis=size]
-_SHAPE = re.compile(r"\A(?:[A-Za-z_][A-Za-z0-9_]*=[1-9]\d*(?:,[A-Za-z_][A-Za-z0-9_]*=[1-9]\d*)*)?\Z")
+_BATCH = re.compile(r"b(\d+)((?:-[A-Za-z_][A-Za-z0-9_]*=\d+(?:\.\.\d+)?)*)\Z")
+#: a shape point's label (aitune.shapes.label): '' or axis=size[,axis=size]; a dynamic-shape
+#: artifact's range: axis=low..high
+_AXIS = r"[A-Za-z_][A-Za-z0-9_]*=[1-9]\d*(?:\.\.[1-9]\d*)?"
+_SHAPE = re.compile(rf"\A(?:{_AXIS}(?:,{_AXIS})*)?\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 #: what a model name may be: it is a folder of the deploy root, one path component

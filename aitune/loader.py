@@ -30,7 +30,7 @@ import torch
 from aitune import deploy_root as layout
 from aitune.batching import Batching, batching_for
 from aitune.checkpoint import CheckpointError
-from aitune.shapes import ShapeError, Shapes, at, pad_sample
+from aitune.shapes import ShapeError, Shapes, at, is_range, pad_sample, parse_ranges
 from aitune.specs import Sample
 
 
@@ -93,6 +93,10 @@ class TunedModel:
     def winner_for(self, *args: Any, **kwargs: Any):
         """The install a call goes to (after padding up to its bucket); None: none."""
         found = self.installs.get(_key(args, kwargs))
+        if found is None and self.shapes is not None:
+            ranged = self._in_range(args, kwargs)
+            if ranged is not None:
+                return next(i for k, i in self.installs.items() if self._routes[k] is ranged[0])
         if found is None and self.shapes is not None and self.padding is None:
             with contextlib.suppress(UntunedShape):
                 padded = self._padded(args, kwargs)
@@ -103,6 +107,10 @@ class TunedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _key(args, kwargs)
         if key not in self._routes and self.shapes is not None:
+            ranged = self._in_range(args, kwargs)
+            if ranged is not None:  # a dynamic-shape artifact holds the call's lengths
+                backend, (args, kwargs), lengths = ranged
+                return self.shapes.cut(backend.infer(*args, **kwargs), lengths)
             padded = self._padded(args, kwargs)
             if padded is not None:
                 (args, kwargs), lengths = padded
@@ -124,12 +132,38 @@ class TunedModel:
 
     forward = __call__
 
+    def _named(self, args: tuple, kwargs: dict) -> tuple[list[str], dict[str, torch.Tensor]]:
+        names = self.input_names or layout.names_of_inputs(args, kwargs, None)
+        positional = names[:sum(isinstance(a, torch.Tensor) for a in args)]
+        return positional, dict(zip(layout.names_of_inputs(args, kwargs, positional), _tensors(args, kwargs)))
+
+    def _in_range(self, args: tuple, kwargs: dict):
+        """(backend, the call padded up to the range's low end where shorter, its lengths) of a
+        dynamic-shape install whose batch and range hold the call; None: none does."""
+        ranged = [(k, i) for k, i in self.installs.items() if is_range(i.shape)]
+        if not ranged:
+            return None
+        positional, named = self._named(args, kwargs)
+        try:
+            lengths = self.shapes.lengths(named)
+        except ShapeError:
+            return None
+        rows = next((int(t.shape[0]) for t in named.values() if t.dim()), None)
+        for key, install in ranged:
+            ranges = parse_ranges(install.shape)
+            if install.batch_size != rows or not all(lengths[a] <= ranges[a][1] for a in lengths if a in ranges):
+                continue
+            target = {a: max(n, ranges.get(a, (n, n))[0]) for a, n in lengths.items()}
+            if target != lengths and self.padding is not None:
+                continue  # shorter than the range, and padding is refused for this model
+            call = pad_sample(Sample(args, kwargs), self.shapes, target, positional) if target != lengths else Sample(args, kwargs)
+            return self._routes[key], (call.args, call.kwargs), lengths
+        return None
+
     def _padded(self, args: tuple, kwargs: dict) -> tuple[tuple[tuple, dict], dict[str, int]] | None:
         """The call padded up to its bucket, and its lengths; None where it needs no padding (or it
         goes to the fallback); UntunedShape where it can't be padded, saying why."""
-        names = self.input_names or layout.names_of_inputs(args, kwargs, None)
-        positional = names[:sum(isinstance(a, torch.Tensor) for a in args)]
-        named = dict(zip(layout.names_of_inputs(args, kwargs, positional), _tensors(args, kwargs)))
+        positional, named = self._named(args, kwargs)
         try:
             lengths = self.shapes.lengths(named)
             bucket = self.shapes.bucket(lengths)

@@ -69,14 +69,30 @@ def label(point: Mapping[str, int]) -> str:
 
 
 def parse_label(shape: str) -> dict[str, int]:
-    """The lengths a shape point's label names (``seq=64`` -> {"seq": 64}); {} for ''."""
-    out: dict[str, int] = {}
+    """The lengths a shape point's label names (``seq=64`` -> {"seq": 64}); {} for ''. A range's
+    label (``seq=2..64``) names its largest lengths: what its artifact was built and checked at."""
+    return {name: hi for name, (_, hi) in parse_ranges(shape).items()}
+
+
+def parse_ranges(shape: str) -> dict[str, tuple[int, int]]:
+    """Each axis's (low, high) in a label: ``seq=64`` -> {"seq": (64, 64)}, ``seq=2..64`` -> {"seq": (2, 64)}."""
+    out: dict[str, tuple[int, int]] = {}
     for part in filter(None, shape.split(",")):
         name, sep, size = part.partition("=")
-        if not sep or not size.isdigit() or not name:
-            raise ValueError(f"shape point {shape!r} is not axis=size[,axis=size]")
-        out[name] = int(size)
+        low, dots, high = size.partition("..")
+        if not sep or not name or not low.isdigit() or (dots and not high.isdigit()):
+            raise ValueError(f"shape point {shape!r} is not axis=size[,axis=size] (or a range axis=low..high)")
+        out[name] = (int(low), int(high if dots else low))
     return out
+
+
+def range_label(ranges: Mapping[str, tuple[int, int]]) -> str:
+    """The label of an artifact that covers a range of each axis: ``seq=2..64``."""
+    return ",".join(f"{name}={int(ranges[name][0])}..{int(ranges[name][1])}" for name in sorted(ranges))
+
+
+def is_range(shape: str) -> bool:
+    return ".." in shape
 
 
 def at(batch_size: int, shape: str = "") -> str:
@@ -116,6 +132,11 @@ class Shapes:
                 if found.setdefault(axis.name, size) != size:
                     raise ShapeError(f"inputs disagree on axis {axis.name}: {found[axis.name]} and {size} ({name!r})")
         return found
+
+    def dynamic_range(self) -> dict[str, tuple[int, int]]:
+        """What one dynamic-shape artifact covers: each axis from 2 (``torch.export`` specialises a
+        dimension of size 0 or 1) or its first bucket when that is smaller, up to its largest bucket."""
+        return {a.name: (min(2, a.buckets[0]), a.buckets[-1]) for a in self.axes}
 
     def bucket(self, lengths: Mapping[str, int]) -> dict[str, int]:
         return {a.name: a.bucket_for(lengths[a.name]) for a in self.axes}

@@ -240,8 +240,11 @@ class ResultRecord(_Record):
     #: the weights and architecture it was built from (for diffs: why a key changed)
     model_fingerprint: str | None = None
     structure_key: str | None = None
-    #: the shape point of a model whose axes vary (``seq=64``); '' for fixed shapes
+    #: the shape point of a model whose axes vary (``seq=64``, or a dynamic-shape artifact's range
+    #: ``seq=2..64``); '' for fixed shapes
     shape: str = ""
+    #: a dynamic-shape artifact's median ms at each bucket (label -> ms); None for any other
+    bucket_ms: dict[str, float] | None = None
     #: what the worker saw around its phases: wall-clock windows ``build`` and ``measure``
     #: ([start, end], ``time.time()``) and the load average (1 min) before and after measuring
     context: dict[str, Any] = field(default_factory=dict)
@@ -347,8 +350,11 @@ class SelectionRecord(_Record):
     #: ``reuse: decisions``: the family member whose full tuning chose the candidates tried here
     #: ({"model", "candidates"}); None when this group was tuned fully
     decisions_from: dict[str, Any] | None = None
-    #: the group's shape point (``seq=64``); '' for fixed shapes
+    #: the group's shape point (``seq=64``, or a dynamic-shape artifact's range ``seq=2..64``); '' for fixed shapes
     shape: str = ""
+    #: why this winner is not deployed: the other shape strategy serves its model and batch size
+    #: (orchestrator.outcome.shape_strategy); None: it is deployed
+    superseded: str | None = None
 
     @property
     def group(self) -> Group:

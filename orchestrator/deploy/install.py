@@ -280,6 +280,7 @@ def deploy_winners(spec, store, sweep_id: str, selections, results, inventory, *
             check_winners_for_targets(actors, selections, results)
             rollout.check_roots()
         by_key = {r.key: r for r in results}
+        selections = [s for s in selections if not s.superseded]  # the other shape strategy serves
         calls = [call for sel in selections if sel.winner_key is not None
                  for call in rollout.send(sel, by_key[sel.winner_key], classes)]
         rollout.refuse_classless(selections, results, classes)

@@ -69,10 +69,16 @@ def face_of(tuned, batching_in_force: dict[str, Any]) -> Face:
 
     names = tuned.input_names or [f"input_{i}" for i in range(len(first.input_shapes))]
     positional = first.positional_inputs if tuned.input_names else len(first.input_shapes)
-    inputs = [(n, _datatype(d), shape(k, lambda i: i.input_shapes))
+    axes_in = {(n, d) for a in (tuned.shapes.axes if tuned.shapes else ()) for n, d, _ in a.inputs}
+    axes_out = {(k, d) for a in (tuned.shapes.axes if tuned.shapes else ()) for k, _, d in a.outputs}
+
+    def varying_axes(dims: list[int], which: set, key) -> list[int]:  # an axis that varies takes any length
+        return [-1 if (key, d) in which else size for d, size in enumerate(dims)]
+
+    inputs = [(n, _datatype(d), varying_axes(shape(k, lambda i: i.input_shapes), axes_in, n))
               for k, (n, d) in enumerate(zip(names, first.input_dtypes or []))]
     paths = [p for p, _, _ in first.outputs or []]
-    outputs = [(n, _datatype(d), shape(k, lambda i: [s for _, s, _ in i.outputs or []]))
+    outputs = [(n, _datatype(d), varying_axes(shape(k, lambda i: [s for _, s, _ in i.outputs or []]), axes_out, k))
                for k, (n, (_, _, d)) in enumerate(zip(oip.output_names(paths), first.outputs or []))]
     versions = sorted({i.version for i in installs})
     return Face(inputs, outputs, paths, positional, versions, batching_in_force)

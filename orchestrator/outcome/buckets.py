@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aitune.shapes import parse_label
+from aitune.shapes import is_range, parse_label
 
 
 def bucket_figures(spec, selections, results) -> list[dict[str, Any]]:
@@ -16,7 +16,7 @@ def bucket_figures(spec, selections, results) -> list[dict[str, Any]]:
     by_key = {r.key: r for r in results}
     groups: dict[tuple, dict[str, Any]] = {}
     for s in selections:
-        if not s.shape or s.winner_key not in by_key:
+        if not s.shape or is_range(s.shape) or s.winner_key not in by_key:
             continue
         winner = by_key[s.winner_key]
         group = groups.setdefault((s.model, s.batch_size, s.device_class_key),

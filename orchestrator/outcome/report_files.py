@@ -54,6 +54,7 @@ def write_reports(
     diff: dict | None = None,
     batch_search: list[dict] | None = None,
     buckets: list[dict] | None = None,
+    shape_strategies: list[dict] | None = None,
 ) -> dict[str, Path]:
     """``diff``: :meth:`orchestrator.outcome.diff.SweepDiff.to_dict` against the previous sweep, if any;
     ``batch_search``: what ``batch_sizes: auto`` tuned and why each search stopped (report.json only)."""
@@ -75,6 +76,8 @@ def write_reports(
         everything["batch_search"] = batch_search
     if buckets:  # each bucketed model's winners by bucket, and the traffic mix's expected latency
         everything["buckets"] = buckets
+    if shape_strategies:  # static buckets against a dynamic-shape artifact, and which serves
+        everything["shape_strategies"] = shape_strategies
     paths["report.json"].write_text(json.dumps(_strict_json(everything), indent=2, default=str) + "\n")
 
     with paths["report.csv"].open("w", newline="") as f:

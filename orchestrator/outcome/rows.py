@@ -3,6 +3,8 @@ of the tables the console and the Markdown report both show, so that they never 
 
 from __future__ import annotations
 
+from aitune.shapes import parse_ranges
+
 import logging
 from collections import defaultdict
 from typing import Iterable
@@ -30,7 +32,7 @@ def batch_cell(batch_size: int, shape: str | None) -> str:
 
 def _lengths(shape: str | None) -> list[int]:
     """A shape point's sizes, for sorting (seq=8 before seq=16)."""
-    return [int(part.partition("=")[2]) for part in (shape or "").split(",") if part]
+    return [v for lo_hi in parse_ranges(shape or "").values() for v in (lo_hi[1], lo_hi[0] != lo_hi[1])]
 
 
 def decision_rounds(selection: SelectionRecord | None) -> Rounds | None:

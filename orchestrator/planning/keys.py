@@ -24,17 +24,10 @@ from aitune.accuracy import Criteria, TaskGate, criteria_for
 from aitune.canonical import sha256_of
 from aitune.check import CheckResult, compare_outputs, tolerance_for
 from aitune.reference import load_reference, unpack_outputs
-from aitune.shapes import label
 from aitune.torch.backend.registry import config_fields, config_key, display_name, make_backend
 from orchestrator import records as R
-from orchestrator.planning.candidates import (
-    batches_fingerprint,
-    candidate_specs,
-    evaluation_batches,
-    graph_spec_of,
-    make_sample,
-    samples_key,
-)
+from orchestrator.planning.candidates import batches_fingerprint, candidate_specs, evaluation_batches
+from orchestrator.planning.shape_plans import variants
 from orchestrator.records import Job, Redo, ResultRecord, StrEnum
 from orchestrator.spec.schema import SweepSpec
 
@@ -126,19 +119,22 @@ def expand(
     keys appear once.
 
     ``structures`` (model name -> structure key) names each job's family; it is not in any key.
-    ``shapes`` (model name -> planning.shape_plans.ShapePlan): where padding is safe for a model,
-    each candidate's check pads the lengths between the buckets too (part of its evaluation).
+    ``shapes`` (model name -> planning.shape_plans.ShapePlan): a model whose axes vary is tuned at
+    each bucket, and with one dynamic-shape artifact per candidate that can build one; where
+    padding is safe for it, each candidate's check pads the lengths between the buckets too.
     """
     jobs: dict[str, Job] = {}
     tasks: dict[tuple[str, int], TaskGate | None] = {}
     for dc_key, device_class in device_classes.items():
         candidates = candidate_specs(spec, device_class["device_type"])
         for model in spec.models:
-            for batch, point in ((b, p) for b in spec.batches_of(model) for p in model.points()):
-                graph = graph_spec_of(model, make_sample(model, batch, point)).to_dict()
-                samples = samples_key(model, batch, point)
+            plan = (shapes or {}).get(model.name)
+            for batch, variant in ((b, v) for b in spec.batches_of(model) for v in variants(model, b, plan)):
+                graph, samples = variant.graph, variant.samples
                 for cand in candidates:
                     backend = make_backend(cand.backend, cand.config)
+                    if variant.dynamic and not getattr(type(backend), "dynamic_shapes", False):
+                        continue  # one artifact per bucket only (an eager backend runs any shape as it is)
                     fields = config_fields(backend)
                     precision = str(fields.get("precision", "float32"))
                     if (model.name, batch) not in tasks:
@@ -153,15 +149,15 @@ def expand(
                     if key in jobs:
                         continue  # the same candidate written twice (or two spellings of one config)
                     evaluation = evaluation_of(spec, precision, samples, (threads or {}).get(dc_key, 1), criteria)
-                    plan = (shapes or {}).get(model.name)
-                    if plan is not None:  # the worker checks padding where it is safe on eager fp32 ("refused": None)
-                        evaluation["check"]["padding"] = {"shapes": plan.shapes.to_dict(), "point": point,
-                                                          "refused": plan.padding}
+                    if variant.padding is not None:  # checked on the worker where safe on eager fp32 ("refused": None)
+                        evaluation["check"]["padding"] = variant.padding
+                    if variant.buckets is not None:  # a dynamic artifact is measured at every bucket
+                        evaluation["measure"]["buckets"] = variant.buckets
                     jobs[key] = Job(
                         key=key, model=model.name, batch_size=batch, backend=cand.backend, config=fields,
                         candidate=display_name(backend), device_class_key=dc_key, model_fingerprint=fingerprints[model.name],
                         graph_spec=graph, samples_key=samples, evaluation=evaluation, eval_key=evaluation_key(evaluation),
-                        structure_key=(structures or {}).get(model.name, ""), shape=label(point),
+                        structure_key=(structures or {}).get(model.name, ""), shape=variant.shape,
                     )
     return list(jobs.values())
 

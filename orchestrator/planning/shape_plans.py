@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from aitune.check import compare_outputs, tolerance_for
-from aitune.shapes import Axis, Shapes, padding_problem, trace_outputs
+from aitune.shapes import Axis, Shapes, label, padding_problem, range_label, trace_outputs
+from aitune.specs import GraphSpec, TensorSpec
 from aitune.torch.tree import flatten_tensors
-from orchestrator.planning.candidates import ModelLoadError, load_model, make_sample
+from orchestrator.planning.candidates import ModelLoadError, graph_spec_of, load_model, make_sample, samples_key
 from orchestrator.spec.models import ModelSpec
 from orchestrator.spec.schema import SweepSpec
 
@@ -150,3 +151,47 @@ def settle_shapes(spec: SweepSpec) -> dict[str, ShapePlan]:
                 raise ModelLoadError(f"models[{i}]: tracing its axes at other lengths failed: "
                                      f"{type(exc).__name__}: {exc}") from None
     return out
+
+
+@dataclass
+class Variant:
+    """What one model is tuned at for one batch size: a shape point (or, ``dynamic``, one artifact
+    covering every bucket), its graph spec and samples key, and what its evaluation adds."""
+
+    shape: str
+    graph: dict[str, Any]
+    samples: str
+    dynamic: bool = False
+    #: evaluation["check"]["padding"]: the axes, this point (or the range) and why padding is refused
+    padding: dict[str, Any] | None = None
+    #: evaluation["measure"]["buckets"]: a dynamic artifact is measured at every bucket too
+    buckets: list[str] | None = None
+
+
+def variants(model: ModelSpec, batch: int, plan: ShapePlan | None) -> list[Variant]:
+    """Each bucket's variant (the model's one variant where its shapes are fixed), and where its axes
+    vary, one dynamic-shape variant built at the largest bucket with each axis's range dynamic."""
+    out = []
+    for point in model.points():
+        graph = graph_spec_of(model, make_sample(model, batch, point))
+        padding = None if plan is None else {"shapes": plan.shapes.to_dict(), "point": point, "refused": plan.padding}
+        out.append(Variant(label(point), graph.to_dict(), samples_key(model, batch, point), padding=padding))
+    if plan is not None:
+        ranges = plan.shapes.dynamic_range()
+        largest = {name: hi for name, (_, hi) in ranges.items()}
+        graph = dynamic_graph(graph_spec_of(model, make_sample(model, batch, largest)), plan.shapes, ranges)
+        padding = {"shapes": plan.shapes.to_dict(), "range": {n: list(r) for n, r in ranges.items()},
+                   "refused": plan.padding}
+        out.append(Variant(range_label(ranges), graph.to_dict(), samples_key(model, batch, largest), dynamic=True,
+                           padding=padding, buckets=[label(p) for p in model.points()]))
+    return out
+
+
+def dynamic_graph(graph: GraphSpec, shapes: Shapes, ranges: dict[str, tuple[int, int]]) -> GraphSpec:
+    """``graph`` with each axis that varies dynamic over its range, in every input it lies in."""
+    dims: dict[str, dict[int, tuple[int, int]]] = {}
+    for axis in shapes.axes:
+        for name, dim, _ in axis.inputs:
+            dims.setdefault(name, {})[dim] = ranges[axis.name]
+    inputs = tuple(TensorSpec(t.name, t.shape, t.dtype, {**t.dynamic_axes, **dims.get(t.name, {})}) for t in graph.inputs)
+    return GraphSpec(inputs, graph.outputs, graph.kwarg_names)

@@ -59,6 +59,8 @@ class SweepOutcome:
     diff: SweepDiff | None = None
     #: ``batch_sizes: auto``: per (model, device class), the sizes tuned, their throughput, why the search stopped
     batch_search: list[dict] = field(default_factory=list)
+    #: static buckets against a dynamic-shape artifact (orchestrator.outcome.shape_strategy)
+    shape_strategies: list[dict] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:

@@ -18,6 +18,7 @@ from orchestrator.outcome.buckets import bucket_figures, bucket_lines
 from orchestrator.outcome.diff import SweepDiff, diff_sweeps
 from orchestrator.outcome.report import decisions_line, render, write_reports
 from orchestrator.outcome.selection import choose_winners
+from orchestrator.outcome.shape_strategy import choose_strategies, strategy_lines
 from orchestrator.planning.families import NARROWED, FamilyGate, Waves
 from orchestrator.planning.forecast import job_estimator
 from orchestrator.planning.keys import EVALUATE, RECHECK, REUSE, Decision, Policy, decide, jobs_for, recheck
@@ -41,6 +42,8 @@ class Tuned:
     tune_s: float
     #: ``batch_sizes: auto``: each (model, device class)'s sizes tuned and why its search stopped
     batch_search: list[dict] = dataclasses.field(default_factory=list)
+    #: static buckets against a dynamic-shape artifact, per (model, batch size, device class)
+    shape_strategies: list[dict] = dataclasses.field(default_factory=list)
 
 
 class SweepSession:
@@ -172,6 +175,9 @@ class SweepSession:
                                     previous=previous, rule=self.spec.decision.rule(), rank=SpecOrder(self.spec))
         decide_s = time.monotonic() - start
         tuned.waves.annotate(selections, tuned.results)
+        for s in selections:  # decided afresh each sweep, even for a decision taken over from an earlier one
+            s.superseded = None
+        tuned.shape_strategies = choose_strategies(self.spec, selections, tuned.results)
         for s in selections:
             self.store.put_selection(self.sweep_id, s)
         return selections, decide_s
@@ -195,6 +201,7 @@ class SweepSession:
                                reused=sum(v for k, v in how.items() if k != R.BUILT), ran=how.get(R.BUILT, 0))
         outcome.diff = self._diff()
         outcome.batch_search = tuned.batch_search
+        outcome.shape_strategies = tuned.shape_strategies
         return outcome
 
     def _diff(self) -> SweepDiff | None:
@@ -217,14 +224,15 @@ class SweepSession:
         for line in search_lines(outcome.batch_search, {r.device_class_key: r.device_name for r in swept}):
             say(line)
         buckets = bucket_figures(self.spec, outcome.selections, swept)
-        for line in bucket_lines(buckets):
+        for line in bucket_lines(buckets) + strategy_lines(outcome.shape_strategies):
             say(line)
         if self.store.root is not None:
             out = self.store.root / "reports" / self.sweep_id
             outcome.reports = write_reports(out, self.store.sweep_info(self.sweep_id).to_dict(), swept,
                                             outcome.selections, outcome.deployments,
                                             diff=outcome.diff.to_dict() if outcome.diff else None,
-                                            batch_search=outcome.batch_search or None, buckets=buckets or None)
+                                            batch_search=outcome.batch_search or None, buckets=buckets or None,
+                                            shape_strategies=outcome.shape_strategies or None)
             say(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
 
     def _say(self, text: str) -> None:

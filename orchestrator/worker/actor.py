@@ -47,7 +47,7 @@ from orchestrator.worker.failures import NotDeterministicModel, error_of
 from orchestrator.worker.heap import HeapClock
 from orchestrator.worker.model_cache import ModelCache, default_limit_bytes
 from orchestrator.worker.on_node import measuring_alone, pin_to_share
-from orchestrator.worker.padding import candidate_padding_problem
+from orchestrator.worker.padding import bucket_latencies, candidate_padding_problem, dynamic_problem
 from orchestrator.worker.pretend_gpus import pretend_device
 from orchestrator.worker.process import pick_device, quiet_libraries
 from orchestrator.worker.references import load_checked, run_reference
@@ -238,6 +238,7 @@ class TuneWorker:
         record.source = {"sweep": prior.sweep_id, "result": prior.result_id}
         record.checkpoint, record.manifest_sha256 = prior.checkpoint, prior.manifest_sha256
         record.check, record.measurement, record.phases = prior.check, prior.measurement, dict(prior.phases)
+        record.bucket_ms = prior.bucket_ms
         outputs = None
         try:
             _, sample, reference = self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)
@@ -271,14 +272,33 @@ class TuneWorker:
             record.measurement = verdict.measurement
         if verdict.status != R.OK:
             record.status, record.error, record.error_class = R.INCORRECT, verdict.error, "IncorrectOutput"
-        padding = (job.evaluation.get("check") or {}).get("padding")
-        if padding and padding.get("refused") is None and "check" in redo and verdict.status == R.OK:
-            module = self._cache.module(job.model) or self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)[0]
-            problem = candidate_padding_problem(backend.infer, module, self.spec.model(job.model), job.batch_size,
-                                                job.graph_spec, padding, criteria, self.device)
-            if problem:
-                record.status, record.error, record.error_class = R.INCORRECT, problem, "PaddingChangesOutputs"
+        if verdict.status == R.OK:
+            self._shape_checks(backend, job, record, criteria, config, redo)
         return pack_outputs(verdict.outputs)
+
+    def _shape_checks(self, backend: Backend, job: Job, record: ResultRecord, criteria: Criteria, config, redo) -> None:
+        """A bucket's padding check, or a dynamic-shape artifact's check at other lengths and its
+        latency at every bucket (aitune.shapes; orchestrator.worker.padding)."""
+        padding = (job.evaluation.get("check") or {}).get("padding")
+        buckets = (job.evaluation.get("measure") or {}).get("buckets")
+        model = self.spec.model(job.model)
+        if padding and "check" in redo:
+            module = self._cache.module(job.model) or self._reference(job.model, job.batch_size, job.model_fingerprint, job.shape)[0]
+            if "range" in padding:
+                problem = dynamic_problem(backend.infer, module, model, job.batch_size, padding, criteria, self.device)
+                why = "DynamicShapeDiffers"
+            elif padding.get("refused") is None:
+                problem = candidate_padding_problem(backend.infer, module, model, job.batch_size,
+                                                    job.graph_spec, padding, criteria, self.device)
+                why = "PaddingChangesOutputs"
+            else:
+                problem = None
+            if problem:
+                record.status, record.error, record.error_class = R.INCORRECT, problem, why
+                return
+        if buckets and "measure" in redo:
+            with self._quiet_node(True):
+                record.bucket_ms = bucket_latencies(backend.infer, model, job.batch_size, buckets, config, self.device)
 
     def _task_batches(self, job: Job, criteria: Criteria) -> tuple[list[Sample], list[Any]] | None:
         """A task gate's evaluation batches (the ones the driver fingerprinted) on this device, and the

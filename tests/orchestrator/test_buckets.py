@@ -203,3 +203,40 @@ def test_the_report_weighs_each_buckets_winner_by_the_traffic_mix():
     assert "expected under the traffic mix 1.500 ms a call, always the largest bucket 3.000 ms (2.00x)" in line
     # a fixed-shape model has no such line
     assert bucket_figures(spec, [SelectionRecord("tagger", 2, "d" * 64, "x", "c", "why")], results) == []
+
+
+def _strategy_inputs(static_ms: dict, dynamic_ms: dict | None):
+    from orchestrator.records import ResultRecord
+    from sweep_helpers import measurement
+
+    results, selections = [], []
+    for shape, ms in static_ms.items():
+        results.append(ResultRecord(key=f"k{shape}", model="tagger", batch_size=2, backend="B", config={}, candidate="c",
+                                    status="ok", device_class_key="d" * 64, measurement=measurement(ms), shape=shape))
+        selections.append(SelectionRecord("tagger", 2, "d" * 64, f"k{shape}", "c", "why", shape=shape))
+    results.append(ResultRecord(key="kdyn", model="tagger", batch_size=2, backend="B", config={}, candidate="dyn",
+                                status="ok", device_class_key="d" * 64, measurement=measurement(1.0),
+                                shape="seq=2..16", bucket_ms=dynamic_ms))
+    selections.append(SelectionRecord("tagger", 2, "d" * 64, "kdyn", "dyn", "why", shape="seq=2..16"))
+    return results, selections
+
+
+@pytest.mark.parametrize("static_ms, dynamic_ms, chosen", [
+    ({"seq=8": 1.0, "seq=16": 3.0}, {"seq=8": 1.2, "seq=16": 2.0}, "dynamic"),   # 0.75*1.2+0.25*2.0=1.4 < 1.5
+    ({"seq=8": 1.0, "seq=16": 3.0}, {"seq=8": 1.5, "seq=16": 2.0}, "static"),    # 1.625 > 1.5
+    ({"seq=8": 1.0}, {"seq=8": 9.0, "seq=16": 9.0}, "dynamic"),                 # no static winner at seq=16
+    ({"seq=8": 1.0, "seq=16": 3.0}, {"seq=8": 0.1}, "static"),                  # the dynamic one lacks seq=16
+    ({"seq=8": 1.0, "seq=16": 3.0}, None, "static"),
+])
+def test_the_cheaper_strategy_under_the_traffic_mix_serves(static_ms, dynamic_ms, chosen):
+    from orchestrator.outcome.shape_strategy import choose_strategies, strategy_lines
+
+    spec = spec_of({**TAGGER, "traffic": {"seq": {5: 0.75, 16: 0.25}}})
+    results, selections = _strategy_inputs(static_ms, dynamic_ms)
+    (figures,) = choose_strategies(spec, selections, results)
+    assert figures["chosen"] == chosen
+    superseded = {s.shape for s in selections if s.superseded}
+    assert superseded == ({"seq=2..16"} if chosen == "static" else set(static_ms))
+    (line,) = strategy_lines([figures])
+    assert line.startswith("shapes of tagger b2 on ?: static buckets (seq=8 1.000") and line.endswith(f"{chosen} chosen")
+

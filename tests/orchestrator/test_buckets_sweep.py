@@ -163,3 +163,73 @@ def test_the_open_inference_protocol_takes_any_length_up_to_the_largest_bucket(s
     finally:
         client.close()
         stop_serving()
+
+
+# -- one dynamic-shape artifact against the static buckets ---------------------------------------------
+ONNX = {"backend": "OnnxRuntimeBackend", "config": {}}
+
+
+@pytest.fixture(scope="module")
+def dynamic_swept(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dynamic")
+    spec = tiny_spec(tmp / "store", [EAGER, ONNX], models=[MODELS[0]], batch_sizes=[2],
+                     deploy={"targets": [{"cpu_slots": 1}], "latency_check_s": 0.05, "root": str(tmp / "deploy-root")})
+    outcome = run_sweep(spec, console=quiet(), write_report=False)
+    return {"spec": spec, "outcome": outcome, "tmp": tmp}
+
+
+def test_a_dynamic_shape_artifact_is_built_checked_at_other_lengths_and_measured_at_every_bucket(dynamic_swept):
+    outcome = dynamic_swept["outcome"]
+    dynamic = [r for r in outcome.results if r.shape == "seq=2..16"]
+    assert [r.backend for r in dynamic] == ["OnnxRuntimeBackend"]  # eager runs any shape as it is: no such job
+    (record,) = dynamic
+    assert record.status == "ok" and set(record.bucket_ms) == {"seq=8", "seq=16"}
+    assert all(ms > 0 for ms in record.bucket_ms.values())
+    assert {s.shape for s in outcome.selections} == {"seq=8", "seq=16", "seq=2..16"}
+
+
+def test_one_strategy_serves_and_the_other_is_superseded_saying_why(dynamic_swept):
+    outcome = dynamic_swept["outcome"]
+    (figures,) = outcome.shape_strategies
+    assert figures["chosen"] in ("static", "dynamic") and figures["traffic"] == pytest.approx({"seq=8": 0.7, "seq=16": 0.3})
+    served = {d.shape for d in outcome.deployments if d.status == "deployed"}
+    superseded = {s.shape: s.superseded for s in outcome.selections if s.superseded}
+    if figures["chosen"] == "static":
+        assert served == {"seq=8", "seq=16"} and set(superseded) == {"seq=2..16"}
+        assert superseded["seq=2..16"].startswith("the buckets serve instead")
+    else:
+        assert served == {"seq=2..16"} and set(superseded) == {"seq=8", "seq=16"}
+    # whichever serves, load_tuned answers every length up to the largest bucket
+    tuned = aitune.load_tuned(dynamic_swept["tmp"] / "deploy-root", "tagger")
+    eager = token_tagger()
+    for length in (3, 8, 11, 16):
+        with torch.inference_mode():
+            assert close(eager(**text_call(length)), tuned(**text_call(length))), length
+
+
+def test_a_dynamic_install_takes_every_length_in_its_range_unpadded(dynamic_swept, tmp_path):
+    from orchestrator.deploy.install import shapes_of_winner
+    from orchestrator.store import SqliteStore
+
+    outcome, spec = dynamic_swept["outcome"], dynamic_swept["spec"]
+    (record,) = [r for r in outcome.results if r.shape == "seq=2..16"]
+    root = tmp_path / "root"
+    with SqliteStore(spec.store) as store:
+        folder, reference = store.checkpoint_path(record), store.reference_bytes(record.reference_key)
+    _, verified = layout.install(root, folder, reference, device="cpu", model="tagger", batch_size=2,
+                                 tolerance=tolerance_for("float32", {}).to_dict(), factory="aitune.examples:token_tagger",
+                                 shape="seq=2..16", shapes=shapes_of_winner(record))
+    assert verified.ok, verified.reason
+    assert [e.folder.parent.name for e in layout.live(root, "tagger")] == ["b2-seq=2..16"]
+    tuned = aitune.load_tuned(root, "tagger")
+    eager = token_tagger()
+    for length in (1, 2, 5, 9, 16):  # 1 is padded up to the range's low end, 2
+        call = text_call(length)
+        with torch.inference_mode():
+            got = tuned(**call)
+            assert got["logits"].shape[1] == length and close(eager(**call), got), length
+        assert tuned.winner_for(**call).shape == "seq=2..16"
+    with pytest.raises(UntunedShape, match="seq 17 is longer than the largest bucket"):
+        tuned(**text_call(17))
+    with pytest.raises(UntunedShape):
+        tuned(**text_call(5, batch=3))  # a batch size the range install was not built for

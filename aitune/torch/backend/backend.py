@@ -145,6 +145,11 @@ class Backend(abc.ABC):
     #: toolchain find started (``torch.compile``'s compiler, the ONNX exporter): seconds, once
     #: per process. A scheduler keeps such builds together; None: nothing worth keeping together
     toolchain: ClassVar[str | None] = None
+    #: True when one artifact can cover a range of an axis (from the graph spec's dynamic axes:
+    #: ``torch.export`` dims, ONNX dynamic axes, TensorRT profiles, ``dynamic=True``); such a
+    #: backend competes with one artifact per sequence bucket (aitune.shapes). Eager backends run
+    #: any shape as they are and need no such artifact
+    dynamic_shapes: ClassVar[bool] = False
 
     state: BackendState = BackendState.INIT
     _config: BackendConfig | None = None

@@ -53,6 +53,7 @@ class TorchInductorAotConfig(BackendConfig):
 
 class TorchInductorAotBackend(ArtifactBackend):
     config_class = TorchInductorAotConfig
+    dynamic_shapes = True
     toolchain = "inductor"
     portable = False  # the package holds machine code for one device type
 

@@ -59,6 +59,7 @@ def _raise_recompile_limits() -> None:
 
 class TorchInductorJitBackend(ModuleBackend):
     config_class = TorchInductorJitConfig
+    dynamic_shapes = True
     toolchain = "inductor"
     implementation_version = "2"  # 2: static shapes for a static graph spec (was dynamo's choice)
 

@@ -63,6 +63,7 @@ class OnnxRuntimeConfig(BackendConfig):
 
 class OnnxRuntimeBackend(ArtifactBackend):
     config_class = OnnxRuntimeConfig
+    dynamic_shapes = True
     toolchain = "onnx"
 
     def __init__(self, config: OnnxRuntimeConfig | None = None) -> None:

@@ -211,6 +211,7 @@ class TensorRTBackend(ArtifactBackend):
     """An engine built by TensorRT from the module's ONNX export; bound to the GPU class it was built on."""
 
     config_class = TensorRTConfig
+    dynamic_shapes = True
     toolchain = "onnx"
     supported_device_types = frozenset({"cuda"})
     portable = False

@@ -233,6 +233,7 @@ class TorchAOBackend(ModuleBackend):
     """Linear layers quantized by torchao, optionally compiled; checkpoints re-quantize on deploy."""
 
     config_class = TorchAOConfig
+    dynamic_shapes = True
     toolchain = "inductor"
     #: judged by accuracy gates, not by an elementwise tolerance (aitune.accuracy.criteria_for)
     quantizes = True
