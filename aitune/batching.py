@@ -168,9 +168,9 @@ def batching_for(installs: list[Any]) -> Batching:
 
     if not ordered:
         return off("nothing installed")
-    if len({getattr(i, "shape", "") for i in ordered}) > 1:
-        return off("tuned at several lengths (buckets): each request is padded to its bucket and runs alone "
-                   "(combining requests within a bucket is not done yet)")
+    if any(getattr(i, "shape", "") for i in ordered):
+        return off("tuned at lengths that vary (buckets, or a dynamic-shape artifact): each request runs alone, "
+                   "padded to its bucket where it needs to be (combining requests of one length is not done yet)")
     if ordered[-1].batch_size < 2:
         return off("only batch size 1 was tuned: nothing to combine")
     for install in ordered:
