@@ -168,9 +168,11 @@ def batching_for(installs: list[Any]) -> Batching:
 
     if not ordered:
         return off("nothing installed")
-    if any(getattr(i, "shape", "") for i in ordered):
-        return off("tuned at lengths that vary (buckets, or a dynamic-shape artifact): each request runs alone, "
-                   "padded to its bucket where it needs to be (combining requests of one length is not done yet)")
+    shapes = {getattr(i, "shape", "") for i in ordered}
+    if len(shapes) > 1:
+        return off("tuned at several lengths (buckets): requests are combined within each bucket, padded up to it")
+    if any(".." in s for s in shapes):
+        return off("a dynamic-shape artifact: each request runs alone at its own length")
     if ordered[-1].batch_size < 2:
         return off("only batch size 1 was tuned: nothing to combine")
     for install in ordered:

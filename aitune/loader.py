@@ -30,7 +30,7 @@ import torch
 from aitune import deploy_root as layout
 from aitune.batching import Batching, batching_for
 from aitune.checkpoint import CheckpointError
-from aitune.shapes import ShapeError, Shapes, at, is_range, pad_sample, parse_ranges
+from aitune.shapes import ShapeError, Shapes, at, is_range, label, pad_sample, parse_ranges
 from aitune.specs import Sample
 
 
@@ -54,6 +54,7 @@ class TunedModel:
         self._routes = routes  # shapes -> deployed backend
         self.installs = installs  # shapes -> aitune.deploy_root.Install
         self.fallback = fallback
+        self._batching_at: dict[str, Batching] = {}
 
     @property
     def tuned_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
@@ -131,6 +132,32 @@ class TunedModel:
         raise UntunedShape(f"{self.model}: input shape {_shape_text(shapes)} was not tuned; tuned shapes: {tuned}")
 
     forward = __call__
+
+    def batching_at(self, shape: str) -> Batching:
+        """The batching of one bucket's installs: requests padded up to it are combined there."""
+        found = self._batching_at.get(shape)
+        if found is None:
+            found = self._batching_at[shape] = batching_for([i for i in self.installs.values() if i.shape == shape])
+        return found
+
+    def to_bucket(self, args: tuple, kwargs: dict):
+        """(the call padded up to its bucket, its lengths, the bucket's label) where one bucket's
+        installs answer it; None where none does (a dynamic-shape install, fixed shapes, a length
+        beyond the buckets: the plain call says why); UntunedShape where padding is refused."""
+        if self.shapes is None or any(is_range(i.shape) for i in self.installs.values()):
+            return None
+        _, named = self._named(args, kwargs)
+        try:
+            lengths = self.shapes.lengths(named)
+            bucket = self.shapes.bucket(lengths)
+        except ShapeError:
+            return None
+        if bucket != lengths:
+            padded = self._padded(args, kwargs)
+            if padded is None:
+                return None
+            args, kwargs = padded[0]
+        return (args, kwargs), lengths, label(bucket)
 
     def _named(self, args: tuple, kwargs: dict) -> tuple[list[str], dict[str, torch.Tensor]]:
         names = self.input_names or layout.names_of_inputs(args, kwargs, None)

@@ -164,6 +164,15 @@ class Shapes:
 
         return map_tensors(outputs, fn) if dims else outputs
 
+    def cut_flat(self, flat: list[tuple[str, torch.Tensor]], lengths: Mapping[str, int]) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`cut` for outputs already flattened to (path, tensor) in flatten order."""
+        out = list(flat)
+        for axis in self.axes:
+            for index, _, dim in axis.outputs:
+                path, t = out[index]
+                out[index] = (path, t.narrow(dim, 0, lengths[axis.name]))
+        return out
+
     def describe(self) -> str:
         parts = []
         for a in self.axes:

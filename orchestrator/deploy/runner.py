@@ -74,6 +74,9 @@ class Runner:
         batcher = self._batchers.get(model)
         if batcher is not None:
             batcher.max_rows = self.batching_in_force(model)["max_batch"]
+        for key, bucket in self._batchers.items():  # each bucket's queue, where requests are combined per bucket
+            if key.startswith(f"{model} "):
+                bucket.max_rows = max(1, self.models[model].batching_at(key.removeprefix(f"{model} ")).max_batch)
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {m: {"batches": b.batches, "rows": b.rows} for m, b in self._batchers.items()}
@@ -95,6 +98,9 @@ class Runner:
             force.update(enabled=False, reason="turned off for this server (--no-batching)", plans={})
         force.update(max_batch=tuned.batching.max_batch if force["enabled"] else 1,
                      max_queue_delay_ms=self.settings.delay_ms(model))
+        shapes = sorted({i.shape for i in tuned.installs.values()})
+        if len(shapes) > 1 and not self.settings.off:  # combined within each bucket instead
+            force["buckets"] = {s: {k: v for k, v in tuned.batching_at(s).to_dict().items() if k != "plans"} for s in shapes}
         return force
 
     async def call(self, fn: Callable, *args: Any) -> Any:
@@ -148,6 +154,52 @@ class Runner:
                 return [(flat, versions) for flat in run_rows(tuned, items, sizes)]
             return [self._run_one(tuned, args, kwargs) for args, kwargs in items]  # rolled over to an unbatched one
 
+    async def _in_bucket(self, model: str, tuned, args: tuple, kwargs: dict):
+        """A request to a model tuned at buckets, padded up to its bucket and combined there with the
+        others queued for it (sliced back after); None where it runs alone instead (no batching in
+        that bucket, or no bucket answers it: the plain call says why)."""
+        from aitune.loader import UntunedShape
+        from orchestrator.deploy.batcher import ModelBatcher
+        from orchestrator.deploy.http_errors import Refused
+
+        try:
+            found = tuned.to_bucket(args, kwargs)
+        except UntunedShape as exc:
+            raise Refused(400, str(exc)) from None
+        if found is None or self.settings.off:
+            return None
+        (args, kwargs), lengths, shape = found
+        batching = tuned.batching_at(shape)
+        if not batching.enabled or _row_problem(batching, args, kwargs):
+            return None
+        batcher = self._batchers.get(f"{model} {shape}")
+        if batcher is None:
+            batcher = self._batchers[f"{model} {shape}"] = ModelBatcher(
+                lambda items: self._run_bucket(model, shape, items), batching.max_batch, self.settings.delay_ms(model),
+                self.call)
+        with batcher.arriving():
+            answer = await batcher.submit(((args, kwargs), lengths), rows_of(args, kwargs))
+        if isinstance(answer, Refused):
+            raise answer
+        return answer
+
+    def _run_bucket(self, model: str, shape: str, items: list) -> list:
+        """On the inference thread: one bucket's queued requests (padded up to it) as its tuned sizes,
+        each request's outputs sliced back to its own lengths."""
+        import torch
+
+        tuned = self.models[model]
+        batching = tuned.batching_at(shape)
+        with torch.inference_mode():
+            if not batching.enabled:  # rolled over to a version that can't combine rows
+                alone = [self._run_one(tuned, *call) for call, _ in items]
+                return [a if not isinstance(a, tuple) else (tuned.shapes.cut_flat(a[0], lengths), a[1])
+                        for a, (_, lengths) in zip(alone, items)]
+            sizes = plan(batching.latency_ms, sum(rows_of(*call) for call, _ in items))
+            answered = run_rows(tuned, [call for call, _ in items], sizes)
+        versions = ",".join(sorted({tuned.version_at(b, shape) or "?" for b in sizes}))
+        return [(tuned.shapes.cut_flat(flat, lengths), versions) for flat, (_, lengths) in zip(answered, items)]
+
     def _run_one(self, tuned, args: tuple, kwargs: dict):
         from aitune.loader import UntunedShape
         from aitune.torch.tree import flatten_tensors
@@ -180,6 +232,10 @@ class Runner:
         kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
         tuned = self.models[model]
         batcher = self._batcher(model) if version is None else None
+        if batcher is None and version is None and tuned.shapes is not None:
+            answer = await self._in_bucket(model, tuned, args, kwargs)
+            if answer is not None:
+                return answer
         if batcher is not None:
             problem = _row_problem(tuned.batching, args, kwargs)
             if problem:

@@ -152,7 +152,9 @@ class TunedServer:
         return {"device": str(self.device), "versions": {m: t.versions for m, t in self.models.items()},
                 "refused": {m: self._relative(r) for m, r in self.refused.items()},
                 "batching": {m: {**self.runner.batching_in_force(m), **self.runner.counters().get(m, {})}
-                             for m in self.models}}
+                             for m in self.models},
+                # a model tuned at buckets: its requests combined per bucket ("MODEL seq=64")
+                "bucket_batches": {k: v for k, v in self.runner.counters().items() if " " in k}}
 
     # -- what the protocol routes ask of the replica (orchestrator.deploy.v2_routes) --
 

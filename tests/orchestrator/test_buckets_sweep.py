@@ -156,6 +156,7 @@ def test_the_open_inference_protocol_takes_any_length_up_to_the_largest_bucket(s
                 first = "logits" if model == "tagger" else "last_hidden_state"
                 got = torch.from_numpy(answer.as_numpy(first).copy())
                 assert got.shape[1] == length and close(want[first], got), (model, length)
+        concurrent_requests(http, port, swept["eager"]["tagger"])
         too_long = http.InferInput("tokens", [1, 5], "INT64")
         too_long.set_data_from_numpy(np.zeros((1, 5), dtype=np.int64))
         with pytest.raises(InferenceServerException, match="padding is refused for this model"):
@@ -163,6 +164,47 @@ def test_the_open_inference_protocol_takes_any_length_up_to_the_largest_bucket(s
     finally:
         client.close()
         stop_serving()
+
+
+def concurrent_requests(http, port: int, eager) -> None:
+    """Requests of many lengths from several threads at once (each its own client: tritonclient's HTTP
+    client is not for sharing across threads): combined within their buckets, each answered at its
+    own length as eager answers it; every one goes through its bucket's queue."""
+    import threading
+
+    from ray import serve
+
+    lengths = [3, 5, 8, 9, 12, 16] * 4
+    wrong: list = []
+
+    def send(part: list[int]) -> None:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+        try:
+            for length in part:
+                call = text_call(length, batch=1, seed=length)
+                inputs = []
+                for name, tensor in call.items():
+                    one = http.InferInput(name, list(tensor.shape), "INT64")
+                    one.set_data_from_numpy(tensor.numpy(), binary_data=True)
+                    inputs.append(one)
+                got = torch.from_numpy(client.infer("tagger", inputs).as_numpy("logits").copy())
+                with torch.inference_mode():
+                    if got.shape[1] != length or not close(eager(**call)["logits"], got):
+                        wrong.append(length)
+        finally:
+            client.close()
+
+    before = serve.get_app_handle("aitune").status.remote().result(timeout_s=60)["bucket_batches"]
+    threads = [threading.Thread(target=send, args=(lengths[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert wrong == []
+    after = serve.get_app_handle("aitune").status.remote().result(timeout_s=60)
+    rows = {k: v["rows"] - before.get(k, {}).get("rows", 0) for k, v in after["bucket_batches"].items() if k.startswith("tagger ")}
+    assert rows == {"tagger seq=8": 12, "tagger seq=16": 12}  # every request through its bucket's queue
+    assert set(after["batching"]["tagger"]["buckets"]) == {"seq=8", "seq=16"}
 
 
 # -- one dynamic-shape artifact against the static buckets ---------------------------------------------
