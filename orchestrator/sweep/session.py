@@ -14,6 +14,7 @@ from rich.console import Console
 from orchestrator import records as R
 from orchestrator.deploy.install import deploy_winners
 from orchestrator.dispatch.progress import Progress
+from orchestrator.outcome import frontier
 from orchestrator.outcome.diff import SweepDiff, diff_sweeps
 from orchestrator.outcome.report import decisions_line, render, write_reports
 from orchestrator.outcome.selection import choose_winners
@@ -214,12 +215,16 @@ class SweepSession:
             say(line)
         for line in search_lines(outcome.batch_search, {r.device_class_key: r.device_name for r in swept}):
             say(line)
+        for line in frontier.lines(outcome.serving):
+            say(line)
         if self.store.root is not None:
             out = self.store.root / "reports" / self.sweep_id
             outcome.reports = write_reports(out, self.store.sweep_info(self.sweep_id).to_dict(), swept,
                                             outcome.selections, outcome.deployments,
                                             diff=outcome.diff.to_dict() if outcome.diff else None,
                                             batch_search=outcome.batch_search or None)
+            if outcome.serving:
+                outcome.reports.update(frontier.write(out, outcome.serving))
             say(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
 
     def _say(self, text: str) -> None:
