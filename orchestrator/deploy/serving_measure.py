@@ -89,9 +89,10 @@ class ServingBench:
                     "batch_sizes": {self.model: list(settings.batch_sizes)}}
         served = start_serving(self.root, [self.model], self.slots, host=self.host, port=self.port,
                                batching=batching, replicas_per_slot=settings.replicas)
-        self._urls = [f"{u}/v2/models/{self.model}/infer" for u in (served.direct or [served.url])]
+        bases = served.direct or [_proxy_url(self.host, served.url)]
+        self._urls = [f"{u}/v2/models/{self.model}/infer" for u in bases]
         if self._bodies is None:
-            base = served.direct[0] if served.direct else served.url
+            base = bases[0]
             self._bodies = bodies_from_metadata(model_metadata(base, self.model), self.load.bodies, self.load.binary)
         self._serving = settings
 
@@ -103,3 +104,14 @@ class ServingBench:
         if self._serving is not None:
             serve.delete(APP_NAME)
             self._serving = None
+
+
+def _proxy_url(host: str, asked: str) -> str:
+    """The proxy's address: where Serve was already running, its own port (a new one is not applied)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        port = _get_global_client().http_config.port
+    except Exception:  # no client API on this Ray: the port asked for
+        return asked
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
