@@ -168,6 +168,21 @@ def test_a_rerun_measures_nothing_twice(searched):
 
 
 @pytest.mark.slow
+def test_deployments_and_serve_show_the_installed_serving_settings(searched, capsys):
+    from cluster import Inventory, plan_deploy_targets
+    from orchestrator.cli import main
+    from orchestrator.deploy.serving_files import serving_replicas
+
+    assert main(["deployments", str(searched["spec"].store)]) == 0
+    shown = capsys.readouterr().out
+    assert "serving settings of mlp on" in shown and "req/s" in shown and "p99 target" in shown
+    slots = plan_deploy_targets(Inventory.from_ray(), [{"cpu_slots": 1}])
+    replicas, lines = serving_replicas(searched["root"], ["mlp"], slots, 2.0)
+    assert replicas == searched["first"].serving[0]["chosen"]["settings"]["replicas"]
+    assert any("serving.json:" in line for line in lines)
+
+
+@pytest.mark.slow
 def test_serving_json_is_installed_and_used_by_serve_and_a_tampered_one_is_ignored(searched, caplog):
     from cluster import Inventory, plan_deploy_targets
     from orchestrator.deploy.serve import start_serving, stop_serving
