@@ -185,7 +185,9 @@ def test_deployments_and_serve_show_the_installed_serving_settings(searched, cap
 @pytest.mark.slow
 def test_serving_json_is_installed_and_used_by_serve_and_a_tampered_one_is_ignored(searched, caplog):
     from cluster import Inventory, plan_deploy_targets
-    from orchestrator.deploy.serve import start_serving, stop_serving
+    from ray import serve
+
+    from orchestrator.deploy.serve import APP_NAME, start_serving, stop_serving
     from serve_helpers import free_port
 
     root, (group,) = searched["root"], searched["first"].serving
@@ -202,7 +204,7 @@ def test_serving_json_is_installed_and_used_by_serve_and_a_tampered_one_is_ignor
         assert force["max_queue_delay_ms"] == config.max_queue_delay_ms
         assert force["batch_sizes"] == config.batch_sizes or not force["enabled"]
     finally:
-        stop_serving()
+        serve.delete(APP_NAME)  # the controller stays: no restart race with the next start
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "replicas": "many"}))
     served = start_serving(str(root), ["mlp"], slots, port=free_port())
