@@ -100,6 +100,17 @@ class Runner:
             force = self.batching_in_force(model)
             batcher.max_rows, batcher.delay_s = force["max_batch"], force["max_queue_delay_ms"] / 1000.0
 
+    def reconfigure(self, settings: BatchingSettings) -> None:
+        """New batching settings: worked out again per model; a model's queue keeps its requests and
+        takes the new size limit and delay (or stops taking requests where batching is now off)."""
+        self.settings = settings
+        self._in_force.clear()
+        for model in list(self._batchers):
+            if model in self.models and self.batching_in_force(model)["enabled"]:
+                self.rolled_over(model)
+            else:
+                del self._batchers[model]  # its queue drains on its own; new requests run alone
+
     def counters(self) -> dict[str, dict[str, int]]:
         return {m: {"batches": b.batches, "rows": b.rows} for m, b in self._batchers.items()}
 

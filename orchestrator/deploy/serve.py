@@ -114,6 +114,14 @@ class TunedServer:
         entries = self._layout.live(self.root, model)
         return tuple(sorted((e.batch_size, e.version) for e in entries if e.class_key == self.class_key))
 
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Ray Serve's user_config: ``{"batching": ...}`` (as the constructor's), applied in place,
+        without restarting the replica or reloading a model (a delay or batch sizes changed)."""
+        from orchestrator.deploy.runner import BatchingSettings
+
+        self.runner.reconfigure(BatchingSettings.from_dict((config or {}).get("batching")))
+        self._faces.clear()
+
     def _serving(self, model: str, tuned) -> tuple:
         """The model's serving.json for this device class, if it holds for the versions loaded."""
         from aitune.serving_config import read_serving
@@ -345,7 +353,8 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(TunedServer, name="TunedServer").options(
         num_replicas=len(slots) * replicas_per_slot, ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
-    ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s, batching)
+        user_config={"batching": batching or {}},  # changed by a later call: applied in place (reconfigure)
+    ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as exc:  # Ray says only that the deployment failed; its status says why

@@ -82,13 +82,15 @@ class ServingBench:
 
         if self._serving == settings:
             return
-        if self._serving is not None:
-            serve.delete(APP_NAME)  # the old replicas go first: their slots' resources are the new ones'
-        self._serving = None
+        if self._serving is not None and self._serving.replicas != settings.replicas and self.slots[0].kind == "gpu":
+            serve.delete(APP_NAME)  # a GPU's share per replica changes: the old replicas go first
+            self._serving = None
         batching = {"off": False, "max_queue_delay_ms": {self.model: settings.max_queue_delay_ms},
                     "batch_sizes": {self.model: list(settings.batch_sizes)}}
+        # the same app with other settings: Serve applies them in place (TunedServer.reconfigure)
         served = start_serving(self.root, [self.model], self.slots, host=self.host, port=self.port,
                                batching=batching, replicas_per_slot=settings.replicas)
+        _wait_in_force(served, self.model, settings)
         bases = served.direct or [_proxy_url(self.host, served.url)]
         self._urls = [f"{u}/v2/models/{self.model}/infer" for u in bases]
         if self._bodies is None:
@@ -115,3 +117,21 @@ def _proxy_url(host: str, asked: str) -> str:
     except Exception:  # no client API on this Ray: the port asked for
         return asked
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _wait_in_force(served, model: str, settings: Settings, timeout_s: float = 30.0) -> None:
+    """Until the replicas report the settings in force (a reconfigure is applied as serve.run returns,
+    checked rather than assumed); a warning if they don't within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    force = served.batching.get(model) or {}
+    while time.monotonic() < deadline:
+        if force.get("max_queue_delay_ms") == settings.max_queue_delay_ms:
+            return
+        time.sleep(0.2)
+        try:
+            force = served.handle().status.remote().result(timeout_s=10)["batching"].get(model) or {}
+        except Exception:  # asked again until the deadline
+            force = {}
+    log.warning("%s: the server did not report %s in force within %g s", model, settings.label(), timeout_s)

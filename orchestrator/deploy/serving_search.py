@@ -1,6 +1,6 @@
 """The bounded search for serving settings under a p99 target, over a ``measure`` function.
 
-Coordinate search, each coordinate climbed from its cheapest value until it stops helping:
+Coordinate search, each coordinate climbed from its cheapest value while each next value helps:
 
 1. the queue delay, with every tuned batch size kept and the fewest replicas;
 2. the batch sizes kept (prefixes of the tuned sizes, trimmed from the largest), at that delay;
@@ -86,13 +86,13 @@ class _Climb:
         return self.scores[settings]
 
     def climb(self, options: list[Settings]) -> Settings:
-        """The best of ``options`` in order, stopping at the first that scores below the best so far."""
+        """The best of ``options`` in order, stopping at the first that does not beat the best so far."""
         best = options[0]
-        for option in options:
-            if self.score_of(option) > self.score_of(best):
-                best = option
-            elif option != best and self.score_of(option) < self.score_of(best):
+        for option in options[1:]:
+            if self.score_of(option) <= self.score_of(best):
                 break
+            best = option
+        self.score_of(best)
         return best
 
 
