@@ -103,7 +103,8 @@ def show(result: dict, args) -> tuple[float, bool]:
         s.throughput_rps >= 0.95 * g.throughput_rps if grid.meets_target else s.p99_ms <= 1.05 * g.p99_ms)
     print(f"time: search {search_s:.1f} s / grid {grid_s:.1f} s = {ratio:.2f} (goal <= 0.3: "
           f"{'met' if ratio <= 0.3 else 'MISSED'}); search's point within 5% of the grid's best at the target: "
-          f"{'yes' if close else 'NO'} ({s.throughput_rps / g.throughput_rps:.3f} of its throughput)")
+          f"{'yes' if close else 'NO'} ({s.throughput_rps / g.throughput_rps:.3f} of its throughput; the same setting "
+          f"and concurrency as the grid's: {'yes' if (s.settings, s.concurrency) == (g.settings, g.concurrency) else 'no'})")
     return ratio, close
 
 
