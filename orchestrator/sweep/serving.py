@@ -39,9 +39,9 @@ def _groups(deployments: list[DeployRecord]) -> dict[tuple[str, str], tuple[str,
     found = {}
     for d in deployments:
         if d.status == DeployStatus.DEPLOYED and d.device_class_key and d.root:
-            klass = (d.worker or {}).get("device_class") or {}
-            kind = "gpu" if klass.get("device_type") == "cuda" else "cpu"
-            found[(d.model, d.device_class_key)] = (d.root, kind, klass.get("device_name"))
+            worker = d.worker or {}
+            kind = "gpu" if str(worker.get("device", "cpu")).startswith("cuda") else "cpu"
+            found[(d.model, d.device_class_key)] = (d.root, kind, worker.get("device_name"))
     return found
 
 
