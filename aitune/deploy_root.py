@@ -3,6 +3,7 @@
 Layout (every name below a model is written by this module only)::
 
     ROOT/MODEL/DEVICE_CLASS/device_class.json       the device class (name, versions) and its full key
+    ROOT/MODEL/DEVICE_CLASS/serving.json            serving settings chosen under a latency target (aitune.serving_config)
     ROOT/MODEL/DEVICE_CLASS/bN/current              the version being served (a one-line file)
     ROOT/MODEL/DEVICE_CLASS/bN/vNNNN-SHA12/         one folder per installed version:
         install.json                                what was installed, from which sweep and winner

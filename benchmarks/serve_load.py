@@ -61,8 +61,9 @@ import mlserver_runtime as mls  # MLServer's venv, folder and process; and a fre
 #: model -> (input name, one row's shape, datatype, factory kwargs of the Quick start sweep)
 MODELS = {"small_cnn": ("image", [3, 32, 32], "FP32", {"channels": 32}),
           "small_encoder": ("tokens", [64], "INT64", {"dim": 128, "layers": 2})}
-HEADER = "Inference-Header-Content-Length"
-CHECK_EVERY, DISTINCT = 20, 40
+from orchestrator.deploy.load import CHECK_EVERY, HEADER  # noqa: E402
+
+DISTINCT = 40
 FLOOR_ANSWER = b'{"model_name":"floor","outputs":[]}'
 INGRESS_ENV = {"proxy": {}, "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
                "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
@@ -179,7 +180,7 @@ class Checker:
             for want in [self.expected[i][v] for v in named] or self.expected[i].values())
 
 
-# -- the load generator, and the processes it costs --
+# -- the processes the load costs --
 
 def cpu_seconds(pid: int) -> float:
     try:
@@ -189,47 +190,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _client(session, url: str, bodies: list, point: Point, state: dict, check) -> None:
-    while state["left"] > 0 and time.perf_counter() < state["deadline"]:
-        state["left"] -= 1
-        i = state["next"] = state["next"] + 1
-        data, headers = bodies[i % len(bodies)]
-        start = time.perf_counter()
-        try:
-            async with session.post(url, data=data, headers=headers) as resp:
-                raw, status, header = await resp.read(), resp.status, resp.headers.get(HEADER)
-        except Exception:  # noqa: BLE001 (whatever the client raised, the request is lost)
-            point.lost += 1
-            continue
-        point.lat_ms.append((time.perf_counter() - start) * 1000)
-        if status != 200:
-            point.lost += 1
-        elif i % CHECK_EVERY == 0 and check is not None:
-            point.checked += 1
-            point.wrong += 0 if check(i % len(bodies), raw, header) else 1
-
-
-async def _load(url: str, bodies: list, point: Point, args, check, pids: dict[str, int]) -> None:
-    """Two untimed requests per client on its connection, then the timed run."""
-    import aiohttp
-
-    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(point.conc)]
-    try:
-        warm = {"left": 2 * point.conc, "deadline": time.perf_counter() + args.seconds, "next": 0}
-        await asyncio.gather(*(_client(s, url, bodies, Point("", "", "", 0), warm, None) for s in sessions))
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        state = {"left": args.requests, "deadline": time.perf_counter() + args.seconds, "next": -1}
-        start = time.perf_counter()
-        await asyncio.gather(*(_client(s, url, bodies, point, state, check) for s in sessions))
-        point.seconds, point.n = time.perf_counter() - start, len(point.lat_ms)
-        point.cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / max(point.n, 1), 3)
-                        for name, pid in pids.items()}
-    finally:
-        await asyncio.gather(*(s.close() for s in sessions))
-
-
 def run_point(point: Point, url: str, bodies: list, args, check, pids: dict[str, int]) -> Point:
-    asyncio.run(_load(url, bodies, point, args, check, {"generator": os.getpid(), **pids}))
+    """One closed-loop run (orchestrator.deploy.load, the generator the serving search uses), with
+    each process's CPU time over the timed part."""
+    from orchestrator.deploy.load import run_closed_loop
+
+    pids = {"generator": os.getpid(), **pids}
+    before: dict[str, float] = {}
+    run = run_closed_loop([url], bodies, point.conc, args.requests, args.seconds, check=check,
+                          before_timed=lambda: before.update({n: cpu_seconds(p) for n, p in pids.items()}))
+    point.lat_ms, point.seconds, point.n = run.latencies_ms, run.seconds, run.n
+    point.lost, point.wrong, point.checked = run.lost, run.wrong, run.checked
+    point.cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / max(point.n, 1), 3)
+                    for name, pid in pids.items()}
     point.show()
     return point
 

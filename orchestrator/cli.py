@@ -105,6 +105,7 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
 
 def _deployments(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.deploy.serving_files import serving_lines
     from orchestrator.deploy.stored import DeployInputError, batching_lines, format_when, live_deployments
     from orchestrator.store import StoreError
 
@@ -121,7 +122,7 @@ def _deployments(args: argparse.Namespace, console: Console) -> int:
         when = f"{r.action} at {format_when(r.at)}" if r.at else "no install record"
         _say(console, f"{r.model} {at(r.batch_size, r.shape)} on {r.node} ({r.device}) in {r.root}: {r.version} from sweep {r.sweep_id} "
                       f"winner {r.winner}, verified {latency}, {when}" + (f"; DISAGREES {r.disk}" if r.disk else ""))
-    for line in batching_lines(rows):
+    for line in batching_lines(rows) + serving_lines(rows):
         _say(console, line)
     return EXIT_OK
 
@@ -148,10 +149,11 @@ def serve(args: ServeRequest, console: Console) -> int:
         except ValueError as exc:
             _say(console, f"error: deploy targets: {exc}")
             return EXIT_BAD_INPUT
+        replicas = _serving_replicas(args, spec, models, slots, console)
         try:
             served = start_serving(spec.deploy.root, models, slots, host=args.host, port=proxy_port,
                                    max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout_s=args.body_timeout_s,
-                                   batching=batching)
+                                   batching=batching, replicas_per_slot=replicas)
         except Exception as exc:  # a replica that can't load what is installed
             _say(console, f"not done: serving {', '.join(models)} failed: {replica_error(exc)}")
             return EXIT_INCOMPLETE
@@ -163,6 +165,19 @@ def serve(args: ServeRequest, console: Console) -> int:
             stop_serving()
         finally:
             handle.shutdown()
+
+
+def _serving_replicas(args: ServeRequest, spec, models: list[str], slots, console: Console) -> int:
+    """Replicas per slot from the models' serving.json (read where the deploy root is this machine's)."""
+    from cluster import Inventory
+    from orchestrator.deploy.serving_files import serving_replicas
+
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return 1
+    replicas, lines = serving_replicas(spec.deploy.root, models, slots, Inventory.from_ray().total_cpus)
+    for line in lines:
+        _say(console, line)
+    return replicas
 
 
 def _serve_inputs(args: ServeRequest, console: Console):
@@ -227,7 +242,8 @@ def _say_served(console: Console, served, models: list[str], direct: bool) -> No
         _say(console, f"  direct ingress is not in effect on this Ray: served by the proxy at {served.proxy_url}")
     for model, force in served.batching.items():
         _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
-                                        f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms"
+                                        f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms "
+                                        f"({force.get('settings_from', 'defaults')})"
                                         if force["enabled"] else f"one request per call: {force['reason']}"))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from aitune.batching import plan, rows_of, run_rows
 
 log = logging.getLogger(__name__)
+SERVING_FILE = "serving.json"
 
 
 def _row_problem(batching, args: tuple, kwargs: dict) -> str | None:
@@ -37,46 +38,82 @@ def _row_problem(batching, args: tuple, kwargs: dict) -> str | None:
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    """How a server batches: ``off`` for all models, and each model's queueing delay."""
+    """How a server batches: ``off`` for all models, and each model's queueing delay and tuned batch
+    sizes kept (given here, they win over the model's ``serving.json``)."""
 
     off: bool = False
     max_queue_delay_ms: tuple[tuple[str, float], ...] = ()
+    batch_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
-    def delay_ms(self, model: str) -> float:
-        from orchestrator.deploy.batcher import DEFAULT_MAX_QUEUE_DELAY_MS
-
+    def delay_ms(self, model: str) -> float | None:
+        """The delay given for ``model`` (or for every model: "*"); None where none was given."""
         table = dict(self.max_queue_delay_ms)
-        return float(table.get(model, table.get("*", DEFAULT_MAX_QUEUE_DELAY_MS)))
+        found = table.get(model, table.get("*"))
+        return None if found is None else float(found)
+
+    def sizes(self, model: str) -> tuple[int, ...] | None:
+        return dict(self.batch_sizes).get(model)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "BatchingSettings":
         data = data or {}
-        return cls(bool(data.get("off", False)), tuple(sorted((data.get("max_queue_delay_ms") or {}).items())))
+        sizes = tuple(sorted((m, tuple(sorted(int(b) for b in v))) for m, v in (data.get("batch_sizes") or {}).items()))
+        return cls(bool(data.get("off", False)), tuple(sorted((data.get("max_queue_delay_ms") or {}).items())), sizes)
+
+
+def kept(batching, sizes) -> Any:
+    """``batching`` (aitune.batching.Batching) with only the tuned ``sizes`` kept; off where that
+    leaves nothing to combine."""
+    from dataclasses import replace
+
+    latency = {b: ms for b, ms in batching.latency_ms.items() if b in set(sizes)}
+    if not batching.enabled or latency == batching.latency_ms:
+        return batching
+    if not latency or max(latency) < 2:
+        return replace(batching, enabled=False, latency_ms=latency,
+                       reason=f"the serving settings keep batch sizes {sorted(sizes)} only: nothing to combine")
+    return replace(batching, latency_ms=latency)
 
 
 class Runner:
     """The batching settings, the batchers and the inference thread of one replica."""
 
     def __init__(self, models: dict[str, Any], device, settings: BatchingSettings, threads: int,
-                 relative: Callable[[str], str] = str) -> None:
+                 relative: Callable[[str], str] = str, serving: Callable[[str, Any], tuple] | None = None) -> None:
+        """``serving(model, tuned)``: (aitune.serving_config.ServingConfig or None, why it was ignored or None)."""
         import torch
 
         self.models, self.device, self.settings, self.relative = models, device, settings, relative
+        self.serving = serving or (lambda model, tuned: (None, None))
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="aitune-infer", initializer=torch.set_num_threads,
                                            initargs=(threads,))
         self._busy = 0  # calls handed to the inference thread and not yet back
         self.inflight = 0  # protocol requests on this replica, from arrival to answer
         self._batchers: dict[str, Any] = {}
-        self._in_force: dict[str, tuple[Any, dict[str, Any]]] = {}  # model -> (the TunedModel, its batching)
+        self._in_force: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # model -> (TunedModel, Batching, in force)
+        self._noted: dict[str, str] = {}  # model -> the last serving.json problem logged
 
     def rolled_over(self, model: str) -> None:
         """A new version of ``model`` is current: its batch's size limit follows it."""
         batcher = self._batchers.get(model)
         if batcher is not None:
-            batcher.max_rows = self.batching_in_force(model)["max_batch"]
+            force = self.batching_in_force(model)
+            batcher.max_rows, batcher.delay_s = force["max_batch"], force["max_queue_delay_ms"] / 1000.0
         for key, bucket in self._batchers.items():  # each bucket's queue, where requests are combined per bucket
             if key.startswith(f"{model} "):
                 bucket.max_rows = max(1, self.models[model].batching_at(key.removeprefix(f"{model} ")).max_batch)
+                bucket.delay_s = self.batching_in_force(model)["max_queue_delay_ms"] / 1000.0
+
+    def reconfigure(self, settings: BatchingSettings) -> None:
+        """New batching settings: worked out again per model; a model's queue keeps its requests and
+        takes the new size limit and delay (or stops taking requests where batching is now off)."""
+        self.settings = settings
+        self._in_force.clear()
+        for model in list(self._batchers):
+            if model in self.models and self.batching_in_force(model)["enabled"]:
+                self.rolled_over(model)
+            else:
+                del self._batchers[model]  # its queue drains on its own; new requests run alone
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {m: {"batches": b.batches, "rows": b.rows} for m, b in self._batchers.items()}
@@ -84,24 +121,45 @@ class Runner:
     def batching_in_force(self, model: str) -> dict[str, Any]:
         """The batching a model gets on this replica: on/off with the reason, the delay, the plans
         (worked out once per loaded version: every request asks)."""
+        return self._known(model)[2]
+
+    def batching_of(self, model: str):
+        """The model's aitune.batching.Batching with only the batch sizes kept by the serving settings."""
+        return self._known(model)[1]
+
+    def _known(self, model: str) -> tuple[Any, Any, dict[str, Any]]:
         tuned = self.models[model]
         known = self._in_force.get(model)
         if known is None or known[0] is not tuned:
-            known = (tuned, self._work_out(model, tuned))
+            known = (tuned, *self._work_out(model, tuned))
             self._in_force[model] = known
-        return known[1]
+        return known
 
-    def _work_out(self, model: str, tuned) -> dict[str, Any]:
-        """The model's own batching (aitune.batching.Batching), turned off where this server says so."""
-        force = tuned.batching.to_dict()
+    def _work_out(self, model: str, tuned) -> tuple[Any, dict[str, Any]]:
+        """The model's own batching (aitune.batching.Batching), narrowed by the serving settings (the
+        command line's, else its serving.json's) and turned off where this server says so."""
+        from orchestrator.deploy.batcher import DEFAULT_MAX_QUEUE_DELAY_MS
+
+        given_sizes, given_delay = self.settings.sizes(model), self.settings.delay_ms(model)
+        config, note = (None, None) if given_sizes is not None and given_delay is not None else self.serving(model, tuned)
+        if note and self._noted.get(model) != note:
+            self._noted[model] = note
+            log.warning("%s", self.relative(note))
+        sizes = given_sizes if given_sizes is not None else (config.batch_sizes if config else None)
+        batching = kept(tuned.batching, sizes) if sizes else tuned.batching
+        delay = given_delay if given_delay is not None else (
+            config.max_queue_delay_ms if config else DEFAULT_MAX_QUEUE_DELAY_MS)
+        force = batching.to_dict()
         if force["enabled"] and self.settings.off:
             force.update(enabled=False, reason="turned off for this server (--no-batching)", plans={})
-        force.update(max_batch=tuned.batching.max_batch if force["enabled"] else 1,
-                     max_queue_delay_ms=self.settings.delay_ms(model))
+        force.update(max_batch=batching.max_batch if force["enabled"] else 1, max_queue_delay_ms=float(delay),
+                     settings_from="the server's arguments" if given_sizes is not None or given_delay is not None
+                     else SERVING_FILE if config else "defaults",
+                     serving_json=self.relative(note) if note else ("used" if config else None))
         shapes = sorted({i.shape for i in tuned.installs.values()})
         if len(shapes) > 1 and not self.settings.off:  # combined within each bucket instead
             force["buckets"] = {s: {k: v for k, v in tuned.batching_at(s).to_dict().items() if k != "plans"} for s in shapes}
-        return force
+        return batching, force
 
     async def call(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn`` where models run: on the one inference thread, so that no backend is entered
@@ -146,7 +204,7 @@ class Runner:
 
 
         tuned = self.models[model]
-        batching = tuned.batching
+        batching = self.batching_of(model)
         with torch.inference_mode():
             if batching.enabled:
                 sizes = plan(batching.latency_ms, sum(rows_of(a, k) for a, k in items))
@@ -175,8 +233,8 @@ class Runner:
         batcher = self._batchers.get(f"{model} {shape}")
         if batcher is None:
             batcher = self._batchers[f"{model} {shape}"] = ModelBatcher(
-                lambda items: self._run_bucket(model, shape, items), batching.max_batch, self.settings.delay_ms(model),
-                self.call)
+                lambda items: self._run_bucket(model, shape, items), batching.max_batch,
+                self.batching_in_force(model)["max_queue_delay_ms"], self.call)
         with batcher.arriving():
             answer = await batcher.submit(((args, kwargs), lengths), rows_of(args, kwargs))
         if isinstance(answer, Refused):

@@ -102,7 +102,8 @@ class TunedServer:
         self.models = {m: load_tuned(root, m, self.device) for m in models}
         self._seen = {m: self._pointers(m) for m in models}
         self.refused: dict[str, str] = {}
-        self.runner = Runner(self.models, self.device, BatchingSettings.from_dict(batching), threads, self._relative)
+        self.runner = Runner(self.models, self.device, BatchingSettings.from_dict(batching), threads, self._relative,
+                             self._serving)
         self._faces: dict[str, tuple[Any, Any]] = {}  # model -> (the TunedModel it describes, its Face)
         self._v2 = V2Routes(self)
         self._stop = threading.Event()
@@ -112,6 +113,20 @@ class TunedServer:
     def _pointers(self, model: str) -> tuple:
         entries = self._layout.live(self.root, model)
         return tuple(sorted((e.batch_size, e.version) for e in entries if e.class_key == self.class_key))
+
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Ray Serve's user_config: ``{"batching": ...}`` (as the constructor's), applied in place,
+        without restarting the replica or reloading a model (a delay or batch sizes changed)."""
+        from orchestrator.deploy.runner import BatchingSettings
+
+        self.runner.reconfigure(BatchingSettings.from_dict((config or {}).get("batching")))
+        self._faces.clear()
+
+    def _serving(self, model: str, tuned) -> tuple:
+        """The model's serving.json for this device class, if it holds for the versions loaded."""
+        from aitune.serving_config import read_serving
+
+        return read_serving(self.root, model, self.class_key, dict(tuned.versions))
 
     def _warn_once(self, model: str, text: str) -> None:
         """Log a problem once per change, not once per look (a pointer stays broken for a while)."""
@@ -322,10 +337,12 @@ class Served:
 
 def start_serving(root: str | None, models: list[str], slots, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                   reload_s: float = 0.5, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, batching: dict[str, Any] | None = None) -> Served:
-    """Run the application on a connected Ray: one replica per slot (all slots of one kind). The
-    proxy listens on ``port``; where Ray was started under :func:`direct_ingress_env` the replicas
-    answer on their own ports too, and ``Served.url`` is the first of them."""
+                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, batching: dict[str, Any] | None = None,
+                  replicas_per_slot: int = 1) -> Served:
+    """Run the application on a connected Ray: ``replicas_per_slot`` replicas per slot (all slots of
+    one kind; see :func:`replica_options`). The proxy listens on ``port``; where Ray was started
+    under :func:`direct_ingress_env` the replicas answer on their own ports too, and ``Served.url``
+    is the first of them."""
     from ray import serve
 
     from cluster.actor_options import slot_options
@@ -334,11 +351,12 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
     if len(kinds) != 1:
         raise ValueError(f"serve: the targets mix {' and '.join(sorted(kinds))} slots; serve one kind of device at a time")
     slot = slots[0]
-    options = slot_options(slot)
+    options = replica_options(slot_options(slot), slot.kind, replicas_per_slot)
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(TunedServer, name="TunedServer").options(
-        num_replicas=len(slots), ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
-    ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s, batching)
+        num_replicas=len(slots) * replicas_per_slot, ray_actor_options=options, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        user_config={"batching": batching or {}},  # changed by a later call: applied in place (reconfigure)
+    ).bind(root, list(models), slot.kind, slot.threads, reload_s, max_body_bytes, body_timeout_s)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as exc:  # Ray says only that the deployment failed; its status says why
@@ -349,7 +367,17 @@ def start_serving(root: str | None, models: list[str], slots, *, host: str = DEF
     except Exception:  # what is in force is shown best effort; serving is up
         batching = {}
     direct = [u for u in direct_urls(host) if u != url]
-    return Served(direct[0] if direct else url, list(models), len(slots), batching, direct, url)
+    return Served(direct[0] if direct else url, list(models), len(slots) * replicas_per_slot, batching, direct, url)
+
+
+def replica_options(options: dict[str, Any], kind: str, replicas_per_slot: int) -> dict[str, Any]:
+    """A replica's Ray resources where ``replicas_per_slot`` share a slot: a GPU's share each; on
+    a CPU each replica keeps a slot's CPUs of its own (they would only take turns on shared ones)."""
+    if replicas_per_slot < 1:
+        raise ValueError(f"replicas per slot must be at least 1, got {replicas_per_slot}")
+    if kind == "gpu" and replicas_per_slot > 1:
+        return {**options, "num_gpus": options.get("num_gpus", 1) / replicas_per_slot}
+    return dict(options)
 
 
 def _deployment_messages() -> str:

@@ -33,8 +33,10 @@ from orchestrator.spec.sections import (
     BudgetSpec,
     DecisionSpec,
     DeploySpec,
+    LatencyTargetSpec,
     MeasureSpec,
     Precision,
+    ServingSearchSpec,
     ToleranceSpec,
     WorkersSpec,
     precision_of,
@@ -43,7 +45,8 @@ from orchestrator.spec.strict import Strict, plain_name
 
 __all__ = [
     "AccuracySpec", "GatesSpec",
-    "BudgetSpec", "CandidateSpec", "DecisionSpec", "DeploySpec", "InputSpec", "MeasureSpec", "ModelSpec", "SpecError",
+    "BudgetSpec", "CandidateSpec", "DecisionSpec", "DeploySpec", "InputSpec", "LatencyTargetSpec", "MeasureSpec",
+    "ModelSpec", "ServingSearchSpec", "SpecError",
     "SweepSpec", "ToleranceSpec", "WorkersSpec", "parse_spec", "read_spec_file",
 ]
 
@@ -81,6 +84,10 @@ class SweepSpec(Strict):
     candidates: list[CandidateSpec] | None = None
     objective: Literal["min_latency", "max_throughput", "latency_budget"] = "min_latency"
     latency_budget_ms: PositiveFloat | None = None
+    #: with max_throughput: the serving settings are chosen under this p99 target (orchestrator.deploy.serving_search)
+    latency_target: LatencyTargetSpec | None = None
+    #: the settings that search may choose from (None: the defaults of ServingSearchSpec)
+    serving_search: ServingSearchSpec | None = None
     #: per precision ("float32", "float16"...): atol and/or rtol
     tolerances: dict[Precision, ToleranceSpec] = Field(default_factory=dict)
     #: accuracy gates: of quantized candidates (instead of a tolerance), and per precision
@@ -118,6 +125,7 @@ class SweepSpec(Strict):
         if self.latency_budget_ms is not None and self.objective != "latency_budget":
             problems.append((("latency_budget_ms",),
                              f"latency_budget_ms is only used with objective latency_budget, not {self.objective}"))
+        problems += self._serving_problems()
         first: dict[str, int] = {}
         for i, m in enumerate(self.models):
             if m.name in first:
@@ -130,6 +138,20 @@ class SweepSpec(Strict):
         if problems:
             raise checks.problems_error(problems)
         return self
+
+    def _serving_problems(self) -> checks.Problems:
+        problems: checks.Problems = []
+        if self.latency_target is not None and self.objective != "max_throughput":
+            problems.append((("latency_target",), f"latency_target is only used with objective max_throughput, "
+                                                  f"not {self.objective}: set objective: max_throughput"))
+        if self.latency_target is not None and not self.deploy.targets:
+            problems.append((("latency_target",), "latency_target measures the deployed winners: give deploy.targets"))
+        if self.serving_search is not None and self.latency_target is None:
+            problems.append((("serving_search",), "serving_search is only used with latency_target"))
+        return problems
+
+    def serving(self) -> ServingSearchSpec:
+        return self.serving_search or ServingSearchSpec()
 
     def _memory_problems(self) -> checks.Problems:
         """Inputs that could not be allocated at the largest batch size, on this machine."""

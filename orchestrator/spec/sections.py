@@ -192,3 +192,51 @@ class DeploySpec(Strict):
         if problems:
             raise checks.problems_error(problems)
         return targets
+
+
+def _increasing(values: list, what: str) -> list:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{what} must be increasing with no repeats, got {values}")
+    return values
+
+
+class LatencyTargetSpec(Strict):
+    """``objective: max_throughput`` under a p99 target: the serving settings (batch sizes kept,
+    queue delay, replicas per device) are chosen by measuring the deployed winners under load at
+    each concurrency (orchestrator.deploy.serving_search)."""
+
+    #: the p99 latency (ms) a request may take, as the load generator sees it
+    p99_ms: PositiveFloat
+    #: closed-loop clients to measure at, increasing
+    concurrency: list[PositiveInt] = Field(min_length=1)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _increasing_concurrency(cls, values: list[int]) -> list[int]:
+        return _increasing(values, "concurrency")
+
+
+class ServingSearchSpec(Strict):
+    """The settings the serving search may choose from, and how much load each point gets."""
+
+    #: dynamic batching's queue delays to try (ms); default 0, 1, 2, 5, 10, 20
+    queue_delays_ms: list[Annotated[float, Field(ge=0, le=1000)]] = Field(
+        default_factory=lambda: [0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
+    #: replicas per device to try; default [1, 2] on a GPU, [1] on a CPU slot (each CPU replica
+    #: takes a slot's CPUs of its own: more only where the cluster has them)
+    replicas: list[Annotated[int, Field(ge=1, le=8)]] | None = None
+    #: timed requests per measured point, and the seconds a point may take at most
+    requests: PositiveInt = 200
+    seconds: PositiveFloat = 10.0
+
+    @field_validator("queue_delays_ms")
+    @classmethod
+    def _increasing_delays(cls, values: list[float]) -> list[float]:
+        return _increasing(values, "queue_delays_ms")
+
+    @field_validator("replicas")
+    @classmethod
+    def _increasing_replicas(cls, values):
+        if values is not None and not values:
+            raise ValueError("replicas must list at least one number, or be left out")
+        return values if values is None else _increasing(values, "replicas")

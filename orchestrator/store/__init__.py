@@ -8,6 +8,7 @@ the default) and ``MemoryStore`` (for tests and simulations) implement it. Its m
 - ``sqlite`` and ``sqlite_schema``: the embedded store, and its database file (schema, migrations)
 - ``blobs``: the content-addressed checkpoint and outputs folder, and reference files
 - ``in_memory``: ``MemoryStore``
+- ``serving_points``: the serving search's measured points, kept so a rerun measures nothing twice
 """
 
 from orchestrator.store.base import DEFAULT_LEASE_S, DamagedCheckpoint, ResultStore, StoreError, SweepInfo

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS installs (
     at REAL NOT NULL,
     record_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS serving_points (
+    key TEXT PRIMARY KEY,
+    record_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS "references" (
     key TEXT PRIMARY KEY,
     path TEXT NOT NULL,

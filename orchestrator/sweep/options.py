@@ -61,6 +61,8 @@ class SweepOutcome:
     batch_search: list[dict] = field(default_factory=list)
     #: static buckets against a dynamic-shape artifact (orchestrator.outcome.shape_strategy)
     shape_strategies: list[dict] = field(default_factory=list)
+    #: ``latency_target``: per (model, device class), the serving search's points and choice (orchestrator.sweep.serving)
+    serving: list[dict] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -69,6 +71,7 @@ class SweepOutcome:
                for d in self.deployments if d.status != R.DeployStatus.DEPLOYED]
         out += [f"{s.model} b{s.batch_size}: no correct candidate, nothing to deploy"
                 for s in self.selections if s.winner_key is None]
+        out += [f"{g['model']}: serving settings not searched: {g['error']}" for g in self.serving if g.get("error")]
         skipped = [r for r in self.results if r.status == R.SKIPPED]
         if skipped:  # the winners were chosen without them
             out.append(f"{len(skipped)} candidate(s) skipped: {R.BUDGET_RAN_OUT} (budgets.total_s) before they "

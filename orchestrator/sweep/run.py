@@ -20,6 +20,7 @@ from orchestrator.spec.schema import SweepSpec
 from orchestrator.store import SweepStatus
 from orchestrator.sweep.options import SweepOptions, SweepOutcome
 from orchestrator.sweep.prepare import prepare
+from orchestrator.sweep.serving import search_serving, serving_ingress
 from orchestrator.sweep.session import SweepSession
 from orchestrator.sweep.workers import Heartbeat, ReferenceAsks, Workers
 from orchestrator.worker.ray_pool import RayPool
@@ -38,7 +39,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
     # Everything that can be refused is refused before Ray starts: the store, then the models.
     prepared = prepare(spec, options.store_root, options.store)
     try:
-        handle = connect(options.address, **(options.ray_init or {}))
+        with serving_ingress(spec, options.address):  # latency_target: measure what serve serves
+            handle = connect(options.address, **(options.ray_init or {}))
     except BaseException:
         prepared.undo()
         raise
@@ -72,8 +74,11 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
             scheduler.shutdown()
             scheduler = None
             deployments = session.deploy(tuned, selections, inventory)
+            serving = search_serving(spec, store, sweep_id, deployments, inventory, session._say) \
+                if spec.latency_target is not None and deployments else []
         store.finish_sweep(sweep_id, SweepStatus.DONE)
         outcome = session.outcome(tuned, selections, deployments, decide_s)
+        outcome.serving = serving
         if options.write_report:
             session.report(outcome)
         return outcome

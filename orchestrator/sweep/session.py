@@ -14,6 +14,7 @@ from rich.console import Console
 from orchestrator import records as R
 from orchestrator.deploy.install import deploy_winners
 from orchestrator.dispatch.progress import Progress
+from orchestrator.outcome import frontier
 from orchestrator.outcome.buckets import bucket_figures, bucket_lines
 from orchestrator.outcome.diff import SweepDiff, diff_sweeps
 from orchestrator.outcome.report import decisions_line, render, write_reports
@@ -224,7 +225,7 @@ class SweepSession:
         for line in search_lines(outcome.batch_search, {r.device_class_key: r.device_name for r in swept}):
             say(line)
         buckets = bucket_figures(self.spec, outcome.selections, swept)
-        for line in bucket_lines(buckets) + strategy_lines(outcome.shape_strategies):
+        for line in bucket_lines(buckets) + strategy_lines(outcome.shape_strategies) + frontier.lines(outcome.serving):
             say(line)
         if self.store.root is not None:
             out = self.store.root / "reports" / self.sweep_id
@@ -233,6 +234,8 @@ class SweepSession:
                                             diff=outcome.diff.to_dict() if outcome.diff else None,
                                             batch_search=outcome.batch_search or None, buckets=buckets or None,
                                             shape_strategies=outcome.shape_strategies or None)
+            if outcome.serving:
+                outcome.reports.update(frontier.write(out, outcome.serving))
             say(f"reports: {', '.join(str(p) for p in outcome.reports.values())}")
 
     def _say(self, text: str) -> None:
