@@ -34,7 +34,7 @@ def make_sample(spec: ModelSpec, batch_size: int, lengths: dict[str, int] | None
         if not isinstance(sample, Sample):
             sample = Sample(tuple(sample) if isinstance(sample, (tuple, list)) else (sample,))
         return sample
-    seed = spec.seed * 1_000_003 + batch_size + sum(7919 * (i + 1) * n for i, n in enumerate(sorted(lengths.values())))
+    seed = spec.seed * 1_000_003 + batch_size + sum(7919 * (i + 1) * n for i, (_, n) in enumerate(sorted(lengths.items())))
     gen = torch.Generator().manual_seed(seed)
     args, kwargs = [], {}
     for i, inp in enumerate(spec.inputs):
