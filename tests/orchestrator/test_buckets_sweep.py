@@ -275,3 +275,20 @@ def test_a_dynamic_install_takes_every_length_in_its_range_unpadded(dynamic_swep
         tuned(**text_call(17))
     with pytest.raises(UntunedShape):
         tuned(**text_call(5, batch=3))  # a batch size the range install was not built for
+
+
+def test_the_deploy_command_installs_the_serving_strategy_and_deployments_names_each_bucket(dynamic_swept, capsys):
+    from orchestrator.cli import main
+
+    outcome = dynamic_swept["outcome"]
+    other = dynamic_swept["tmp"] / "second-root"
+    capsys.readouterr()
+    code = main(["deploy", str(dynamic_swept["spec"].store), "--root", str(other), "--target", "cpu_slots=1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert code == 0, lines
+    served = sorted(s.shape for s in outcome.selections if not s.superseded)
+    assert sorted(e.shape for e in layout.live(other, "tagger")) == served  # the superseded strategy stays out
+    assert all(line.startswith("deploy: tagger b2 seq=") and "verified" in line for line in lines), lines
+    code = main(["deployments", str(dynamic_swept["spec"].store)])
+    listed = capsys.readouterr().out
+    assert code == 0 and all(f"tagger b2 {shape} on " in listed for shape in served)
