@@ -156,10 +156,15 @@ def _versions(table: dict[int, str]) -> str:
 
 
 def current_versions(root: Any, model: str, class_key: str) -> dict[int, str]:
-    """Batch size -> the version current under ``root`` for one device class."""
+    """Batch size -> the version current under ``root`` for one device class (for a model tuned at
+    several lengths, every bucket's version of that batch size, joined: any of them changing counts)."""
     from aitune import deploy_root as layout
 
-    return {e.batch_size: e.version for e in layout.live(root, model) if e.class_key == class_key}
+    found: dict[int, list[str]] = {}
+    for e in layout.live(root, model):
+        if e.class_key == class_key:
+            found.setdefault(e.batch_size, []).append(f"{e.shape}:{e.version}" if e.shape else e.version)
+    return {b: ",".join(sorted(v)) for b, v in found.items()}
 
 
 def describe(config: ServingConfig) -> str:

@@ -129,21 +129,26 @@ def request_body(inputs: list[tuple[str, str, Any]], binary: bool) -> tuple[byte
     return head + b"".join(blobs), {**headers, HEADER: str(len(head)), "Content-Type": "application/octet-stream"}
 
 
-def bodies_from_metadata(metadata: dict[str, Any], count: int, binary: bool = True, seed: int = 0) -> list:
+def bodies_from_metadata(metadata: dict[str, Any], count: int, binary: bool = True, seed: int = 0,
+                         lengths: tuple[int, ...] = ()) -> list:
     """``count`` batch-1 request bodies for a model, from its protocol metadata (GET /v2/models/MODEL):
     floats drawn from a normal distribution, integers and booleans all ones (valid token ids and
-    masks for the example models)."""
+    masks for the example models). A dimension beyond the batch that the metadata gives as -1 (a
+    length that varies) takes ``lengths`` in turn, one per body (every such dimension of a body the same)."""
     import torch
 
     from orchestrator.deploy.open_inference import DATATYPES
 
     gen = torch.Generator().manual_seed(seed)
     bodies = []
-    for _ in range(count):
+    for i in range(count):
         inputs = []
         for spec in metadata["inputs"]:
             dtype = DATATYPES[spec["datatype"]]
-            shape = [1] + [int(d) for d in spec["shape"][1:]]
+            dims = [int(d) for d in spec["shape"][1:]]
+            if any(d < 0 for d in dims) and not lengths:
+                raise ValueError(f"input {spec['name']} has a length that varies ({spec['shape']}): give the lengths to send")
+            shape = [1] + [lengths[i % len(lengths)] if d < 0 else d for d in dims]
             tensor = (torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point
                       else torch.ones(shape, dtype=dtype))
             inputs.append((spec["name"], spec["datatype"], tensor))

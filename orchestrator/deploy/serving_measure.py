@@ -28,6 +28,8 @@ class Load:
     binary: bool = True
     #: distinct request bodies cycled through
     bodies: int = 16
+    #: a model whose lengths vary: the length of each body in turn (drawn from its traffic mix)
+    lengths: tuple[int, ...] = ()
 
 
 class ServingBench:
@@ -52,7 +54,8 @@ class ServingBench:
                           "versions": {str(b): v for b, v in sorted(self.versions.items())},
                           "slots": [len(self.slots), self.slots[0].kind, self.slots[0].threads],
                           "settings": settings.to_dict(), "concurrency": concurrency,
-                          "load": [self.load.requests, self.load.seconds, self.load.binary, self.load.bodies]})
+                          "load": [self.load.requests, self.load.seconds, self.load.binary, self.load.bodies,
+                                   *([list(self.load.lengths)] if self.load.lengths else [])]})
 
     def __call__(self, settings: Settings, concurrency: int) -> MeasuredPoint:
         key = self.key(settings, concurrency)
@@ -95,7 +98,8 @@ class ServingBench:
         self._urls = [f"{u}/v2/models/{self.model}/infer" for u in bases]
         if self._bodies is None:
             base = bases[0]
-            self._bodies = bodies_from_metadata(model_metadata(base, self.model), self.load.bodies, self.load.binary)
+            self._bodies = bodies_from_metadata(model_metadata(base, self.model), self.load.bodies, self.load.binary,
+                                                lengths=self.load.lengths)
         self._serving = settings
 
     def close(self) -> None:

@@ -74,6 +74,28 @@ def replica_options(spec: SweepSpec, kind: str, slots: list, inventory) -> tuple
     return fits or [min(wanted)], [r for r in wanted if r not in fits]
 
 
+def traffic_lengths(model, count: int) -> tuple[int, ...]:
+    """``count`` request lengths following a model's traffic mix over its first axis that varies
+    (each bucket's share of the bodies, at lengths spread over the range it pads up from); ()
+    for a model whose shapes are fixed."""
+    axes = model.axes()
+    if not axes:
+        return ()
+    name, buckets = next(iter(axes.items()))
+    shares = model.traffic_weights()[name]
+    out, cumulative, below = [], 0.0, 0
+    edges = []
+    for b in buckets:
+        cumulative += shares[b]
+        edges.append((cumulative, below, b))
+        below = b
+    for i in range(count):
+        at = (i + 0.5) / count
+        _, low, high = next((e for e in edges if at <= e[0] + 1e-12), edges[-1])
+        out.append(low + 1 + (i * 7919) % (high - low))
+    return tuple(out)
+
+
 def _search_one(spec, store, sweep_id, model, class_key, root, slots, inventory, device, say) -> dict[str, Any]:
     from aitune.batching import batching_in_root
     from aitune.serving_config import ServingConfig, current_versions, write_serving
@@ -87,7 +109,9 @@ def _search_one(spec, store, sweep_id, model, class_key, root, slots, inventory,
     replicas, left_out = replica_options(spec, slots[0].kind, slots, inventory)
     space = SearchSpace(tuple(sorted(versions)), tuple(options.queue_delays_ms), tuple(replicas),
                         batching_in_root(Path(root), model, class_key).enabled)
-    bench = ServingBench(root, model, slots, class_key, versions, store, Load(options.requests, options.seconds))
+    lengths = traffic_lengths(spec.model(model), Load().bodies)
+    bench = ServingBench(root, model, slots, class_key, versions, store, Load(options.requests, options.seconds,
+                                                                             lengths=lengths))
     try:
         outcome = coordinate_search(space, list(target.concurrency), target.p99_ms, bench)
     finally:

@@ -218,3 +218,27 @@ def test_serving_json_is_installed_and_used_by_serve_and_a_tampered_one_is_ignor
 
 def _current(root, batch):
     return layout.current_version(layout.batch_dir(root, "mlp", layout.device_class_key("cpu"), batch))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_model_tuned_at_buckets_is_searched_with_lengths_from_its_traffic_mix(ray_session, tmp_path):
+    from orchestrator.spec.schema import parse_spec
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.serving import traffic_lengths
+
+    seq = {"buckets": [8, 16], "pad": 0}
+    tagger = {"name": "tagger", "factory": "aitune.examples:token_tagger", "traffic": {"seq": {5: 0.75, 16: 0.25}},
+              "inputs": [{"name": "input_ids", "shape": ["seq"], "dtype": "int64", "int_range": [0, 100], "kwarg": True,
+                          "dynamic": {"seq": seq}},
+                         {"name": "attention_mask", "shape": ["seq"], "dtype": "int64", "int_range": [1, 2], "kwarg": True,
+                          "dynamic": {"seq": {"pad": 0}}}]}
+    lengths = traffic_lengths(parse_spec({"models": [tagger], "batch_sizes": [1]}).models[0], 16)
+    assert sum(n <= 8 for n in lengths) == 12 and all(1 <= n <= 16 for n in lengths)  # 75% pad up to 8
+    spec = tiny_spec(tmp_path / "store", [EAGER], models=[tagger], batch_sizes=[1, 2], objective="max_throughput",
+                     deploy={"targets": [{"cpu_slots": 1}], "latency_check_s": 0.05, "root": str(tmp_path / "root")},
+                     latency_target=TARGET, serving_search={"queue_delays_ms": [0, 2], "requests": 40, "seconds": 5})
+    outcome = run_sweep(spec, console=quiet())
+    (group,) = outcome.serving
+    assert group["points"] and all(p["requests"] > 0 and p["lost"] == 0 for p in group["points"]), group
+    assert group["chosen"] is not None
