@@ -229,7 +229,8 @@ def winner_cells(s: SelectionRecord, gain: float | None, reuse: bool = True) -> 
     p_best = d.get("p_best")
     return (s.model, batch_cell(s.batch_size, s.shape), s.winner or "-", fmt_speedup(gain), _margin(d.get("runner_up")),
             _margin(d.get("baseline")), f"{p_best:.2f}" if isinstance(p_best, (int, float)) else "-",
-            str(d.get("stop") or "-"), _reason(s, reuse=reuse), ", ".join(s.ties))
+            str(d.get("stop") or "-"), _reason(s, reuse=reuse) + (f"; not deployed: {s.superseded}" if s.superseded else ""),
+            ", ".join(s.ties))
 
 
 def _reason(s: SelectionRecord, reuse: bool = True) -> str:
