@@ -85,8 +85,10 @@ def test_a_bad_declaration_stops_tune_before_ray_starts(tmp_path):
                     "      - {name: input_ids, shape: [seq], dtype: int64, kwarg: true, dynamic: {seq: {buckets: [64, 32]}}}\n"
                     "      - {name: attention_mask, shape: [seq], dtype: int64, kwarg: true, dynamic: {seq: {pad: 0}}}\n"
                     f"batch_sizes: [1]\nstore: {tmp_path / 'store'}\n")
+    from env_helpers import child_env
+
     done = subprocess.run([sys.executable, "-m", "orchestrator", "tune", str(spec)], capture_output=True, text=True,
-                          timeout=300, env={"RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/bin:/bin"})
+                          timeout=300, env=child_env())
     assert done.returncode == 2, done.stderr
     said = done.stdout + done.stderr
     assert "models[0].inputs[0].dynamic.seq.buckets: buckets must be strictly increasing, got [64, 32]" in said

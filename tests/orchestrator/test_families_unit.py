@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator import records as R
+from orchestrator.records import Group
 from orchestrator.planning.families import Waves
 from orchestrator.planning.keys import BUILD, Decision, expand
 from orchestrator.spec.schema import parse_spec
@@ -45,7 +46,7 @@ def test_a_follower_runs_the_heads_fastest_correct_candidates():
     results = [result(head[0], 3.0), result(head[1], 1.0, R.INCORRECT), result(head[2], 2.0)]
     (chosen,) = waves.second(results)
     assert chosen.job.model == "m1" and chosen.job.candidate == head[2].job.candidate
-    assert waves.sources[("m1", 1, "d" * 64)]["model"] == "m0"
+    assert waves.sources[Group("m1", 1, "d" * 64)]["model"] == "m0"
 
 
 def test_a_follower_none_of_whose_top_k_is_correct_runs_the_rest():

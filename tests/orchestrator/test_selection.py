@@ -215,7 +215,7 @@ def test_groups_are_per_model_batch_and_device_class():
     assert speedups[("mlp", 1, DC)] == pytest.approx(5.0, rel=0.02)
     assert speedups[("mlp", 1, OTHER_DC)] == pytest.approx(3.0, rel=0.02)
     # every group with two contenders, asked at once so that groups can run side by side
-    assert len(decide.batches) == 1 and sorted(g for g, _ in decide.calls) == [("mlp", 1, DC), ("mlp", 1, OTHER_DC)]
+    assert len(decide.batches) == 1 and sorted(g for g, _ in decide.calls) == [Group("mlp", 1, DC), Group("mlp", 1, OTHER_DC)]
 
 
 def test_contenders_are_the_near_ones_at_most_most_plus_eager_in_the_fixed_order():
