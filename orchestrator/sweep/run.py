@@ -32,6 +32,20 @@ def limits_of(spec: SweepSpec) -> Limits:
     return Limits(spec.budgets.build_timeout_s, spec.budgets.measure_timeout_s, spec.budgets.total_s)
 
 
+def _places(spec: SweepSpec, options: SweepOptions):
+    """The cluster's inventory and the worker slots; deploy targets it can't satisfy are refused
+    here, before any worker starts."""
+    inventory = Inventory.from_ray()
+    slots = plan_worker_slots(inventory, cpu_slots=spec.workers.cpu_slots,
+                              threads_per_slot=spec.workers.threads_per_slot, use_gpus=spec.workers.use_gpus)
+    if options.deploy and spec.deploy.targets:
+        try:
+            plan_deploy_targets(inventory, spec.deploy.targets)
+        except ValueError as exc:
+            raise ValueError(f"deploy.targets: {exc}") from None
+    return inventory, slots
+
+
 def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields) -> SweepOutcome:
     """Tune, select, deploy and report one sweep. ``options`` (or its fields as keywords) say how."""
     options = dataclasses.replace(options or SweepOptions(), **fields)
@@ -46,14 +60,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions | None = None, /, **fields)
         raise
     scheduler, sweep_id, store = None, None, prepared.store
     try:
-        inventory = Inventory.from_ray()
-        slots = plan_worker_slots(inventory, cpu_slots=spec.workers.cpu_slots,
-                                  threads_per_slot=spec.workers.threads_per_slot, use_gpus=spec.workers.use_gpus)
-        if options.deploy and spec.deploy.targets:
-            try:  # targets the cluster can't satisfy: refused before any worker starts
-                plan_deploy_targets(inventory, spec.deploy.targets)
-            except ValueError as exc:
-                raise ValueError(f"deploy.targets: {exc}") from None
+        inventory, slots = _places(spec, options)
         # Owned by the driver: they hand out core blocks and the measure lock for the whole sweep.
         node_shares = start_node_shares([n.node_id for n in inventory.alive_nodes])  # noqa: F841
         sweep_id = store.begin_sweep(spec.name, spec.model_dump(mode="json"), objective=spec.strategy().describe())
