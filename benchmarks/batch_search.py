@@ -86,6 +86,8 @@ def main() -> int:
     for name, r in (("search", search), ("grid", grid)):
         print(f"{name}: {r['builds']} builds, tuning and choosing {r['tune_s']:.1f} s (whole sweep {r['wall_s']:.1f} s); "
               f"best {r['rows_per_s']:,.0f} rows/s at batch {r['at']}")
+        print("  winners: " + ", ".join(f"b{s.batch_size} {s.winner}" for s in sorted(r["outcome"].selections,
+                                                                                      key=lambda s: s.batch_size)))
     print(f"search / grid time: {search['tune_s'] / grid['tune_s']:.2f} (goal <= 0.3); best throughput: "
           f"{search['rows_per_s'] / grid['rows_per_s']:.3f} of the grid's (goal >= 0.95)")
     return 0

@@ -6,7 +6,9 @@ throughput (rows per second of the fastest correct candidate: batch size / its m
 search stops for a (model, device class) when the throughput gained by doubling was under 5%
 for two sizes in a row, at ``max_batch``, when no candidate of a size succeeded (an out-of-memory
 error included: its worker is recycled as for any failed build), or when the sweep's budget ran
-out. Every size is a group like any other: keyed, stored and reused by the same rules, so a
+out. The fastest candidates change with the batch size (bf16 on a CPU loses at batch 1 and wins
+at 64), so a final round tries every candidate that was correct at batch 1 and was left out, at
+the largest size the search tuned. Every size is a group like any other: keyed, stored and reused by the same rules, so a
 rerun measures nothing twice. :meth:`BatchSearch.outcome` lists the sizes tuned and why each
 search stopped.
 """
@@ -26,6 +28,7 @@ TOP = 3
 FLAT_GAIN = 0.05
 #: flat doublings in a row that end a search
 FLAT_TRIES = 2
+BUDGET = "the sweep's budget ran out"
 
 
 @dataclass
@@ -41,6 +44,11 @@ class Search:
     next_candidates: list[str] = field(default_factory=list)
     flat: int = 0
     stopped: str | None = None
+    #: the candidates correct at batch 1, and those tried at each size
+    candidates: set[str] = field(default_factory=set)
+    tried: dict[int, set[str]] = field(default_factory=dict)
+    #: the candidates the final round tried at the largest size (None: no final round yet)
+    final: list[str] | None = None
 
     @property
     def last(self) -> int:
@@ -49,6 +57,9 @@ class Search:
     def take(self, size: int, results: list[ResultRecord]) -> None:
         """Judge one size's results; decide whether the search goes on."""
         ok = sorted((r for r in results if r.status == R.OK and r.median_ms), key=lambda r: (r.median_ms, r.candidate))
+        self.tried.setdefault(size, set()).update(r.candidate for r in results)
+        if not self.throughput:
+            self.candidates = {r.candidate for r in ok}
         if not ok:
             errors = " ".join(str(r.error or "") for r in results).lower()
             why = "out of memory" if "out of memory" in errors else "no candidate succeeded"
@@ -64,11 +75,24 @@ class Search:
         elif size * 2 > self.max_batch:
             self.stopped = f"max_batch {self.max_batch} reached"
 
+    def left_out(self) -> list[str]:
+        """The candidates correct at batch 1 not yet tried at the largest size tuned."""
+        return sorted(self.candidates - self.tried.get(self.last, set())) if self.throughput else []
+
+    def take_final(self, results: list[ResultRecord]) -> None:
+        """The final round at the largest size: its throughput is the best of every candidate tried there."""
+        size = self.last
+        self.final = sorted({r.candidate for r in results})
+        self.tried.setdefault(size, set()).update(self.final)
+        ok = [r for r in results if r.status == R.OK and r.median_ms]
+        if ok:
+            self.throughput[size] = max(self.throughput[size], size * 1000.0 / min(r.median_ms for r in ok))
+
     def to_dict(self) -> dict:
         return {"model": self.model, "device_class_key": self.device_class_key,
                 "batch_sizes": sorted(self.throughput),
                 "rows_per_s": {str(b): round(t, 3) for b, t in sorted(self.throughput.items())},
-                "stopped": self.stopped}
+                "stopped": self.stopped, "final_round": self.final}
 
 
 class BatchSearch:
@@ -116,8 +140,32 @@ class BatchSearch:
         return (search is not None and search.stopped is None and job.batch_size == search.last * 2
                 and job.candidate in search.next_candidates)
 
+    def final_spec(self) -> SweepSpec | None:
+        """The final round's spec: each model at its largest size tuned, where some candidate correct
+        at batch 1 was left out there (None: nothing to try; a search stopped by the budget gets none)."""
+        going = {s.model: s.last for s in self.searches.values()
+                 if s.final is None and s.left_out() and s.stopped != BUDGET}
+        if not going:
+            return None
+        models = [m.model_copy(update={"batch_sizes": [going[m.name]]}) for m in self.spec.models if m.name in going]
+        return self.spec.model_copy(update={"models": models})
+
+    def wanted_final(self, job: Job) -> bool:
+        search = self.searches.get((job.model, job.device_class_key))
+        return (search is not None and search.final is None and job.batch_size == search.last
+                and job.candidate in search.left_out())
+
+    def take_final(self, results: list[ResultRecord]) -> None:
+        by_search: dict[tuple[str, str], list[ResultRecord]] = {}
+        for r in results:
+            if r.model in self.models and r.shape == self.judged_at[r.model]:
+                by_search.setdefault((r.model, r.device_class_key), []).append(r)
+        for key, group in by_search.items():
+            if key in self.searches:
+                self.searches[key].take_final(group)
+
     def out_of_budget(self) -> None:
-        self._stop_all("the sweep's budget ran out")
+        self._stop_all(BUDGET)
 
     def nothing_to_try(self) -> None:
         self._stop_all("no candidate left to try at the next size")
@@ -146,5 +194,7 @@ def search_lines(outcome: list[dict], names: dict[str, str]) -> list[str]:
     for s in outcome:
         figures = ", ".join(f"b{b} {float(t):,.0f} rows/s" for b, t in s["rows_per_s"].items())
         where = names.get(s["device_class_key"]) or s["device_class_key"][:12]
-        out.append(f"batch search {s['model']} on {where}: {figures or 'nothing tuned'}; stopped: {s['stopped']}")
+        final = f"; final round at b{max(map(int, s['rows_per_s']))}: {', '.join(s['final_round'])}" \
+            if s.get("final_round") and s["rows_per_s"] else ""
+        out.append(f"batch search {s['model']} on {where}: {figures or 'nothing tuned'}; stopped: {s['stopped']}{final}")
     return out

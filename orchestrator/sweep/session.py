@@ -106,7 +106,21 @@ class SweepSession:
             ran = self._run(decisions, budget_s=left)
             search.take(ran)
             more += ran
-        return more
+        return more + self._final_round(search, start)
+
+    def _final_round(self, search: BatchSearch, start: float) -> list[ResultRecord]:
+        """Every candidate correct at batch 1 that the search left out, at the largest size it tuned."""
+        spec, left = search.final_spec(), self._left(start)
+        if spec is None or (left is not None and left <= 1e-3):
+            return []
+        jobs = [j for j in jobs_for(spec, self.identities, self.workers.classes(), self.shapes) if search.wanted_final(j)]
+        if not jobs:
+            return []
+        decisions = self._decide(jobs)
+        self.progress.total += len(decisions)
+        ran = self._run(decisions, budget_s=left)
+        search.take_final(ran)
+        return ran
 
     def _act(self, decision: Decision) -> ResultRecord | Job:
         """A result now (reused, or re-checked on the driver) or a job for the workers."""

@@ -115,3 +115,14 @@ def test_a_model_whose_lengths_vary_is_judged_at_its_largest_bucket(tmp_path):
     search.take([at(1, "a", 0.1, "seq=8"), at(1, "b", 0.2, "seq=8"), at(1, "a", 4.0, "seq=64"), at(1, "b", 1.0, "seq=64")])
     (only,) = search.searches.values()
     assert only.next_candidates[0] == "b" and only.throughput[1] == pytest.approx(1000.0)
+
+
+def test_a_final_round_tries_the_candidates_left_out_at_the_largest_size_and_keeps_the_best():
+    s = Search("m", "d" * 64, max_batch=2)
+    s.take(1, [result(1, c, ms) for c, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0))]
+           + [result(1, "broken", None, R.BUILD_ERROR, "no")])
+    s.take(2, [result(2, c, ms) for c, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0))])
+    assert s.stopped == "max_batch 2 reached" and s.left_out() == ["d"]  # "broken" failed at batch 1: not retried
+    s.take_final([result(2, "d", 0.5)])  # the slowest at batch 1 is the fastest at 2
+    assert s.final == ["d"] and s.throughput[2] == pytest.approx(4000.0) and s.left_out() == []
+    assert s.to_dict()["final_round"] == ["d"]
