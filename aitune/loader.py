@@ -180,6 +180,9 @@ class TunedModel:
             ranges = parse_ranges(install.shape)
             if install.batch_size != rows or not all(lengths[a] <= ranges[a][1] for a in lengths if a in ranges):
                 continue
+            if install.input_dtypes is not None and layout.input_dtypes(args, kwargs) != install.input_dtypes:
+                raise UntunedShape(f"{self.model}: input dtypes {', '.join(layout.input_dtypes(args, kwargs))} were not "
+                                   f"tuned; tuned dtypes: {', '.join(install.input_dtypes)}")
             target = {a: max(n, ranges.get(a, (n, n))[0]) for a, n in lengths.items()}
             if target != lengths and self.padding is not None:
                 continue  # shorter than the range, and padding is refused for this model

@@ -275,6 +275,8 @@ def test_a_dynamic_install_takes_every_length_in_its_range_unpadded(dynamic_swep
         tuned(**text_call(17))
     with pytest.raises(UntunedShape):
         tuned(**text_call(5, batch=3))  # a batch size the range install was not built for
+    with pytest.raises(UntunedShape, match="input dtypes int32, int32 were not tuned; tuned dtypes: int64, int64"):
+        tuned(**{k: v.to(torch.int32) for k, v in text_call(5).items()})
 
 
 def test_the_deploy_command_installs_the_serving_strategy_and_deployments_names_each_bucket(dynamic_swept, capsys):
