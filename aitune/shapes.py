@@ -42,9 +42,16 @@ class Axis:
             raise ValueError(f"axis {self.name!r}: buckets must be increasing positive sizes, got {list(buckets)}")
         if not self.inputs:
             raise ValueError(f"axis {self.name!r} lies in no input")
+        inputs = tuple((str(n), int(d), p) for n, d, p in self.inputs)
+        outputs = tuple((int(i), str(p), int(d)) for i, p, d in self.outputs)
+        for name, dim, pad in inputs:  # read back from an install record too: trusted for nothing
+            if dim < 0 or isinstance(pad, bool) or not isinstance(pad, (int, float)) or pad != pad or abs(pad) == float("inf"):
+                raise ValueError(f"axis {self.name!r}: input {name!r} needs a dimension >= 0 and a finite pad value")
+        if any(i < 0 or d < 0 for i, _, d in outputs):
+            raise ValueError(f"axis {self.name!r}: an output's index and dimension must be >= 0")
         object.__setattr__(self, "buckets", buckets)
-        object.__setattr__(self, "inputs", tuple((str(n), int(d), p) for n, d, p in self.inputs))
-        object.__setattr__(self, "outputs", tuple((int(i), str(p), int(d)) for i, p, d in self.outputs))
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "outputs", outputs)
 
     def bucket_for(self, length: int) -> int:
         for bucket in self.buckets:
@@ -98,11 +105,6 @@ def is_range(shape: str) -> bool:
 def at(batch_size: int, shape: str = "") -> str:
     """A batch size and shape point in words: ``b4`` or ``b4 seq=64``."""
     return f"b{batch_size} {shape}" if shape else f"b{batch_size}"
-
-
-def folder_suffix(shape: str) -> str:
-    """A deploy-root folder's suffix for a shape label: ``-seq64`` ('' for fixed shapes)."""
-    return "".join(f"-{part.replace('=', '')}" for part in shape.split(",")) if shape else ""
 
 
 @dataclass(frozen=True)

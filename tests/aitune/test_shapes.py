@@ -125,3 +125,11 @@ def test_a_candidate_that_breaks_padding_is_caught_at_its_own_bucket_only():
 def test_shapes_read_back_as_written():
     again = Shapes.from_dict(TAGGER_SHAPES.to_dict())
     assert again == TAGGER_SHAPES and again.points() == [{"seq": 8}, {"seq": 16}]
+
+
+@pytest.mark.parametrize("inputs, outputs", [
+    ((("x", -1, 0),), ()), ((("x", 1, float("nan")),), ()), ((("x", 1, "0"),), ()), ((("x", 1, 0),), ((0, "output", -1),)),
+])
+def test_axes_read_back_are_checked(inputs, outputs):
+    with pytest.raises(ValueError, match="axis 'seq'"):
+        Axis("seq", (8,), inputs, outputs)
