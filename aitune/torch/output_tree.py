@@ -79,8 +79,23 @@ def describe(value: Any, tensors: list[torch.Tensor], path: str = "output") -> d
     return {kind: _type_path(type(value)), "fields": [[k, describe(v, tensors, f"{path}.{k}")] for k, v in items]}
 
 
+#: the modules whose containers every process reading an artifact back has registered with pytree
+_ALWAYS_REGISTERED = ("builtins", "collections", "torch")
+
+
+def _only_builtin_nodes(spec: pytree.TreeSpec) -> bool:
+    """Whether every container in ``spec`` is one any process can read back. A type a library
+    registers (an HF ``ModelOutput``) is known to pytree only where that library was imported:
+    a deploy target or ``load_tuned`` loading the artifact has not imported it."""
+    node = spec.type
+    if node is not None and not spec.is_leaf() and node.__module__.split(".")[0] not in _ALWAYS_REGISTERED:
+        return False
+    return all(_only_builtin_nodes(child) for child in spec.children())
+
+
 def _torch_keeps(value: Any) -> bool:
-    """Whether torch's own pytree exports and serialises ``value`` as it is."""
+    """Whether torch's own pytree exports and serialises ``value`` as it is, and reads it back in
+    any process (its containers built-in ones)."""
     leaves, spec = pytree.tree_flatten(value)
     if not all(isinstance(leaf, (torch.Tensor, *_CONSTANTS)) for leaf in leaves):
         return False  # an unregistered dataclass or object: a leaf to pytree, refused by export
@@ -88,7 +103,7 @@ def _torch_keeps(value: Any) -> bool:
         pytree.treespec_dumps(spec)
     except Exception:  # noqa: BLE001 - a named tuple or a type registered without a serialised name
         return False
-    return True
+    return _only_builtin_nodes(spec)
 
 
 def exportable(module: torch.nn.Module, bound: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:

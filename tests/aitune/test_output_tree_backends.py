@@ -98,3 +98,47 @@ def test_an_onnx_export_traces_the_flags_the_sample_passes_not_the_models_defaul
     assert type(out) is tuple  # what return_dict=False gives, not the default's dict
     check = compare_outputs(reference, out, tolerance_for("float32"))
     assert check.ok, check.reason
+
+
+CHILD_WITHOUT_THE_LIBRARY = """
+import sys, torch
+from aitune.checkpoint import load_checkpoint
+backend = load_checkpoint(sys.argv[1], "cpu", allow_factories=True)
+backend.deploy("cpu")
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.inference_mode():
+    out = backend.infer(input_ids=ids, attention_mask=torch.ones_like(ids))
+assert "transformers" not in sys.modules, "the child imported transformers"
+torch.save({"type": type(out).__name__, "last_hidden_state": out["last_hidden_state"]}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("backend_name", ["aot", "onnxruntime"])
+def test_a_hugging_face_output_is_read_back_where_transformers_was_never_imported(backend_name, tmp_path):
+    """A deploy target or a serving process loads the artifact without importing the model's
+    library: torch's pytree knows an HF ModelOutput only where transformers was imported, so such
+    an output is kept as our own tree (rebuilt as a stand-in there), never as torch's treespec."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (the test extra has it)")
+    if backend_name == "onnxruntime":
+        needs_onnx_export()
+    from aitune.examples_hf import bert
+
+    model = bert(layers=1, hidden=32, heads=2, vocab=100)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    sample = Sample((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with torch.inference_mode():
+        reference = sample(model)
+    backend = BACKENDS[backend_name]()
+    backend.build(model, GraphSpec.from_sample(sample, reference), [sample], "cpu", tmp_path / "build")
+    save_checkpoint(backend, tmp_path / "ckpt")
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run([PYTHON, "-c", CHILD_WITHOUT_THE_LIBRARY, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], env=subprocess_env(), capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["type"] == "dict"  # the ModelOutput's stand-in there: its entries, by name
+    assert torch.allclose(got["last_hidden_state"], reference.last_hidden_state, atol=1e-4)

@@ -56,6 +56,9 @@ class TorchInductorAotBackend(ArtifactBackend):
     dynamic_shapes = True
     toolchain = "inductor"
     portable = False  # the package holds machine code for one device type
+    #: 2: an output whose containers a library registers with pytree (an HF ModelOutput) is kept as
+    #: aitune's own tree, so a process that never imported the library reads the artifact back
+    implementation_version = "2"
 
     def __init__(self, config: TorchInductorAotConfig | None = None) -> None:
         super().__init__(config)

@@ -65,6 +65,9 @@ class OnnxRuntimeBackend(ArtifactBackend):
     config_class = OnnxRuntimeConfig
     dynamic_shapes = True
     toolchain = "onnx"
+    #: 2: an output whose containers a library registers with pytree (an HF ModelOutput) is kept as
+    #: aitune's own tree, so a process that never imported the library reads the artifact back
+    implementation_version = "2"
 
     def __init__(self, config: OnnxRuntimeConfig | None = None) -> None:
         super().__init__(config)

@@ -214,6 +214,9 @@ class TensorRTBackend(ArtifactBackend):
     dynamic_shapes = True
     toolchain = "onnx"
     supported_device_types = frozenset({"cuda"})
+    #: 2: an output whose containers a library registers with pytree (an HF ModelOutput) is kept as
+    #: aitune's own tree, so a process that never imported the library reads the artifact back
+    implementation_version = "2"
     portable = False
 
     def __init__(self, config: TensorRTConfig | None = None) -> None:
