@@ -241,6 +241,12 @@ def _say_served(console: Console, served, models: list[str], direct: bool) -> No
     if direct and not served.direct:
         _say(console, f"  direct ingress is not in effect on this Ray: served by the proxy at {served.proxy_url}")
     for model, force in served.batching.items():
+        buckets = force.get("buckets") or {}
+        if buckets:  # requests are padded to their bucket, then combined there
+            each = "; ".join(f"{shape}: " + (f"up to {b['batch_sizes'][-1]} rows as {b['batch_sizes']}" if b["enabled"]
+                                             else f"one request per call ({b['reason']})") for shape, b in buckets.items())
+            _say(console, f"  {model}: requests padded to their bucket and combined within it; {each}")
+            continue
         _say(console, f"  {model}: " + (f"dynamic batching up to {force['max_batch']} rows as "
                                         f"{force['batch_sizes']}, queue delay {force['max_queue_delay_ms']:g} ms "
                                         f"({force.get('settings_from', 'defaults')})"
