@@ -71,6 +71,7 @@ def test_points_and_traffic_weights_follow_the_declaration():
      "axis name 's/q' must be letters, digits and '_'"),
     ({"inputs": None, "sample_factory": "aitune.examples:image_sample", "dynamic": {"seq": {"buckets": [8]}}},
      "models[0].sample_factory", "can't be called with ['batch_size', 'seed']"),
+    ({"dynamic": {"seq": {"buckets": [8]}}}, "models[0].dynamic", "'dynamic' at the model is for a sample_factory's axes"),
     ({"inputs": None, "sample_factory": "test_buckets:fixed_sample", "dynamic": {"seq": {"buckets": [8]}}},
      "models[0].sample_factory", "can't be called with ['batch_size', 'lengths', 'seed']"),
 ])
