@@ -75,7 +75,7 @@ class TunedModel:
         found = next((i.shapes for i in self.installs.values() if i.shapes), None)
         return Shapes.from_dict(found) if found else None
 
-    @property
+    @functools.cached_property
     def padding(self) -> str | None:
         found = next((i.shapes for i in self.installs.values() if i.shapes), None)
         return found.get("padding") if found else None

@@ -10,6 +10,18 @@ from typing import Any
 from aitune.shapes import is_range, parse_label
 
 
+def shares_of(spec, model: str, buckets: list[str]) -> dict[str, float]:
+    """Each bucket's share of a model's calls under its traffic mix (label -> share)."""
+    weights = spec.model(model).traffic_weights()
+    shares = {}
+    for shape in buckets:
+        share = 1.0
+        for axis, size in parse_label(shape).items():
+            share *= weights.get(axis, {}).get(size, 0.0)
+        shares[shape] = share
+    return shares
+
+
 def bucket_figures(spec, selections, results) -> list[dict[str, Any]]:
     """Per (model, batch size, device class) of a model whose axes vary: each bucket's winner and
     median ms, the traffic shares, the expected ms under the mix and always at the largest bucket."""
@@ -25,13 +37,7 @@ def bucket_figures(spec, selections, results) -> list[dict[str, Any]]:
         group["buckets"][s.shape] = {"winner": s.winner, "median_ms": winner.median_ms}
     out = []
     for (model, _, _), group in sorted(groups.items()):
-        weights = spec.model(model).traffic_weights()
-        shares = {}
-        for shape in group["buckets"]:
-            share = 1.0
-            for axis, size in parse_label(shape).items():
-                share *= weights.get(axis, {}).get(size, 0.0)
-            shares[shape] = share
+        shares = shares_of(spec, model, list(group["buckets"]))
         figures = group["buckets"]
         known = all(f["median_ms"] is not None for f in figures.values()) and len(figures) == len(spec.model(model).points())
         largest = max(figures, key=lambda k: sorted(parse_label(k).values()))

@@ -10,18 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from aitune.shapes import is_range, label, parse_label
-
-
-def _shares(spec, model: str, buckets: list[str]) -> dict[str, float]:
-    weights = spec.model(model).traffic_weights()
-    shares = {}
-    for shape in buckets:
-        share = 1.0
-        for axis, size in parse_label(shape).items():
-            share *= weights.get(axis, {}).get(size, 0.0)
-        shares[shape] = share
-    return shares
+from aitune.shapes import is_range, label
+from orchestrator.outcome.buckets import shares_of
 
 
 def _expected(shares: dict[str, float], ms: dict[str, float | None]) -> float | None:
@@ -39,7 +29,7 @@ def choose_strategies(spec, selections: list, results: list) -> list[dict[str, A
         static = {s.shape: s for s in selections
                   if (s.model, s.batch_size, s.device_class_key) == group and s.shape and not is_range(s.shape)}
         buckets = [label(p) for p in spec.model(dynamic.model).points()]
-        shares = _shares(spec, dynamic.model, buckets)
+        shares = shares_of(spec, dynamic.model, buckets)
         static_ms = {b: _median(by_key, static.get(b)) for b in buckets}
         winner = by_key.get(dynamic.winner_key)
         dynamic_ms = dict((winner.bucket_ms or {}) if winner is not None else {})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -183,9 +182,6 @@ def test_a_version_3_store_is_migrated_keeping_its_selections(tmp_path):
     db.close()
 
 
-def test_the_test_module_is_importable_for_the_sample_factory():
-    assert Path(__file__).stem == "test_buckets"
-
 
 def test_the_report_weighs_each_buckets_winner_by_the_traffic_mix():
     from orchestrator.outcome.buckets import bucket_figures, bucket_lines
@@ -242,4 +238,3 @@ def test_the_cheaper_strategy_under_the_traffic_mix_serves(static_ms, dynamic_ms
     assert superseded == ({"seq=2..16"} if chosen == "static" else set(static_ms))
     (line,) = strategy_lines([figures])
     assert line.startswith("shapes of tagger b2 on ?: static buckets (seq=8 1.000") and line.endswith(f"{chosen} chosen")
-
